@@ -1,0 +1,2185 @@
+// proxy.ts — remote MCP proxy: stdio MCP servers → Streamable HTTP + legacy HTTP+SSE.
+//
+// Reads a claude_desktop_config.json-style file, spawns each configured stdio MCP server and serves it at
+// /{name}/mcp (Streamable HTTP, spec 2025-03-26 … 2025-11-25) and /{name}/sse (HTTP+SSE, spec 2024-11-05).
+// One child per server is shared by every client session; request ids and progress tokens are rewritten so
+// each response reaches only the session that asked.
+//
+// Needs: listen on one TCP port, spawn the configured commands, read the config file (and secret files it names).
+// Makes no outbound connections and has no runtime dependencies: only `node:` built-ins.
+//
+// Threat model:
+//   - Clients are untrusted: every body, header and id is validated; every buffer, queue and map is bounded
+//     (section 1). Error text sent to clients is fixed; details go to the log only.
+//   - A DNS-rebinding page must not reach a loopback proxy: Origin is checked on every request and Host on
+//     loopback binds (spec 2025-11-25 basic/transports §Security Warning).
+//   - Exposing unauthenticated servers on a public interface is refused unless the operator says so.
+//     Bearer tokens are compared in constant time and never logged; client tokens never reach children.
+//   - Children are trusted as much as the operator's config trusts them, but their output is not: a child
+//     that prints garbage, huge lines or dies is logged, contained and restarted.
+//   - Secrets expanded into a child's environment (${VAR}, ${file:…}) are never logged; they are masked
+//     in the child's own stderr lines before those reach our log.
+//   - Not handled: descendants of a child that call setsid() leave its process group and escape our kill.
+//
+// Contents
+//   1. Limits and defaults          6. Sessions and id routing
+//   2. Types                        7. HTTP: guards, /mcp, /sse, health
+//   3. Small utilities              8. Lifecycle: start, shutdown
+//   4. Config: load, validate       9. CLI and main
+//   5. Children: spawn, framing, restart, kill
+
+import { spawn, type ChildProcess } from 'node:child_process';
+import { createHash, randomBytes, timingSafeEqual } from 'node:crypto';
+import { readFileSync, realpathSync } from 'node:fs';
+import http from 'node:http';
+import { isIP } from 'node:net';
+import { pathToFileURL } from 'node:url';
+
+// ── 1. Limits and defaults ──────────────────────────────────────────────────────────────────────────────
+
+const MIB = 1024 * 1024;
+
+/** Every bound the proxy enforces. Tests shrink them through `startProxy(…, { limits })`. */
+export type Limits = {
+  /** POST body cap. The SDK's SSE server uses 4 MB; supergateway's 100 KB broke real tool arguments. */
+  maxBodyBytes: number;
+  /** One line of child stdout. The SDK's stdio reader caps at 10 MiB (STDIO_DEFAULT_MAX_BUFFER_SIZE). */
+  maxLineBytes: number;
+  /** A child's stderr line is cut to this before it reaches our log. */
+  maxStderrLineBytes: number;
+  /** Sessions per server. Claude.ai opens a new session for nearly every exchange (mcp-protocol.md C15). */
+  maxSessionsPerServer: number;
+  /** Requests in flight per session; one runaway client cannot fill the child's id space. */
+  maxPendingPerSession: number;
+  /** Messages in one JSON-RPC batch (2025-03-26 clients). The SDK server refuses more than 100. */
+  maxBatchSize: number;
+  /** Bytes queued on one SSE stream before it is judged a slow client and closed. */
+  maxSseQueueBytes: number;
+  /** Bytes queued on one child's stdin before new requests are refused (backpressure toward the child). */
+  maxChildQueueBytes: number;
+  /** Children of one server in "per-session" mode. */
+  maxChildrenPerServer: number;
+  /** A Streamable HTTP session with no request and no open stream for this long expires (then 404). */
+  sessionIdleMs: number;
+  /** Period of the single sweep that expires idle sessions and overdue requests (no per-session timers). */
+  sweepIntervalMs: number;
+  /** Comment sent on every open SSE stream so proxies and load balancers keep it open (SDK: 15 s). */
+  sseKeepaliveMs: number;
+  /** A child must answer initialize within this. Generous: `npx -y` may install the package first. */
+  initTimeoutMs: number;
+  /** A request the child never answers gets an error after this (Claude.ai allows 300 s per tool call). */
+  requestTimeoutMs: number;
+  /** Each step of stopping a child: stdin closed → wait → SIGTERM → wait → SIGKILL (SDK: 2 s steps). */
+  killGraceMs: number;
+  /** Restart backoff starts here (runit: 1 s) … */
+  restartMinDelayMs: number;
+  /** … doubles up to here … */
+  restartMaxDelayMs: number;
+  /** … and resets after a run this long (pm2's min_uptime). */
+  stableUptimeMs: number;
+  /** After this many unstable restarts in a row the server is marked errored and answers 503. */
+  maxUnstableRestarts: number;
+  /** Children initializing at once, so twenty `npx -y` installs do not start together. */
+  startConcurrency: number;
+  /** Retry-After on a 503 while a server is starting or restarting. */
+  retryAfterS: number;
+  /** Node's own: time to receive request headers (slowloris). */
+  headersTimeoutMs: number;
+  /** Node's own: time to receive a whole request. */
+  httpRequestTimeoutMs: number;
+  /** Node's own: idle keep-alive socket lifetime. */
+  keepAliveTimeoutMs: number;
+  /** Node's own: request headers counted. */
+  maxHeadersCount: number;
+  /** Shutdown never takes longer than this, whatever the children do. */
+  shutdownTimeoutMs: number;
+};
+
+export const DEFAULT_LIMITS: Readonly<Limits> = Object.freeze({
+  maxBodyBytes: 4 * MIB,
+  maxLineBytes: 10 * MIB,
+  maxStderrLineBytes: 4096,
+  maxSessionsPerServer: 20_000,
+  maxPendingPerSession: 1024,
+  maxBatchSize: 100,
+  maxSseQueueBytes: 4 * MIB,
+  maxChildQueueBytes: 16 * MIB,
+  maxChildrenPerServer: 16,
+  sessionIdleMs: 30 * 60_000,
+  sweepIntervalMs: 10_000,
+  sseKeepaliveMs: 15_000,
+  initTimeoutMs: 120_000,
+  requestTimeoutMs: 10 * 60_000,
+  killGraceMs: 2_000,
+  restartMinDelayMs: 1_000,
+  restartMaxDelayMs: 30_000,
+  stableUptimeMs: 10_000,
+  maxUnstableRestarts: 5,
+  startConcurrency: 4,
+  retryAfterS: 5,
+  headersTimeoutMs: 10_000,
+  httpRequestTimeoutMs: 60_000,
+  keepAliveTimeoutMs: 5_000,
+  maxHeadersCount: 100,
+  shutdownTimeoutMs: 10_000,
+});
+
+const DEFAULT_HOST = '127.0.0.1';
+const DEFAULT_PORT = 8080;
+const DEFAULT_CONFIG_PATH = './config.json';
+const PROXY_NAME = 'remote-mcp-proxy';
+const PROXY_VERSION = '0.1.0';
+/** Server names become one URL path segment. */
+const SERVER_NAME_RE = /^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/;
+/** Bytes of an offending line shown in the log: enough to recognise it, never the payload. */
+const LOG_HEAD_BYTES = 80;
+/** Step of the few bounded polls (a process group emptying has no event). */
+const POLL_STEP_MS = 20;
+/** Entropy of session ids: 32 random bytes, base64url (visible ASCII, spec H8). */
+const SESSION_ID_BYTES = 32;
+
+/** Newest first. The child is initialized with the first; sessions may negotiate any of them (V1). */
+export const SUPPORTED_PROTOCOL_VERSIONS: readonly string[] = Object.freeze([
+  '2025-11-25',
+  '2025-06-18',
+  '2025-03-26',
+  '2024-11-05',
+]);
+/** Assumed when a request carries no MCP-Protocol-Version and no session says otherwise (spec V2). */
+const DEFAULT_NEGOTIATED_VERSION = '2025-03-26';
+/** Only these protocol versions may send JSON-RPC batches (removed in 2025-06-18). */
+const BATCH_VERSION = '2025-03-26';
+
+/** Origins Claude.ai's requests carry (mcp-protocol.md §9 row 6). */
+const DEFAULT_ALLOWED_ORIGINS: readonly string[] = ['https://claude.ai', 'https://claude.com'];
+const LOOPBACK_HOSTNAMES: ReadonlySet<string> = new Set(['localhost', '127.0.0.1', '[::1]', '::1']);
+
+/** Environment inherited by children, by allow-list (the SDK's DEFAULT_INHERITED_ENV_VARS plus locale/tmp). */
+const INHERITED_ENV_VARS: readonly string[] = [
+  'HOME', 'LOGNAME', 'PATH', 'SHELL', 'TERM', 'USER', 'LANG', 'LC_ALL', 'LC_CTYPE', 'TZ', 'TMPDIR',
+  'NODE_EXTRA_CA_CERTS', 'SSL_CERT_FILE', 'SSL_CERT_DIR',
+];
+
+// JSON-RPC error codes (JSON-RPC 2.0 §5.1; -32000/-32001 as the SDK uses them).
+const PARSE_ERROR = -32700;
+const INVALID_REQUEST = -32600;
+const METHOD_NOT_FOUND = -32601;
+const INTERNAL_ERROR = -32603;
+const SERVER_ERROR = -32000;
+const SESSION_NOT_FOUND = -32001;
+const REQUEST_TIMEOUT = -32001;
+
+// ── 2. Types ────────────────────────────────────────────────────────────────────────────────────────────
+
+type JsonRpcId = string | number;
+/** One JSON-RPC message as parsed from a client or a child; shape-checked by `jsonRpcKind` before use. */
+type JsonRpcMessage = {
+  jsonrpc: '2.0';
+  id?: JsonRpcId | null;
+  method?: string;
+  params?: Record<string, unknown>;
+  result?: unknown;
+  error?: unknown;
+};
+type MessageKind = 'request' | 'notification' | 'response';
+
+/** One configured stdio server, validated and with every `${…}` already expanded. */
+export type ServerConfig = Readonly<{
+  name: string;
+  command: string;
+  args: readonly string[];
+  /** Configured environment only; the inherited allow-list is added at spawn. */
+  env: Readonly<Record<string, string>>;
+  /** Working directory of the child; undefined means the proxy's own. */
+  cwd?: string;
+  /** 'shared' (default): one child for all sessions. 'per-session': a child for each session. */
+  sessions: 'shared' | 'per-session';
+  /** Values that came from `${…}` expansion; masked wherever child output is logged. */
+  secrets: readonly string[];
+}>;
+
+/** The whole loaded config: immutable, so a reload can diff two of them by server name. */
+export type Config = Readonly<{ servers: readonly ServerConfig[] }>;
+
+export type LogLevel = 'error' | 'warn' | 'info' | 'debug';
+const LOG_LEVELS: readonly LogLevel[] = ['error', 'warn', 'info', 'debug'];
+
+/** Command-line options, after flags and MCP_PROXY_* variables are merged. */
+export type Options = {
+  configPath: string;
+  host: string;
+  port: number;
+  /** Static bearer tokens; empty means no authentication. */
+  tokens: string[];
+  /** Operator's explicit consent to serve without auth on a non-loopback address. */
+  allowUnauthenticated: boolean;
+  /** Origins allowed besides the proxy's own, loopback ones and Claude's. */
+  allowedOrigins: string[];
+  /** Origins that get CORS headers; empty means CORS is off. */
+  corsOrigins: string[];
+  logLevel: LogLevel;
+};
+
+type ServerState = 'starting' | 'ready' | 'restarting' | 'errored' | 'stopped';
+
+type Logger = {
+  error(scope: string, text: string): void;
+  warn(scope: string, text: string): void;
+  info(scope: string, text: string): void;
+  debug(scope: string, text: string): void;
+  enabled(level: LogLevel): boolean;
+};
+
+/** The proxy as a whole: options, limits, the server table and everything `close()` must tear down. */
+type Proxy = {
+  options: Options;
+  limits: Limits;
+  log: Logger;
+  servers: Map<string, ServerRuntime>;
+  http: http.Server;
+  state: 'RUNNING' | 'CLOSING' | 'CLOSED';
+  /** Every open SSE stream (legacy and Streamable), for keep-alives and shutdown. */
+  streams: Set<SseStream>;
+  timers: NodeJS.Timeout[];
+  /** Children waiting for a start slot (limits.startConcurrency). */
+  startQueue: Upstream[];
+  starting: number;
+  tokens: readonly Buffer[];
+  loopbackBind: boolean;
+  closed: Promise<void> | null;
+};
+
+/** A configured server and its running parts; the unit that can be added, stopped or restarted alone. */
+type ServerRuntime = {
+  proxy: Proxy;
+  config: ServerConfig;
+  /** Session id → session, in least-recently-active order (re-inserted on activity). */
+  sessions: Map<string, Session>;
+  /** The shared child, or null in per-session mode. */
+  shared: Upstream | null;
+  /** Every live child of this server (the shared one, or one per session). */
+  upstreams: Set<Upstream>;
+};
+
+/** One stdio child and the routing state of everything in flight on it. */
+type Upstream = {
+  server: ServerRuntime;
+  proc: ChildProcess | null;
+  state: ServerState;
+  startedAtMs: number;
+  unstableRestarts: number;
+  restarts: number;
+  /** The child's InitializeResult; every session's initialize is answered from it. */
+  initResult: Record<string, unknown> | null;
+  protocolVersion: string;
+  /** Child-side ids are this counter; progress tokens sent to the child reuse the request's child id. */
+  nextId: number;
+  pending: Map<number, Pending>;
+  /** Requests the child sent to a client, by the child's id (for `notifications/cancelled`). */
+  serverRequests: Map<JsonRpcId, { session: Session; proxyId: string }>;
+  sessions: Set<Session>;
+  /** resources/subscribe reference counts per URI, over every session on this child. */
+  subscriptions: Map<string, number>;
+  restartTimer: NodeJS.Timeout | null;
+  initTimer: NodeJS.Timeout | null;
+  /** Woken when the child becomes ready, errored or stopped. */
+  waiters: (() => void)[];
+  /** Whether this child holds one of the `startConcurrency` start slots. */
+  holdsStartSlot: boolean;
+  /** Resolves when the current process has exited. */
+  exited: Promise<void>;
+  /** Last stderr line, masked: quoted when the server is given up. */
+  lastStderr: string;
+};
+
+/** A request in flight on a child: who asked, under which id, and where the answer goes. */
+type Pending = {
+  /** null for the proxy's own requests (initialize, re-subscribe after a restart). */
+  session: Session | null;
+  clientId: JsonRpcId;
+  /** The client's `_meta.progressToken`, if it sent one; the child sees the child id instead. */
+  clientToken: JsonRpcId | undefined;
+  /** The Streamable HTTP POST waiting for this answer; null means the session's stream. */
+  exchange: Exchange | null;
+  method: string;
+  /** URI of a resources/subscribe or unsubscribe, so the reference count follows the answer. */
+  uri: string | undefined;
+  sentAtMs: number;
+  onAnswer: ((msg: JsonRpcMessage) => void) | null;
+};
+
+/** One Streamable HTTP POST that carried requests, waiting for their answers. */
+type Exchange = {
+  res: http.ServerResponse;
+  /** true: answered as text/event-stream; false: one JSON body once every answer is in. */
+  sse: SseStream | null;
+  remaining: number;
+  batch: boolean;
+  answers: string[];
+  done: boolean;
+};
+
+/** One open text/event-stream response with its own teardown. */
+type SseStream = {
+  res: http.ServerResponse;
+  /** Bytes Node may hold queued for this client before it is cut off (limits.maxSseQueueBytes). */
+  maxQueueBytes: number;
+  closed: boolean;
+  /** Runs once when the stream ends for any reason (client gone, overflow, shutdown). */
+  onClose: (() => void) | null;
+};
+
+/** What a client declared in initialize that decides which child→client requests it may take. */
+type ClientCaps = { roots: boolean; sampling: boolean; elicitation: boolean };
+
+/** One client session, Streamable HTTP or legacy SSE. */
+type Session = {
+  id: string;
+  server: ServerRuntime;
+  upstream: Upstream;
+  transport: 'streamable' | 'sse';
+  protocolVersion: string;
+  caps: ClientCaps;
+  lastActiveMs: number;
+  inflight: number;
+  /** Legacy: the session's only stream. Streamable: the standalone GET stream, if open. */
+  stream: SseStream | null;
+  subscriptions: Set<string>;
+  /** Child→client requests delivered to this session: proxy id → the child's id. */
+  serverRequests: Map<string, JsonRpcId>;
+  /** Streamable POSTs of this session answered as event streams and still open. */
+  exchanges: Set<Exchange>;
+  closed: boolean;
+};
+
+// ── 3. Small utilities ──────────────────────────────────────────────────────────────────────────────────
+
+/** Proxy errors carry a stable code for machines and a message for people (ws createError style). */
+export class ProxyError extends Error {
+  readonly code: string;
+  constructor(code: string, message: string) {
+    super(message);
+    this.code = code;
+  }
+}
+
+function createLogger(level: LogLevel, write: (line: string) => void = writeStderr): Logger {
+  const max = LOG_LEVELS.indexOf(level);
+  const at = (lvl: LogLevel) => (scope: string, text: string) => {
+    if (LOG_LEVELS.indexOf(lvl) <= max) write(`${new Date().toISOString()} ${lvl.padEnd(5)} [${scope}] ${text}`);
+  };
+  return {
+    error: at('error'),
+    warn: at('warn'),
+    info: at('info'),
+    debug: at('debug'),
+    enabled: (lvl) => LOG_LEVELS.indexOf(lvl) <= max,
+  };
+}
+
+function writeStderr(line: string): void {
+  process.stderr.write(line + '\n');
+}
+
+/** A short, printable, single-line prefix of untrusted bytes, for logs. */
+function headOf(text: string, maxChars = LOG_HEAD_BYTES): string {
+  const head = text.length > maxChars ? text.slice(0, maxChars) + '…' : text;
+  return JSON.stringify(head);
+}
+
+function typeName(value: unknown): string {
+  if (value === null) return 'null';
+  if (Array.isArray(value)) return 'array';
+  return typeof value;
+}
+
+function isObject(value: unknown): value is Record<string, unknown> {
+  return typeof value === 'object' && value !== null && !Array.isArray(value);
+}
+
+/**
+ * Constant-time token check. Both sides are hashed first so lengths never leak through
+ * timingSafeEqual's length requirement, and every token is compared (no early exit).
+ */
+export function tokenMatches(presented: string, tokens: readonly string[]): boolean {
+  return tokenDigestMatches(sha256(presented), tokens.map(sha256));
+}
+
+function tokenDigestMatches(presented: Buffer, digests: readonly Buffer[]): boolean {
+  let ok = false;
+  for (const digest of digests) ok = timingSafeEqual(presented, digest) || ok;
+  return ok;
+}
+
+function sha256(text: string): Buffer {
+  return createHash('sha256').update(text).digest();
+}
+
+function newSessionId(): string {
+  return randomBytes(SESSION_ID_BYTES).toString('base64url');
+}
+
+/** Shell-style exit description (tini): 127 not found, 126 not executable, 128+n killed by signal n. */
+function describeExit(code: number | null, signal: NodeJS.Signals | null): string {
+  if (signal) return `killed by ${signal}`;
+  if (code === 127) return 'exit 127 (command not found)';
+  if (code === 126) return 'exit 126 (not executable)';
+  return `exit ${code}`;
+}
+
+/** Replaces every known secret value in a line with ***. */
+function maskSecrets(line: string, secrets: readonly string[]): string {
+  let out = line;
+  for (const secret of secrets) if (secret.length >= 4) out = out.split(secret).join('***');
+  return out;
+}
+
+// ── 4. Config: load, validate ───────────────────────────────────────────────────────────────────────────
+//
+// The file is claude_desktop_config.json as users already have it: {"mcpServers": {NAME: {command, args, env}}}.
+// Unknown keys are ignored so a real file loads unchanged. Our extensions: "cwd" and "sessions".
+// Validation collects every problem, one line each, naming the server, the field, what it got and what it
+// expected; nothing is started unless the whole file is valid.
+
+type ConfigResult = { config: Config | null; errors: string[]; warnings: string[] };
+type Env = Readonly<Record<string, string | undefined>>;
+type ReadFile = (path: string) => string;
+
+/** Remote entries (Claude Desktop can list them too); we only proxy stdio servers. */
+const REMOTE_TYPES: ReadonlySet<string> = new Set(['sse', 'http', 'streamable-http']);
+const EXPANSION_RE = /\$\{([^}]*)\}/g;
+const ENV_NAME_RE = /^[A-Za-z_][A-Za-z0-9_]*$/;
+
+export function loadConfigFile(path: string, env: Env = process.env, readFile: ReadFile = readUtf8): ConfigResult {
+  let text: string;
+  try {
+    text = readFile(path);
+  } catch (err) {
+    return { config: null, errors: [`${path}: cannot read the config file (${(err as NodeJS.ErrnoException).code ?? 'error'})`], warnings: [] };
+  }
+  return parseConfig(text, path, env, readFile);
+}
+
+function readUtf8(path: string): string {
+  return readFileSync(path, 'utf8');
+}
+
+export function parseConfig(text: string, source: string, env: Env = process.env, readFile: ReadFile = readUtf8): ConfigResult {
+  const errors: string[] = [];
+  const warnings: string[] = [];
+  const root = parseJsonForConfig(text, source, errors);
+  if (errors.length) return { config: null, errors, warnings };
+  if (!isObject(root)) return fail(`${source}: top level: got ${typeName(root)}, expected an object`);
+  const table = root.mcpServers;
+  if (!isObject(table)) return fail(`${source}: mcpServers: got ${typeName(table)}, expected an object of servers`);
+  const servers: ServerConfig[] = [];
+  for (const [name, entry] of Object.entries(table)) {
+    const server = parseServer(name, entry, { source, env, readFile, errors, warnings });
+    if (server) servers.push(server);
+  }
+  if (errors.length) return { config: null, errors, warnings };
+  if (servers.length === 0) warnings.push(`${source}: no enabled stdio servers; nothing will be served`);
+  return { config: Object.freeze({ servers: Object.freeze(servers) }), errors, warnings };
+
+  function fail(line: string): ConfigResult {
+    return { config: null, errors: [line], warnings };
+  }
+}
+
+/** JSON.parse, but the error names only a line and column: Node's message quotes the text, which may hold secrets. */
+function parseJsonForConfig(text: string, source: string, errors: string[]): unknown {
+  try {
+    return JSON.parse(text);
+  } catch (err) {
+    const at = /position (\d+)/.exec(String((err as Error).message));
+    const where = at ? ` at ${lineColumn(text, Number(at[1]))}` : '';
+    errors.push(`${source}: not valid JSON${where}`);
+    return undefined;
+  }
+}
+
+function lineColumn(text: string, offset: number): string {
+  const before = text.slice(0, offset).split('\n');
+  return `line ${before.length}, column ${before[before.length - 1].length + 1}`;
+}
+
+type ParseContext = { source: string; env: Env; readFile: ReadFile; errors: string[]; warnings: string[] };
+
+function parseServer(name: string, entry: unknown, ctx: ParseContext): ServerConfig | null {
+  const at = `${ctx.source}: mcpServers.${SERVER_NAME_RE.test(name) ? name : JSON.stringify(name)}`;
+  const problem = (field: string, value: unknown, expected: string) =>
+    ctx.errors.push(`${at}.${field}: got ${typeName(value)}, expected ${expected}`);
+  if (!SERVER_NAME_RE.test(name)) {
+    ctx.errors.push(`${at}: invalid server name; names become URL path segments and must match [A-Za-z0-9][A-Za-z0-9._-]* (at most 64 characters)`);
+    return null;
+  }
+  if (!isObject(entry)) return void problem('', entry, 'an object with "command"'), null;
+  if (entry.disabled !== undefined && typeof entry.disabled !== 'boolean') problem('disabled', entry.disabled, 'a boolean');
+  if (entry.disabled === true) return null;
+  if (entry.url !== undefined || (typeof entry.type === 'string' && REMOTE_TYPES.has(entry.type))) {
+    ctx.warnings.push(`${at}: skipped: a remote server (url/type) needs no proxy; only stdio servers are served`);
+    return null;
+  }
+  if (entry.type !== undefined && entry.type !== 'stdio') problem('type', entry.type, '"stdio" or a remote type');
+  const errorsBefore = ctx.errors.length;
+  const secrets: string[] = [];
+  const expand = (value: string, field: string) => expandValue(value, { ...ctx, at: `${at}.${field}`, secrets });
+  const command = typeof entry.command === 'string' && entry.command.trim() ? entry.command : undefined;
+  if (!command) problem('command', entry.command, 'a non-empty string');
+  const args = parseStringArray(entry.args, 'args', problem).map((arg, i) => expand(arg, `args[${i}]`));
+  const env = parseEnv(entry.env, problem, expand);
+  if (entry.cwd !== undefined && typeof entry.cwd !== 'string') problem('cwd', entry.cwd, 'a string (directory)');
+  const cwd = typeof entry.cwd === 'string' ? expand(entry.cwd, 'cwd') : undefined;
+  const sessions = entry.sessions ?? 'shared';
+  if (sessions !== 'shared' && sessions !== 'per-session') problem('sessions', entry.sessions, '"shared" or "per-session"');
+  if (ctx.errors.length > errorsBefore || !command) return null;
+  return Object.freeze({
+    name, command, args: Object.freeze(args), env: Object.freeze(env), cwd,
+    sessions: sessions as ServerConfig['sessions'], secrets: Object.freeze(secrets),
+  });
+}
+
+function parseStringArray(value: unknown, field: string, problem: (f: string, v: unknown, e: string) => void): string[] {
+  if (value === undefined) return [];
+  if (!Array.isArray(value)) return problem(field, value, 'an array of strings'), [];
+  const out: string[] = [];
+  value.forEach((item, i) => (typeof item === 'string' ? out.push(item) : problem(`${field}[${i}]`, item, 'a string')));
+  return out;
+}
+
+function parseEnv(
+  value: unknown,
+  problem: (f: string, v: unknown, e: string) => void,
+  expand: (v: string, field: string) => string,
+): Record<string, string> {
+  if (value === undefined) return {};
+  if (!isObject(value)) return problem('env', value, 'an object of string values'), {};
+  const out: Record<string, string> = {};
+  for (const [key, item] of Object.entries(value)) {
+    if (!ENV_NAME_RE.test(key)) problem(`env.${JSON.stringify(key)}`, key, 'a variable name [A-Za-z_][A-Za-z0-9_]*');
+    else if (typeof item !== 'string') problem(`env.${key}`, item, 'a string');
+    else out[key] = expand(item, `env.${key}`);
+  }
+  return out;
+}
+
+/**
+ * Expands ${VAR}, ${VAR:-default} and ${file:/path} (Docker/Kubernetes secrets). An unset variable without
+ * a default, or an unreadable file, is an error naming the field and the variable, never the value.
+ */
+function expandValue(value: string, ctx: ParseContext & { at: string; secrets: string[] }): string {
+  return value.replace(EXPANSION_RE, (_match, expr: string) => {
+    const expanded = expandOne(expr, ctx);
+    if (expanded === undefined) return '';
+    ctx.secrets.push(expanded);
+    return expanded;
+  });
+}
+
+function expandOne(expr: string, ctx: ParseContext & { at: string }): string | undefined {
+  if (expr.startsWith('file:')) {
+    const path = expr.slice('file:'.length);
+    try {
+      return ctx.readFile(path).replace(/\r?\n$/, '');
+    } catch (err) {
+      ctx.errors.push(`${ctx.at}: cannot read secret file ${JSON.stringify(path)} (${(err as NodeJS.ErrnoException).code ?? 'error'})`);
+      return undefined;
+    }
+  }
+  const sep = expr.indexOf(':-');
+  const name = sep === -1 ? expr : expr.slice(0, sep);
+  if (!ENV_NAME_RE.test(name)) {
+    ctx.errors.push(`${ctx.at}: invalid expansion \${${name}}; expected \${VAR}, \${VAR:-default} or \${file:/path}`);
+    return undefined;
+  }
+  const fromEnv = ctx.env[name];
+  if (sep !== -1) return fromEnv ? fromEnv : expr.slice(sep + 2);
+  if (fromEnv === undefined) {
+    ctx.errors.push(`${ctx.at}: environment variable ${name} is not set (use \${${name}:-default} for a default)`);
+    return undefined;
+  }
+  return fromEnv;
+}
+
+// ── 5. Children: spawn, framing, restart, kill ──────────────────────────────────────────────────────────
+
+type LineFramer = { push(chunk: Buffer): void; end(): void };
+
+/**
+ * Splits a byte stream into lines in linear time: partial lines are kept as a list of pieces with a running
+ * byte count and joined once (no Buffer.concat per chunk, unlike the SDK's ReadBuffer). A trailing \r is
+ * stripped (spec: newline-delimited; Windows servers write \r\n). A line over `maxLineBytes` (terminator
+ * not counted) is reported with its length and first bytes, dropped, and framing goes on with the next line.
+ */
+export function createLineFramer(
+  maxLineBytes: number,
+  onLine: (line: string) => void,
+  onOversize: (bytes: number, head: string) => void,
+): LineFramer {
+  let pieces: Buffer[] = [];
+  let size = 0;
+  let dropping = false;
+  let head = '';
+  // One extra byte of slack while accumulating: it may be the \r of a \r\n terminator.
+  const hardCap = maxLineBytes + 1;
+
+  function finish(last: Buffer, start: number, end: number): void {
+    const total = size + (end - start);
+    if (dropping || total > hardCap) return reportOversize(total, last, start);
+    let line = pieces.length === 0 ? last.toString('utf8', start, end)
+      : Buffer.concat([...pieces, last.subarray(start, end)]).toString('utf8');
+    pieces = [];
+    size = 0;
+    if (line.endsWith('\r')) line = line.slice(0, -1);
+    if (Buffer.byteLength(line) > maxLineBytes) return reportOversize(total, Buffer.from(line), 0);
+    if (line.length > 0) onLine(line);
+  }
+
+  function reportOversize(total: number, last: Buffer, start: number): void {
+    const first = head || (pieces[0] ?? last.subarray(start)).toString('utf8', 0, LOG_HEAD_BYTES);
+    // Clear the state before reporting, so a throwing handler cannot leave the framer stuck (SDK ReadBuffer).
+    pieces = [];
+    size = 0;
+    dropping = false;
+    head = '';
+    onOversize(total, first);
+  }
+
+  function keep(chunk: Buffer, start: number): void {
+    if (start >= chunk.length) return;
+    size += chunk.length - start;
+    if (dropping) return;
+    if (size > hardCap) {
+      // Past the cap: remember only the first bytes for the report and stop storing (the limit stays tripped
+      // until the line ends, as eventsource-parser's `terminated` does).
+      head = (pieces[0] ?? chunk.subarray(start)).toString('utf8', 0, LOG_HEAD_BYTES);
+      pieces = [];
+      dropping = true;
+      return;
+    }
+    pieces.push(start === 0 ? chunk : chunk.subarray(start));
+  }
+
+  return {
+    push(chunk: Buffer): void {
+      let start = 0;
+      for (let nl = chunk.indexOf(10, start); nl !== -1; nl = chunk.indexOf(10, start)) {
+        finish(chunk, start, nl);
+        start = nl + 1;
+      }
+      keep(chunk, start);
+    },
+    end(): void {
+      if (size > 0 || pieces.length > 0) finish(Buffer.alloc(0), 0, 0);
+    },
+  };
+}
+
+export type RestartDecision =
+  | { giveUp: false; delayMs: number; unstableRestarts: number }
+  | { giveUp: true; unstableRestarts: number };
+
+/**
+ * Restart policy as a pure function (runit's rule, pm2's min_uptime). A child that ran at least
+ * `stableUptimeMs` resets the count and restarts after the minimum delay; otherwise the delay doubles per
+ * unstable restart up to the maximum, and after `maxUnstableRestarts` the server is given up as errored.
+ */
+export function nextRestart(unstableRestarts: number, uptimeMs: number, limits: Limits = DEFAULT_LIMITS): RestartDecision {
+  if (uptimeMs >= limits.stableUptimeMs) return { giveUp: false, delayMs: limits.restartMinDelayMs, unstableRestarts: 0 };
+  const count = unstableRestarts + 1;
+  if (count > limits.maxUnstableRestarts) return { giveUp: true, unstableRestarts: count };
+  const delayMs = Math.min(limits.restartMinDelayMs * 2 ** (count - 1), limits.restartMaxDelayMs);
+  return { giveUp: false, delayMs, unstableRestarts: count };
+}
+
+/** The child's environment: an allow-list of ours (SDK DEFAULT_INHERITED_ENV_VARS) plus the configured env. */
+function childEnv(config: ServerConfig): Record<string, string> {
+  const env: Record<string, string> = {};
+  for (const key of INHERITED_ENV_VARS) {
+    const value = process.env[key];
+    // Skip exported bash functions ("() { …"), as the SDK does: they are code, not configuration.
+    if (value !== undefined && !value.startsWith('()')) env[key] = value;
+  }
+  return Object.assign(env, config.env);
+}
+
+function newUpstream(server: ServerRuntime): Upstream {
+  return {
+    server, proc: null, state: 'starting', startedAtMs: 0, unstableRestarts: 0, restarts: 0,
+    initResult: null, protocolVersion: SUPPORTED_PROTOCOL_VERSIONS[0], nextId: 1,
+    pending: new Map(), serverRequests: new Map(), sessions: new Set(), subscriptions: new Map(),
+    restartTimer: null, initTimer: null, waiters: [], holdsStartSlot: false, exited: Promise.resolve(), lastStderr: '',
+  };
+}
+
+/** Children start through a queue so at most `startConcurrency` are installing/initializing at once. */
+function requestStart(up: Upstream): void {
+  const proxy = up.server.proxy;
+  if (proxy.state !== 'RUNNING' || up.state === 'stopped') return;
+  if (proxy.starting >= proxy.limits.startConcurrency) {
+    proxy.startQueue.push(up);
+    return;
+  }
+  proxy.starting++;
+  up.holdsStartSlot = true;
+  spawnChild(up);
+}
+
+function releaseStartSlot(up: Upstream): void {
+  if (!up.holdsStartSlot) return;
+  up.holdsStartSlot = false;
+  const proxy = up.server.proxy;
+  proxy.starting--;
+  const next = proxy.startQueue.shift();
+  if (next) requestStart(next);
+}
+
+function spawnChild(up: Upstream): void {
+  const { config, proxy } = up.server;
+  const scope = config.name;
+  let proc: ChildProcess;
+  try {
+    // argv, never a shell string (tree-kill CVE-2019-15599); detached makes the child lead its own process
+    // group (setsid), so the whole group can be signalled. Descendants that call setsid themselves escape.
+    proc = spawn(config.command, config.args as string[], {
+      shell: false, detached: true, stdio: ['pipe', 'pipe', 'pipe'], env: childEnv(config), cwd: config.cwd, windowsHide: true,
+    });
+  } catch (err) {
+    proxy.log.error(scope, `cannot spawn ${JSON.stringify(config.command)}: ${(err as Error).message}`);
+    return onChildExit(up, null, 127, null);
+  }
+  up.proc = proc;
+  up.startedAtMs = Date.now();
+  up.exited = new Promise<void>((resolve) => {
+    let gone = false;
+    const onGone = (code: number | null, signal: NodeJS.Signals | null) => {
+      if (gone) return;
+      gone = true;
+      resolve();
+      onChildExit(up, proc, code, signal);
+    };
+    proc.once('exit', onGone);
+    proc.once('error', (err: NodeJS.ErrnoException) => {
+      proxy.log.error(scope, `cannot start ${JSON.stringify(config.command)}: ${err.code ?? err.message}`);
+      // 'exit' may never come for a spawn failure; if it does come, `gone` ignores it.
+      if (proc.pid === undefined) onGone(err.code === 'ENOENT' ? 127 : 126, null);
+    });
+  });
+  attachChildStreams(up, proc);
+  proxy.log.info(scope, `started pid ${proc.pid} (${config.command}); initializing`);
+  sendInitialize(up);
+}
+
+function attachChildStreams(up: Upstream, proc: ChildProcess): void {
+  const { config, proxy } = up.server;
+  const stdout = createLineFramer(
+    proxy.limits.maxLineBytes,
+    (line) => handleChildLine(up, line),
+    (bytes, head) => proxy.log.warn(config.name, `skipped a stdout line of ${bytes} bytes over the ${proxy.limits.maxLineBytes}-byte limit, starting ${headOf(maskSecrets(head, config.secrets))}`),
+  );
+  const stderr = createLineFramer(
+    proxy.limits.maxStderrLineBytes,
+    (line) => childStderrLine(up, line),
+    (bytes, head) => childStderrLine(up, `${head}… (${bytes} bytes, truncated)`),
+  );
+  proc.stdout!.on('data', (chunk: Buffer) => stdout.push(chunk));
+  proc.stdout!.on('end', () => stdout.end());
+  proc.stderr!.on('data', (chunk: Buffer) => stderr.push(chunk));
+  proc.stderr!.on('end', () => stderr.end());
+  // EPIPE when the child dies with writes queued: the 'exit' handler already fails what was in flight.
+  proc.stdin!.on('error', (err: Error) => proxy.log.debug(config.name, `stdin: ${err.message}`));
+}
+
+/** stderr is the child's log, not an error channel (spec IO3): prefixed, bounded, secrets masked. */
+function childStderrLine(up: Upstream, line: string): void {
+  const { config, proxy } = up.server;
+  const masked = maskSecrets(line, config.secrets);
+  up.lastStderr = masked;
+  proxy.log.info(config.name, `stderr: ${masked}`);
+}
+
+/** Writes one message line to the child. False when the child is gone or its stdin queue is full. */
+function writeToChild(up: Upstream, text: string): boolean {
+  const stdin = up.proc?.stdin;
+  if (!stdin || !stdin.writable) return false;
+  // Backpressure: Node queues writes after write() returns false; we bound that queue instead of waiting
+  // per message, so one slow child refuses new work rather than growing without limit.
+  if (stdin.writableLength > up.server.proxy.limits.maxChildQueueBytes) return false;
+  stdin.write(text + '\n');
+  return true;
+}
+
+/** The proxy's own initialize: declares roots, sampling and elicitation so the child may use them. */
+function sendInitialize(up: Upstream): void {
+  const proxy = up.server.proxy;
+  const id = up.nextId++;
+  up.pending.set(id, {
+    session: null, clientId: id, clientToken: undefined, exchange: null, method: 'initialize', uri: undefined,
+    sentAtMs: Date.now(), onAnswer: (msg) => onInitializeAnswer(up, msg),
+  });
+  up.initTimer = setTimeout(onInitializeTimeout, proxy.limits.initTimeoutMs, up);
+  up.initTimer.unref();
+  writeToChild(up, JSON.stringify({
+    jsonrpc: '2.0', id, method: 'initialize',
+    params: {
+      protocolVersion: SUPPORTED_PROTOCOL_VERSIONS[0],
+      capabilities: { roots: { listChanged: true }, sampling: {}, elicitation: {} },
+      clientInfo: { name: PROXY_NAME, version: PROXY_VERSION },
+    },
+  }));
+}
+
+function onInitializeTimeout(up: Upstream): void {
+  const { proxy, config } = up.server;
+  proxy.log.error(config.name, `did not answer initialize within ${proxy.limits.initTimeoutMs} ms; stopping it`);
+  up.initTimer = null;
+  signalGroup(up.proc, 'SIGKILL');
+}
+
+function onInitializeAnswer(up: Upstream, msg: JsonRpcMessage): void {
+  const { proxy, config } = up.server;
+  if (up.initTimer) clearTimeout(up.initTimer);
+  up.initTimer = null;
+  const result = msg.result;
+  if (!isObject(result) || typeof result.protocolVersion !== 'string') {
+    proxy.log.error(config.name, `initialize failed: ${msg.error ? headOf(JSON.stringify(msg.error)) : 'no valid result'}; stopping it`);
+    signalGroup(up.proc, 'SIGKILL');
+    return;
+  }
+  up.initResult = result;
+  up.protocolVersion = result.protocolVersion;
+  writeToChild(up, '{"jsonrpc":"2.0","method":"notifications/initialized"}');
+  resubscribe(up);
+  up.state = 'ready';
+  releaseStartSlot(up);
+  notifySettled(up);
+  proxy.log.info(config.name, `ready (pid ${up.proc?.pid}, protocol ${up.protocolVersion}) after ${Date.now() - up.startedAtMs} ms`);
+}
+
+/** After a restart the new child knows nothing of our sessions' subscriptions: subscribe again. */
+function resubscribe(up: Upstream): void {
+  for (const uri of up.subscriptions.keys()) {
+    const id = up.nextId++;
+    up.pending.set(id, {
+      session: null, clientId: id, clientToken: undefined, exchange: null, method: 'resources/subscribe', uri: undefined,
+      sentAtMs: Date.now(), onAnswer: null,
+    });
+    writeToChild(up, JSON.stringify({ jsonrpc: '2.0', id, method: 'resources/subscribe', params: { uri } }));
+  }
+}
+
+function notifySettled(up: Upstream): void {
+  const waiters = up.waiters;
+  up.waiters = [];
+  for (const wake of waiters) wake();
+}
+
+/** Resolves when the child is ready, errored or stopped (never rejects). */
+function whenSettled(up: Upstream): Promise<void> {
+  if (up.state === 'ready' || up.state === 'errored' || up.state === 'stopped') return Promise.resolve();
+  return new Promise((resolve) => up.waiters.push(resolve));
+}
+
+/**
+ * A child exited: everything in flight on it is answered with an error at once (no client waits for a
+ * timeout), strays left in its process group are signalled, and the restart policy decides what is next.
+ */
+function onChildExit(up: Upstream, proc: ChildProcess | null, code: number | null, signal: NodeJS.Signals | null): void {
+  if (proc && up.proc !== proc) return;
+  const { proxy, config } = up.server;
+  const uptimeMs = Date.now() - up.startedAtMs;
+  up.proc = null;
+  if (up.initTimer) clearTimeout(up.initTimer);
+  up.initTimer = null;
+  signalGroup(proc, 'SIGTERM');
+  releaseStartSlot(up);
+  failPending(up, 'MCP server process exited');
+  if (up.state === 'stopped') return;
+  const stderr = up.lastStderr ? `; last stderr: ${up.lastStderr}` : '';
+  const decision = nextRestart(up.unstableRestarts, uptimeMs, proxy.limits);
+  up.unstableRestarts = decision.unstableRestarts;
+  if (decision.giveUp) {
+    up.state = 'errored';
+    notifySettled(up);
+    proxy.log.error(config.name, `${describeExit(code, signal)} after ${uptimeMs} ms; gave up after ${proxy.limits.maxUnstableRestarts} fast restarts, server errored${stderr}`);
+    return;
+  }
+  up.state = 'restarting';
+  up.restarts++;
+  proxy.log.warn(config.name, `${describeExit(code, signal)} after ${uptimeMs} ms; restarting in ${decision.delayMs} ms${stderr}`);
+  up.restartTimer = setTimeout(restartChild, decision.delayMs, up);
+  up.restartTimer.unref();
+}
+
+function restartChild(up: Upstream): void {
+  up.restartTimer = null;
+  requestStart(up);
+}
+
+/** Signals a child's whole process group; ESRCH (already gone) is the expected end state, not an error. */
+function signalGroup(proc: ChildProcess | null, signal: NodeJS.Signals): void {
+  if (!proc?.pid) return;
+  try {
+    process.kill(-proc.pid, signal);
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code !== 'ESRCH') throw err;
+  }
+}
+
+function groupAlive(pid: number): boolean {
+  try {
+    process.kill(-pid, 0);
+    return true;
+  } catch {
+    return false; // ESRCH: no process left in the group (EPERM cannot happen for our own children).
+  }
+}
+
+/**
+ * Stops a child in steps (spec lifecycle §Shutdown, SDK client close()): close stdin, wait, SIGTERM the group,
+ * wait, SIGKILL the group. Then strays left in the group (grandchildren) are killed too.
+ */
+async function stopUpstream(up: Upstream): Promise<void> {
+  up.state = 'stopped';
+  if (up.restartTimer) clearTimeout(up.restartTimer);
+  up.restartTimer = null;
+  const proxy = up.server.proxy;
+  proxy.startQueue = proxy.startQueue.filter((queued) => queued !== up);
+  notifySettled(up);
+  const proc = up.proc;
+  const grace = proxy.limits.killGraceMs;
+  if (proc?.pid) {
+    proc.stdin?.end();
+    if (!(await exitsWithin(up.exited, grace))) {
+      signalGroup(proc, 'SIGTERM');
+      if (!(await exitsWithin(up.exited, grace))) {
+        signalGroup(proc, 'SIGKILL');
+        await exitsWithin(up.exited, grace);
+      }
+    }
+    if (groupAlive(proc.pid)) {
+      signalGroup(proc, 'SIGTERM');
+      if (!(await waitUntil(() => !groupAlive(proc.pid!), grace))) signalGroup(proc, 'SIGKILL');
+    }
+  }
+  releaseStartSlot(up);
+  failPending(up, 'MCP server stopped');
+  up.server.upstreams.delete(up);
+}
+
+function exitsWithin(exited: Promise<void>, ms: number): Promise<boolean> {
+  return new Promise((resolve) => {
+    const timer = setTimeout(resolve, ms, false);
+    exited.then(() => {
+      clearTimeout(timer);
+      resolve(true);
+    });
+  });
+}
+
+/** Bounded poll (tini's busy_wait): for states that raise no event, such as a process group emptying. */
+async function waitUntil(cond: () => boolean, timeoutMs: number, stepMs = POLL_STEP_MS): Promise<boolean> {
+  const deadline = Date.now() + timeoutMs;
+  while (!cond()) {
+    if (Date.now() >= deadline) return false;
+    await new Promise((resolve) => setTimeout(resolve, stepMs));
+  }
+  return true;
+}
+
+// ── 6. Sessions and id routing ──────────────────────────────────────────────────────────────────────────
+//
+// Many client sessions share one child. Every client request gets a fresh id on the child (a counter) and a
+// Pending entry that remembers the session, its own id and where the answer goes; a progress token sent to
+// the child is the request's child id, so one map serves both. The routing of what the child sends:
+//
+//   child sends                              goes to
+//   response / error                         the session that asked (its POST, or its SSE stream)
+//   notifications/progress                   the session whose request carries that token
+//   notifications/cancelled                  the session the cancelled child→client request went to
+//   notifications/resources/updated          every session subscribed to that URI
+//   notifications/*/list_changed, message…   every session on the child
+//   roots/list, sampling/…, elicitation/…    one session that declared the capability: the only one with
+//                                            requests in flight, else the most recently active; else error
+//   ping                                     answered by the proxy
+
+/** Picks the version a session speaks (spec lifecycle §Version Negotiation): echo it if we support it. */
+export function negotiateVersion(requested: unknown, childVersion: string): string {
+  if (typeof requested === 'string' && SUPPORTED_PROTOCOL_VERSIONS.includes(requested)) return requested;
+  return SUPPORTED_PROTOCOL_VERSIONS.includes(childVersion) ? childVersion : SUPPORTED_PROTOCOL_VERSIONS[0];
+}
+
+/** Classifies a parsed value as a JSON-RPC 2.0 message, or null if it is not one. */
+function jsonRpcKind(msg: unknown): MessageKind | null {
+  if (!isObject(msg) || msg.jsonrpc !== '2.0') return null;
+  if (msg.params !== undefined && !isObject(msg.params) && !Array.isArray(msg.params)) return null;
+  const hasId = typeof msg.id === 'string' || (typeof msg.id === 'number' && Number.isFinite(msg.id));
+  if (typeof msg.method === 'string') {
+    if (hasId) return 'request';
+    return msg.id === undefined ? 'notification' : null;
+  }
+  if (msg.method !== undefined) return null;
+  if ((hasId || msg.id === null) && ('result' in msg) !== ('error' in msg)) return 'response';
+  return null;
+}
+
+function errorText(id: JsonRpcId | null, code: number, message: string): string {
+  return JSON.stringify({ jsonrpc: '2.0', id, error: { code, message } });
+}
+
+function resultText(id: JsonRpcId, result: unknown): string {
+  return JSON.stringify({ jsonrpc: '2.0', id, result });
+}
+
+/**
+ * Serialises `msg` with its id replaced. When the child's line has the id where serialisers put it (first
+ * after "jsonrpc", or last), the line is spliced instead of re-serialised: a 100 KB result is not copied
+ * through JSON.stringify again. The splice is exact: the parsed id must equal the text replaced.
+ */
+function withId(line: string, msg: JsonRpcMessage, id: JsonRpcId): string {
+  if (typeof msg.id === 'number') {
+    const oldId = String(msg.id);
+    const prefix = `{"jsonrpc":"2.0","id":${oldId},`;
+    if (line.startsWith(prefix)) return `{"jsonrpc":"2.0","id":${JSON.stringify(id)},` + line.slice(prefix.length);
+    const suffix = `"id":${oldId}}`;
+    const before = line.charCodeAt(line.length - suffix.length - 1);
+    if (line.endsWith(suffix) && (before === 44 /* , */ || before === 123 /* { */)) {
+      return line.slice(0, line.length - suffix.length) + `"id":${JSON.stringify(id)}}`;
+    }
+  }
+  return JSON.stringify({ ...msg, id });
+}
+
+// Session table ───────
+
+/** Creates a session, evicting the least recently active idle one at the cap. Null when nothing can give way. */
+function createSession(server: ServerRuntime, transport: Session['transport']): Session | null {
+  const limits = server.proxy.limits;
+  if (server.sessions.size >= limits.maxSessionsPerServer && !evictIdleSession(server)) return null;
+  let upstream = server.shared;
+  if (!upstream) {
+    if (server.upstreams.size >= limits.maxChildrenPerServer) return null;
+    upstream = newUpstream(server);
+    server.upstreams.add(upstream);
+    requestStart(upstream);
+  }
+  const session: Session = {
+    id: newSessionId(), server, upstream, transport, protocolVersion: DEFAULT_NEGOTIATED_VERSION,
+    caps: { roots: false, sampling: false, elicitation: false }, lastActiveMs: Date.now(), inflight: 0,
+    stream: null, subscriptions: new Set(), serverRequests: new Map(), exchanges: new Set(), closed: false,
+  };
+  server.sessions.set(session.id, session);
+  upstream.sessions.add(session);
+  return session;
+}
+
+function isIdle(session: Session): boolean {
+  return session.stream === null && session.exchanges.size === 0 && session.inflight === 0;
+}
+
+/** The map is kept in activity order, so the first idle session is the least recently active one. */
+function evictIdleSession(server: ServerRuntime): boolean {
+  for (const session of server.sessions.values()) {
+    if (!isIdle(session)) continue;
+    server.proxy.log.debug(server.config.name, 'session cap reached; evicted the least recently active idle session');
+    endSession(session);
+    return true;
+  }
+  return false;
+}
+
+/** Marks activity; re-inserting keeps the map in least-recently-active order for eviction and the sweep. */
+function touchSession(session: Session): void {
+  session.lastActiveMs = Date.now();
+  const sessions = session.server.sessions;
+  sessions.delete(session.id);
+  sessions.set(session.id, session);
+}
+
+/** Ends a session: its streams close, its subscriptions are released, child→client requests are refused. */
+function endSession(session: Session): void {
+  if (session.closed) return;
+  session.closed = true;
+  const { server, upstream } = session;
+  server.sessions.delete(session.id);
+  upstream.sessions.delete(session);
+  for (const uri of session.subscriptions) releaseSubscription(upstream, uri);
+  session.subscriptions.clear();
+  for (const childId of session.serverRequests.values()) {
+    upstream.serverRequests.delete(childId);
+    writeToChild(upstream, errorText(childId, INTERNAL_ERROR, 'Client session ended'));
+  }
+  session.serverRequests.clear();
+  for (const exchange of session.exchanges) closeStream(exchange.sse!);
+  if (session.stream) closeStream(session.stream);
+  if (!server.shared) void stopUpstream(upstream);
+}
+
+/** Records what the client declared, for routing child→client requests. */
+function readClientCaps(params: Record<string, unknown> | undefined): ClientCaps {
+  const caps = isObject(params?.capabilities) ? params.capabilities : {};
+  return { roots: isObject(caps.roots), sampling: isObject(caps.sampling), elicitation: isObject(caps.elicitation) };
+}
+
+/** The session's initialize, answered from the child's cached InitializeResult with the session's version. */
+function initializeResult(session: Session, msg: JsonRpcMessage): string {
+  const up = session.upstream;
+  session.protocolVersion = negotiateVersion(msg.params?.protocolVersion, up.protocolVersion);
+  session.caps = readClientCaps(msg.params);
+  return resultText(msg.id as JsonRpcId, { ...up.initResult, protocolVersion: session.protocolVersion });
+}
+
+// Client → child ───────
+
+/**
+ * Handles one message from a client session. Answers that the proxy gives itself (ping, errors, subscribe
+ * reference counts) go through `answer`, exactly as a child's answer would.
+ */
+function forwardFromClient(session: Session, msg: JsonRpcMessage, kind: MessageKind, exchange: Exchange | null): void {
+  if (kind === 'request') return forwardRequest(session, msg, exchange);
+  if (kind === 'response') return forwardClientResponse(session, msg);
+  return forwardNotification(session, msg);
+}
+
+function forwardRequest(session: Session, msg: JsonRpcMessage, exchange: Exchange | null): void {
+  const up = session.upstream;
+  const id = msg.id as JsonRpcId;
+  const reply = (text: string) => answer(session, exchange, text);
+  if (msg.method === 'ping') return reply(resultText(id, {}));
+  if (msg.method === 'initialize') return reply(errorText(id, INVALID_REQUEST, 'Session is already initialized'));
+  if (up.state !== 'ready') return reply(errorText(id, SERVER_ERROR, `MCP server is ${up.state}; try again later`));
+  if (session.inflight >= up.server.proxy.limits.maxPendingPerSession) {
+    return reply(errorText(id, SERVER_ERROR, 'Too many requests in flight for this session'));
+  }
+  const uri = typeof msg.params?.uri === 'string' ? msg.params.uri : undefined;
+  if (msg.method === 'resources/subscribe' && uri !== undefined && !takeSubscription(session, uri)) return reply(resultText(id, {}));
+  if (msg.method === 'resources/unsubscribe' && uri !== undefined && !dropSubscription(session, uri)) return reply(resultText(id, {}));
+  const childId = up.nextId++;
+  const meta = msg.params?._meta;
+  const clientToken = isObject(meta) && (typeof meta.progressToken === 'string' || typeof meta.progressToken === 'number')
+    ? meta.progressToken : undefined;
+  up.pending.set(childId, {
+    session, clientId: id, clientToken, exchange, method: msg.method!, uri, sentAtMs: Date.now(), onAnswer: null,
+  });
+  session.inflight++;
+  // Rewrite in place: the parsed message is ours and is not used again after this.
+  msg.id = childId;
+  if (clientToken !== undefined) (meta as Record<string, unknown>).progressToken = childId;
+  if (!writeToChild(up, JSON.stringify(msg))) {
+    settlePending(up, childId);
+    reply(errorText(id, SERVER_ERROR, 'MCP server is not accepting input; try again later'));
+  }
+}
+
+/** A client answering a child→client request: the proxy's id is swapped back for the child's. */
+function forwardClientResponse(session: Session, msg: JsonRpcMessage): void {
+  const proxyId = String(msg.id);
+  const childId = session.serverRequests.get(proxyId);
+  if (childId === undefined) {
+    session.server.proxy.log.debug(session.server.config.name, 'dropped a client response to no outstanding request');
+    return;
+  }
+  session.serverRequests.delete(proxyId);
+  session.upstream.serverRequests.delete(childId);
+  writeToChild(session.upstream, JSON.stringify({ ...msg, id: childId }));
+}
+
+function forwardNotification(session: Session, msg: JsonRpcMessage): void {
+  const up = session.upstream;
+  // The child was initialized once by the proxy; a session's own `initialized` is ours to absorb.
+  if (msg.method === 'notifications/initialized') return;
+  if (msg.method === 'notifications/cancelled') return cancelFromClient(session, msg);
+  writeToChild(up, JSON.stringify(msg));
+}
+
+/**
+ * notifications/cancelled names the client's id; the child knows the request by its child id. The client
+ * is answered at once (it ignores late answers), and a late answer from the child is dropped.
+ */
+function cancelFromClient(session: Session, msg: JsonRpcMessage): void {
+  const up = session.upstream;
+  const requestId = msg.params?.requestId;
+  for (const [childId, pending] of up.pending) {
+    if (pending.session !== session || pending.clientId !== requestId) continue;
+    if (pending.method === 'initialize') return; // spec: initialize MUST NOT be cancelled
+    writeToChild(up, JSON.stringify({ ...msg, params: { ...msg.params, requestId: childId } }));
+    settlePending(up, childId);
+    answerPending(pending, errorText(pending.clientId, REQUEST_TIMEOUT, 'Request cancelled'));
+    return;
+  }
+}
+
+/** resources/subscribe is reference-counted per URI; only the first subscriber reaches the child. */
+function takeSubscription(session: Session, uri: string): boolean {
+  if (session.subscriptions.has(uri)) return false;
+  session.subscriptions.add(uri);
+  const subs = session.upstream.subscriptions;
+  const count = subs.get(uri) ?? 0;
+  subs.set(uri, count + 1);
+  return count === 0;
+}
+
+/** …and only the last unsubscribe does. */
+function dropSubscription(session: Session, uri: string): boolean {
+  if (!session.subscriptions.delete(uri)) return false;
+  return releaseSubscription(session.upstream, uri, false);
+}
+
+/** Drops one reference; at zero the child is told (or, with `send` false, the caller forwards the request). */
+function releaseSubscription(up: Upstream, uri: string, send = true): boolean {
+  const count = (up.subscriptions.get(uri) ?? 1) - 1;
+  if (count > 0) {
+    up.subscriptions.set(uri, count);
+    return false;
+  }
+  up.subscriptions.delete(uri);
+  if (send && up.state === 'ready') {
+    const id = up.nextId++;
+    up.pending.set(id, {
+      session: null, clientId: id, clientToken: undefined, exchange: null, method: 'resources/unsubscribe',
+      uri: undefined, sentAtMs: Date.now(), onAnswer: null,
+    });
+    writeToChild(up, JSON.stringify({ jsonrpc: '2.0', id, method: 'resources/unsubscribe', params: { uri } }));
+  }
+  return true;
+}
+
+// Child → client ───────
+
+/** One line of child stdout. A line that is not JSON-RPC is logged by its first bytes and skipped. */
+function handleChildLine(up: Upstream, line: string): void {
+  let parsed: unknown;
+  try {
+    parsed = JSON.parse(line);
+  } catch {
+    return logBadChildLine(up, line, 'not JSON');
+  }
+  // 2025-03-26 children may write a batch on one line (spec IO2).
+  if (Array.isArray(parsed)) {
+    for (const item of parsed) handleChildMessage(up, item, JSON.stringify(item));
+    return;
+  }
+  handleChildMessage(up, parsed, line);
+}
+
+function handleChildMessage(up: Upstream, parsed: unknown, line: string): void {
+  const kind = jsonRpcKind(parsed);
+  if (kind === null) return logBadChildLine(up, line, 'not a JSON-RPC message');
+  const msg = parsed as JsonRpcMessage;
+  if (kind === 'response') return routeChildResponse(up, msg, line);
+  if (kind === 'request') return routeChildRequest(up, msg);
+  routeChildNotification(up, msg, line);
+}
+
+function logBadChildLine(up: Upstream, line: string, why: string): void {
+  const { config, proxy } = up.server;
+  proxy.log.warn(config.name, `skipped a stdout line (${why}, ${Buffer.byteLength(line)} bytes) starting ${headOf(maskSecrets(line, config.secrets))}`);
+}
+
+function routeChildResponse(up: Upstream, msg: JsonRpcMessage, line: string): void {
+  const pending = typeof msg.id === 'number' ? up.pending.get(msg.id) : undefined;
+  if (!pending) {
+    up.server.proxy.log.debug(up.server.config.name, `dropped a response to no pending request (id ${headOf(String(msg.id))})`);
+    return;
+  }
+  settlePending(up, msg.id as number);
+  if (pending.onAnswer) return pending.onAnswer(msg);
+  if (msg.error !== undefined && pending.method === 'resources/subscribe' && pending.session && pending.uri !== undefined) {
+    dropSubscription(pending.session, pending.uri); // roll back the reference taken optimistically
+  }
+  answerPending(pending, withId(line, msg, pending.clientId));
+}
+
+/** Removes a pending entry and its in-flight count. */
+function settlePending(up: Upstream, childId: number): void {
+  const pending = up.pending.get(childId);
+  if (!pending) return;
+  up.pending.delete(childId);
+  if (pending.session) pending.session.inflight--;
+}
+
+/** Delivers an answer to where its request came from, unless that session has ended. */
+function answerPending(pending: Pending, text: string): void {
+  if (pending.session && !pending.session.closed) answer(pending.session, pending.exchange, text);
+}
+
+/** Answers every request in flight on a child at once (it exited or was stopped). */
+function failPending(up: Upstream, message: string): void {
+  const entries = [...up.pending.entries()];
+  up.pending.clear();
+  for (const [, pending] of entries) {
+    if (pending.session) pending.session.inflight--;
+    answerPending(pending, errorText(pending.clientId, INTERNAL_ERROR, message));
+  }
+  for (const { session, proxyId } of up.serverRequests.values()) session.serverRequests.delete(proxyId);
+  up.serverRequests.clear();
+}
+
+/** A request from the child to its client (roots, sampling, elicitation): one capable session takes it. */
+function routeChildRequest(up: Upstream, msg: JsonRpcMessage): void {
+  if (msg.method === 'ping') return void writeToChild(up, resultText(msg.id as JsonRpcId, {}));
+  const session = pickSessionFor(up, msg.method!);
+  const target = session && (firstOpen(session.exchanges) ?? session.stream);
+  if (!session || !target) {
+    writeToChild(up, errorText(msg.id as JsonRpcId, METHOD_NOT_FOUND, `No connected client can take ${msg.method}`));
+    return;
+  }
+  const proxyId = `proxy-${up.nextId++}`;
+  session.serverRequests.set(proxyId, msg.id as JsonRpcId);
+  up.serverRequests.set(msg.id as JsonRpcId, { session, proxyId });
+  writeEvent(target, JSON.stringify({ ...msg, id: proxyId }));
+}
+
+function firstOpen(exchanges: Set<Exchange>): SseStream | undefined {
+  for (const exchange of exchanges) if (exchange.sse && !exchange.sse.closed) return exchange.sse;
+  return undefined;
+}
+
+const CAPABILITY_FOR_METHOD: Readonly<Record<string, keyof ClientCaps>> = {
+  'roots/list': 'roots',
+  'sampling/createMessage': 'sampling',
+  'elicitation/create': 'elicitation',
+};
+
+/** The only capable session with requests in flight, else the most recently active capable one. */
+function pickSessionFor(up: Upstream, method: string): Session | null {
+  const cap = CAPABILITY_FOR_METHOD[method];
+  let busy: Session | null = null;
+  let busyCount = 0;
+  let recent: Session | null = null;
+  for (const session of up.sessions) {
+    if (session.closed || (cap && !session.caps[cap])) continue;
+    if (session.inflight > 0) {
+      busy = session;
+      busyCount++;
+    }
+    if (!recent || session.lastActiveMs >= recent.lastActiveMs) recent = session;
+  }
+  return busyCount === 1 ? busy : recent;
+}
+
+function routeChildNotification(up: Upstream, msg: JsonRpcMessage, line: string): void {
+  const params = msg.params ?? {};
+  if (msg.method === 'notifications/progress') {
+    const pending = typeof params.progressToken === 'number' ? up.pending.get(params.progressToken) : undefined;
+    if (!pending?.session || pending.clientToken === undefined || pending.session.closed) return;
+    const text = JSON.stringify({ ...msg, params: { ...params, progressToken: pending.clientToken } });
+    return deliver(pending.session, pending.exchange, text);
+  }
+  if (msg.method === 'notifications/cancelled') {
+    const target = up.serverRequests.get(params.requestId as JsonRpcId);
+    if (!target) return;
+    up.serverRequests.delete(params.requestId as JsonRpcId);
+    target.session.serverRequests.delete(target.proxyId);
+    return deliver(target.session, null, JSON.stringify({ ...msg, params: { ...params, requestId: target.proxyId } }));
+  }
+  const uri = msg.method === 'notifications/resources/updated' ? params.uri : undefined;
+  for (const session of up.sessions) {
+    if (uri === undefined || session.subscriptions.has(uri as string)) deliver(session, null, line);
+  }
+}
+
+// Delivery ───────
+
+/** An answer to a client request: into its POST exchange (Streamable) or onto the session's stream. */
+function answer(session: Session, exchange: Exchange | null, text: string): void {
+  if (exchange) return answerExchange(exchange, text);
+  if (session.stream) writeEvent(session.stream, text);
+}
+
+/** A message that is not an answer: the request's open POST stream if any, else the session's stream. */
+function deliver(session: Session, exchange: Exchange | null, text: string): void {
+  const stream = exchange?.sse && !exchange.sse.closed ? exchange.sse : session.stream;
+  if (stream) writeEvent(stream, text);
+}
+
+// ── 7. HTTP: guards, /mcp, /sse, health ─────────────────────────────────────────────────────────────────
+//
+// Every rejection goes through `reject`, which pairs an HTTP status with a JSON-RPC error body (the SDK's
+// createJsonErrorResponse shape, id null). Texts sent to clients are fixed; details go to the log.
+
+const SSE_HEADERS: Readonly<Record<string, string>> = {
+  'Content-Type': 'text/event-stream',
+  'Cache-Control': 'no-cache, no-transform',
+  Connection: 'keep-alive',
+  // nginx and friends buffer responses unless told not to (spec 2026-07-28 §Receiving Messages, SDK).
+  'X-Accel-Buffering': 'no',
+};
+const KEEPALIVE_COMMENT = ': keepalive\n\n';
+/** How long browsers may cache a CORS preflight answer. */
+const CORS_MAX_AGE_S = '600';
+const CORS_ALLOW_HEADERS = 'Authorization, Content-Type, Accept, Mcp-Session-Id, MCP-Protocol-Version, Last-Event-ID';
+const CORS_EXPOSE_HEADERS = 'Mcp-Session-Id, WWW-Authenticate';
+
+function reject(res: http.ServerResponse, status: number, code: number, message: string, headers: Record<string, string> = {}): void {
+  if (res.headersSent) return void res.end();
+  const body = errorText(null, code, message);
+  res.writeHead(status, { ...headers, 'Content-Type': 'application/json', 'Content-Length': Buffer.byteLength(body) });
+  res.end(body);
+}
+
+function sendJson(res: http.ServerResponse, status: number, body: string, headers: Record<string, string> = {}): void {
+  res.writeHead(status, { ...headers, 'Content-Type': 'application/json', 'Content-Length': Buffer.byteLength(body) });
+  res.end(body);
+}
+
+function unavailable(res: http.ServerResponse, up: Upstream): void {
+  const limits = up.server.proxy.limits;
+  const message = up.state === 'errored' ? 'MCP server failed and is not running' : `MCP server is ${up.state}; retry later`;
+  reject(res, 503, SERVER_ERROR, message, up.state === 'errored' ? {} : { 'Retry-After': String(limits.retryAfterS) });
+}
+
+// SSE streams ───────
+
+/** Opens an event stream with its teardown registered at once (P6): one `onClose`, run exactly once. */
+function openStream(proxy: Proxy, res: http.ServerResponse, headers: Record<string, string>, onClose: (() => void) | null): SseStream {
+  const stream: SseStream = { res, maxQueueBytes: proxy.limits.maxSseQueueBytes, closed: false, onClose };
+  res.writeHead(200, { ...SSE_HEADERS, ...headers });
+  res.flushHeaders();
+  proxy.streams.add(stream);
+  res.on('close', () => closeStream(stream));
+  stream.onClose = () => {
+    proxy.streams.delete(stream);
+    onClose?.();
+  };
+  return stream;
+}
+
+function closeStream(stream: SseStream): void {
+  if (stream.closed) return;
+  stream.closed = true;
+  if (!stream.res.writableEnded) stream.res.end();
+  const onClose = stream.onClose;
+  stream.onClose = null;
+  onClose?.();
+}
+
+/** One `message` event. A client that lets more than maxSseQueueBytes pile up is cut off (that stream only). */
+function writeEvent(stream: SseStream, text: string): void {
+  if (stream.closed) return;
+  const res = stream.res;
+  res.write(`event: message\ndata: ${text}\n\n`);
+  if (res.writableLength > stream.maxQueueBytes) {
+    closeStream(stream);
+    res.destroy();
+  }
+}
+
+// Streamable HTTP exchanges ───────
+
+/** An answer for a POST: streamed as it comes (SSE), or collected and sent as one JSON body. */
+function answerExchange(exchange: Exchange, text: string): void {
+  if (exchange.done) return;
+  exchange.remaining--;
+  if (exchange.sse) {
+    writeEvent(exchange.sse, text);
+    if (exchange.remaining === 0) {
+      exchange.done = true;
+      closeStream(exchange.sse);
+    }
+    return;
+  }
+  exchange.answers.push(text);
+  if (exchange.remaining > 0) return;
+  exchange.done = true;
+  const res = exchange.res;
+  if (res.destroyed) return;
+  sendJson(res, 200, exchange.batch ? `[${exchange.answers.join(',')}]` : exchange.answers[0]);
+}
+
+// Request guards ───────
+
+type Accepts = { json: boolean; sse: boolean };
+
+/**
+ * Lenient Accept parsing (mcp-protocol.md §9 row 5): missing, `*∕*` or `application/json` alone are accepted,
+ * because Claude.ai has sent `*∕*`. Only a header naming neither type is refused.
+ */
+function parseAccept(header: string | undefined): Accepts | null {
+  if (!header) return { json: true, sse: true };
+  const types = header.split(',').map((part) => part.split(';')[0].trim().toLowerCase());
+  const any = types.includes('*/*') || types.includes('application/*');
+  const json = any || types.includes('application/json');
+  const sse = any || types.includes('text/event-stream') || types.includes('text/*');
+  return json || sse ? { json, sse } : null;
+}
+
+function isJsonContentType(header: string | undefined): boolean {
+  return header !== undefined && header.split(';')[0].trim().toLowerCase() === 'application/json';
+}
+
+/** Hostname of a Host header, without the port; IPv6 keeps its brackets. */
+function hostnameOf(host: string): string {
+  if (host.startsWith('[')) return host.slice(0, host.indexOf(']') + 1).toLowerCase();
+  const colon = host.indexOf(':');
+  return (colon === -1 ? host : host.slice(0, colon)).toLowerCase();
+}
+
+/**
+ * DNS-rebinding protection (spec 2025-11-25 transports §Security Warning: an invalid Origin MUST get 403).
+ * Allowed: no Origin (non-browser clients), the proxy's own origin, loopback origins, Claude's, configured ones.
+ */
+function originAllowed(proxy: Proxy, origin: string | undefined, host: string | undefined): boolean {
+  if (origin === undefined) return true;
+  const normalized = origin.toLowerCase().replace(/\/$/, '');
+  if (DEFAULT_ALLOWED_ORIGINS.includes(normalized)) return true;
+  if (proxy.options.allowedOrigins.includes(normalized) || proxy.options.corsOrigins.includes(normalized)) return true;
+  let url: URL;
+  try {
+    url = new URL(normalized);
+  } catch {
+    return false; // "null" and other opaque origins
+  }
+  if (LOOPBACK_HOSTNAMES.has(url.hostname)) return true;
+  return host !== undefined && url.host === host.toLowerCase();
+}
+
+function hostAllowed(proxy: Proxy, host: string | undefined): boolean {
+  return !proxy.loopbackBind || host === undefined || LOOPBACK_HOSTNAMES.has(hostnameOf(host));
+}
+
+/** Bearer tokens only from the Authorization header, never the query (spec authorization §Token Usage). */
+function authorized(proxy: Proxy, header: string | undefined): 'ok' | 'missing' | 'invalid' {
+  if (proxy.tokens.length === 0) return 'ok';
+  const match = header ? /^Bearer[ \t]+(\S+)\s*$/i.exec(header) : null;
+  if (!match) return header ? 'invalid' : 'missing';
+  return tokenDigestMatches(sha256(match[1]), proxy.tokens) ? 'ok' : 'invalid';
+}
+
+function corsHeaders(proxy: Proxy, origin: string | undefined): Record<string, string> {
+  if (!origin || !proxy.options.corsOrigins.includes(origin.toLowerCase())) return {};
+  return { 'Access-Control-Allow-Origin': origin, Vary: 'Origin', 'Access-Control-Expose-Headers': CORS_EXPOSE_HEADERS };
+}
+
+/**
+ * Reads a request body up to `limit` bytes. Answers 413 itself (and returns null) when the body is larger,
+ * from Content-Length before reading or from the running count while reading.
+ */
+function readBody(req: http.IncomingMessage, res: http.ServerResponse, limit: number): Promise<Buffer | null> {
+  return new Promise((resolve) => {
+    const declared = Number(req.headers['content-length']);
+    if (declared > limit) {
+      tooLarge();
+      return resolve(null);
+    }
+    const chunks: Buffer[] = [];
+    let size = 0;
+    req.on('data', (chunk: Buffer) => {
+      size += chunk.length;
+      if (size > limit) {
+        req.removeAllListeners('data');
+        tooLarge();
+        return resolve(null);
+      }
+      chunks.push(chunk);
+    });
+    req.on('end', () => resolve(size > limit ? null : chunks.length === 1 ? chunks[0] : Buffer.concat(chunks, size)));
+    req.on('error', () => resolve(null)); // client went away: nothing to answer
+  });
+
+  function tooLarge(): void {
+    // Close the connection after answering: the rest of the body is not worth reading.
+    reject(res, 413, INVALID_REQUEST, 'Request body too large', { Connection: 'close' });
+    req.resume();
+  }
+}
+
+type ParsedBody = { messages: JsonRpcMessage[]; kinds: MessageKind[]; batch: boolean };
+
+/** JSON-RPC body → messages, or an answered 400. */
+function parseBody(res: http.ServerResponse, body: Buffer, limits: Limits): ParsedBody | null {
+  let parsed: unknown;
+  try {
+    parsed = JSON.parse(body.toString('utf8'));
+  } catch {
+    return reject(res, 400, PARSE_ERROR, 'Parse error: body is not valid JSON'), null;
+  }
+  const batch = Array.isArray(parsed);
+  const messages = (batch ? parsed : [parsed]) as JsonRpcMessage[];
+  if (messages.length === 0) return reject(res, 400, INVALID_REQUEST, 'Invalid Request: empty batch'), null;
+  if (messages.length > limits.maxBatchSize) return reject(res, 400, INVALID_REQUEST, 'Invalid Request: batch too large'), null;
+  const kinds: MessageKind[] = [];
+  for (const msg of messages) {
+    const kind = jsonRpcKind(msg);
+    if (kind === null) return reject(res, 400, INVALID_REQUEST, 'Invalid Request: not a JSON-RPC 2.0 message'), null;
+    kinds.push(kind);
+  }
+  return { messages, kinds, batch };
+}
+
+// Router ───────
+
+function handleRequest(proxy: Proxy, req: http.IncomingMessage, res: http.ServerResponse): void {
+  const url = req.url ?? '/';
+  const q = url.indexOf('?');
+  const path = q === -1 ? url : url.slice(0, q);
+  if (proxy.state !== 'RUNNING') return reject(res, 503, SERVER_ERROR, 'Shutting down', { Connection: 'close' });
+  if (path === '/healthz') return sendJson(res, 200, '{"status":"ok"}');
+  if (path === '/readyz') return readiness(proxy, res);
+  const { origin, host } = req.headers;
+  if (!hostAllowed(proxy, host)) return reject(res, 403, SERVER_ERROR, 'Forbidden: Host not allowed');
+  if (!originAllowed(proxy, origin, host)) return reject(res, 403, SERVER_ERROR, 'Forbidden: Origin not allowed');
+  const cors = corsHeaders(proxy, origin);
+  for (const [name, value] of Object.entries(cors)) res.setHeader(name, value);
+  if (req.method === 'OPTIONS' && cors['Access-Control-Allow-Origin']) return preflight(res);
+  const auth = authorized(proxy, req.headers.authorization);
+  if (auth !== 'ok') {
+    const challenge = auth === 'invalid' ? `Bearer realm="${PROXY_NAME}", error="invalid_token"` : `Bearer realm="${PROXY_NAME}"`;
+    return reject(res, 401, SERVER_ERROR, 'Unauthorized', { 'WWW-Authenticate': challenge });
+  }
+  const [, name, leaf, extra] = path.split('/');
+  const server = extra === undefined && SERVER_NAME_RE.test(name ?? '') ? proxy.servers.get(name) : undefined;
+  if (!server) return reject(res, 404, SERVER_ERROR, 'Not Found');
+  if (leaf === 'mcp') return void handleMcp(server, req, res);
+  if (leaf === 'sse') return handleSseGet(server, req, res);
+  if (leaf === 'messages') return void handleSseMessage(server, req, res, url.slice(q + 1));
+  reject(res, 404, SERVER_ERROR, 'Not Found');
+}
+
+function preflight(res: http.ServerResponse): void {
+  res.writeHead(204, {
+    'Access-Control-Allow-Methods': 'GET, POST, DELETE',
+    'Access-Control-Allow-Headers': CORS_ALLOW_HEADERS,
+    'Access-Control-Max-Age': CORS_MAX_AGE_S,
+  });
+  res.end();
+}
+
+/** 200 when every enabled server has answered initialize (per-session servers: when not errored). */
+function readiness(proxy: Proxy, res: http.ServerResponse): void {
+  const servers: Record<string, { state: ServerState }> = {};
+  let ready = true;
+  for (const [name, server] of proxy.servers) {
+    const state = server.shared ? server.shared.state : perSessionState(server);
+    servers[name] = { state };
+    if (state !== 'ready') ready = false;
+  }
+  sendJson(res, ready ? 200 : 503, JSON.stringify({ ready, servers }));
+}
+
+function perSessionState(server: ServerRuntime): ServerState {
+  for (const up of server.upstreams) if (up.state === 'errored') return 'errored';
+  return 'ready';
+}
+
+// Streamable HTTP: /{name}/mcp ───────
+
+async function handleMcp(server: ServerRuntime, req: http.IncomingMessage, res: http.ServerResponse): Promise<void> {
+  if (req.method === 'POST') return handleMcpPost(server, req, res);
+  if (req.method === 'GET') return handleMcpGet(server, req, res);
+  if (req.method === 'DELETE') return handleMcpDelete(server, req, res);
+  reject(res, 405, SERVER_ERROR, 'Method not allowed', { Allow: 'GET, POST, DELETE' });
+}
+
+/** Looks up the session a request names: 400 when it names none, 404 (-32001) when unknown (spec H9). */
+function requireSession(server: ServerRuntime, req: http.IncomingMessage, res: http.ServerResponse): Session | null {
+  const id = req.headers['mcp-session-id'];
+  if (typeof id !== 'string' || id === '') {
+    return reject(res, 400, SERVER_ERROR, 'Bad Request: Mcp-Session-Id header is required'), null;
+  }
+  const session = server.sessions.get(id);
+  if (!session || session.transport !== 'streamable') return reject(res, 404, SESSION_NOT_FOUND, 'Session not found'), null;
+  const version = req.headers['mcp-protocol-version'];
+  // Absent means the negotiated version (V2); any supported value is accepted (the conformance client sends
+  // 2025-03-26 whatever was negotiated, V5).
+  if (typeof version === 'string' && !SUPPORTED_PROTOCOL_VERSIONS.includes(version)) {
+    return reject(res, 400, SERVER_ERROR, 'Bad Request: Unsupported protocol version'), null;
+  }
+  return session;
+}
+
+async function handleMcpPost(server: ServerRuntime, req: http.IncomingMessage, res: http.ServerResponse): Promise<void> {
+  const proxy = server.proxy;
+  if (!isJsonContentType(req.headers['content-type'])) {
+    return reject(res, 415, SERVER_ERROR, 'Unsupported Media Type: Content-Type must be application/json');
+  }
+  const accepts = parseAccept(req.headers.accept);
+  if (!accepts) return reject(res, 406, SERVER_ERROR, 'Not Acceptable: Accept must allow application/json or text/event-stream');
+  const body = await readBody(req, res, proxy.limits.maxBodyBytes);
+  if (!body) return;
+  const parsed = parseBody(res, body, proxy.limits);
+  if (!parsed) return;
+  const { messages, kinds } = parsed;
+  const initIndex = messages.findIndex((msg, i) => kinds[i] === 'request' && msg.method === 'initialize');
+  if (initIndex !== -1) {
+    if (messages.length > 1) return reject(res, 400, INVALID_REQUEST, 'Invalid Request: initialize must be sent alone');
+    return initializeStreamable(server, messages[0], accepts, res);
+  }
+  if (req.headers['mcp-session-id'] === undefined && kinds.every((kind) => kind === 'notification')) {
+    // Claude.ai has sent notifications/initialized without a session id (mcp-protocol.md C15): accept and drop.
+    res.writeHead(202).end();
+    return;
+  }
+  // Unsessioned requests, including 2026-07-28's server/discover, get 400 -32000 so modern clients fall back
+  // to initialize (spec 2026-07-28 §Backward Compatibility; never -32601, mcp-protocol.md H17).
+  const session = requireSession(server, req, res);
+  if (!session) return;
+  touchSession(session);
+  if (session.upstream.state !== 'ready') return unavailable(res, session.upstream);
+  dispatchPost(session, parsed, accepts, res);
+}
+
+/** Forwards a validated POST's messages; requests get one exchange that answers as JSON or as a stream. */
+function dispatchPost(session: Session, parsed: ParsedBody, accepts: Accepts, res: http.ServerResponse): void {
+  const { messages, kinds, batch } = parsed;
+  const requests = kinds.filter((kind) => kind === 'request').length;
+  if (requests === 0) {
+    messages.forEach((msg, i) => forwardFromClient(session, msg, kinds[i], null));
+    res.writeHead(202).end();
+    return;
+  }
+  const exchange: Exchange = { res, sse: null, remaining: requests, batch, answers: [], done: false };
+  // Stream when the client can take it and may get messages before the answer: progress it asked for.
+  if (accepts.sse && (!accepts.json || messages.some(wantsProgress))) {
+    exchange.sse = openStream(session.server.proxy, res, { 'Mcp-Session-Id': session.id }, () => {
+      exchange.done = true;
+      session.exchanges.delete(exchange);
+    });
+    session.exchanges.add(exchange);
+  } else {
+    res.on('close', () => {
+      exchange.done = true;
+    });
+  }
+  messages.forEach((msg, i) => forwardFromClient(session, msg, kinds[i], exchange));
+}
+
+function wantsProgress(msg: JsonRpcMessage): boolean {
+  const meta = msg.params?._meta;
+  return isObject(meta) && meta.progressToken !== undefined;
+}
+
+async function initializeStreamable(server: ServerRuntime, msg: JsonRpcMessage, accepts: Accepts, res: http.ServerResponse): Promise<void> {
+  if (server.shared && server.shared.state !== 'ready') return unavailable(res, server.shared);
+  const session = createSession(server, 'streamable');
+  if (!session) return reject(res, 503, SERVER_ERROR, 'Too many sessions; retry later', { 'Retry-After': String(server.proxy.limits.retryAfterS) });
+  if (!(await upstreamReady(session))) return;
+  const text = initializeResult(session, msg);
+  if (accepts.json) return sendJson(res, 200, text, { 'Mcp-Session-Id': session.id });
+  const stream = openStream(server.proxy, res, { 'Mcp-Session-Id': session.id }, null);
+  writeEvent(stream, text);
+  closeStream(stream);
+
+  /** Per-session mode starts the session's own child first; shared children are ready already. */
+  async function upstreamReady(s: Session): Promise<boolean> {
+    const up = s.upstream;
+    if (up.state !== 'ready') await whenSettled(up);
+    if (up.state === 'ready' && !res.destroyed) return true;
+    if (up.state !== 'ready') unavailable(res, up);
+    endSession(s);
+    return false;
+  }
+}
+
+function handleMcpGet(server: ServerRuntime, req: http.IncomingMessage, res: http.ServerResponse): void {
+  const accepts = parseAccept(req.headers.accept);
+  if (!accepts?.sse) return reject(res, 406, SERVER_ERROR, 'Not Acceptable: Accept must allow text/event-stream');
+  const session = requireSession(server, req, res);
+  if (!session) return;
+  if (session.stream) return reject(res, 409, SERVER_ERROR, 'Conflict: only one GET stream per session');
+  touchSession(session);
+  session.stream = openStream(server.proxy, res, { 'Mcp-Session-Id': session.id }, () => {
+    session.stream = null;
+    if (!session.closed) touchSession(session); // idle time counts from when the stream closed
+  });
+}
+
+function handleMcpDelete(server: ServerRuntime, req: http.IncomingMessage, res: http.ServerResponse): void {
+  const session = requireSession(server, req, res);
+  if (!session) return;
+  endSession(session);
+  sendJson(res, 200, '{}');
+}
+
+// Legacy HTTP+SSE: /{name}/sse and /{name}/messages ───────
+
+/** GET opens the session's stream and names the POST endpoint (spec 2024-11-05 §HTTP with SSE). */
+function handleSseGet(server: ServerRuntime, req: http.IncomingMessage, res: http.ServerResponse): void {
+  // POST here answers 405: that is how clients trying Streamable HTTP first learn to fall back (spec SSE7).
+  if (req.method !== 'GET') return reject(res, 405, SERVER_ERROR, 'Method not allowed', { Allow: 'GET' });
+  if (server.shared && server.shared.state !== 'ready') return unavailable(res, server.shared);
+  const session = createSession(server, 'sse');
+  if (!session) return reject(res, 503, SERVER_ERROR, 'Too many sessions; retry later', { 'Retry-After': String(server.proxy.limits.retryAfterS) });
+  session.stream = openStream(server.proxy, res, {}, () => endSession(session));
+  session.stream.res.write(`event: endpoint\ndata: /${server.config.name}/messages?sessionId=${session.id}\n\n`);
+}
+
+async function handleSseMessage(server: ServerRuntime, req: http.IncomingMessage, res: http.ServerResponse, query: string): Promise<void> {
+  if (req.method !== 'POST') return reject(res, 405, SERVER_ERROR, 'Method not allowed', { Allow: 'POST' });
+  const id = new URLSearchParams(query).get('sessionId');
+  if (!id) return reject(res, 400, SERVER_ERROR, 'Bad Request: sessionId is required');
+  const session = server.sessions.get(id);
+  if (!session || session.transport !== 'sse') return reject(res, 404, SESSION_NOT_FOUND, 'Session not found');
+  if (!isJsonContentType(req.headers['content-type'])) {
+    return reject(res, 415, SERVER_ERROR, 'Unsupported Media Type: Content-Type must be application/json');
+  }
+  const body = await readBody(req, res, server.proxy.limits.maxBodyBytes);
+  if (!body) return;
+  const parsed = parseBody(res, body, server.proxy.limits);
+  if (!parsed || session.closed) return void (parsed && reject(res, 404, SESSION_NOT_FOUND, 'Session not found'));
+  touchSession(session);
+  res.writeHead(202, { 'Content-Type': 'text/plain' }).end('Accepted');
+  parsed.messages.forEach((msg, i) => {
+    if (parsed.kinds[i] === 'request' && msg.method === 'initialize') return void initializeSse(session, msg);
+    forwardFromClient(session, msg, parsed.kinds[i], null);
+  });
+}
+
+async function initializeSse(session: Session, msg: JsonRpcMessage): Promise<void> {
+  const up = session.upstream;
+  if (up.state !== 'ready') await whenSettled(up);
+  if (session.closed || !session.stream) return;
+  if (up.state !== 'ready') return writeEvent(session.stream, errorText(msg.id as JsonRpcId, SERVER_ERROR, `MCP server is ${up.state}`));
+  writeEvent(session.stream, initializeResult(session, msg));
+}
+
+// ── 8. Lifecycle: start, shutdown ───────────────────────────────────────────────────────────────────────
+
+/** What `startProxy` returns: the running proxy's handle for main() and the tests. */
+export type RunningProxy = {
+  port: number;
+  url: string;
+  /** Resolves when every shared child has answered initialize; rejects if one errored or on timeout. */
+  ready(timeoutMs?: number): Promise<void>;
+  status(): Record<string, ServerStatus>;
+  /** Idempotent: stops accepting, ends streams, stops every child group; resolves when all is done. */
+  close(): Promise<void>;
+};
+
+export type ServerStatus = { state: ServerState; pid: number | null; pids: number[]; restarts: number; sessions: number };
+
+export type StartOptions = Partial<Options> & { limits?: Partial<Limits>; log?: Logger };
+
+export async function startProxy(config: Config, start: StartOptions = {}): Promise<RunningProxy> {
+  const options: Options = { ...defaultOptions(), ...stripUndefined(start) };
+  const limits: Limits = { ...DEFAULT_LIMITS, ...start.limits };
+  const loopbackBind = isLoopbackHost(options.host);
+  if (!loopbackBind && options.tokens.length === 0 && !options.allowUnauthenticated) {
+    throw new ProxyError('UNAUTHENTICATED_PUBLIC_BIND',
+      `refusing to serve without authentication on ${options.host}, which is not a loopback address: set a token ` +
+      '(--token, --token-file or MCP_PROXY_TOKEN), bind 127.0.0.1, or pass --allow-unauthenticated to accept the risk');
+  }
+  const proxy: Proxy = {
+    options, limits, log: start.log ?? createLogger(options.logLevel), servers: new Map(),
+    http: http.createServer({ requestTimeout: limits.httpRequestTimeoutMs, headersTimeout: limits.headersTimeoutMs, keepAliveTimeout: limits.keepAliveTimeoutMs }),
+    state: 'RUNNING', streams: new Set(), timers: [], startQueue: [], starting: 0,
+    tokens: options.tokens.map(sha256), loopbackBind, closed: null,
+  };
+  proxy.http.maxHeadersCount = limits.maxHeadersCount;
+  proxy.http.on('request', (req, res) => handleRequest(proxy, req, res));
+  await listen(proxy.http, options.host, options.port);
+  for (const server of config.servers) addServer(proxy, server);
+  proxy.timers.push(setInterval(sweep, limits.sweepIntervalMs, proxy), setInterval(keepalive, limits.sseKeepaliveMs, proxy));
+  for (const timer of proxy.timers) timer.unref();
+  const port = (proxy.http.address() as { port: number }).port;
+  return {
+    port,
+    url: `http://${options.host.includes(':') ? `[${options.host}]` : options.host}:${port}`,
+    ready: (timeoutMs = limits.initTimeoutMs) => waitReady(proxy, timeoutMs),
+    status: () => statusOf(proxy),
+    close: () => closeProxy(proxy),
+  };
+}
+
+function defaultOptions(): Options {
+  return {
+    configPath: DEFAULT_CONFIG_PATH, host: DEFAULT_HOST, port: DEFAULT_PORT, tokens: [], allowUnauthenticated: false,
+    allowedOrigins: [], corsOrigins: [], logLevel: 'info',
+  };
+}
+
+function stripUndefined(start: StartOptions): Partial<Options> {
+  const out: Record<string, unknown> = {};
+  for (const [key, value] of Object.entries(start)) if (value !== undefined && key !== 'limits' && key !== 'log') out[key] = value;
+  const options = out as Partial<Options>;
+  if (options.allowedOrigins) options.allowedOrigins = options.allowedOrigins.map(normalizeOrigin);
+  if (options.corsOrigins) options.corsOrigins = options.corsOrigins.map(normalizeOrigin);
+  return options;
+}
+
+function normalizeOrigin(origin: string): string {
+  return origin.trim().toLowerCase().replace(/\/$/, '');
+}
+
+function isLoopbackHost(host: string): boolean {
+  if (host === 'localhost' || host === '::1') return true;
+  return isIP(host) === 4 && host.startsWith('127.');
+}
+
+function listen(server: http.Server, host: string, port: number): Promise<void> {
+  return new Promise((resolve, reject) => {
+    const onError = (err: NodeJS.ErrnoException) =>
+      reject(new ProxyError('LISTEN_FAILED', `cannot listen on ${host}:${port}: ${err.code ?? err.message}`));
+    server.once('error', onError);
+    server.listen(port, host, () => {
+      server.off('error', onError);
+      resolve();
+    });
+  });
+}
+
+/** Adds one server to the table and starts its shared child; the others are untouched (reload adds diffs). */
+function addServer(proxy: Proxy, config: ServerConfig): void {
+  const server: ServerRuntime = { proxy, config, sessions: new Map(), shared: null, upstreams: new Set() };
+  if (config.sessions === 'shared') {
+    server.shared = newUpstream(server);
+    server.upstreams.add(server.shared);
+    requestStart(server.shared);
+  }
+  proxy.servers.set(config.name, server);
+}
+
+/** Removes one server: its sessions end and its children stop. */
+async function removeServer(proxy: Proxy, name: string): Promise<void> {
+  const server = proxy.servers.get(name);
+  if (!server) return;
+  proxy.servers.delete(name);
+  const upstreams = [...server.upstreams];
+  for (const session of [...server.sessions.values()]) endSession(session);
+  await Promise.all(upstreams.map(stopUpstream));
+}
+
+/** The single periodic sweep: idle Streamable sessions expire and overdue requests are answered. */
+function sweep(proxy: Proxy): void {
+  const now = Date.now();
+  for (const server of proxy.servers.values()) {
+    for (const session of [...server.sessions.values()]) {
+      if (now - session.lastActiveMs < proxy.limits.sessionIdleMs) break; // the map is in activity order
+      if (session.transport === 'streamable' && isIdle(session)) endSession(session);
+    }
+    for (const up of server.upstreams) expireRequests(up, now);
+  }
+}
+
+/** A request the child has not answered in requestTimeoutMs: the client gets an error, the child a cancel. */
+function expireRequests(up: Upstream, now: number): void {
+  for (const [childId, pending] of up.pending) {
+    if (now - pending.sentAtMs < up.server.proxy.limits.requestTimeoutMs || pending.method === 'initialize') continue;
+    settlePending(up, childId);
+    writeToChild(up, JSON.stringify({ jsonrpc: '2.0', method: 'notifications/cancelled', params: { requestId: childId, reason: 'timeout' } }));
+    answerPending(pending, errorText(pending.clientId, REQUEST_TIMEOUT, 'Request timed out'));
+  }
+}
+
+function keepalive(proxy: Proxy): void {
+  for (const stream of proxy.streams) if (!stream.closed) stream.res.write(KEEPALIVE_COMMENT);
+}
+
+async function waitReady(proxy: Proxy, timeoutMs: number): Promise<void> {
+  const shared = [...proxy.servers.values()].flatMap((server) => (server.shared ? [server.shared] : []));
+  const all = Promise.all(shared.map(whenSettled));
+  let timer: NodeJS.Timeout | undefined;
+  const timeout = new Promise<'timeout'>((resolve) => (timer = setTimeout(resolve, timeoutMs, 'timeout')));
+  const outcome = await Promise.race([all, timeout]);
+  clearTimeout(timer);
+  const notReady = shared.filter((up) => up.state !== 'ready').map((up) => `${up.server.config.name} (${up.state})`);
+  if (outcome === 'timeout' || notReady.length) throw new ProxyError('NOT_READY', `servers not ready: ${notReady.join(', ')}`);
+}
+
+function statusOf(proxy: Proxy): Record<string, ServerStatus> {
+  const out: Record<string, ServerStatus> = {};
+  for (const [name, server] of proxy.servers) {
+    const ups = [...server.upstreams];
+    const pids = ups.flatMap((up) => (up.proc?.pid ? [up.proc.pid] : []));
+    out[name] = {
+      state: server.shared ? server.shared.state : perSessionState(server),
+      pid: server.shared?.proc?.pid ?? null,
+      pids,
+      restarts: ups.reduce((sum, up) => sum + up.restarts, 0),
+      sessions: server.sessions.size,
+    };
+  }
+  return out;
+}
+
+/**
+ * RUNNING → CLOSING → CLOSED (ws). Stop accepting, end every stream and session, stop every child group in
+ * steps, and finish within shutdownTimeoutMs whatever the children do.
+ */
+function closeProxy(proxy: Proxy): Promise<void> {
+  if (proxy.closed) return proxy.closed;
+  proxy.state = 'CLOSING';
+  proxy.closed = (async () => {
+    for (const timer of proxy.timers) clearInterval(timer);
+    const httpClosed = new Promise<void>((resolve) => proxy.http.close(() => resolve()));
+    const names = [...proxy.servers.keys()];
+    const stopped = Promise.all(names.map((name) => removeServer(proxy, name)));
+    for (const stream of [...proxy.streams]) closeStream(stream);
+    proxy.startQueue = [];
+    let timer: NodeJS.Timeout | undefined;
+    await Promise.race([stopped, new Promise((resolve) => (timer = setTimeout(resolve, proxy.limits.shutdownTimeoutMs)))]);
+    clearTimeout(timer);
+    proxy.http.closeAllConnections();
+    await httpClosed;
+    proxy.state = 'CLOSED';
+  })();
+  return proxy.closed;
+}
+
+// ── 9. CLI and main ─────────────────────────────────────────────────────────────────────────────────────
+
+const USAGE = `Usage: node dist/proxy.js [check | healthcheck] [options]
+
+Serves every stdio MCP server of a claude_desktop_config.json-style file at
+  http://HOST:PORT/NAME/mcp   (Streamable HTTP)
+  http://HOST:PORT/NAME/sse   (legacy HTTP+SSE)
+
+Commands:
+  (none)                     run the proxy
+  check                      validate the config and exit (non-zero with the errors)
+  healthcheck                GET /healthz on the running proxy; exit 0 if it answers 200
+
+Options (each also as an environment variable):
+  --config PATH              config file                 MCP_PROXY_CONFIG     (default ./config.json)
+  --host ADDR                address to bind             MCP_PROXY_HOST       (default 127.0.0.1)
+  --port N                   port to bind                MCP_PROXY_PORT       (default 8080)
+  --token TOKEN              bearer token, repeatable    MCP_PROXY_TOKEN      (comma-separated)
+  --token-file PATH          file of tokens, one a line  MCP_PROXY_TOKEN_FILE
+  --allow-unauthenticated    serve a non-loopback address without auth    MCP_PROXY_ALLOW_UNAUTHENTICATED=1
+  --allow-origin ORIGIN      extra allowed Origin, repeatable             MCP_PROXY_ALLOW_ORIGINS (comma-separated)
+  --cors-origin ORIGIN       send CORS headers to ORIGIN, repeatable      MCP_PROXY_CORS_ORIGINS (comma-separated)
+  --log-level LEVEL          error | warn | info | debug  MCP_PROXY_LOG_LEVEL  (default info)
+  -h, --help                 show this help
+`;
+
+type CliResult = { command: 'serve' | 'check' | 'help' | 'healthcheck'; options: Options } | { error: string };
+
+const VALUE_FLAGS: ReadonlySet<string> = new Set([
+  '--config', '--host', '--port', '--token', '--token-file', '--allow-origin', '--cors-origin', '--log-level',
+]);
+
+/** Flags win over MCP_PROXY_* variables, which win over the defaults. Pure but for reading a token file. */
+export function parseCli(argv: readonly string[], env: Env, readFile: ReadFile = readUtf8): CliResult {
+  const flags = new Map<string, string[]>();
+  let command: 'serve' | 'check' | 'help' | 'healthcheck' = 'serve';
+  for (let i = 0; i < argv.length; i++) {
+    const arg = argv[i];
+    if (arg === '-h' || arg === '--help') return { command: 'help', options: defaultOptions() };
+    if (i === 0 && (arg === 'check' || arg === 'healthcheck')) {
+      command = arg;
+      continue;
+    }
+    const eq = arg.indexOf('=');
+    const name = arg.startsWith('--') && eq !== -1 ? arg.slice(0, eq) : arg;
+    if (name === '--allow-unauthenticated') {
+      flags.set(name, ['true']);
+      continue;
+    }
+    if (!VALUE_FLAGS.has(name)) return { error: `unknown argument ${JSON.stringify(arg)}` };
+    const value = eq !== -1 && name !== arg ? arg.slice(eq + 1) : argv[++i];
+    if (value === undefined) return { error: `${name} needs a value` };
+    flags.set(name, [...(flags.get(name) ?? []), value]);
+  }
+  return buildOptions(command, flags, env, readFile);
+}
+
+function buildOptions(command: 'serve' | 'check' | 'healthcheck', flags: Map<string, string[]>, env: Env, readFile: ReadFile): CliResult {
+  const one = (flag: string, variable: string) => flags.get(flag)?.at(-1) ?? (env[variable] || undefined);
+  const list = (flag: string, variable: string) => flags.get(flag) ?? splitList(env[variable]);
+  const portText = one('--port', 'MCP_PROXY_PORT') ?? String(DEFAULT_PORT);
+  const port = /^\d+$/.test(portText) ? Number(portText) : NaN;
+  if (!(port >= 0 && port <= 65535)) return { error: `--port: got ${JSON.stringify(portText)}, expected a number from 0 to 65535` };
+  const logLevel = (one('--log-level', 'MCP_PROXY_LOG_LEVEL') ?? 'info') as LogLevel;
+  if (!LOG_LEVELS.includes(logLevel)) return { error: `--log-level: got ${JSON.stringify(logLevel)}, expected one of ${LOG_LEVELS.join(', ')}` };
+  const tokens = [...list('--token', 'MCP_PROXY_TOKEN')];
+  const tokenFile = one('--token-file', 'MCP_PROXY_TOKEN_FILE');
+  if (tokenFile !== undefined) {
+    try {
+      tokens.push(...readTokenFile(readFile(tokenFile)));
+    } catch (err) {
+      return { error: `--token-file: cannot read ${JSON.stringify(tokenFile)} (${(err as NodeJS.ErrnoException).code ?? 'error'})` };
+    }
+  }
+  const allowRaw = flags.has('--allow-unauthenticated') ? 'true' : (env.MCP_PROXY_ALLOW_UNAUTHENTICATED ?? '');
+  const options: Options = {
+    configPath: one('--config', 'MCP_PROXY_CONFIG') ?? DEFAULT_CONFIG_PATH,
+    host: one('--host', 'MCP_PROXY_HOST') ?? DEFAULT_HOST,
+    port,
+    tokens,
+    allowUnauthenticated: allowRaw === '1' || allowRaw.toLowerCase() === 'true',
+    allowedOrigins: list('--allow-origin', 'MCP_PROXY_ALLOW_ORIGINS').map(normalizeOrigin),
+    corsOrigins: list('--cors-origin', 'MCP_PROXY_CORS_ORIGINS').map(normalizeOrigin),
+    logLevel,
+  };
+  return { command, options };
+}
+
+function splitList(value: string | undefined): string[] {
+  return value ? value.split(',').map((item) => item.trim()).filter(Boolean) : [];
+}
+
+/** One token a line; blank lines and # comments ignored (a Kubernetes Secret mounted as a file). */
+function readTokenFile(text: string): string[] {
+  return text.split(/\r?\n/).map((line) => line.trim()).filter((line) => line && !line.startsWith('#'));
+}
+
+async function main(): Promise<void> {
+  const cli = parseCli(process.argv.slice(2), process.env);
+  if ('error' in cli) {
+    writeStderr(`${PROXY_NAME}: ${cli.error}\nRun with --help for usage.`);
+    process.exit(2);
+  }
+  if (cli.command === 'help') return void process.stdout.write(USAGE);
+  if (cli.command === 'healthcheck') return healthcheck(cli.options);
+  const log = createLogger(cli.options.logLevel);
+  const loaded = loadConfigFile(cli.options.configPath);
+  for (const warning of loaded.warnings) log.warn('config', warning);
+  if (!loaded.config) {
+    for (const error of loaded.errors) writeStderr(`error: ${error}`);
+    process.exit(1);
+  }
+  if (cli.command === 'check') {
+    const names = loaded.config.servers.map((server) => server.name).join(', ') || 'none';
+    return void process.stdout.write(`${cli.options.configPath}: OK, ${loaded.config.servers.length} servers (${names})\n`);
+  }
+  await serve(loaded.config, cli.options, log);
+}
+
+async function serve(config: Config, options: Options, log: Logger): Promise<void> {
+  let proxy: RunningProxy;
+  try {
+    proxy = await startProxy(config, { ...options, log });
+  } catch (err) {
+    if (!(err instanceof ProxyError)) throw err;
+    writeStderr(`${PROXY_NAME}: ${err.message}`);
+    process.exit(1);
+  }
+  const auth = options.tokens.length ? `on (${options.tokens.length} bearer token${options.tokens.length > 1 ? 's' : ''})` : 'OFF';
+  log.info('proxy', `listening on ${proxy.url} (${isLoopbackHost(options.host) ? 'loopback only' : 'PUBLIC interface'}), auth ${auth}`);
+  for (const server of config.servers) {
+    log.info('proxy', `${server.name}: ${proxy.url}/${server.name}/mcp  ${proxy.url}/${server.name}/sse  (auth ${options.tokens.length ? 'on' : 'off'}${server.sessions === 'per-session' ? ', child per session' : ''})`);
+  }
+  const stop = (signal: NodeJS.Signals) => {
+    log.info('proxy', `${signal}: shutting down`);
+    proxy.close().then(() => process.exit(0), () => process.exit(1));
+  };
+  process.once('SIGTERM', stop);
+  process.once('SIGINT', stop);
+}
+
+/** For container HEALTHCHECKs: no shell or curl needed. */
+async function healthcheck(options: Options): Promise<void> {
+  const host = options.host === '0.0.0.0' || options.host === '::' ? DEFAULT_HOST : options.host;
+  const ok = await new Promise<boolean>((resolve) => {
+    const req = http.get({ host, port: options.port, path: '/healthz', timeout: DEFAULT_LIMITS.headersTimeoutMs }, (res) => {
+      res.resume();
+      resolve(res.statusCode === 200);
+    });
+    req.on('timeout', () => req.destroy());
+    req.on('error', () => resolve(false));
+  });
+  process.exit(ok ? 0 : 1);
+}
+
+// Entry guard (Deno file_server style): run main() only when this file is the program, so tests can import it.
+function isMainModule(): boolean {
+  const entry = process.argv[1];
+  if (!entry) return false;
+  try {
+    return import.meta.url === pathToFileURL(realpathSync(entry)).href;
+  } catch {
+    return false; // argv[1] is not a file (node -e, the REPL): not our entry point
+  }
+}
+
+if (isMainModule()) void main();
