@@ -1615,7 +1615,7 @@ function handleRequest(proxy: Proxy, req: http.IncomingMessage, res: http.Server
   const path = q === -1 ? url : url.slice(0, q);
   if (proxy.state !== 'RUNNING') return reject(res, 503, SERVER_ERROR, 'Shutting down', { Connection: 'close' });
   if (path === '/healthz') return sendJson(res, 200, '{"status":"ok"}');
-  if (path === '/readyz') return readiness(proxy, res);
+  if (path === '/readyz') return readiness(proxy, res, authorized(proxy, req.headers.authorization) === 'ok');
   const { origin, host } = req.headers;
   if (!hostAllowed(proxy, host)) return reject(res, 403, SERVER_ERROR, 'Forbidden: Host not allowed');
   if (!originAllowed(proxy, origin, host)) return reject(res, 403, SERVER_ERROR, 'Forbidden: Origin not allowed');
@@ -1645,8 +1645,11 @@ function preflight(res: http.ServerResponse): void {
   res.end();
 }
 
-/** 200 when every enabled server has answered initialize (per-session servers: when not errored). */
-function readiness(proxy: Proxy, res: http.ServerResponse): void {
+/**
+ * 200 when every enabled server has answered initialize (per-session servers: when not errored). Probes carry
+ * no token, so server names and states are shown only to an authorized caller (unknown names stay unlisted).
+ */
+function readiness(proxy: Proxy, res: http.ServerResponse, detailed: boolean): void {
   const servers: Record<string, { state: ServerState }> = {};
   let ready = true;
   for (const [name, server] of proxy.servers) {
@@ -1654,7 +1657,7 @@ function readiness(proxy: Proxy, res: http.ServerResponse): void {
     servers[name] = { state };
     if (state !== 'ready') ready = false;
   }
-  sendJson(res, ready ? 200 : 503, JSON.stringify({ ready, servers }));
+  sendJson(res, ready ? 200 : 503, JSON.stringify(detailed ? { ready, servers } : { ready }));
 }
 
 function perSessionState(server: ServerRuntime): ServerState {
