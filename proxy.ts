@@ -33,6 +33,7 @@ import { createHash, randomBytes, timingSafeEqual } from 'node:crypto';
 import { readFileSync, realpathSync } from 'node:fs';
 import http from 'node:http';
 import { isIP } from 'node:net';
+import { basename, join, resolve as resolvePath, sep } from 'node:path';
 import { pathToFileURL } from 'node:url';
 
 // ── 1. Limits and defaults ──────────────────────────────────────────────────────────────────────────────
@@ -218,6 +219,8 @@ export type Options = {
   /** Origins that get CORS headers; empty means CORS is off. */
   corsOrigins: string[];
   logLevel: LogLevel;
+  /** Directory whose node_modules holds packages baked into an image; `npx PKG` runs them directly. */
+  packagesDir: string | undefined;
 };
 
 type ServerState = 'starting' | 'ready' | 'restarting' | 'errored' | 'stopped';
@@ -253,6 +256,8 @@ type Proxy = {
 type ServerRuntime = {
   proxy: Proxy;
   config: ServerConfig;
+  /** What is actually run: the config's command, or a baked package resolved from `npx PKG`. */
+  launch: Launch;
   /** Session id → session, in least-recently-active order (re-inserted on activity). */
   sessions: Map<string, Session>;
   /** The shared child, or null in per-session mode. */
@@ -260,6 +265,8 @@ type ServerRuntime = {
   /** Every live child of this server (the shared one, or one per session). */
   upstreams: Set<Upstream>;
 };
+
+type Launch = Readonly<{ command: string; args: readonly string[] }>;
 
 /** One stdio child and the routing state of everything in flight on it. */
 type Upstream = {
@@ -706,6 +713,51 @@ function childEnv(config: ServerConfig): Record<string, string> {
   return Object.assign(env, config.env);
 }
 
+/** npx flags that change nothing about which package runs. */
+const NPX_QUIET_FLAGS: ReadonlySet<string> = new Set(['-y', '--yes', '-q', '--quiet']);
+/** An npm package name, scoped or not; nothing that could climb out of node_modules. */
+const NPM_NAME_RE = /^(@[a-z0-9][a-z0-9._~-]*\/)?[a-z0-9][a-z0-9._~-]*$/i;
+
+/**
+ * `npx [-y] PKG[@version] args…` → `node DIR/node_modules/PKG/<bin> args…` when PKG is baked into `packagesDir`
+ * (the distroless image has neither npx nor network). Null when it does not apply: the command runs as written.
+ * The version in the spec is not checked: the image pins what was baked at build time.
+ */
+export function resolveBakedPackage(config: Pick<ServerConfig, 'command' | 'args'>, packagesDir: string | undefined, readFile: ReadFile = readUtf8): Launch | null {
+  if (!packagesDir || basename(config.command) !== 'npx') return null;
+  let i = 0;
+  while (i < config.args.length && NPX_QUIET_FLAGS.has(config.args[i])) i++;
+  const spec = config.args[i];
+  if (spec === undefined) return null;
+  const at = spec.indexOf('@', 1);
+  const name = at === -1 ? spec : spec.slice(0, at);
+  if (!NPM_NAME_RE.test(name)) return null;
+  const dir = resolvePath(packagesDir, 'node_modules', name);
+  let manifest: unknown;
+  try {
+    manifest = JSON.parse(readFile(join(dir, 'package.json')));
+  } catch {
+    return null; // not baked (or unreadable): run the command as written
+  }
+  const bin = binOf(manifest, name);
+  if (!bin) return null;
+  const file = resolvePath(dir, bin);
+  if (!file.startsWith(dir + sep)) return null;
+  return { command: process.execPath, args: [file, ...config.args.slice(i + 1)] };
+}
+
+/** The package's bin: a string, the entry named like the unscoped package, or the only entry. */
+function binOf(manifest: unknown, name: string): string | undefined {
+  if (!isObject(manifest)) return undefined;
+  const bin = manifest.bin;
+  if (typeof bin === 'string') return bin;
+  if (!isObject(bin)) return undefined;
+  const named = bin[name.slice(name.indexOf('/') + 1)];
+  if (typeof named === 'string') return named;
+  const entries = Object.values(bin);
+  return entries.length === 1 && typeof entries[0] === 'string' ? entries[0] : undefined;
+}
+
 function newUpstream(server: ServerRuntime): Upstream {
   return {
     server, proc: null, state: 'starting', startedAtMs: 0, unstableRestarts: 0, restarts: 0,
@@ -745,7 +797,8 @@ function spawnChild(up: Upstream): void {
   try {
     // argv, never a shell string (tree-kill CVE-2019-15599); detached makes the child lead its own process
     // group (setsid), so the whole group can be signalled. Descendants that call setsid themselves escape.
-    proc = spawn(config.command, config.args as string[], {
+    const launch = up.server.launch;
+    proc = spawn(launch.command, launch.args as string[], {
       shell: false, detached: true, stdio: ['pipe', 'pipe', 'pipe'], env: childEnv(config), cwd: config.cwd, windowsHide: true,
     });
   } catch (err) {
@@ -1906,7 +1959,7 @@ export async function startProxy(config: Config, start: StartOptions = {}): Prom
 function defaultOptions(): Options {
   return {
     configPath: DEFAULT_CONFIG_PATH, host: DEFAULT_HOST, port: DEFAULT_PORT, tokens: [], allowUnauthenticated: false,
-    allowedOrigins: [], corsOrigins: [], logLevel: 'info',
+    allowedOrigins: [], corsOrigins: [], logLevel: 'info', packagesDir: undefined,
   };
 }
 
@@ -1942,7 +1995,9 @@ function listen(server: http.Server, host: string, port: number): Promise<void> 
 
 /** Adds one server to the table and starts its shared child; the others are untouched (reload adds diffs). */
 function addServer(proxy: Proxy, config: ServerConfig): void {
-  const server: ServerRuntime = { proxy, config, sessions: new Map(), shared: null, upstreams: new Set() };
+  const launch = resolveBakedPackage(config, proxy.options.packagesDir) ?? { command: config.command, args: config.args };
+  if (launch.command !== config.command) proxy.log.info(config.name, `npx package baked into ${proxy.options.packagesDir}: running ${launch.args[0]}`);
+  const server: ServerRuntime = { proxy, config, launch, sessions: new Map(), shared: null, upstreams: new Set() };
   if (config.sessions === 'shared') {
     server.shared = newUpstream(server);
     server.upstreams.add(server.shared);
@@ -2061,6 +2116,7 @@ Options (each also as an environment variable):
   --allow-origin ORIGIN      extra allowed Origin, repeatable             MCP_PROXY_ALLOW_ORIGINS (comma-separated)
   --cors-origin ORIGIN       send CORS headers to ORIGIN, repeatable      MCP_PROXY_CORS_ORIGINS (comma-separated)
   --log-level LEVEL          error | warn | info | debug  MCP_PROXY_LOG_LEVEL  (default info)
+  --packages-dir DIR         run \`npx [-y] PKG\` from DIR/node_modules/PKG   MCP_PROXY_PACKAGES_DIR
   -h, --help                 show this help
 `;
 
@@ -2068,6 +2124,7 @@ type CliResult = { command: 'serve' | 'check' | 'help' | 'healthcheck'; options:
 
 const VALUE_FLAGS: ReadonlySet<string> = new Set([
   '--config', '--host', '--port', '--token', '--token-file', '--allow-origin', '--cors-origin', '--log-level',
+  '--packages-dir',
 ]);
 
 /** Flags win over MCP_PROXY_* variables, which win over the defaults. Pure but for reading a token file. */
@@ -2122,6 +2179,7 @@ function buildOptions(command: 'serve' | 'check' | 'healthcheck', flags: Map<str
     allowedOrigins: list('--allow-origin', 'MCP_PROXY_ALLOW_ORIGINS').map(normalizeOrigin),
     corsOrigins: list('--cors-origin', 'MCP_PROXY_CORS_ORIGINS').map(normalizeOrigin),
     logLevel,
+    packagesDir: one('--packages-dir', 'MCP_PROXY_PACKAGES_DIR'),
   };
   return { command, options };
 }
