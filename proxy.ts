@@ -1803,6 +1803,7 @@ function dispatchPost(session: Session, parsed: ParsedBody, accepts: Accepts, re
     res.writeHead(202).end();
     return;
   }
+  if (overPendingLimit(session, requests, res)) return;
   const exchange: Exchange = { res, sse: null, remaining: requests, batch, answers: [], done: false };
   // Stream when the client can take it and may get messages before the answer: progress it asked for.
   if (accepts.sse && (!accepts.json || messages.some(wantsProgress))) {
@@ -1817,6 +1818,14 @@ function dispatchPost(session: Session, parsed: ParsedBody, accepts: Accepts, re
     });
   }
   messages.forEach((msg, i) => forwardFromClient(session, msg, kinds[i], exchange));
+}
+
+/** 429 for a POST whose requests would take the session past maxPendingPerSession; nothing is forwarded. */
+function overPendingLimit(session: Session, requests: number, res: http.ServerResponse): boolean {
+  const limits = session.server.proxy.limits;
+  if (session.inflight + requests <= limits.maxPendingPerSession) return false;
+  reject(res, 429, SERVER_ERROR, 'Too many requests in flight for this session', { 'Retry-After': String(limits.retryAfterS) });
+  return true;
 }
 
 function wantsProgress(msg: JsonRpcMessage): boolean {
@@ -1893,6 +1902,7 @@ async function handleSseMessage(server: ServerRuntime, req: http.IncomingMessage
   const parsed = parseBody(res, body, server.proxy.limits);
   if (!parsed || session.closed) return void (parsed && reject(res, 404, SESSION_NOT_FOUND, 'Session not found'));
   touchSession(session);
+  if (overPendingLimit(session, parsed.kinds.filter((kind) => kind === 'request').length, res)) return;
   res.writeHead(202, { 'Content-Type': 'text/plain' }).end('Accepted');
   parsed.messages.forEach((msg, i) => {
     if (parsed.kinds[i] === 'request' && msg.method === 'initialize') return void initializeSse(session, msg);
