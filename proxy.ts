@@ -1483,9 +1483,11 @@ const CORS_MAX_AGE_S = '600';
 const CORS_ALLOW_HEADERS = 'Authorization, Content-Type, Accept, Mcp-Session-Id, MCP-Protocol-Version, Last-Event-ID';
 const CORS_EXPOSE_HEADERS = 'Mcp-Session-Id, WWW-Authenticate';
 
-function reject(res: http.ServerResponse, status: number, code: number, message: string, headers: Record<string, string> = {}): void {
+function reject(
+  res: http.ServerResponse, status: number, code: number, message: string, headers: Record<string, string> = {}, id: JsonRpcId | null = null,
+): void {
   if (res.headersSent) return void res.end();
-  const body = errorText(null, code, message);
+  const body = errorText(id, code, message);
   res.writeHead(status, { ...headers, 'Content-Type': 'application/json', 'Content-Length': Buffer.byteLength(body) });
   res.end(body);
 }
@@ -1526,15 +1528,20 @@ function closeStream(stream: SseStream): void {
   onClose?.();
 }
 
-/** One `message` event. A client that lets more than maxSseQueueBytes pile up is cut off (that stream only). */
+/**
+ * One `message` event. A client that still has more than maxSseQueueBytes unread when the next event comes
+ * is cut off (that stream only). The check is on what is already queued, so one message larger than the
+ * limit still reaches a client that reads.
+ */
 function writeEvent(stream: SseStream, text: string): void {
   if (stream.closed) return;
   const res = stream.res;
-  res.write(`event: message\ndata: ${text}\n\n`);
   if (res.writableLength > stream.maxQueueBytes) {
     closeStream(stream);
     res.destroy();
+    return;
   }
+  res.write(`event: message\ndata: ${text}\n\n`);
 }
 
 // Streamable HTTP exchanges ───────
@@ -1803,7 +1810,7 @@ function dispatchPost(session: Session, parsed: ParsedBody, accepts: Accepts, re
     res.writeHead(202).end();
     return;
   }
-  if (overPendingLimit(session, requests, res)) return;
+  if (overPendingLimit(session, requests, res, batch ? null : (messages[0].id as JsonRpcId))) return;
   const exchange: Exchange = { res, sse: null, remaining: requests, batch, answers: [], done: false };
   // Stream when the client can take it and may get messages before the answer: progress it asked for.
   if (accepts.sse && (!accepts.json || messages.some(wantsProgress))) {
@@ -1821,10 +1828,10 @@ function dispatchPost(session: Session, parsed: ParsedBody, accepts: Accepts, re
 }
 
 /** 429 for a POST whose requests would take the session past maxPendingPerSession; nothing is forwarded. */
-function overPendingLimit(session: Session, requests: number, res: http.ServerResponse): boolean {
+function overPendingLimit(session: Session, requests: number, res: http.ServerResponse, id: JsonRpcId | null = null): boolean {
   const limits = session.server.proxy.limits;
   if (session.inflight + requests <= limits.maxPendingPerSession) return false;
-  reject(res, 429, SERVER_ERROR, 'Too many requests in flight for this session', { 'Retry-After': String(limits.retryAfterS) });
+  reject(res, 429, SERVER_ERROR, 'Too many requests in flight for this session', { 'Retry-After': String(limits.retryAfterS) }, id);
   return true;
 }
 
@@ -2220,7 +2227,7 @@ async function main(): Promise<void> {
   }
   if (cli.command === 'check') {
     const names = loaded.config.servers.map((server) => server.name).join(', ') || 'none';
-    return void process.stdout.write(`${cli.options.configPath}: OK, ${loaded.config.servers.length} servers (${names})\n`);
+    return void process.stdout.write(`config OK: ${cli.options.configPath}: ${loaded.config.servers.length} servers (${names})\n`);
   }
   await serve(loaded.config, cli.options, log);
 }
