@@ -57,9 +57,16 @@ const FAST: Partial<Limits> = { killGraceMs: 200, restartMinDelayMs: 50, restart
 /** Bound for a child (or group) to disappear: killGraceMs steps (stdin, TERM, KILL) plus scheduling slack. */
 const GONE_BOUND_MS = 5_000;
 
+/** Every temporary directory a test made; all are removed when the file's tests are done. */
+const TMP_DIRS: string[] = [];
 function tmpDir(prefix: string): string {
-  return fs.mkdtempSync(path.join(os.tmpdir(), `rmp-${prefix}-`));
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), `rmp-${prefix}-`));
+  TMP_DIRS.push(dir);
+  return dir;
 }
+after(() => {
+  for (const dir of TMP_DIRS) fs.rmSync(dir, { recursive: true, force: true });
+});
 
 /** Bounded poll: resolves with the first truthy value of cond(), rejects after timeoutMs. Never a fixed sleep. */
 async function waitFor<T>(cond: () => T | Promise<T>, timeoutMs: number, what = 'condition'): Promise<NonNullable<T>> {

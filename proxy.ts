@@ -155,10 +155,15 @@ const BATCH_VERSION = '2025-03-26';
 const DEFAULT_ALLOWED_ORIGINS: readonly string[] = ['https://claude.ai', 'https://claude.com'];
 const LOOPBACK_HOSTNAMES: ReadonlySet<string> = new Set(['localhost', '127.0.0.1', '[::1]', '::1']);
 
-/** Environment inherited by children, by allow-list (the SDK's DEFAULT_INHERITED_ENV_VARS plus locale/tmp). */
+/**
+ * Environment inherited by children, by allow-list: the SDK's DEFAULT_INHERITED_ENV_VARS, locale and tmp, and
+ * what `npx`/`uvx` need to install behind a corporate proxy or a private CA (they fail without it).
+ */
 const INHERITED_ENV_VARS: readonly string[] = [
   'HOME', 'LOGNAME', 'PATH', 'SHELL', 'TERM', 'USER', 'LANG', 'LC_ALL', 'LC_CTYPE', 'TZ', 'TMPDIR',
   'NODE_EXTRA_CA_CERTS', 'SSL_CERT_FILE', 'SSL_CERT_DIR',
+  'HTTP_PROXY', 'HTTPS_PROXY', 'NO_PROXY', 'http_proxy', 'https_proxy', 'no_proxy',
+  'NPM_CONFIG_REGISTRY', 'NPM_CONFIG_CAFILE', 'NPM_CONFIG_CACHE', 'UV_CACHE_DIR', 'PIP_INDEX_URL', 'PIP_CERT',
 ];
 
 // JSON-RPC error codes (JSON-RPC 2.0 §5.1; -32000/-32001 as the SDK uses them).
@@ -823,7 +828,7 @@ function spawnChild(up: Upstream): void {
     });
   });
   attachChildStreams(up, proc);
-  proxy.log.info(scope, `started pid ${proc.pid} (${config.command}); initializing`);
+  proxy.log.info(scope, `started pid ${proc.pid} (${basename(up.server.launch.command)}); initializing`);
   sendInitialize(up);
 }
 
@@ -1949,7 +1954,8 @@ export async function startProxy(config: Config, start: StartOptions = {}): Prom
   if (!loopbackBind && options.tokens.length === 0 && !options.allowUnauthenticated) {
     throw new ProxyError('UNAUTHENTICATED_PUBLIC_BIND',
       `refusing to serve without authentication on ${options.host}, which is not a loopback address: set a token ` +
-      '(--token, --token-file or MCP_PROXY_TOKEN), bind 127.0.0.1, or pass --allow-unauthenticated to accept the risk');
+      '(--token, --token-file, MCP_PROXY_TOKEN or MCP_PROXY_TOKEN_FILE), bind 127.0.0.1, or accept the risk with ' +
+      '--allow-unauthenticated (MCP_PROXY_ALLOW_UNAUTHENTICATED=1)');
   }
   const proxy: Proxy = {
     options, limits, log: start.log ?? createLogger(options.logLevel), servers: new Map(),
