@@ -272,7 +272,8 @@ function onMessage(msg) {
     if (mode === 'noinit') return;
     reply(msg.id, { protocolVersion: msg.params.protocolVersion, capabilities: { tools: {} },
                     serverInfo: { name: 'fixture', version: '1.0.0' } });
-    if (mode === 'stall') { stalled = true; process.stdin.pause(); }
+    // A paused stdin no longer holds the event loop open: the interval keeps the stalled child alive.
+    if (mode === 'stall') { stalled = true; process.stdin.pause(); setInterval(() => {}, 1 << 30); }
     return;
   }
   if (msg.method === 'notifications/cancelled') { seen.cancelled.push(msg.params.requestId); return; }
@@ -1914,7 +1915,9 @@ describe('7. HTTP: guards, /mcp, /sse, health', () => {
     }
     const refusedWith = (r: RawResponse | null) => (r ? messages(r)[0]?.error?.code : undefined);
     await waitFor(() => settled.some((r) => refusedWith(r) === -32000), 10_000, 'a request refused with -32000');
-    assert.ok(settled.length < 12, 'requests that fit in the queue are still waiting for the child, not refused');
+    const seen = () => settled.map((r) => (r ? (messages(r)[0]?.error?.message ?? 'answered') : 'transport error'));
+    assert.ok(settled.length < 12, `requests that fit in the queue are still waiting for the child, not refused: ${seen()}`);
+    assert.ok(settled.every((r) => refusedWith(r) === -32000), `the stalled child answered nothing: ${seen()}`);
   });
 });
 
