@@ -134,6 +134,10 @@ const PROXY_VERSION = '0.1.0';
 const SERVER_NAME_RE = /^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/;
 /** Bytes of an offending line shown in the log: enough to recognise it, never the payload. */
 const LOG_HEAD_BYTES = 80;
+/** How long browsers may cache a CORS preflight answer. */
+const CORS_MAX_AGE_S = 600;
+/** Child lines at least this long are passed to clients as the child's bytes (see withId); shorter ones as text. */
+const RAW_PASSTHROUGH_MIN_BYTES = 16 * 1024;
 /** Step of the few bounded polls (a process group emptying has no event). */
 const POLL_STEP_MS = 20;
 /** Entropy of session ids: 32 random bytes, base64url (visible ASCII, spec H8). */
@@ -188,6 +192,8 @@ type JsonRpcMessage = {
   error?: unknown;
 };
 type MessageKind = 'request' | 'notification' | 'response';
+/** One serialised message on its way out: text, or byte pieces spliced from a child's line (see withId). */
+type Outgoing = string | readonly Buffer[];
 
 /** One configured stdio server, validated and with every `${…}` already expanded. */
 export type ServerConfig = Readonly<{
@@ -330,7 +336,7 @@ type Exchange = {
   sse: SseStream | null;
   remaining: number;
   batch: boolean;
-  answers: string[];
+  answers: Outgoing[];
   done: boolean;
 };
 
@@ -619,6 +625,8 @@ function expandOne(expr: string, ctx: ParseContext & { at: string }): string | u
 // ── 5. Children: spawn, framing, restart, kill ──────────────────────────────────────────────────────────
 
 type LineFramer = { push(chunk: Buffer): void; end(): void };
+const NEWLINE = 0x0a;
+const CARRIAGE_RETURN = 0x0d;
 
 /**
  * Splits a byte stream into lines in linear time: partial lines are kept as a list of pieces with a running
@@ -628,7 +636,7 @@ type LineFramer = { push(chunk: Buffer): void; end(): void };
  */
 export function createLineFramer(
   maxLineBytes: number,
-  onLine: (line: string) => void,
+  onLine: (line: string, raw: Buffer) => void,
   onOversize: (bytes: number, head: string) => void,
 ): LineFramer {
   let pieces: Buffer[] = [];
@@ -641,13 +649,12 @@ export function createLineFramer(
   function finish(last: Buffer, start: number, end: number): void {
     const total = size + (end - start);
     if (dropping || total > hardCap) return reportOversize(total, last, start);
-    let line = pieces.length === 0 ? last.toString('utf8', start, end)
-      : Buffer.concat([...pieces, last.subarray(start, end)]).toString('utf8');
+    let raw = pieces.length === 0 ? last.subarray(start, end) : Buffer.concat([...pieces, last.subarray(start, end)]);
     pieces = [];
     size = 0;
-    if (line.endsWith('\r')) line = line.slice(0, -1);
-    if (Buffer.byteLength(line) > maxLineBytes) return reportOversize(total, Buffer.from(line), 0);
-    if (line.length > 0) onLine(line);
+    if (raw[raw.length - 1] === CARRIAGE_RETURN) raw = raw.subarray(0, raw.length - 1);
+    if (raw.length > maxLineBytes) return reportOversize(total, raw, 0);
+    if (raw.length > 0) onLine(raw.toString('utf8'), raw);
   }
 
   function reportOversize(total: number, last: Buffer, start: number): void {
@@ -678,7 +685,7 @@ export function createLineFramer(
   return {
     push(chunk: Buffer): void {
       let start = 0;
-      for (let nl = chunk.indexOf(10, start); nl !== -1; nl = chunk.indexOf(10, start)) {
+      for (let nl = chunk.indexOf(NEWLINE, start); nl !== -1; nl = chunk.indexOf(NEWLINE, start)) {
         finish(chunk, start, nl);
         start = nl + 1;
       }
@@ -836,7 +843,7 @@ function attachChildStreams(up: Upstream, proc: ChildProcess): void {
   const { config, proxy } = up.server;
   const stdout = createLineFramer(
     proxy.limits.maxLineBytes,
-    (line) => handleChildLine(up, line),
+    (line, raw) => handleChildLine(up, line, raw),
     (bytes, head) => proxy.log.warn(config.name, `skipped a stdout line of ${bytes} bytes over the ${proxy.limits.maxLineBytes}-byte limit, starting ${headOf(maskSecrets(head, config.secrets))}`),
   );
   const stderr = createLineFramer(
@@ -1111,17 +1118,24 @@ function resultText(id: JsonRpcId, result: unknown): string {
 /**
  * Serialises `msg` with its id replaced. When the child's line has the id where serialisers put it (first
  * after "jsonrpc", or last), the line is spliced instead of re-serialised: a 100 KB result is not copied
- * through JSON.stringify again. The splice is exact: the parsed id must equal the text replaced.
+ * through JSON.stringify again. The splice is exact: the parsed id must equal the text replaced. A large
+ * line is spliced as bytes: the child's own buffer goes to the socket, never re-encoded from a string.
  */
-function withId(line: string, msg: JsonRpcMessage, id: JsonRpcId): string {
+function withId(line: string, raw: Buffer | null, msg: JsonRpcMessage, id: JsonRpcId): Outgoing {
   if (typeof msg.id === 'number') {
     const oldId = String(msg.id);
+    const bytes = raw && raw.length >= RAW_PASSTHROUGH_MIN_BYTES ? raw : null;
     const prefix = `{"jsonrpc":"2.0","id":${oldId},`;
-    if (line.startsWith(prefix)) return `{"jsonrpc":"2.0","id":${JSON.stringify(id)},` + line.slice(prefix.length);
+    if (line.startsWith(prefix)) {
+      const head = `{"jsonrpc":"2.0","id":${JSON.stringify(id)},`;
+      return bytes ? [Buffer.from(head), bytes.subarray(prefix.length)] : head + line.slice(prefix.length);
+    }
     const suffix = `"id":${oldId}}`;
     const before = line.charCodeAt(line.length - suffix.length - 1);
     if (line.endsWith(suffix) && (before === 44 /* , */ || before === 123 /* { */)) {
-      return line.slice(0, line.length - suffix.length) + `"id":${JSON.stringify(id)}}`;
+      const tail = `"id":${JSON.stringify(id)}}`;
+      // The suffix is ASCII, so its length in bytes equals its length in characters.
+      return bytes ? [bytes.subarray(0, bytes.length - suffix.length), Buffer.from(tail)] : line.slice(0, line.length - suffix.length) + tail;
     }
   }
   return JSON.stringify({ ...msg, id });
@@ -1324,7 +1338,7 @@ function releaseSubscription(up: Upstream, uri: string, send = true): boolean {
 // Child → client ───────
 
 /** One line of child stdout. A line that is not JSON-RPC is logged by its first bytes and skipped. */
-function handleChildLine(up: Upstream, line: string): void {
+function handleChildLine(up: Upstream, line: string, raw: Buffer | null = null): void {
   let parsed: unknown;
   try {
     parsed = JSON.parse(line);
@@ -1333,17 +1347,17 @@ function handleChildLine(up: Upstream, line: string): void {
   }
   // 2025-03-26 children may write a batch on one line (spec IO2).
   if (Array.isArray(parsed)) {
-    for (const item of parsed) handleChildMessage(up, item, JSON.stringify(item));
+    for (const item of parsed) handleChildMessage(up, item, JSON.stringify(item), null);
     return;
   }
-  handleChildMessage(up, parsed, line);
+  handleChildMessage(up, parsed, line, raw);
 }
 
-function handleChildMessage(up: Upstream, parsed: unknown, line: string): void {
+function handleChildMessage(up: Upstream, parsed: unknown, line: string, raw: Buffer | null): void {
   const kind = jsonRpcKind(parsed);
   if (kind === null) return logBadChildLine(up, line, 'not a JSON-RPC message');
   const msg = parsed as JsonRpcMessage;
-  if (kind === 'response') return routeChildResponse(up, msg, line);
+  if (kind === 'response') return routeChildResponse(up, msg, line, raw);
   if (kind === 'request') return routeChildRequest(up, msg);
   routeChildNotification(up, msg, line);
 }
@@ -1353,7 +1367,7 @@ function logBadChildLine(up: Upstream, line: string, why: string): void {
   proxy.log.warn(config.name, `skipped a stdout line (${why}, ${Buffer.byteLength(line)} bytes) starting ${headOf(maskSecrets(line, config.secrets))}`);
 }
 
-function routeChildResponse(up: Upstream, msg: JsonRpcMessage, line: string): void {
+function routeChildResponse(up: Upstream, msg: JsonRpcMessage, line: string, raw: Buffer | null): void {
   const pending = typeof msg.id === 'number' ? up.pending.get(msg.id) : undefined;
   if (!pending) {
     up.server.proxy.log.debug(up.server.config.name, `dropped a response to no pending request (id ${headOf(String(msg.id))})`);
@@ -1364,7 +1378,7 @@ function routeChildResponse(up: Upstream, msg: JsonRpcMessage, line: string): vo
   if (msg.error !== undefined && pending.method === 'resources/subscribe' && pending.session && pending.uri !== undefined) {
     dropSubscription(pending.session, pending.uri); // roll back the reference taken optimistically
   }
-  answerPending(pending, withId(line, msg, pending.clientId));
+  answerPending(pending, withId(line, raw, msg, pending.clientId));
 }
 
 /** Removes a pending entry and its in-flight count. */
@@ -1376,7 +1390,7 @@ function settlePending(up: Upstream, childId: number): void {
 }
 
 /** Delivers an answer to where its request came from, unless that session has ended. */
-function answerPending(pending: Pending, text: string): void {
+function answerPending(pending: Pending, text: Outgoing): void {
   if (pending.session && !pending.session.closed) answer(pending.session, pending.exchange, text);
 }
 
@@ -1459,7 +1473,7 @@ function routeChildNotification(up: Upstream, msg: JsonRpcMessage, line: string)
 // Delivery ───────
 
 /** An answer to a client request: into its POST exchange (Streamable) or onto the session's stream. */
-function answer(session: Session, exchange: Exchange | null, text: string): void {
+function answer(session: Session, exchange: Exchange | null, text: Outgoing): void {
   if (exchange) return answerExchange(exchange, text);
   if (session.stream) writeEvent(session.stream, text);
 }
@@ -1483,8 +1497,8 @@ const SSE_HEADERS: Readonly<Record<string, string>> = {
   'X-Accel-Buffering': 'no',
 };
 const KEEPALIVE_COMMENT = ': keepalive\n\n';
-/** How long browsers may cache a CORS preflight answer. */
-const CORS_MAX_AGE_S = '600';
+const EVENT_HEAD = 'event: message\ndata: ';
+const EVENT_TAIL = '\n\n';
 const CORS_ALLOW_HEADERS = 'Authorization, Content-Type, Accept, Mcp-Session-Id, MCP-Protocol-Version, Last-Event-ID';
 const CORS_EXPOSE_HEADERS = 'Mcp-Session-Id, WWW-Authenticate';
 
@@ -1538,7 +1552,7 @@ function closeStream(stream: SseStream): void {
  * is cut off (that stream only). The check is on what is already queued, so one message larger than the
  * limit still reaches a client that reads.
  */
-function writeEvent(stream: SseStream, text: string): void {
+function writeEvent(stream: SseStream, text: Outgoing): void {
   if (stream.closed) return;
   const res = stream.res;
   if (res.writableLength > stream.maxQueueBytes) {
@@ -1546,13 +1560,19 @@ function writeEvent(stream: SseStream, text: string): void {
     res.destroy();
     return;
   }
-  res.write(`event: message\ndata: ${text}\n\n`);
+  if (typeof text === 'string') return void res.write(`${EVENT_HEAD}${text}${EVENT_TAIL}`);
+  // Corked, the pieces leave in one writev.
+  res.cork();
+  res.write(EVENT_HEAD);
+  for (const piece of text) res.write(piece);
+  res.write(EVENT_TAIL);
+  res.uncork();
 }
 
 // Streamable HTTP exchanges ───────
 
 /** An answer for a POST: streamed as it comes (SSE), or collected and sent as one JSON body. */
-function answerExchange(exchange: Exchange, text: string): void {
+function answerExchange(exchange: Exchange, text: Outgoing): void {
   if (exchange.done) return;
   exchange.remaining--;
   if (exchange.sse) {
@@ -1568,7 +1588,31 @@ function answerExchange(exchange: Exchange, text: string): void {
   exchange.done = true;
   const res = exchange.res;
   if (res.destroyed) return;
-  sendJson(res, 200, exchange.batch ? `[${exchange.answers.join(',')}]` : exchange.answers[0]);
+  const [first] = exchange.answers;
+  if (!exchange.batch && typeof first === 'string') return sendJson(res, 200, first);
+  sendPieces(res, exchange.batch ? batchPieces(exchange.answers) : (first as readonly Buffer[]));
+}
+
+/** A JSON body sent as pieces (strings and spliced child bytes) in one corked write. */
+function sendPieces(res: http.ServerResponse, pieces: readonly (string | Buffer)[]): void {
+  let length = 0;
+  for (const piece of pieces) length += typeof piece === 'string' ? Buffer.byteLength(piece) : piece.length;
+  res.writeHead(200, { 'Content-Type': 'application/json', 'Content-Length': length });
+  res.cork();
+  for (const piece of pieces) res.write(piece);
+  res.end();
+  res.uncork();
+}
+
+function batchPieces(answers: readonly Outgoing[]): (string | Buffer)[] {
+  const pieces: (string | Buffer)[] = ['['];
+  answers.forEach((answer, i) => {
+    if (i > 0) pieces.push(',');
+    if (typeof answer === 'string') pieces.push(answer);
+    else pieces.push(...answer);
+  });
+  pieces.push(']');
+  return pieces;
 }
 
 // Request guards ───────
@@ -1724,7 +1768,7 @@ function preflight(res: http.ServerResponse): void {
   res.writeHead(204, {
     'Access-Control-Allow-Methods': 'GET, POST, DELETE',
     'Access-Control-Allow-Headers': CORS_ALLOW_HEADERS,
-    'Access-Control-Max-Age': CORS_MAX_AGE_S,
+    'Access-Control-Max-Age': String(CORS_MAX_AGE_S),
   });
   res.end();
 }
