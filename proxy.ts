@@ -54,6 +54,10 @@ export type Limits = {
   maxPendingPerSession: number;
   /** Messages in one JSON-RPC batch (2025-03-26 clients). The SDK server refuses more than 100. */
   maxBatchSize: number;
+  /** resources/subscribe URIs one session may hold; each is kept (and re-sent after a restart) until released. */
+  maxSubscriptionsPerSession: number;
+  /** Length of a subscribed URI, in characters. */
+  maxSubscriptionUriChars: number;
   /** Bytes queued on one SSE stream before it is judged a slow client and closed. */
   maxSseQueueBytes: number;
   /** Bytes queued on one child's stdin before new requests are refused (backpressure toward the child). */
@@ -103,6 +107,8 @@ export const DEFAULT_LIMITS: Readonly<Limits> = Object.freeze({
   maxSessionsPerServer: 20_000,
   maxPendingPerSession: 1024,
   maxBatchSize: 100,
+  maxSubscriptionsPerSession: 256,
+  maxSubscriptionUriChars: 2048,
   maxSseQueueBytes: 4 * MIB,
   maxChildQueueBytes: 16 * MIB,
   maxChildrenPerServer: 16,
@@ -638,6 +644,7 @@ export function createLineFramer(
   maxLineBytes: number,
   onLine: (line: string, raw: Buffer) => void,
   onOversize: (bytes: number, head: string) => void,
+  headBytes: number = LOG_HEAD_BYTES,
 ): LineFramer {
   let pieces: Buffer[] = [];
   let size = 0;
@@ -658,7 +665,7 @@ export function createLineFramer(
   }
 
   function reportOversize(total: number, last: Buffer, start: number): void {
-    const first = head || (pieces[0] ?? last.subarray(start)).toString('utf8', 0, LOG_HEAD_BYTES);
+    const first = head || firstBytes([...pieces, last.subarray(start)], headBytes);
     // Clear the state before reporting, so a throwing handler cannot leave the framer stuck (SDK ReadBuffer).
     pieces = [];
     size = 0;
@@ -674,7 +681,7 @@ export function createLineFramer(
     if (size > hardCap) {
       // Past the cap: remember only the first bytes for the report and stop storing (the limit stays tripped
       // until the line ends, as eventsource-parser's `terminated` does).
-      head = (pieces[0] ?? chunk.subarray(start)).toString('utf8', 0, LOG_HEAD_BYTES);
+      head = firstBytes([...pieces, chunk.subarray(start)], headBytes);
       pieces = [];
       dropping = true;
       return;
@@ -695,6 +702,19 @@ export function createLineFramer(
       if (size > 0 || pieces.length > 0) finish(Buffer.alloc(0), 0, 0);
     },
   };
+}
+
+/** The first `n` bytes of a list of pieces, as text, without joining more than that. */
+function firstBytes(pieces: readonly Buffer[], n: number): string {
+  const out: Buffer[] = [];
+  let got = 0;
+  for (const piece of pieces) {
+    if (got >= n) break;
+    const part = piece.subarray(0, n - got);
+    out.push(part);
+    got += part.length;
+  }
+  return Buffer.concat(out, got).toString('utf8');
 }
 
 export type RestartDecision =
@@ -841,15 +861,22 @@ function spawnChild(up: Upstream): void {
 
 function attachChildStreams(up: Upstream, proc: ChildProcess): void {
   const { config, proxy } = up.server;
+  const { maxLineBytes, maxStderrLineBytes } = proxy.limits;
+  // Heads of oversized lines are taken a secret's length longer than shown, masked, then cut: a secret that
+  // straddles the cut is masked whole instead of leaking its first bytes.
+  const slack = Math.max(0, ...config.secrets.map((secret) => Buffer.byteLength(secret)));
   const stdout = createLineFramer(
-    proxy.limits.maxLineBytes,
+    maxLineBytes,
     (line, raw) => handleChildLine(up, line, raw),
-    (bytes, head) => proxy.log.warn(config.name, `skipped a stdout line of ${bytes} bytes over the ${proxy.limits.maxLineBytes}-byte limit, starting ${headOf(maskSecrets(head, config.secrets))}`),
+    (bytes, head) => proxy.log.warn(config.name, `skipped a stdout line of ${bytes} bytes over the ${maxLineBytes}-byte limit, starting ${headOf(maskSecrets(head, config.secrets))}`),
+    LOG_HEAD_BYTES + slack,
   );
+  // A stderr line over the limit is logged cut to the limit, not dropped: it is the child's own log.
   const stderr = createLineFramer(
-    proxy.limits.maxStderrLineBytes,
+    maxStderrLineBytes,
     (line) => childStderrLine(up, line),
-    (bytes, head) => childStderrLine(up, `${head}… (${bytes} bytes, truncated)`),
+    (bytes, head) => childStderrLine(up, `${maskSecrets(head, config.secrets).slice(0, maxStderrLineBytes)}… (${bytes} bytes, truncated)`),
+    maxStderrLineBytes + slack,
   );
   proc.stdout!.on('data', (chunk: Buffer) => stdout.push(chunk));
   proc.stdout!.on('end', () => stdout.end());
@@ -924,9 +951,12 @@ function onInitializeAnswer(up: Upstream, msg: JsonRpcMessage): void {
   const { proxy, config } = up.server;
   if (up.initTimer) clearTimeout(up.initTimer);
   up.initTimer = null;
+  // Stopped while it was starting: its answer must not revive it (it would be restarted and owned by nothing).
+  if (up.state === 'stopped') return;
   const result = msg.result;
   if (!isObject(result) || typeof result.protocolVersion !== 'string') {
-    proxy.log.error(config.name, `initialize failed: ${msg.error ? headOf(JSON.stringify(msg.error)) : 'no valid result'}; stopping it`);
+    const why = msg.error ? headOf(maskSecrets(JSON.stringify(msg.error), config.secrets)) : 'no valid result';
+    proxy.log.error(config.name, `initialize failed: ${why}; stopping it`);
     signalGroup(up.proc, 'SIGKILL');
     return;
   }
@@ -1025,6 +1055,7 @@ function groupAlive(pid: number): boolean {
  */
 async function stopUpstream(up: Upstream): Promise<void> {
   up.state = 'stopped';
+  up.server.upstreams.delete(up); // no longer counts against maxChildrenPerServer while it winds down
   if (up.restartTimer) clearTimeout(up.restartTimer);
   up.restartTimer = null;
   const proxy = up.server.proxy;
@@ -1048,7 +1079,6 @@ async function stopUpstream(up: Upstream): Promise<void> {
   }
   releaseStartSlot(up);
   failPending(up, 'MCP server stopped');
-  up.server.upstreams.delete(up);
 }
 
 function exitsWithin(exited: Promise<void>, ms: number): Promise<boolean> {
@@ -1149,7 +1179,7 @@ function createSession(server: ServerRuntime, transport: Session['transport']): 
   if (server.sessions.size >= limits.maxSessionsPerServer && !evictIdleSession(server)) return null;
   let upstream = server.shared;
   if (!upstream) {
-    if (server.upstreams.size >= limits.maxChildrenPerServer) return null;
+    if (server.upstreams.size >= limits.maxChildrenPerServer && !evictIdleSession(server)) return null;
     upstream = newUpstream(server);
     server.upstreams.add(upstream);
     requestStart(upstream);
@@ -1196,6 +1226,7 @@ function endSession(session: Session): void {
   upstream.sessions.delete(session);
   for (const uri of session.subscriptions) releaseSubscription(upstream, uri);
   session.subscriptions.clear();
+  abandonRequests(session);
   for (const childId of session.serverRequests.values()) {
     upstream.serverRequests.delete(childId);
     writeToChild(upstream, errorText(childId, INTERNAL_ERROR, 'Client session ended'));
@@ -1204,6 +1235,22 @@ function endSession(session: Session): void {
   for (const exchange of session.exchanges) closeStream(exchange.sse!);
   if (session.stream) closeStream(session.stream);
   if (!server.shared) void stopUpstream(upstream);
+}
+
+/**
+ * The session's requests still in flight are cancelled on the child (it should not work for nobody, and the
+ * pending entries must not outlive the session, or ending sessions would get around maxPendingPerSession),
+ * and a POST still waiting for an answer gets an error instead of hanging.
+ */
+function abandonRequests(session: Session): void {
+  const up = session.upstream;
+  if (session.inflight === 0) return;
+  for (const [childId, pending] of up.pending) {
+    if (pending.session !== session) continue;
+    settlePending(up, childId);
+    writeToChild(up, JSON.stringify({ jsonrpc: '2.0', method: 'notifications/cancelled', params: { requestId: childId, reason: 'session ended' } }));
+    if (pending.exchange) answerExchange(pending.exchange, errorText(pending.clientId, SERVER_ERROR, 'Session ended'));
+  }
 }
 
 /** Records what the client declared, for routing child→client requests. */
@@ -1243,7 +1290,11 @@ function forwardRequest(session: Session, msg: JsonRpcMessage, exchange: Exchang
     return reply(errorText(id, SERVER_ERROR, 'Too many requests in flight for this session'));
   }
   const uri = typeof msg.params?.uri === 'string' ? msg.params.uri : undefined;
-  if (msg.method === 'resources/subscribe' && uri !== undefined && !takeSubscription(session, uri)) return reply(resultText(id, {}));
+  if (msg.method === 'resources/subscribe' && uri !== undefined) {
+    const refused = subscriptionRefusal(session, uri);
+    if (refused) return reply(errorText(id, SERVER_ERROR, refused));
+    if (!takeSubscription(session, uri)) return reply(resultText(id, {}));
+  }
   if (msg.method === 'resources/unsubscribe' && uri !== undefined && !dropSubscription(session, uri)) return reply(resultText(id, {}));
   const childId = up.nextId++;
   const meta = msg.params?._meta;
@@ -1298,6 +1349,16 @@ function cancelFromClient(session: Session, msg: JsonRpcMessage): void {
     answerPending(pending, errorText(pending.clientId, REQUEST_TIMEOUT, 'Request cancelled'));
     return;
   }
+}
+
+/** Subscriptions outlive their requests, so their number and size per session are bounded. */
+function subscriptionRefusal(session: Session, uri: string): string | null {
+  const limits = session.server.proxy.limits;
+  if (uri.length > limits.maxSubscriptionUriChars) return 'Subscription URI too long';
+  if (!session.subscriptions.has(uri) && session.subscriptions.size >= limits.maxSubscriptionsPerSession) {
+    return 'Too many subscriptions for this session';
+  }
+  return null;
 }
 
 /** resources/subscribe is reference-counted per URI; only the first subscriber reaches the child. */
@@ -1645,7 +1706,8 @@ function hostnameOf(host: string): string {
 
 /**
  * DNS-rebinding protection (spec 2025-11-25 transports §Security Warning: an invalid Origin MUST get 403).
- * Allowed: no Origin (non-browser clients), the proxy's own origin, loopback origins, Claude's, configured ones.
+ * Allowed: no Origin (non-browser clients), loopback origins, Claude's, configured ones, and the proxy's own
+ * origin when tokens are configured.
  */
 function originAllowed(proxy: Proxy, origin: string | undefined, host: string | undefined): boolean {
   if (origin === undefined) return true;
@@ -1659,6 +1721,9 @@ function originAllowed(proxy: Proxy, origin: string | undefined, host: string | 
     return false; // "null" and other opaque origins
   }
   if (LOOPBACK_HOSTNAMES.has(url.hostname)) return true;
+  // "Own origin" is judged from Host, which a DNS-rebinding page controls. With tokens that is harmless (the
+  // page has no token); without them, on a non-loopback bind, it would let the page in, so it is not used.
+  if (proxy.tokens.length === 0) return false;
   return host !== undefined && url.host === host.toLowerCase();
 }
 
@@ -1845,6 +1910,10 @@ async function handleMcpPost(server: ServerRuntime, req: http.IncomingMessage, r
   // to initialize (spec 2026-07-28 §Backward Compatibility; never -32601, mcp-protocol.md H17).
   const session = requireSession(server, req, res);
   if (!session) return;
+  // Batches exist only in 2025-03-26 (removed in 2025-06-18, mcp-protocol.md §1).
+  if (parsed.batch && session.protocolVersion !== BATCH_VERSION) {
+    return reject(res, 400, INVALID_REQUEST, `Invalid Request: batches need protocol version ${BATCH_VERSION}`);
+  }
   touchSession(session);
   if (session.upstream.state !== 'ready') return unavailable(res, session.upstream);
   dispatchPost(session, parsed, accepts, res);
