@@ -250,6 +250,9 @@ const reply = (id, result) => send({ jsonrpc: '2.0', id, result });
 const text = (id, t) => reply(id, { content: [{ type: 'text', text: String(t) }] });
 let buf = '';
 let stalled = false;
+// slowinit: initialize is answered after FIXTURE_INIT_DELAY_MS, even when stdin closes first (then it exits).
+let initPending = false;
+let stdinEnded = false;
 process.stdin.setEncoding('utf8');
 process.stdin.on('data', (chunk) => {
   buf += chunk;
@@ -260,7 +263,10 @@ process.stdin.on('data', (chunk) => {
     if (line.trim()) onLine(line);
   }
 });
-process.stdin.on('end', () => process.exit(0));
+process.stdin.on('end', () => {
+  stdinEnded = true;
+  if (!initPending) process.exit(0);
+});
 function onLine(line) {
   let msg;
   try { msg = JSON.parse(line); } catch { return; }
@@ -269,9 +275,21 @@ function onLine(line) {
 function onMessage(msg) {
   if (msg.method === 'initialize') {
     seen.initialize++;
+    if (process.env.FIXTURE_LOG) fs.appendFileSync(process.env.FIXTURE_LOG, 'initialize ' + process.pid + '\n');
     if (mode === 'noinit') return;
-    reply(msg.id, { protocolVersion: msg.params.protocolVersion, capabilities: { tools: {} },
-                    serverInfo: { name: 'fixture', version: '1.0.0' } });
+    if (mode === 'initerror') return send({ jsonrpc: '2.0', id: msg.id, error: { code: -32603, message: 'bad api key ' + process.env.API_KEY } });
+    const answer = () => reply(msg.id, { protocolVersion: msg.params.protocolVersion, capabilities: { tools: {}, resources: { subscribe: true } },
+                                         serverInfo: { name: 'fixture', version: '1.0.0' } });
+    if (mode === 'slowinit') {
+      initPending = true;
+      setTimeout(() => {
+        initPending = false;
+        answer();
+        if (stdinEnded) process.exit(0);
+      }, Number(process.env.FIXTURE_INIT_DELAY_MS || 300));
+      return;
+    }
+    answer();
     // A paused stdin no longer holds the event loop open: the interval keeps the stalled child alive.
     if (mode === 'stall') { stalled = true; process.stdin.pause(); setInterval(() => {}, 1 << 30); }
     return;
@@ -279,6 +297,7 @@ function onMessage(msg) {
   if (msg.method === 'notifications/cancelled') { seen.cancelled.push(msg.params.requestId); return; }
   if (msg.id === undefined || msg.method === undefined) return;
   if (msg.method === 'ping') return reply(msg.id, {});
+  if (msg.method === 'resources/subscribe' || msg.method === 'resources/unsubscribe') return reply(msg.id, {});
   if (msg.method === 'tools/list') return reply(msg.id, { tools: [{ name: 'do', inputSchema: { type: 'object' } }] });
   if (msg.method !== 'tools/call') return send({ jsonrpc: '2.0', id: msg.id, error: { code: -32601, message: 'Method not found' } });
   const a = (msg.params && msg.params.arguments) || {};
@@ -298,6 +317,10 @@ function onMessage(msg) {
         '{"jsonrpc":"2.0","id":"no-such-id","result":{}}\n{"jsonrpc":"2.0","id":987654321,"result":{}}\n\r\n\n');
       return text(msg.id, 'after garbage');
     case 'stderr': process.stderr.write('e'.repeat(a.bytes) + '\n'); return text(msg.id, 'after stderr');
+    case 'stderr-var':
+      // One stderr line: a.pad x's, the value of environment variable a.name, a.tail y's.
+      process.stderr.write('x'.repeat(a.pad) + process.env[a.name] + 'y'.repeat(a.tail) + '\n');
+      return text(msg.id, 'after stderr');
     case 'line': {
       // A response whose line is exactly a.bytes bytes long (without the newline).
       const base = JSON.stringify({ jsonrpc: '2.0', id: msg.id, result: { content: [{ type: 'text', text: '' }] } });
@@ -496,6 +519,19 @@ function freePort(): Promise<number> {
 
 function textOf(result: Json): string {
   return result.content.map((c: Json) => c.text ?? '').join('');
+}
+
+/** A startProxy `log` that keeps every line ("level [scope] text") in `lines`, at every level. */
+function captureLog(lines: string[]): NonNullable<NonNullable<StartOptions>['log']> {
+  const at = (level: string) => (scope: string, text: string) => {
+    lines.push(`${level} [${scope}] ${text}`);
+  };
+  return { error: at('error'), warn: at('warn'), info: at('info'), debug: at('debug'), enabled: () => true };
+}
+
+/** Non-empty lines of a file the fixture appends to (FIXTURE_PIDFILE, FIXTURE_LOG); none if it is not there yet. */
+function fileLines(file: string): string[] {
+  return fs.existsSync(file) ? fs.readFileSync(file, 'utf8').split('\n').filter(Boolean) : [];
 }
 
 // ── 0. Layout ───────────────────────────────────────────────────────────────────────────────────────────
@@ -1027,6 +1063,42 @@ describe('5. Children: spawn, framing, restart, kill', () => {
     assert.equal(h.proxy.status().fix!.restarts, 0);
   });
 
+  // Verified red on a copy of proxy.ts with the r6 fix reverted: without maskSecrets() in onInitializeAnswer the
+  // secret is in the "initialize failed" line; with the stderr head taken at 80 bytes the cut line is 80 bytes;
+  // with the head cut at the limit but no secret-length slack, the secret's first bytes ("sk-liv") are logged.
+  it('secrets are masked in a failed initialize log line and in a stderr line cut at maxStderrLineBytes (secret across the cut)', { timeout: 20_000 }, async (t) => {
+    const secret = 'sk-live-0123456789abcdef';
+    const max = 256;
+    const lines: string[] = [];
+    const withSecret = { env: { API_KEY: secret }, secrets: [secret] };
+    const h = await harness(t, { servers: [fixture('badinit', 'initerror', withSecret), fixture('talky', 'ok', withSecret)] }, {
+      log: captureLog(lines),
+      limits: { ...FAST, maxStderrLineBytes: max, maxUnstableRestarts: 1 },
+    });
+    const failed = await waitFor(() => lines.find((l) => l.startsWith('error [badinit] initialize failed')), 10_000, 'the initialize failure logged');
+    assert.ok(!failed.includes(secret), `secret in: ${failed}`);
+    assert.match(failed, /bad api key \*\*\*/, 'the secret is masked where it was');
+    await waitFor(() => h.proxy.status().talky!.state === 'ready', 10_000, 'talky ready');
+    const client = await h.client('talky', 'mcp');
+    const stderrLine = (text: string) => `info [talky] stderr: ${text}`;
+    // Under and at the limit a line is logged whole; over it, cut to the limit (not to 80 bytes).
+    for (const bytes of [max - 1, max]) {
+      await client.callTool({ name: 'do', arguments: { what: 'stderr', bytes } });
+      await waitFor(() => lines.includes(stderrLine('e'.repeat(bytes))), 5_000, `the ${bytes}-byte stderr line logged whole`);
+    }
+    await client.callTool({ name: 'do', arguments: { what: 'stderr', bytes: max + 1 } });
+    const over = await waitFor(() => lines.find((l) => l.startsWith(stderrLine('e')) && l.includes('truncated')), 5_000, 'the over-limit line');
+    assert.equal(over, stderrLine(`${'e'.repeat(max)}… (${max + 1} bytes, truncated)`));
+    // The secret starts 6 bytes before the cut and ends after it.
+    const pad = max - 6;
+    const tail = 1000;
+    await client.callTool({ name: 'do', arguments: { what: 'stderr-var', name: 'API_KEY', pad, tail } });
+    const cut = await waitFor(() => lines.find((l) => l.startsWith(stderrLine('x'))), 5_000, 'the stderr line with the secret');
+    const bytes = pad + secret.length + tail;
+    assert.equal(cut, stderrLine(`${`${'x'.repeat(pad)}***${'y'.repeat(tail)}`.slice(0, max)}… (${bytes} bytes, truncated)`));
+    for (const line of lines) assert.ok(!line.includes(secret.slice(0, 4)), `part of the secret in: ${line.slice(0, 400)}`);
+  });
+
   it('each child leads its own process group (kill(-pid) reaches it)', { timeout: 30_000 }, async (t) => {
     const h = await harness(t, { servers: [fixture('fix')] }, { limits: FAST });
     await h.proxy.ready(10_000);
@@ -1065,6 +1137,38 @@ describe('5. Children: spawn, framing, restart, kill', () => {
     const s3 = h.proxy.status().s3!;
     assert.equal(s3.pid, null, 'third child not spawned while both start slots are busy');
     assert.equal(s3.state, 'starting');
+  });
+
+  // Verified red on a copy of proxy.ts without onInitializeAnswer's `if (up.state === 'stopped') return`: the late
+  // answer marks the stopped child ready, its exit is then taken for a crash ("restarting in 1 ms") and the
+  // restarted child belongs to nothing, so close() leaves it running.
+  it('per-session mode: a session ending while its child is still starting stops the child for good; close() leaves nothing', { timeout: 20_000 }, async (t) => {
+    const dir = tmpDir('slowinit');
+    const pidFile = path.join(dir, 'pids');
+    const fixtureLog = path.join(dir, 'fixture.log');
+    const lines: string[] = [];
+    const h = await startHarness(
+      { servers: [fixture('solo', 'slowinit', { sessions: 'per-session', env: { FIXTURE_PIDFILE: pidFile, FIXTURE_LOG: fixtureLog, FIXTURE_INIT_DELAY_MS: '300' } })] },
+      // A grace longer than the answer delay: the child answers initialize after its stdin closed, then exits.
+      { log: captureLog(lines), limits: { ...FAST, killGraceMs: 3_000, restartMinDelayMs: 1, restartMaxDelayMs: 1 } },
+    );
+    t.after(() => {
+      for (const line of fileLines(pidFile)) h.groups.add(Number(line));
+      return h.stop();
+    });
+    const stream = await openSse(`${h.url}/solo/sse`);
+    await stream.next((e) => e.event === 'endpoint', 5_000, 'endpoint');
+    await waitFor(() => fileLines(fixtureLog).some((l) => l.startsWith('initialize')), 5_000, 'the child received initialize');
+    const [pid] = fileLines(pidFile).map(Number);
+    assert.ok(pid);
+    stream.close(); // the session ends before its child has answered initialize
+    await waitFor(() => h.proxy.status().solo!.sessions === 0, 5_000, 'session ended');
+    // Gone from /proc means reaped by this process, so the proxy's 'exit' handler for it has run.
+    await waitFor(() => !fs.existsSync(`/proc/${pid}`), GONE_BOUND_MS, 'the child answered, exited and was reaped');
+    assert.deepEqual(lines.filter((l) => /restarting|ready \(pid/.test(l)), [], 'the stopped child was neither made ready nor restarted');
+    await h.proxy.close();
+    assert.deepEqual(fileLines(pidFile).map(Number), [pid], 'no child started after the session ended');
+    await assertAllGone([pid]);
   });
 
   it('the leak check itself notices a live process group (self-test of assertAllGone)', { timeout: 15_000 }, async () => {
@@ -1228,6 +1332,28 @@ describe('6. Sessions and id routing', () => {
       assert.ok(cancelled.includes(childId.id));
     });
 
+    // Verified red on a copy of proxy.ts without abandonRequests() in endSession(): the POST hangs past the bound
+    // and the child never sees notifications/cancelled.
+    it('endSession() on DELETE answers a POST still waiting with an error and cancels its request on the child', { timeout: 30_000 }, async () => {
+      const observer = await h.client('fix', 'mcp');
+      const seen = async () => JSON.parse(textOf(await observer.callTool({ name: 'do', arguments: { what: 'seen' } })));
+      const before = (await seen()).hung.length as number;
+      const mcp = `${h.url}/fix/mcp`;
+      const sid = await rawSession(h.url, 'fix');
+      const waiting = post(mcp, call('in-flight', { what: 'hang' }), sessionHeaders(sid)); // JSON mode: Accept: application/json
+      const childId = await waitFor(async () => {
+        const s = await seen();
+        return s.hung.length > before ? { id: s.hung[s.hung.length - 1] } : null;
+      }, 10_000, 'child to receive the hanging request');
+      const del = await request(mcp, { method: 'DELETE', headers: { 'mcp-session-id': sid } });
+      assert.equal(del.status, 200, del.text);
+      const res = await within(waiting, 5_000, 'the POST waiting on the ended session');
+      const answer = onlyMessage(res);
+      assert.equal(answer.id, 'in-flight');
+      assert.equal(answer.error?.code, -32000, res.text);
+      await waitFor(async () => (await seen()).cancelled.includes(childId.id), 10_000, 'child to see notifications/cancelled for its id');
+    });
+
     it('a DELETE (terminateSession) ends the SDK session; its id then → 404', { timeout: 30_000 }, async () => {
       const client = new Client({ name: 'del', version: '1.0.0' });
       const transport = new StreamableHTTPClientTransport(new URL(`${h.url}/everything/mcp`));
@@ -1355,6 +1481,20 @@ describe('7. HTTP: guards, /mcp, /sse, health', () => {
       for (const body of ['{"foo":1}', '42', '"str"', 'null', '[]', '{"jsonrpc":"1.0","id":1,"method":"ping"}', '{"jsonrpc":"2.0","id":1,"method":5}']) {
         assertRpcError(await post(mcp, body, sessionHeaders(sid)), 400, -32600);
       }
+    });
+
+    // Verified red on a copy of proxy.ts without the batch/version check in handleMcpPost(): both batches → 200.
+    it('a batch in a 2025-06-18 or 2025-11-25 session → 400 -32600; in a 2025-03-26 session it is answered', async () => {
+      for (const version of ['2025-06-18', '2025-11-25']) {
+        const sid = await rawSession(h.url, 'fix', version);
+        const headers = sessionHeaders(sid, { 'mcp-protocol-version': version });
+        assertRpcError(await post(mcp, [ping('b1'), ping('b2')], headers), 400, -32600);
+        assert.deepEqual(onlyMessage(await post(mcp, ping('after'), headers)), { jsonrpc: '2.0', id: 'after', result: {} }, `${version} session still works`);
+      }
+      const sid = await rawSession(h.url, 'fix', '2025-03-26');
+      const res = await post(mcp, [ping('b1'), ping('b2')], sessionHeaders(sid, { 'mcp-protocol-version': '2025-03-26' }));
+      assert.equal(res.status, 200, res.text);
+      assert.deepEqual(messages(res).map((m) => m.id).sort(), ['b1', 'b2']);
     });
 
     it('a Content-Type other than JSON → 415; application/json with charset is fine', async () => {
@@ -1634,6 +1774,29 @@ describe('7. HTTP: guards, /mcp, /sse, health', () => {
     });
   });
 
+  // Verified red on a copy of proxy.ts without originAllowed()'s `if (proxy.tokens.length === 0) return false`:
+  // the rebinding request gets 200 and a session.
+  it('originAllowed() on a non-loopback bind: without tokens an Origin matching Host → 403 (DNS rebinding); with a token it is the own origin', { timeout: 20_000 }, async (t) => {
+    const open = await harness(t, { servers: [fixture('fix')] }, { host: '0.0.0.0', allowUnauthenticated: true, limits: FAST });
+    await open.proxy.ready(10_000);
+    const openHost = `evil.example:${open.proxy.port}`;
+    const openMcp = `http://127.0.0.1:${open.proxy.port}/fix/mcp`;
+    const rebound = await post(openMcp, initMsg(), { accept: 'application/json', host: openHost, origin: `http://${openHost}` });
+    assert.equal(rebound.status, 403, rebound.text);
+    assert.equal(rebound.headers['mcp-session-id'], undefined);
+    assert.equal((await post(openMcp, initMsg(), { accept: 'application/json', host: openHost })).status, 200, 'the same Host without an Origin is served');
+    const token = 'token-rebind-cccccccc';
+    const authed = await harness(t, { servers: [fixture('fix')] }, { host: '0.0.0.0', tokens: [token], limits: FAST });
+    await authed.proxy.ready(10_000);
+    const host = `proxy.example:${authed.proxy.port}`;
+    const authedMcp = `http://127.0.0.1:${authed.proxy.port}/fix/mcp`;
+    const headers = { accept: 'application/json', host, authorization: `Bearer ${token}` };
+    const own = await post(authedMcp, initMsg(), { ...headers, origin: `http://${host}` });
+    assert.equal(own.status, 200, own.text);
+    assert.equal(typeof own.headers['mcp-session-id'], 'string');
+    assert.equal((await post(authedMcp, initMsg(), { ...headers, origin: 'http://other.example' })).status, 403, 'another origin still → 403');
+  });
+
   it('corsOrigins: a listed origin gets CORS headers that expose Mcp-Session-Id; others get none', { timeout: 20_000 }, async (t) => {
     const origin = 'https://app.example.org';
     const h = await harness(t, { servers: [fixture('fix')] }, { allowedOrigins: [origin], corsOrigins: [origin], limits: FAST });
@@ -1795,6 +1958,38 @@ describe('7. HTTP: guards, /mcp, /sse, health', () => {
     assert.deepEqual(onlyMessage(next), { jsonrpc: '2.0', id: 77, result: {} });
   });
 
+  // Verified red on a copy of proxy.ts without the subscriptionRefusal() check in forwardRequest(): the over-count
+  // and over-length subscribes are forwarded and answered with a result.
+  it('maxSubscriptionsPerSession and maxSubscriptionUriChars: under and at are subscribed, over → -32000; the session keeps working', { timeout: 20_000 }, async (t) => {
+    const maxSubs = 3;
+    const maxChars = 40;
+    const h = await harness(t, { servers: [fixture('fix')] }, { limits: { ...FAST, maxSubscriptionsPerSession: maxSubs, maxSubscriptionUriChars: maxChars } });
+    await h.proxy.ready(10_000);
+    const mcp = `${h.url}/fix/mcp`;
+    const rpc = async (sid: string, id: number, method: string, uri: string) =>
+      onlyMessage(await post(mcp, { jsonrpc: '2.0', id, method, params: { uri } }, sessionHeaders(sid)));
+    const a = await rawSession(h.url, 'fix');
+    for (let i = 1; i <= maxSubs; i++) assert.deepEqual(await rpc(a, i, 'resources/subscribe', `fix://r/${i}`), { jsonrpc: '2.0', id: i, result: {} }, `subscription ${i}`);
+    const tooMany = await rpc(a, 10, 'resources/subscribe', 'fix://r/4');
+    assert.equal(tooMany.id, 10);
+    assert.equal(tooMany.error?.code, -32000, JSON.stringify(tooMany));
+    assert.match(tooMany.error.message, /too many subscriptions/i);
+    assert.deepEqual((await rpc(a, 11, 'resources/subscribe', 'fix://r/1')).result, {}, 'a URI the session already holds is not one more');
+    assert.deepEqual((await rpc(a, 12, 'resources/unsubscribe', 'fix://r/2')).result, {});
+    assert.deepEqual((await rpc(a, 13, 'resources/subscribe', 'fix://r/4')).result, {}, 'an unsubscribe makes room');
+    assert.deepEqual(onlyMessage(await post(mcp, ping(14), sessionHeaders(a))), { jsonrpc: '2.0', id: 14, result: {} });
+    // URI length, in a fresh session so the count limit is not what refuses.
+    const b = await rawSession(h.url, 'fix');
+    const uri = (chars: number) => `fix://${'u'.repeat(chars - 'fix://'.length)}`;
+    assert.deepEqual((await rpc(b, 20, 'resources/subscribe', uri(maxChars - 1))).result, {}, 'under');
+    assert.deepEqual((await rpc(b, 21, 'resources/subscribe', uri(maxChars))).result, {}, 'at');
+    const tooLong = await rpc(b, 22, 'resources/subscribe', uri(maxChars + 1));
+    assert.equal(tooLong.id, 22);
+    assert.equal(tooLong.error?.code, -32000, JSON.stringify(tooLong));
+    assert.match(tooLong.error.message, /too long/i);
+    assert.deepEqual(onlyMessage(await post(mcp, ping(23), sessionHeaders(b))), { jsonrpc: '2.0', id: 23, result: {} });
+  });
+
   it('maxSessionsPerServer: sessions up to the limit open; one over evicts the least recently active idle one', { timeout: 20_000 }, async (t) => {
     const h = await harness(t, { servers: [fixture('fix')] }, { limits: { ...FAST, maxSessionsPerServer: 2 } });
     await h.proxy.ready(10_000);
@@ -1883,7 +2078,8 @@ describe('7. HTTP: guards, /mcp, /sse, health', () => {
     h.groups.add(Number(pid1));
     h.groups.add(Number(pid2));
     assert.notEqual(pid1, pid2, 'each session has its own child');
-    const res = await post(`${h.url}/solo/mcp`, initMsg(), { accept: 'application/json' }); // over
+    // Over: SDK clients hold their standalone GET stream open, so neither session is idle and none gives way.
+    const res = await post(`${h.url}/solo/mcp`, initMsg(), { accept: 'application/json' });
     assert.equal(res.status, 503, res.text);
     assert.ok(res.headers['retry-after'], 'Retry-After on 503');
     // Ending a session stops its child (whole group) and frees the slot.
@@ -1897,6 +2093,52 @@ describe('7. HTTP: guards, /mcp, /sse, health', () => {
     const pid3 = textOf(onlyMessage(await post(`${h.url}/solo/mcp`, call(1, { what: 'pid' }), sessionHeaders(sid3))).result);
     h.groups.add(Number(pid3));
     assert.ok(![pid1, pid2].includes(pid3), 'the new session got a new child');
+  });
+
+  // Verified red on a copy of proxy.ts whose createSession() refuses at maxChildrenPerServer without
+  // evictIdleSession(): the third initialize → 503 although both sessions are idle.
+  it('per-session mode: at maxChildrenPerServer a new session ends the least recently active idle one (its child stops); none idle → 503', { timeout: 30_000 }, async (t) => {
+    const dir = tmpDir('pid');
+    const pidFile = path.join(dir, 'pids');
+    const fixtureLog = path.join(dir, 'fixture.log');
+    const h = await startHarness(
+      { servers: [fixture('solo', 'ok', { sessions: 'per-session', env: { FIXTURE_PIDFILE: pidFile, FIXTURE_LOG: fixtureLog } })] },
+      { limits: { ...FAST, maxChildrenPerServer: 2, retryAfterS: 6 } },
+    );
+    t.after(() => {
+      for (const line of fileLines(pidFile)) h.groups.add(Number(line));
+      return h.stop();
+    });
+    await h.proxy.ready(10_000);
+    const mcp = `${h.url}/solo/mcp`;
+    const pidOf = async (sid: string, id: number) => Number(textOf(onlyMessage(await post(mcp, call(id, { what: 'pid' }), sessionHeaders(sid))).result));
+    const a = await rawSession(h.url, 'solo');
+    const pidA = await pidOf(a, 1);
+    const b = await rawSession(h.url, 'solo'); // at the limit
+    const pidB = await pidOf(b, 2);
+    assert.equal((await post(mcp, ping(3), sessionHeaders(a))).status, 200); // b is now the least recently active
+    // Both are idle (JSON answers, no stream, nothing in flight): one more ends b instead of a 503.
+    const c = await rawSession(h.url, 'solo');
+    assertRpcError(await post(mcp, ping(4), sessionHeaders(b)), 404, -32001);
+    await waitFor(() => liveGroupMembers(pidB).length === 0, GONE_BOUND_MS, 'the child of the ended session gone');
+    assert.equal(await pidOf(a, 5), pidA, 'a keeps its child');
+    const pidC = await pidOf(c, 6);
+    assert.ok(![pidA, pidB].includes(pidC), 'c got a child of its own');
+    assert.equal(h.proxy.status().solo!.sessions, 2);
+    // Now neither is idle: a has a request in flight at its child, c has an open GET stream.
+    void post(mcp, call(7, { what: 'hang' }), sessionHeaders(a)).catch(() => null);
+    await waitFor(() => fileLines(fixtureLog).some((l) => l.startsWith('hang')), 5_000, "a's request reaches its child");
+    const stream = await openSse(mcp, { 'mcp-session-id': c });
+    try {
+      assert.equal(stream.res.statusCode, 200);
+      const res = await post(mcp, initMsg(), { accept: 'application/json' });
+      assert.equal(res.status, 503, res.text);
+      assert.equal(res.headers['retry-after'], '6');
+      assert.equal(h.proxy.status().solo!.sessions, 2, 'no session was ended');
+      assert.equal(await pidOf(c, 8), pidC);
+    } finally {
+      stream.close();
+    }
   });
 
   it('maxChildQueueBytes: a child that stops reading stdin makes requests fail with -32000 instead of buffering', { timeout: 30_000 }, async (t) => {
