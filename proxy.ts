@@ -1227,6 +1227,7 @@ function endSession(session: Session): void {
   for (const uri of session.subscriptions) releaseSubscription(upstream, uri);
   session.subscriptions.clear();
   abandonRequests(session);
+  // The child is waiting on this session for roots/sampling/elicitation answers that will never come.
   for (const childId of session.serverRequests.values()) {
     upstream.serverRequests.delete(childId);
     writeToChild(upstream, errorText(childId, INTERNAL_ERROR, 'Client session ended'));
@@ -1283,6 +1284,7 @@ function forwardRequest(session: Session, msg: JsonRpcMessage, exchange: Exchang
   const up = session.upstream;
   const id = msg.id as JsonRpcId;
   const reply = (text: string) => answer(session, exchange, text);
+  // ping is about the link to us (spec: answer promptly); the child's liveness is supervision's business.
   if (msg.method === 'ping') return reply(resultText(id, {}));
   if (msg.method === 'initialize') return reply(errorText(id, INVALID_REQUEST, 'Session is already initialized'));
   if (up.state !== 'ready') return reply(errorText(id, SERVER_ERROR, `MCP server is ${up.state}; try again later`));
@@ -1296,8 +1298,12 @@ function forwardRequest(session: Session, msg: JsonRpcMessage, exchange: Exchang
     if (!takeSubscription(session, uri)) return reply(resultText(id, {}));
   }
   if (msg.method === 'resources/unsubscribe' && uri !== undefined && !dropSubscription(session, uri)) return reply(resultText(id, {}));
+  // One counter per child, never reset (it survives restarts), so a child id is never reused while an answer
+  // to it could still arrive. Clients all count from 0 (SDK), so their ids collide; ours cannot.
   const childId = up.nextId++;
   const meta = msg.params?._meta;
+  // The spec requires progress tokens unique across active requests; the child id already is, and reusing it
+  // lets one map (pending) resolve both answers and progress.
   const clientToken = isObject(meta) && (typeof meta.progressToken === 'string' || typeof meta.progressToken === 'number')
     ? meta.progressToken : undefined;
   up.pending.set(childId, {
@@ -1473,9 +1479,11 @@ function routeChildRequest(up: Upstream, msg: JsonRpcMessage): void {
   const session = pickSessionFor(up, msg.method!);
   const target = session && (firstOpen(session.exchanges) ?? session.stream);
   if (!session || !target) {
+    // -32601 is what an SDK client without the capability answers, so servers already handle it.
     writeToChild(up, errorText(msg.id as JsonRpcId, METHOD_NOT_FOUND, `No connected client can take ${msg.method}`));
     return;
   }
+  // The child's own id may collide with ids of other children or of earlier runs; a proxy id cannot.
   const proxyId = `proxy-${up.nextId++}`;
   session.serverRequests.set(proxyId, msg.id as JsonRpcId);
   up.serverRequests.set(msg.id as JsonRpcId, { session, proxyId });
