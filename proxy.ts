@@ -920,24 +920,29 @@ function flushToChild(up: Upstream): void {
   stdin.write(lines.length === 1 ? lines[0] + '\n' : lines.join('\n') + '\n');
 }
 
-/** The proxy's own initialize: declares roots, sampling and elicitation so the child may use them. */
-function sendInitialize(up: Upstream): void {
-  const proxy = up.server.proxy;
+/** A request of the proxy's own (initialize, re-subscribe, unsubscribe): no session waits for its answer. */
+function sendOwnRequest(up: Upstream, method: string, params: Record<string, unknown>, onAnswer: Pending['onAnswer'] = null): void {
   const id = up.nextId++;
   up.pending.set(id, {
-    session: null, clientId: id, clientToken: undefined, exchange: null, method: 'initialize', uri: undefined,
-    sentAtMs: Date.now(), onAnswer: (msg) => onInitializeAnswer(up, msg),
+    session: null, clientId: id, clientToken: undefined, exchange: null, method, uri: undefined, sentAtMs: Date.now(), onAnswer,
   });
-  up.initTimer = setTimeout(onInitializeTimeout, proxy.limits.initTimeoutMs, up);
+  writeToChild(up, JSON.stringify({ jsonrpc: '2.0', id, method, params }));
+}
+
+/** Tells the child to stop working on a request nobody will read the answer of. */
+function cancelOnChild(up: Upstream, childId: number, reason: string): void {
+  writeToChild(up, JSON.stringify({ jsonrpc: '2.0', method: 'notifications/cancelled', params: { requestId: childId, reason } }));
+}
+
+/** The proxy's own initialize: declares roots, sampling and elicitation so the child may use them. */
+function sendInitialize(up: Upstream): void {
+  up.initTimer = setTimeout(onInitializeTimeout, up.server.proxy.limits.initTimeoutMs, up);
   up.initTimer.unref();
-  writeToChild(up, JSON.stringify({
-    jsonrpc: '2.0', id, method: 'initialize',
-    params: {
-      protocolVersion: SUPPORTED_PROTOCOL_VERSIONS[0],
-      capabilities: { roots: { listChanged: true }, sampling: {}, elicitation: {} },
-      clientInfo: { name: PROXY_NAME, version: PROXY_VERSION },
-    },
-  }));
+  sendOwnRequest(up, 'initialize', {
+    protocolVersion: SUPPORTED_PROTOCOL_VERSIONS[0],
+    capabilities: { roots: { listChanged: true }, sampling: {}, elicitation: {} },
+    clientInfo: { name: PROXY_NAME, version: PROXY_VERSION },
+  }, (msg) => onInitializeAnswer(up, msg));
 }
 
 function onInitializeTimeout(up: Upstream): void {
@@ -972,14 +977,7 @@ function onInitializeAnswer(up: Upstream, msg: JsonRpcMessage): void {
 
 /** After a restart the new child knows nothing of our sessions' subscriptions: subscribe again. */
 function resubscribe(up: Upstream): void {
-  for (const uri of up.subscriptions.keys()) {
-    const id = up.nextId++;
-    up.pending.set(id, {
-      session: null, clientId: id, clientToken: undefined, exchange: null, method: 'resources/subscribe', uri: undefined,
-      sentAtMs: Date.now(), onAnswer: null,
-    });
-    writeToChild(up, JSON.stringify({ jsonrpc: '2.0', id, method: 'resources/subscribe', params: { uri } }));
-  }
+  for (const uri of up.subscriptions.keys()) sendOwnRequest(up, 'resources/subscribe', { uri });
 }
 
 function notifySettled(up: Upstream): void {
@@ -1249,7 +1247,7 @@ function abandonRequests(session: Session): void {
   for (const [childId, pending] of up.pending) {
     if (pending.session !== session) continue;
     settlePending(up, childId);
-    writeToChild(up, JSON.stringify({ jsonrpc: '2.0', method: 'notifications/cancelled', params: { requestId: childId, reason: 'session ended' } }));
+    cancelOnChild(up, childId, 'session ended');
     if (pending.exchange) answerExchange(pending.exchange, errorText(pending.clientId, SERVER_ERROR, 'Session ended'));
   }
 }
@@ -1391,14 +1389,7 @@ function releaseSubscription(up: Upstream, uri: string, send = true): boolean {
     return false;
   }
   up.subscriptions.delete(uri);
-  if (send && up.state === 'ready') {
-    const id = up.nextId++;
-    up.pending.set(id, {
-      session: null, clientId: id, clientToken: undefined, exchange: null, method: 'resources/unsubscribe',
-      uri: undefined, sentAtMs: Date.now(), onAnswer: null,
-    });
-    writeToChild(up, JSON.stringify({ jsonrpc: '2.0', id, method: 'resources/unsubscribe', params: { uri } }));
-  }
+  if (send && up.state === 'ready') sendOwnRequest(up, 'resources/unsubscribe', { uri });
   return true;
 }
 
@@ -2177,7 +2168,7 @@ function expireRequests(up: Upstream, now: number): void {
   for (const [childId, pending] of up.pending) {
     if (now - pending.sentAtMs < up.server.proxy.limits.requestTimeoutMs || pending.method === 'initialize') continue;
     settlePending(up, childId);
-    writeToChild(up, JSON.stringify({ jsonrpc: '2.0', method: 'notifications/cancelled', params: { requestId: childId, reason: 'timeout' } }));
+    cancelOnChild(up, childId, 'timeout');
     answerPending(pending, errorText(pending.clientId, REQUEST_TIMEOUT, 'Request timed out'));
   }
 }
