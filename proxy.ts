@@ -314,7 +314,9 @@ type Upstream = {
   exited: Promise<void>;
   /** Last stderr line, masked: quoted when the server is given up. */
   lastStderr: string;
-  /** Lines waiting for this turn's single write to stdin, and their size. */
+  /** Whether a message was written to stdin in this event-loop turn; later ones wait in outQueue. */
+  turnOpen: boolean;
+  /** Lines waiting for the end-of-turn write to stdin, and their size. */
   outQueue: string[];
   outBytes: number;
 };
@@ -796,7 +798,7 @@ function newUpstream(server: ServerRuntime): Upstream {
     initResult: null, protocolVersion: SUPPORTED_PROTOCOL_VERSIONS[0], nextId: 1,
     pending: new Map(), serverRequests: new Map(), sessions: new Set(), subscriptions: new Map(),
     restartTimer: null, initTimer: null, waiters: [], holdsStartSlot: false, exited: Promise.resolve(), lastStderr: '',
-    outQueue: [], outBytes: 0,
+    turnOpen: false, outQueue: [], outBytes: 0,
   };
 }
 
@@ -895,9 +897,10 @@ function childStderrLine(up: Upstream, line: string): void {
 }
 
 /**
- * Queues one message line for the child; the queue is written once per event-loop turn (one syscall for
- * every message that arrived in that turn: a pipe write costs tens of µs here, the copy into the queue
- * almost nothing). False when the child is gone or its queue is full.
+ * Writes one message line to the child. The first message of an event-loop turn goes out at once (the child
+ * starts on it while we answer HTTP); the rest of that turn are queued and written together when the turn
+ * ends (one syscall for all of them: a pipe write costs tens of µs here, the copy into the queue almost
+ * nothing). False when the child is gone or its queue is full.
  */
 function writeToChild(up: Upstream, text: string): boolean {
   const stdin = up.proc?.stdin;
@@ -905,14 +908,20 @@ function writeToChild(up: Upstream, text: string): boolean {
   // Backpressure: Node queues writes after write() returns false; we bound that queue (plus ours) instead of
   // waiting per message, so one slow child refuses new work rather than growing without limit.
   if (stdin.writableLength + up.outBytes > up.server.proxy.limits.maxChildQueueBytes) return false;
+  if (!up.turnOpen) {
+    up.turnOpen = true;
+    setImmediate(flushToChild, up);
+    stdin.write(text + '\n');
+    return true;
+  }
   up.outQueue.push(text);
   up.outBytes += text.length + 1;
-  if (up.outQueue.length === 1) setImmediate(flushToChild, up);
   return true;
 }
 
 function flushToChild(up: Upstream): void {
   const lines = up.outQueue;
+  up.turnOpen = false;
   up.outQueue = [];
   up.outBytes = 0;
   const stdin = up.proc?.stdin;
@@ -2027,11 +2036,12 @@ async function handleSseMessage(server: ServerRuntime, req: http.IncomingMessage
   if (!parsed || session.closed) return void (parsed && reject(res, 404, SESSION_NOT_FOUND, 'Session not found'));
   touchSession(session);
   if (overPendingLimit(session, parsed.kinds.filter((kind) => kind === 'request').length, res)) return;
-  res.writeHead(202, { 'Content-Type': 'text/plain' }).end('Accepted');
+  // Forward first, then answer 202: the child starts working while our 202 is being written.
   parsed.messages.forEach((msg, i) => {
     if (parsed.kinds[i] === 'request' && msg.method === 'initialize') return void initializeSse(session, msg);
     forwardFromClient(session, msg, parsed.kinds[i], null);
   });
+  res.writeHead(202, { 'Content-Type': 'text/plain' }).end('Accepted');
 }
 
 async function initializeSse(session: Session, msg: JsonRpcMessage): Promise<void> {
