@@ -2078,7 +2078,13 @@ describe('7. HTTP: guards, /mcp, /sse, health', () => {
     h.groups.add(Number(pid1));
     h.groups.add(Number(pid2));
     assert.notEqual(pid1, pid2, 'each session has its own child');
-    // Over: SDK clients hold their standalone GET stream open, so neither session is idle and none gives way.
+    // Over: a request in flight on each session keeps both busy (not idle), so none gives way. (Relying on the
+    // SDK's standalone GET stream would race: the SDK opens it without waiting.)
+    const hung = [c1, c2].map((c) => c.callTool({ name: 'do', arguments: { what: 'hang' } }).catch(() => null));
+    for (const c of [c1, c2]) {
+      await waitFor(async () => JSON.parse(textOf(await c.callTool({ name: 'do', arguments: { what: 'seen' } }))).hung.length === 1, 5_000, 'a request hanging on each session');
+    }
+    void hung;
     const res = await post(`${h.url}/solo/mcp`, initMsg(), { accept: 'application/json' });
     assert.equal(res.status, 503, res.text);
     assert.ok(res.headers['retry-after'], 'Retry-After on 503');
