@@ -1254,11 +1254,15 @@ function abandonRequests(session: Session): void {
   const up = session.upstream;
   if (session.inflight === 0) return;
   for (const [childId, pending] of up.pending) {
-    if (pending.session !== session) continue;
-    settlePending(up, childId);
-    cancelOnChild(up, childId, 'session ended');
-    if (pending.exchange) answerExchange(pending.exchange, errorText(pending.clientId, SERVER_ERROR, 'Session ended'));
+    if (pending.session === session) abortPending(up, childId, pending, 'session ended', SERVER_ERROR, 'Session ended');
   }
+}
+
+/** Gives up on a request in flight: the child is told to stop working on it, and whoever waits gets an error. */
+function abortPending(up: Upstream, childId: number, pending: Pending, reason: string, code: number, message: string): void {
+  settlePending(up, childId);
+  cancelOnChild(up, childId, reason);
+  answerPending(pending, errorText(pending.clientId, code, message));
 }
 
 /** Records what the client declared, for routing child→client requests. */
@@ -1295,9 +1299,7 @@ function forwardRequest(session: Session, msg: JsonRpcMessage, exchange: Exchang
   if (msg.method === 'ping') return reply(resultText(id, {}));
   if (msg.method === 'initialize') return reply(errorText(id, INVALID_REQUEST, 'Session is already initialized'));
   if (up.state !== 'ready') return reply(errorText(id, SERVER_ERROR, `MCP server is ${up.state}; try again later`));
-  if (session.inflight >= up.server.proxy.limits.maxPendingPerSession) {
-    return reply(errorText(id, SERVER_ERROR, 'Too many requests in flight for this session'));
-  }
+  // maxPendingPerSession was checked for the whole POST before any of it got here (overPendingLimit).
   const uri = typeof msg.params?.uri === 'string' ? msg.params.uri : undefined;
   if (msg.method === 'resources/subscribe' && uri !== undefined) {
     const refused = subscriptionRefusal(session, uri);
@@ -1456,9 +1458,13 @@ function settlePending(up: Upstream, childId: number): void {
   if (pending.session) pending.session.inflight--;
 }
 
-/** Delivers an answer to where its request came from, unless that session has ended. */
+/**
+ * Delivers an answer to where its request came from: the POST still waiting for it (even if its session has
+ * just ended: the client is still on the line), else the session's stream while the session lives.
+ */
 function answerPending(pending: Pending, text: Outgoing): void {
-  if (pending.session && !pending.session.closed) answer(pending.session, pending.exchange, text);
+  if (pending.exchange) return answerExchange(pending.exchange, text);
+  if (pending.session && !pending.session.closed) answer(pending.session, null, text);
 }
 
 /** Answers every request in flight on a child at once (it exited or was stopped). */
@@ -2177,9 +2183,7 @@ function sweep(proxy: Proxy): void {
 function expireRequests(up: Upstream, now: number): void {
   for (const [childId, pending] of up.pending) {
     if (now - pending.sentAtMs < up.server.proxy.limits.requestTimeoutMs || pending.method === 'initialize') continue;
-    settlePending(up, childId);
-    cancelOnChild(up, childId, 'timeout');
-    answerPending(pending, errorText(pending.clientId, REQUEST_TIMEOUT, 'Request timed out'));
+    abortPending(up, childId, pending, 'timeout', REQUEST_TIMEOUT, 'Request timed out');
   }
 }
 
