@@ -35,6 +35,7 @@
 //   PHASES=cold,load,idle   run a subset of phases (cold start, load matrix, idle sessions)
 //   TIMEOUT_MS=10000 per-request timeout;  MAX_MINUTES=40 watchdog for the whole run
 //   OUT=file.json also write the raw results as JSON
+//   PROXY_JS=path  the proxy build to measure (default dist/proxy.js), for A/B runs of two builds
 //   PROXY_NODE_ARGS="--cpu-prof --cpu-prof-dir=/tmp/prof"   extra node flags for the proxy
 //                 (a profile is written when the proxy exits on the SIGTERM the bench sends)
 //
@@ -55,7 +56,7 @@ import { startProcess, stopProcess, stopAll, killAllSync, snapshotPids, treePids
 
 const HERE = path.dirname(fileURLToPath(import.meta.url));
 const ROOT = path.resolve(HERE, "..");
-const PROXY = path.join(ROOT, "dist", "proxy.js");
+const PROXY = path.resolve(process.env.PROXY_JS || path.join(ROOT, "dist", "proxy.js"));
 const ECHO = path.join(HERE, "echo-server.mjs");
 const HTTP_FLOOR = path.join(HERE, "http-floor.mjs");
 const NODE = process.execPath;
