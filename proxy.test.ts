@@ -316,6 +316,11 @@ function onMessage(msg) {
       process.stdout.write('not json\n{"jsonrpc":"2.0"\n\u0000\u0001\u00ff\n[1,2\n"str"\n{}\n' +
         '{"jsonrpc":"2.0","id":"no-such-id","result":{}}\n{"jsonrpc":"2.0","id":987654321,"result":{}}\n\r\n\n');
       return text(msg.id, 'after garbage');
+    case 'cr':
+      // Valid JSON with a bare CR as whitespace between tokens (a.pad more bytes of text make the line large).
+      process.stdout.write('{"jsonrpc":"2.0","id":' + JSON.stringify(msg.id) + ',\r"result":{"content":[{"type":"text",\r"text":"cr ok' +
+        'z'.repeat(a.pad || 0) + '"}]}\r}\n');
+      return;
     case 'stderr': process.stderr.write('e'.repeat(a.bytes) + '\n'); return text(msg.id, 'after stderr');
     case 'stderr-var':
       // One stderr line: a.pad x's, the value of environment variable a.name, a.tail y's.
@@ -1027,6 +1032,22 @@ describe('5. Children: spawn, framing, restart, kill', () => {
     assert.equal(textOf(again), 'still here');
     assert.equal(h.proxy.status().fix!.pid, pid, 'garbage does not restart the child');
     assert.equal(h.proxy.status().fix!.restarts, 0);
+  });
+
+  it('a bare CR in a child\'s JSON (whitespace to JSON, a line end to SSE) does not cut an SSE event short', { timeout: 30_000 }, async (t) => {
+    const h = await harness(t, { servers: [fixture('fix')] }, { limits: FAST });
+    await h.proxy.ready(10_000);
+    const sse = await h.client('fix', 'sse');
+    // 0: spliced as text; 20,000: over RAW_PASSTHROUGH_MIN_BYTES, spliced as the child's own bytes.
+    for (const pad of [0, 20_000]) {
+      const r = await within(sse.callTool({ name: 'do', arguments: { what: 'cr', pad } }), 10_000, `cr call, pad ${pad}`);
+      assert.equal(textOf(r), 'cr ok' + 'z'.repeat(pad));
+    }
+    // Streamable HTTP streams the answer as an event too when the client asks for progress.
+    const mcp = await h.client('fix', 'mcp');
+    const r = await mcp.callTool({ name: 'do', arguments: { what: 'cr', pad: 20_000 } }, undefined, { onprogress: () => {} });
+    assert.equal(textOf(r), 'cr ok' + 'z'.repeat(20_000));
+    assert.equal(textOf(await sse.callTool({ name: 'do', arguments: { what: 'echo', text: 'after' } })), 'after');
   });
 
   it('a child line of maxLineBytes is delivered; one byte over is dropped and the child keeps working', { timeout: 30_000 }, async (t) => {

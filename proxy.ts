@@ -1639,13 +1639,31 @@ function writeEvent(stream: SseStream, text: Outgoing): void {
     res.destroy();
     return;
   }
-  if (typeof text === 'string') return void res.write(`${EVENT_HEAD}${text}${EVENT_TAIL}`);
+  if (typeof text === 'string') return void res.write(`${EVENT_HEAD}${withoutCr(text)}${EVENT_TAIL}`);
+  const pieces = text.some((piece) => piece.includes(CARRIAGE_RETURN)) ? [withoutCrBytes(text)] : text;
   // Corked, the pieces leave in one writev.
   res.cork();
   res.write(EVENT_HEAD);
-  for (const piece of text) res.write(piece);
+  for (const piece of pieces) res.write(piece);
   res.write(EVENT_TAIL);
   res.uncork();
+}
+
+/**
+ * A bare CR ends a line in SSE (WHATWG HTML §9.2.6), so one inside `data:` would cut the event short. In
+ * valid JSON a raw CR can only be whitespace between tokens (strings must escape it), and everything written
+ * here is valid JSON (ours, or a child's line that parsed), so dropping it changes no value.
+ */
+function withoutCr(text: string): string {
+  return text.includes('\r') ? text.replace(/\r/g, '') : text;
+}
+
+/** The same for a child's spliced bytes: 0x0D never occurs inside a multi-byte UTF-8 sequence. */
+function withoutCrBytes(pieces: readonly Buffer[]): Buffer {
+  const joined = Buffer.concat(pieces);
+  let kept = 0;
+  for (const byte of joined) if (byte !== CARRIAGE_RETURN) joined[kept++] = byte;
+  return joined.subarray(0, kept);
 }
 
 // Streamable HTTP exchanges ───────
