@@ -314,9 +314,7 @@ type Upstream = {
   exited: Promise<void>;
   /** Last stderr line, masked: quoted when the server is given up. */
   lastStderr: string;
-  /** Whether an end-of-turn write to stdin is scheduled (the turn's first message may have gone out at once). */
-  turnOpen: boolean;
-  /** Lines waiting for the end-of-turn write to stdin, and their size. */
+  /** Lines waiting for the end-of-turn write to stdin (non-empty: the write is scheduled), and their size. */
   outQueue: string[];
   outBytes: number;
 };
@@ -798,7 +796,7 @@ function newUpstream(server: ServerRuntime): Upstream {
     initResult: null, protocolVersion: SUPPORTED_PROTOCOL_VERSIONS[0], nextId: 1,
     pending: new Map(), serverRequests: new Map(), sessions: new Set(), subscriptions: new Map(),
     restartTimer: null, initTimer: null, waiters: [], holdsStartSlot: false, exited: Promise.resolve(), lastStderr: '',
-    turnOpen: false, outQueue: [], outBytes: 0,
+    outQueue: [], outBytes: 0,
   };
 }
 
@@ -897,11 +895,11 @@ function childStderrLine(up: Upstream, line: string): void {
 }
 
 /**
- * Writes one message line to the child. To an idle child (nothing else in flight), the first message of an
- * event-loop turn goes out at once: the child starts on it while we answer HTTP. Everything else waits in a
- * queue written in one piece when the turn ends: a pipe write costs tens of µs here and wakes the child, so
- * under load one write per turn saves both processes a syscall and a wake-up per message (measured in
- * bench/). False when the child is gone or its queue is full.
+ * Writes one message line to the child. To an idle child (nothing else in flight, nothing queued) it goes out
+ * at once: the child starts on it while we answer HTTP. Otherwise it joins a queue written in one piece when
+ * the event-loop turn ends: a pipe write costs tens of µs here and wakes the child, so under load one write
+ * per turn saves both processes a syscall and a wake-up per message (measured in bench/). Messages are
+ * written in the order they came. False when the child is gone or its queue is full.
  */
 function writeToChild(up: Upstream, text: string): boolean {
   const stdin = up.proc?.stdin;
@@ -909,14 +907,10 @@ function writeToChild(up: Upstream, text: string): boolean {
   // Backpressure: Node queues writes after write() returns false; we bound that queue (plus ours) instead of
   // waiting per message, so one slow child refuses new work rather than growing without limit.
   if (stdin.writableLength + up.outBytes > up.server.proxy.limits.maxChildQueueBytes) return false;
-  if (!up.turnOpen) {
-    up.turnOpen = true;
-    setImmediate(flushToChild, up);
+  if (up.outQueue.length === 0) {
     // The request being written is already in `pending`: more than it means the child is busy.
-    if (up.pending.size <= 1) {
-      stdin.write(text + '\n');
-      return true;
-    }
+    if (up.pending.size <= 1) return stdin.write(text + '\n'), true;
+    setImmediate(flushToChild, up);
   }
   up.outQueue.push(text);
   up.outBytes += text.length + 1;
@@ -925,7 +919,6 @@ function writeToChild(up: Upstream, text: string): boolean {
 
 function flushToChild(up: Upstream): void {
   const lines = up.outQueue;
-  up.turnOpen = false;
   up.outQueue = [];
   up.outBytes = 0;
   const stdin = up.proc?.stdin;
