@@ -6,6 +6,14 @@
 // a proxy is one of each.
 //
 //   node bench/http-floor.mjs --port N          (binds 127.0.0.1 only)
+//   node bench/http-floor.mjs --port N --relay bench/echo-server.mjs
+//
+// With --relay it is the leanest two-hop relay instead: every request other
+// than initialize goes to one echo child over its pipe, its id swapped for a
+// counter, one pipe write per message, no batching, no checks, no limits; the
+// child's answer is routed by an id read off the line's prefix (no JSON.parse)
+// and sent back with the client's id spliced in. One HTTP hop plus one pipe hop
+// and nothing else: what a proxy costs here before any proxy logic.
 //
 //   GET  /readyz                     200
 //   POST /echo/mcp                   Streamable HTTP: initialize -> JSON + Mcp-Session-Id;
@@ -19,6 +27,7 @@
 // to `size` bytes). Deliberately lean: parse each body once, stringify each
 // answer once, write it with one call. No dependencies.
 import http from "node:http";
+import { spawn } from "node:child_process";
 import { randomBytes } from "node:crypto";
 
 const argv = process.argv.slice(2);
@@ -28,6 +37,8 @@ if (!(port > 0 && port < 65536)) {
   process.exit(2);
 }
 
+const relayAt = argv.indexOf("--relay");
+const RELAY_CHILD = relayAt === -1 ? null : argv[relayAt + 1];
 const SERVER_INFO = { name: "bench-http-floor", version: "1.0.0" };
 const MAX_BODY = 4 * 1024 * 1024;
 const MAX_SESSIONS = 50_000;
@@ -63,6 +74,51 @@ function answer(msg) {
   }
   return { jsonrpc: "2.0", id, error: { code: -32601, message: "Method not found" } };
 }
+
+// ------------------------------------------------------------ --relay mode
+const waiting = new Map(); // child id -> (line with the client's id spliced in) => void
+let nextChildId = 1;
+let relayReady = RELAY_CHILD === null;
+let child = null;
+const ANSWER_PREFIX = /^\{"jsonrpc":"2\.0","id":(\d+),/;
+
+if (RELAY_CHILD !== null) {
+  child = spawn(process.execPath, [RELAY_CHILD], { stdio: ["pipe", "pipe", "inherit"] });
+  child.on("exit", () => process.exit(1));
+  child.stdout.setEncoding("utf8");
+  let partial = "";
+  child.stdout.on("data", (text) => {
+    let start = 0;
+    for (let nl = text.indexOf("\n"); nl !== -1; nl = text.indexOf("\n", start)) {
+      const line = partial + text.slice(start, nl);
+      partial = "";
+      start = nl + 1;
+      const m = ANSWER_PREFIX.exec(line);
+      const done = m && waiting.get(Number(m[1]));
+      if (!done) continue;
+      waiting.delete(Number(m[1]));
+      done(line.slice(m[0].length));
+    }
+    partial += text.slice(start);
+  });
+  waiting.set(0, () => {
+    child.stdin.write('{"jsonrpc":"2.0","method":"notifications/initialized"}\n');
+    relayReady = true;
+  });
+  child.stdin.write(JSON.stringify({ jsonrpc: "2.0", id: 0, method: "initialize", params: { protocolVersion: "2025-06-18", capabilities: {}, clientInfo: { name: "relay", version: "1.0.0" } } }) + "\n");
+}
+
+/** Sends a request to the child; `done` gets its answer as JSON text carrying the client's id. */
+function relay(msg, done) {
+  const clientId = JSON.stringify(msg.id);
+  const id = nextChildId++;
+  waiting.set(id, (rest) => done(`{"jsonrpc":"2.0","id":${clientId},${rest}`));
+  msg.id = id;
+  child.stdin.write(JSON.stringify(msg) + "\n");
+}
+
+/** Whether a message goes to the child in --relay mode (requests other than initialize and ping). */
+const relayed = (msg) => child !== null && msg?.id != null && typeof msg.method === "string" && msg.method !== "initialize" && msg.method !== "ping";
 
 function readBody(req, res, cb) {
   const chunks = [];
@@ -107,6 +163,9 @@ function streamable(req, res) {
       }
       if (sid === undefined) return res.writeHead(400).end();
       if (!streamSessions.has(sid)) return res.writeHead(404).end();
+      if (relayed(msg)) {
+        return relay(msg, (body) => res.writeHead(200, { "Content-Type": "application/json", "Content-Length": Buffer.byteLength(body) }).end(body));
+      }
       const out = answer(msg);
       if (out === null) return res.writeHead(202).end();
       const body = JSON.stringify(out);
@@ -150,6 +209,10 @@ function ssePost(req, res, query) {
     return res.writeHead(404).end();
   }
   readBody(req, res, (msg) => {
+    if (relayed(msg)) {
+      relay(msg, (body) => stream.write(`event: message\ndata: ${body}\n\n`));
+      return res.writeHead(202).end("Accepted");
+    }
     res.writeHead(202).end("Accepted");
     const out = answer(msg);
     if (out !== null) stream.write(`event: message\ndata: ${JSON.stringify(out)}\n\n`);
@@ -163,7 +226,7 @@ const server = http.createServer((req, res) => {
   if (path === "/echo/mcp") return streamable(req, res);
   if (path === "/echo/messages" && req.method === "POST") return ssePost(req, res, q === -1 ? "" : url.slice(q + 1));
   if (path === "/echo/sse" && req.method === "GET") return sseOpen(req, res);
-  if (path === "/readyz" || path === "/healthz") return res.writeHead(200).end("ok");
+  if (path === "/readyz" || path === "/healthz") return res.writeHead(relayReady ? 200 : 503).end();
   res.writeHead(404).end();
 });
 server.listen(port, "127.0.0.1");

@@ -31,7 +31,7 @@
 //                 (default: initialize only, like Claude.ai, which holds no stream)
 //   COLD_TRIALS=3 cold-start trials (median printed; QUICK: 1)
 //   ROUNDS=10     leak-check rounds;  LEAK_C = concurrency in leak rounds (default max CONCS)
-//   ONLY=direct,http-sse,http-stream,ours-sse,ours-stream   run a subset of targets
+//   ONLY=direct,http-sse,http-stream,relay-sse,relay-stream,ours-sse,ours-stream   run a subset of targets
 //   PHASES=cold,load,idle   run a subset of phases (cold start, load matrix, idle sessions)
 //   TIMEOUT_MS=10000 per-request timeout;  MAX_MINUTES=40 watchdog for the whole run
 //   OUT=file.json also write the raw results as JSON
@@ -113,11 +113,13 @@ const TARGETS = [
   { key: "direct", label: "direct stdio", kind: "direct", transport: "direct" },
   { key: "http-sse", label: "HTTP floor SSE", kind: "http", transport: "sse", path: "/echo/sse" },
   { key: "http-stream", label: "HTTP floor Streamable", kind: "http", transport: "streamable", path: "/echo/mcp" },
+  { key: "relay-sse", label: "two-hop relay SSE", kind: "relay", transport: "sse", path: "/echo/sse" },
+  { key: "relay-stream", label: "two-hop relay Streamable", kind: "relay", transport: "streamable", path: "/echo/mcp" },
   { key: "ours-sse", label: "ours SSE", kind: "ours", transport: "sse", path: "/echo/sse" },
   { key: "ours-stream", label: "ours Streamable", kind: "ours", transport: "streamable", path: "/echo/mcp" },
 ].filter((t) => !ONLY || ONLY.includes(t.key));
 if (!TARGETS.length) {
-  console.error("bench: ONLY selects no target (names: direct, http-sse, http-stream, ours-sse, ours-stream)");
+  console.error("bench: ONLY selects no target (names: direct, http-sse, http-stream, relay-sse, relay-stream, ours-sse, ours-stream)");
   process.exit(2);
 }
 
@@ -190,6 +192,7 @@ async function waitReady(cp, port) {
 function spawnServerProcess(kind, port) {
   if (kind === "ours") return startProcess("proxy", NODE, [...PROXY_NODE_ARGS, PROXY, "--config", CONFIG, "--host", "127.0.0.1", "--port", String(port), "--log-level", "warn"]);
   if (kind === "http") return startProcess("http-floor", NODE, [HTTP_FLOOR, "--port", String(port)]);
+  if (kind === "relay") return startProcess("relay", NODE, [HTTP_FLOOR, "--port", String(port), "--relay", ECHO]);
   throw new Error(kind);
 }
 
@@ -485,6 +488,7 @@ async function phaseColdStart(t, R) {
 
 /** RSS at idle, with 32 idle sessions and with N idle sessions; probe latency at 32 and N. */
 async function phaseIdle(t, R) {
+  if (t.kind === "relay") return; // the HTTP floor's sessions plus one child: nothing the floor does not show
   const holdsSocket = t.transport === "sse" || (t.transport === "streamable" && IDLE_GET);
   // Each held session is one socket in this process and one in the server: stay under RLIMIT_NOFILE.
   const cap = holdsSocket ? Math.min(SESSIONS, fdLimit() - 300) : SESSIONS;
@@ -582,11 +586,14 @@ function mainTable(res) {
   const cols = [
     ["direct", null],
     ["http-sse", null],
-    ["ours-sse", ["http-sse", "direct"]],
+    ["relay-sse", null],
+    ["ours-sse", ["http-sse", "direct", "relay-sse"]],
     ["http-stream", null],
-    ["ours-stream", ["http-stream", "direct"]],
+    ["relay-stream", null],
+    ["ours-stream", ["http-stream", "direct", "relay-stream"]],
   ];
-  const head = ["metric", "direct stdio", "HTTP floor SSE", "ours SSE", "÷ HTTP floor", "÷ direct", "HTTP floor Streamable", "ours Streamable", "÷ HTTP floor", "÷ direct"];
+  const head = ["metric", "direct stdio", "HTTP floor SSE", "relay SSE", "ours SSE", "÷ HTTP floor", "÷ direct", "÷ relay",
+    "HTTP floor Streamable", "relay Streamable", "ours Streamable", "÷ HTTP floor", "÷ direct", "÷ relay"];
   const out = [`| ${head.join(" | ")} |`, `|${head.map((_, i) => (i ? "---:" : "---")).join("|")}|`];
   // row(label, f(result) -> number | string, digits, withRatios)
   const row = (label, f, digits = 0, withRatios = true) => {
@@ -646,6 +653,12 @@ function targetsTable(res) {
   }
   line(`req/s C=${Cmax} ${PAYLOAD_LABEL(small)} ÷ HTTP floor, ≥ 0.8`, (tr) => ratio(v(`ours-${tr}`, (r) => c(Cmax, small)(r)?.rps), v(`http-${tr}`, (r) => c(Cmax, small)(r)?.rps)));
   line(`req/s C=${Cmax} ${PAYLOAD_LABEL(big)} ÷ direct, ≥ 0.8`, (tr) => ratio(v(`ours-${tr}`, (r) => c(Cmax, big)(r)?.rps), v("direct", (r) => c(Cmax, big)(r)?.rps)));
+  // Not targets of the issue: how far ours is from the leanest two-hop relay (bench/http-floor.mjs --relay).
+  if (CONCS.includes(1)) line(`p50 C=1 ${PAYLOAD_LABEL(small)} ÷ two-hop relay (no target)`, (tr) => ratio(v(`ours-${tr}`, (r) => c(1, small)(r)?.p50), v(`relay-${tr}`, (r) => c(1, small)(r)?.p50)));
+  for (const p of new Set([small, big])) {
+    line(`req/s C=${Cmax} ${PAYLOAD_LABEL(p)} ÷ two-hop relay (no target)`, (tr) => ratio(v(`ours-${tr}`, (r) => c(Cmax, p)(r)?.rps), v(`relay-${tr}`, (r) => c(Cmax, p)(r)?.rps)));
+    line(`CPU per request C=${Cmax} ${PAYLOAD_LABEL(p)} ÷ two-hop relay (no target)`, (tr) => ratio(v(`ours-${tr}`, (r) => c(Cmax, p)(r)?.cpuUsPerReq), v(`relay-${tr}`, (r) => c(Cmax, p)(r)?.cpuUsPerReq)));
+  }
   line("RSS per idle session, ≤ 6 KB", (tr) => fmt(v(`ours-${tr}`, (r) => r.kbPerSession), 1));
   line("proxy process RSS at idle, ≤ 50 MB", (tr) => fmt(v(`ours-${tr}`, (r) => r.rssOwnIdleMb), 1));
   line("probe p50 with N ÷ with 32 idle sessions (flat ≈ 1)", (tr) => ratio(v(`ours-${tr}`, (r) => r.probeNUs), v(`ours-${tr}`, (r) => r.probe32Us)));
@@ -714,7 +727,7 @@ async function main() {
       targetsTable(res),
       "",
       "Ratios are ours ÷ floor (for req/s higher is better, for everything else lower). \"tree\" = the server process and its descendants " +
-        "(ours: proxy + echo child; HTTP floor: its one process; direct: the echo child). CPU = utime+stime of the tree over the measured window ÷ correct responses. " +
+        "(ours and the relay: server + echo child; HTTP floor: its one process; direct: the echo child). The two-hop relay is bench/http-floor.mjs --relay: the HTTP floor with the echo child behind one pipe (ids swapped, one write per message, no checks). CPU = utime+stime of the tree over the measured window ÷ correct responses. " +
         `Idle sessions: SSE = an open stream + initialize; Streamable = initialize only${IDLE_GET ? " + a GET stream" : ""}. Probe = 20 sequential 100 B calls spread over the open sessions.`,
       notes.length ? `\nNotes:\n${notes.join("\n")}` : "",
       `\n(${((performance.now() - t0) / 1000).toFixed(0)} s)`,
