@@ -294,7 +294,11 @@ function onMessage(msg) {
     if (mode === 'stall') { stalled = true; process.stdin.pause(); setInterval(() => {}, 1 << 30); }
     return;
   }
-  if (msg.method === 'notifications/cancelled') { seen.cancelled.push(msg.params.requestId); return; }
+  if (msg.method === 'notifications/cancelled') {
+    seen.cancelled.push(msg.params.requestId);
+    if (process.env.FIXTURE_LOG) fs.appendFileSync(process.env.FIXTURE_LOG, 'cancelled ' + JSON.stringify(msg.params.requestId) + '\n');
+    return;
+  }
   if (msg.id === undefined || msg.method === undefined) return;
   if (msg.method === 'ping') return reply(msg.id, {});
   if (msg.method === 'resources/subscribe' || msg.method === 'resources/unsubscribe') return reply(msg.id, {});
@@ -2078,6 +2082,28 @@ describe('7. HTTP: guards, /mcp, /sse, health', () => {
     assert.equal(h.proxy.status().fix!.sessions, 1);
     await waitFor(() => h.proxy.status().fix!.sessions === 0, 5_000, 'idle session to be swept');
     assertRpcError(await post(`${h.url}/fix/mcp`, ping(1), sessionHeaders(sid)), 404, -32001);
+  });
+
+  it('per-session mode: ending a session with several requests in flight cancels every one on its child before stdin closes', { timeout: 30_000 }, async (t) => {
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'rmp-cancel-'));
+    t.after(() => fs.rmSync(dir, { recursive: true, force: true }));
+    const fixtureLog = path.join(dir, 'fixture.log');
+    const h = await harness(t, { servers: [fixture('solo', 'ok', { sessions: 'per-session', env: { FIXTURE_LOG: fixtureLog } })] }, { limits: FAST });
+    const mcp = `${h.url}/solo/mcp`;
+    const sid = await rawSession(h.url, 'solo');
+    // Three at once: with more than one in flight, messages to the child are queued for the end of the turn.
+    const waiting = [1, 2, 3].map((n) => post(mcp, call(`hang-${n}`, { what: 'hang' }), sessionHeaders(sid)));
+    const hung = await waitFor(() => {
+      const ids = fileLines(fixtureLog).filter((l) => l.startsWith('hang ')).map((l) => l.slice(5));
+      return ids.length === 3 ? ids : null;
+    }, 10_000, 'the child to receive three hanging requests');
+    const del = await request(mcp, { method: 'DELETE', headers: { 'mcp-session-id': sid } });
+    assert.equal(del.status, 200, del.text);
+    for (const res of await Promise.all(waiting)) assert.equal(onlyMessage(res).error?.code, -32000, res.text);
+    await waitFor(() => {
+      const cancelled = fileLines(fixtureLog).filter((l) => l.startsWith('cancelled ')).map((l) => l.slice(10));
+      return hung.every((id) => cancelled.includes(id)) || null;
+    }, 10_000, 'the child to see notifications/cancelled for all three before it exits');
   });
 
   it('per-session mode: one child per session up to maxChildrenPerServer, one over → 503', { timeout: 30_000 }, async (t) => {

@@ -1070,6 +1070,8 @@ async function stopUpstream(up: Upstream): Promise<void> {
   const proc = up.proc;
   const grace = proxy.limits.killGraceMs;
   if (proc?.pid) {
+    // What the turn queued (cancellations and refusals from endSession) goes out before end of input.
+    flushToChild(up);
     proc.stdin?.end();
     if (!(await exitsWithin(up.exited, grace))) {
       signalGroup(proc, 'SIGTERM');
