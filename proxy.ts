@@ -30,10 +30,10 @@
 
 import { spawn, type ChildProcess } from 'node:child_process';
 import { createHash, randomBytes, timingSafeEqual } from 'node:crypto';
-import { readFileSync, realpathSync } from 'node:fs';
+import { closeSync, openSync, readSync, realpathSync, statSync } from 'node:fs';
 import http from 'node:http';
-import { isIP } from 'node:net';
-import { basename, join, resolve as resolvePath, sep } from 'node:path';
+import { isIP, type Socket } from 'node:net';
+import { basename, isAbsolute, join, resolve as resolvePath, sep } from 'node:path';
 import { pathToFileURL } from 'node:url';
 
 // ── 1. Limits and defaults ──────────────────────────────────────────────────────────────────────────────
@@ -48,7 +48,7 @@ export type Limits = {
   maxLineBytes: number;
   /** A child's stderr line is cut to this before it reaches our log. */
   maxStderrLineBytes: number;
-  /** Sessions per server. Claude.ai opens a new session for nearly every exchange (mcp-protocol.md C15). */
+  /** Sessions per server. Claude.ai opens a new session for nearly every exchange (github.com/anthropics/claude-ai-mcp/issues/583). */
   maxSessionsPerServer: number;
   /** Requests in flight per session; one runaway client cannot fill the child's id space. */
   maxPendingPerSession: number;
@@ -58,12 +58,28 @@ export type Limits = {
   maxSubscriptionsPerSession: number;
   /** Length of a subscribed URI, in characters. */
   maxSubscriptionUriChars: number;
-  /** Bytes queued on one SSE stream before it is judged a slow client and closed. */
-  maxSseQueueBytes: number;
+  /**
+   * Bytes one connection may hold queued and unread (an SSE stream, or JSON answers to a client that does not
+   * read them): the next write to a connection past this closes it. Checked before a write, so one message
+   * larger than this still reaches a client that reads.
+   */
+  maxQueuedBytesPerConnection: number;
+  /** Bytes queued unread across every connection; past it the connections holding the most are closed. */
+  maxQueuedBytesTotal: number;
+  /** Request-body bytes being read or parsed at once across the proxy (JSON.parse blocks the event loop). */
+  maxBodyBytesInFlight: number;
+  /** Nesting of arrays and objects in one message; deeper would overflow the stack in JSON.stringify. */
+  maxJsonDepth: number;
+  /** Open client connections; each holds a file descriptor, and children need some to be restarted. */
+  maxConnections: number;
   /** Bytes queued on one child's stdin before new requests are refused (backpressure toward the child). */
   maxChildQueueBytes: number;
   /** Children of one server in "per-session" mode. */
   maxChildrenPerServer: number;
+  /** …of which one credential (a token; everyone, without auth) may hold this many. */
+  maxChildrenPerCredential: number;
+  /** Child→client requests (sampling, elicitation) one child may have waiting for a client's answer. */
+  maxServerRequestsPerChild: number;
   /** A Streamable HTTP session with no request and no open stream for this long expires (then 404). */
   sessionIdleMs: number;
   /** Period of the single sweep that expires idle sessions and overdue requests (no per-session timers). */
@@ -94,8 +110,10 @@ export type Limits = {
   httpRequestTimeoutMs: number;
   /** Node's own: idle keep-alive socket lifetime. */
   keepAliveTimeoutMs: number;
-  /** Node's own: request headers counted. */
+  /** Node's own: request headers counted. Node drops the rest silently, so a request reaching it gets 431. */
   maxHeadersCount: number;
+  /** Node's own: how often it enforces the two timeouts above (its default, 30 s, made them 30 s late). */
+  connectionsCheckIntervalMs: number;
   /** Shutdown never takes longer than this, whatever the children do. */
   shutdownTimeoutMs: number;
 };
@@ -109,9 +127,15 @@ export const DEFAULT_LIMITS: Readonly<Limits> = Object.freeze({
   maxBatchSize: 100,
   maxSubscriptionsPerSession: 256,
   maxSubscriptionUriChars: 2048,
-  maxSseQueueBytes: 4 * MIB,
+  maxQueuedBytesPerConnection: 4 * MIB,
+  maxQueuedBytesTotal: 64 * MIB,
+  maxBodyBytesInFlight: 16 * MIB,
+  maxJsonDepth: 128,
+  maxConnections: 16_384,
   maxChildQueueBytes: 16 * MIB,
   maxChildrenPerServer: 16,
+  maxChildrenPerCredential: 8,
+  maxServerRequestsPerChild: 64,
   sessionIdleMs: 30 * 60_000,
   sweepIntervalMs: 10_000,
   sseKeepaliveMs: 15_000,
@@ -128,6 +152,7 @@ export const DEFAULT_LIMITS: Readonly<Limits> = Object.freeze({
   httpRequestTimeoutMs: 60_000,
   keepAliveTimeoutMs: 5_000,
   maxHeadersCount: 100,
+  connectionsCheckIntervalMs: 1_000,
   shutdownTimeoutMs: 10_000,
 });
 
@@ -146,22 +171,37 @@ const CORS_MAX_AGE_S = 600;
 const RAW_PASSTHROUGH_MIN_BYTES = 16 * 1024;
 /** Step of the few bounded polls (a process group emptying has no event). */
 const POLL_STEP_MS = 20;
-/** Entropy of session ids: 32 random bytes, base64url (visible ASCII, spec H8). */
+/** Entropy of session ids: 32 random bytes, base64url (visible ASCII, spec basic/transports §Session Management). */
 const SESSION_ID_BYTES = 32;
+/** File descriptors kept free below the process limit when capping connections: children's pipes need them. */
+const FD_RESERVE = 512;
+/** Files read whole: the config, a token file, a ${file:} secret. /dev/zero must not hang start-up. */
+const MAX_CONFIG_FILE_BYTES = MIB;
+const MAX_SECRET_FILE_BYTES = 64 * 1024;
+/** A per-server maxLineBytes may not exceed this. */
+const MAX_LINE_BYTES_CEILING = 1024 * MIB;
+/** Static bearer tokens shorter than this are refused: "a" or "" is not a credential. */
+const MIN_TOKEN_CHARS = 16;
+/** Secrets shorter than this are masked only where they stand alone, or a "1" would mask every digit. */
+const MIN_SECRET_CHARS_ANYWHERE = 4;
+/** A child that closed stdout has this long to exit on its own before it is treated as hung and stopped. */
+const STDOUT_EOF_GRACE_MS = 200;
+/** Longest key or id value remembered while scanning an oversized line for its top-level id. */
+const ID_SCAN_MAX_CHARS = 256;
 
-/** Newest first. The child is initialized with the first; sessions may negotiate any of them (V1). */
+/** Newest first. The child is initialized with the first; sessions may negotiate any of them (spec basic/lifecycle §Version Negotiation). */
 export const SUPPORTED_PROTOCOL_VERSIONS: readonly string[] = Object.freeze([
   '2025-11-25',
   '2025-06-18',
   '2025-03-26',
   '2024-11-05',
 ]);
-/** Assumed when a request carries no MCP-Protocol-Version and no session says otherwise (spec V2). */
+/** Assumed when a request carries no MCP-Protocol-Version and no session says otherwise (spec 2025-11-25 basic/transports §Protocol Version Header). */
 const DEFAULT_NEGOTIATED_VERSION = '2025-03-26';
 /** Only these protocol versions may send JSON-RPC batches (removed in 2025-06-18). */
 const BATCH_VERSION = '2025-03-26';
 
-/** Origins Claude.ai's requests carry (mcp-protocol.md §9 row 6). */
+/** Origins Claude.ai's requests carry (e.g. koala73/worldmonitor PR #2416; claude.com is its newer domain). */
 const DEFAULT_ALLOWED_ORIGINS: readonly string[] = ['https://claude.ai', 'https://claude.com'];
 const LOOPBACK_HOSTNAMES: ReadonlySet<string> = new Set(['localhost', '127.0.0.1', '[::1]', '::1']);
 
@@ -176,14 +216,23 @@ const INHERITED_ENV_VARS: readonly string[] = [
   'NPM_CONFIG_REGISTRY', 'NPM_CONFIG_CAFILE', 'NPM_CONFIG_CACHE', 'UV_CACHE_DIR', 'PIP_INDEX_URL', 'PIP_CERT',
 ];
 
-// JSON-RPC error codes (JSON-RPC 2.0 §5.1; -32000/-32001 as the SDK uses them).
+// JSON-RPC error codes (JSON-RPC 2.0 §5.1). -32000…-32099 are ours to define: each failure has its own, so a
+// client can tell a timeout from a cancellation from a session that ended. -32001 for an unknown session is
+// what the SDK's servers send; -32002 is MCP's "resource not found"; -32800 is LSP's RequestCancelled.
 const PARSE_ERROR = -32700;
 const INVALID_REQUEST = -32600;
 const METHOD_NOT_FOUND = -32601;
 const INTERNAL_ERROR = -32603;
+/** Generic: a server unavailable, a request refused by a limit. */
 const SERVER_ERROR = -32000;
 const SESSION_NOT_FOUND = -32001;
-const REQUEST_TIMEOUT = -32001;
+const REQUEST_TIMEOUT = -32003;
+const SESSION_ENDED = -32004;
+/** The child exited or was stopped with the request in flight. */
+const SERVER_EXITED = -32005;
+/** The child's answer was over maxLineBytes and was dropped. */
+const MESSAGE_TOO_LARGE = -32006;
+const REQUEST_CANCELLED = -32800;
 
 // ── 2. Types ────────────────────────────────────────────────────────────────────────────────────────────
 
@@ -212,9 +261,27 @@ export type ServerConfig = Readonly<{
   cwd?: string;
   /** 'shared' (default): one child for all sessions. 'per-session': a child for each session. */
   sessions: 'shared' | 'per-session';
-  /** Values that came from `${…}` expansion; masked wherever child output is logged. */
+  /**
+   * Directories the child may treat as its roots (absolute paths on the proxy's host). The proxy answers the
+   * child's roots/list from these; clients' roots are paths on their own machines and never reach a child.
+   * Undefined: the child is not told the client has roots.
+   */
+  roots?: readonly string[];
+  /**
+   * Client capabilities a shared child is initialized with: its sampling or elicitation requests can only be
+   * routed when exactly one request is in flight, so they are opt-in. Per-session children get their own
+   * session's. Undefined or empty: none.
+   */
+  clientCapabilities?: readonly ClientCapability[];
+  /** Overrides limits.maxLineBytes for this server's stdout (a file server may answer with whole files). */
+  maxLineBytes?: number;
+  /** Values that came from the environment or a file through `${…}`; masked in every log line. */
   secrets: readonly string[];
 }>;
+
+/** Capabilities a child may be initialized with on the client's behalf; roots come from the config only. */
+type ClientCapability = 'sampling' | 'elicitation';
+const CLIENT_CAPABILITIES: readonly ClientCapability[] = ['sampling', 'elicitation'];
 
 /** The whole loaded config: immutable, so a reload can diff two of them by server name. */
 export type Config = Readonly<{ servers: readonly ServerConfig[] }>;
@@ -266,6 +333,19 @@ type Proxy = {
   starting: number;
   tokens: readonly Buffer[];
   loopbackBind: boolean;
+  /** Hostnames a Host header may name on a loopback bind: the loopback names and the bound address. */
+  allowedHosts: ReadonlySet<string>;
+  /** Open client sockets (limits.maxConnections), and those with bytes queued unread (maxQueuedBytesTotal). */
+  connections: Set<Socket>;
+  backlogged: Set<Socket>;
+  maxConnections: number;
+  /** Request-body bytes being read or parsed now (limits.maxBodyBytesInFlight). */
+  bodyBytesInFlight: number;
+  /**
+   * Every child process group not yet known to be empty: null while its leader runs, then the reaping in
+   * progress. Shutdown and the crash handler kill what is here.
+   */
+  groups: Map<number, Promise<void> | null>;
   closed: Promise<void> | null;
 };
 
@@ -308,6 +388,8 @@ type Upstream = {
   initTimer: NodeJS.Timeout | null;
   /** Woken when the child becomes ready, errored or stopped. */
   waiters: (() => void)[];
+  /** Per-session children: the session whose initialize decides the child's capabilities; null until then. */
+  owner: Session | null;
   /** Whether this child holds one of the `startConcurrency` start slots. */
   holdsStartSlot: boolean;
   /** Resolves when the current process has exited. */
@@ -337,6 +419,7 @@ type Pending = {
 
 /** One Streamable HTTP POST that carried requests, waiting for their answers. */
 type Exchange = {
+  proxy: Proxy;
   res: http.ServerResponse;
   /** true: answered as text/event-stream; false: one JSON body once every answer is in. */
   sse: SseStream | null;
@@ -349,15 +432,14 @@ type Exchange = {
 /** One open text/event-stream response with its own teardown. */
 type SseStream = {
   res: http.ServerResponse;
-  /** Bytes Node may hold queued for this client before it is cut off (limits.maxSseQueueBytes). */
-  maxQueueBytes: number;
+  proxy: Proxy;
   closed: boolean;
   /** Runs once when the stream ends for any reason (client gone, overflow, shutdown). */
   onClose: (() => void) | null;
 };
 
-/** What a client declared in initialize that decides which child→client requests it may take. */
-type ClientCaps = { roots: boolean; sampling: boolean; elicitation: boolean };
+/** What a client declared in initialize: the capability objects a child→client request needs. */
+type ClientCaps = Partial<Record<ClientCapability, Record<string, unknown>>>;
 
 /** One client session, Streamable HTTP or legacy SSE. */
 type Session = {
@@ -365,8 +447,12 @@ type Session = {
   server: ServerRuntime;
   upstream: Upstream;
   transport: 'streamable' | 'sse';
+  /** Who opened it: a digest of its token, or "anonymous" (limits.maxChildrenPerCredential). */
+  credential: string;
   protocolVersion: string;
   caps: ClientCaps;
+  /** Whether initialize was answered (per-session children start then, with these caps). */
+  initialized: boolean;
   lastActiveMs: number;
   inflight: number;
   /** Legacy: the session's only stream. Streamable: the standalone GET stream, if open. */
@@ -435,9 +521,16 @@ export function tokenMatches(presented: string, tokens: readonly string[]): bool
 }
 
 function tokenDigestMatches(presented: Buffer, digests: readonly Buffer[]): boolean {
-  let ok = false;
-  for (const digest of digests) ok = timingSafeEqual(presented, digest) || ok;
-  return ok;
+  return tokenDigestIndex(presented, digests) !== -1;
+}
+
+/** Which digest matches, comparing every one in constant time (no early exit), or -1. */
+function tokenDigestIndex(presented: Buffer, digests: readonly Buffer[]): number {
+  let found = -1;
+  digests.forEach((digest, i) => {
+    if (timingSafeEqual(presented, digest)) found = i;
+  });
+  return found;
 }
 
 function sha256(text: string): Buffer {
@@ -456,11 +549,105 @@ function describeExit(code: number | null, signal: NodeJS.Signals | null): strin
   return `exit ${code}`;
 }
 
-/** Replaces every known secret value in a line with ***. */
-function maskSecrets(line: string, secrets: readonly string[]): string {
-  let out = line;
-  for (const secret of secrets) if (secret.length >= 4) out = out.split(secret).join('***');
+/**
+ * Replaces every known secret in a text with ***: each line of a multi-line secret (a PEM file is logged line
+ * by line), and the JSON-escaped form of each (a secret holding `"` or `\` appears so inside quoted JSON).
+ * Longer needles go first, so a secret that contains another is masked whole.
+ */
+export function maskSecrets(text: string, secrets: readonly string[]): string {
+  let out = text;
+  for (const needle of needlesOf(secrets)) {
+    if (!out.includes(needle)) continue;
+    out = needle.length >= MIN_SECRET_CHARS_ANYWHERE ? out.split(needle).join('***') : maskStandalone(out, needle);
+  }
   return out;
+}
+
+const NEEDLES = new WeakMap<readonly string[], readonly string[]>();
+
+function needlesOf(secrets: readonly string[]): readonly string[] {
+  let needles = NEEDLES.get(secrets);
+  if (needles) return needles;
+  const set = new Set<string>();
+  for (const secret of secrets) {
+    for (const line of secret.split(/\r?\n|\r/)) {
+      if (line === '') continue;
+      set.add(line);
+      set.add(JSON.stringify(line).slice(1, -1));
+    }
+  }
+  needles = [...set].sort((a, b) => b.length - a.length);
+  NEEDLES.set(secrets, needles);
+  return needles;
+}
+
+/** A short secret is masked only where no letter or digit touches it: "42" hides in "x=42", not in "1429". */
+function maskStandalone(text: string, needle: string): string {
+  const escaped = needle.replace(/[.*+?^${}()|[\]\\]/g, '\\$&');
+  return text.replace(new RegExp(`(?<![A-Za-z0-9])${escaped}(?![A-Za-z0-9])`, 'g'), '***');
+}
+
+/**
+ * Control characters in logged text are escaped (\xNN): a child's stderr or a client's header could otherwise
+ * forge log lines with CR/LF or rewrite the terminal with ESC sequences.
+ */
+export function escapeControl(text: string): string {
+  return /[\x00-\x1f\x7f-\x9f]/.test(text)
+    ? text.replace(/[\x00-\x1f\x7f-\x9f]/g, (c) => `\\x${c.charCodeAt(0).toString(16).padStart(2, '0')}`)
+    : text;
+}
+
+/**
+ * The proxy's logger: every line, at every level and from every scope, is masked and escaped before the
+ * configured logger sees it, so no call site can forget to (secrets come and go with servers: `secrets()`).
+ */
+function safeLogger(base: Logger, secrets: () => readonly string[]): Logger {
+  const clean = (text: string) => escapeControl(maskSecrets(text, secrets()));
+  return {
+    error: (scope, text) => base.error(clean(scope), clean(text)),
+    warn: (scope, text) => base.warn(clean(scope), clean(text)),
+    info: (scope, text) => base.info(clean(scope), clean(text)),
+    debug: (scope, text) => base.debug(clean(scope), clean(text)),
+    enabled: (level) => base.enabled(level),
+  };
+}
+
+/** Reads a file of at most `maxBytes` (throws FILE_TOO_LARGE past it): a path to /dev/zero must not hang us. */
+function readBounded(path: string, maxBytes: number): string {
+  const fd = openSync(path, 'r');
+  try {
+    const buf = Buffer.alloc(maxBytes + 1);
+    let got = 0;
+    for (let n = 1; n > 0 && got <= maxBytes; got += n) n = readSync(fd, buf, got, buf.length - got, null);
+    if (got > maxBytes) throw new ProxyError('FILE_TOO_LARGE', `larger than ${maxBytes} bytes`);
+    return buf.toString('utf8', 0, got);
+  } finally {
+    closeSync(fd);
+  }
+}
+
+/**
+ * Nesting depth of a JSON text, or more than `max`: counted by a scan that skips strings. Most messages have
+ * fewer brackets in all than `max`, which a native indexOf count settles without the scan.
+ */
+export function jsonDepthExceeds(text: string, max: number): boolean {
+  let brackets = 0;
+  for (let i = text.indexOf('{'); i !== -1 && brackets <= max; i = text.indexOf('{', i + 1)) brackets++;
+  for (let i = text.indexOf('['); i !== -1 && brackets <= max; i = text.indexOf('[', i + 1)) brackets++;
+  if (brackets <= max) return false;
+  let depth = 0;
+  let inString = false;
+  for (let i = 0; i < text.length; i++) {
+    const c = text.charCodeAt(i);
+    if (inString) {
+      if (c === 92 /* \\ */) i++;
+      else if (c === 34 /* " */) inString = false;
+    } else if (c === 34) inString = true;
+    else if (c === 123 /* { */ || c === 91 /* [ */) {
+      if (++depth > max) return true;
+    } else if (c === 125 /* } */ || c === 93 /* ] */) depth--;
+  }
+  return false;
 }
 
 // ── 4. Config: load, validate ───────────────────────────────────────────────────────────────────────────
@@ -472,7 +659,8 @@ function maskSecrets(line: string, secrets: readonly string[]): string {
 
 type ConfigResult = { config: Config | null; errors: string[]; warnings: string[] };
 type Env = Readonly<Record<string, string | undefined>>;
-type ReadFile = (path: string) => string;
+/** Reads a whole file as UTF-8, refusing more than `maxBytes` (default MAX_CONFIG_FILE_BYTES). */
+type ReadFile = (path: string, maxBytes?: number) => string;
 
 /** Remote entries (Claude Desktop can list them too); we only proxy stdio servers. */
 const REMOTE_TYPES: ReadonlySet<string> = new Set(['sse', 'http', 'streamable-http']);
@@ -484,13 +672,19 @@ export function loadConfigFile(path: string, env: Env = process.env, readFile: R
   try {
     text = readFile(path);
   } catch (err) {
-    return { config: null, errors: [`${path}: cannot read the config file (${(err as NodeJS.ErrnoException).code ?? 'error'})`], warnings: [] };
+    return { config: null, errors: [`${path}: cannot read the config file (${readFailure(err)})`], warnings: [] };
   }
   return parseConfig(text, path, env, readFile);
 }
 
-function readUtf8(path: string): string {
-  return readFileSync(path, 'utf8');
+function readUtf8(path: string, maxBytes = MAX_CONFIG_FILE_BYTES): string {
+  return readBounded(path, maxBytes);
+}
+
+/** The reason a file could not be read, for an operator: an errno code, or the size limit it broke. */
+function readFailure(err: unknown): string {
+  if (err instanceof ProxyError) return err.message;
+  return (err as NodeJS.ErrnoException).code ?? 'error';
 }
 
 export function parseConfig(text: string, source: string, env: Env = process.env, readFile: ReadFile = readUtf8): ConfigResult {
@@ -561,11 +755,46 @@ function parseServer(name: string, entry: unknown, ctx: ParseContext): ServerCon
   const cwd = typeof entry.cwd === 'string' ? expand(entry.cwd, 'cwd') : undefined;
   const sessions = entry.sessions ?? 'shared';
   if (sessions !== 'shared' && sessions !== 'per-session') problem('sessions', entry.sessions, '"shared" or "per-session"');
+  const roots = parseRoots(entry.roots, problem);
+  const clientCapabilities = parseClientCapabilities(entry.clientCapabilities, problem);
+  const maxLineBytes = entry.maxLineBytes;
+  if (maxLineBytes !== undefined && !(Number.isInteger(maxLineBytes) && (maxLineBytes as number) > 0 && (maxLineBytes as number) <= MAX_LINE_BYTES_CEILING)) {
+    problem('maxLineBytes', maxLineBytes, `an integer from 1 to ${MAX_LINE_BYTES_CEILING}`);
+  }
+  // spawn() throws on a NUL in any of these; it can never start, so it is a config error, not a crash loop.
+  const withNul = [['command', command ?? ''], ...args.map((arg, i) => [`args[${i}]`, arg]),
+    ...Object.entries(env).map(([key, value]) => [`env.${key}`, value]), ['cwd', cwd ?? '']].find(([, v]) => v.includes('\0'));
+  if (withNul) ctx.errors.push(`${at}.${withNul[0]}: contains a NUL character, which no command line can carry`);
   if (ctx.errors.length > errorsBefore || !command) return null;
   return Object.freeze({
     name, command, args: Object.freeze(args), env: Object.freeze(env), cwd,
-    sessions: sessions as ServerConfig['sessions'], secrets: Object.freeze(secrets),
+    sessions: sessions as ServerConfig['sessions'], roots, clientCapabilities, maxLineBytes: maxLineBytes as number | undefined,
+    secrets: Object.freeze(secrets),
   });
+}
+
+/** "roots": absolute paths on this host, the only roots a child is ever told about. */
+function parseRoots(value: unknown, problem: (f: string, v: unknown, e: string) => void): readonly string[] | undefined {
+  if (value === undefined) return undefined;
+  if (!Array.isArray(value)) return problem('roots', value, 'an array of absolute paths'), undefined;
+  const roots: string[] = [];
+  value.forEach((item, i) => {
+    if (typeof item === 'string' && isAbsolute(item) && !item.includes('\0')) roots.push(item);
+    else problem(`roots[${i}]`, item, 'an absolute path');
+  });
+  return Object.freeze(roots);
+}
+
+function parseClientCapabilities(value: unknown, problem: (f: string, v: unknown, e: string) => void): readonly ClientCapability[] | undefined {
+  if (value === undefined) return undefined;
+  const expected = `an array of ${CLIENT_CAPABILITIES.map((cap) => JSON.stringify(cap)).join(' and ')}`;
+  if (!Array.isArray(value)) return problem('clientCapabilities', value, expected), undefined;
+  const caps: ClientCapability[] = [];
+  value.forEach((item, i) => {
+    if (CLIENT_CAPABILITIES.includes(item)) caps.push(item);
+    else problem(`clientCapabilities[${i}]`, typeof item === 'string' ? JSON.stringify(item) : item, expected.replace('an array of ', ''));
+  });
+  return Object.freeze(caps);
 }
 
 function parseStringArray(value: unknown, field: string, problem: (f: string, v: unknown, e: string) => void): string[] {
@@ -597,21 +826,19 @@ function parseEnv(
  * a default, or an unreadable file, is an error naming the field and the variable, never the value.
  */
 function expandValue(value: string, ctx: ParseContext & { at: string; secrets: string[] }): string {
-  return value.replace(EXPANSION_RE, (_match, expr: string) => {
-    const expanded = expandOne(expr, ctx);
-    if (expanded === undefined) return '';
-    ctx.secrets.push(expanded);
-    return expanded;
-  });
+  return value.replace(EXPANSION_RE, (_match, expr: string) => expandOne(expr, ctx) ?? '');
 }
 
-function expandOne(expr: string, ctx: ParseContext & { at: string }): string | undefined {
+/** One expansion. Values from the environment or a file are recorded as secrets; defaults are the config's own. */
+function expandOne(expr: string, ctx: ParseContext & { at: string; secrets: string[] }): string | undefined {
   if (expr.startsWith('file:')) {
     const path = expr.slice('file:'.length);
     try {
-      return ctx.readFile(path).replace(/\r?\n$/, '');
+      const value = ctx.readFile(path, MAX_SECRET_FILE_BYTES).replace(/\r?\n$/, '');
+      ctx.secrets.push(value);
+      return value;
     } catch (err) {
-      ctx.errors.push(`${ctx.at}: cannot read secret file ${JSON.stringify(path)} (${(err as NodeJS.ErrnoException).code ?? 'error'})`);
+      ctx.errors.push(`${ctx.at}: cannot read secret file ${JSON.stringify(path)} (${readFailure(err)})`);
       return undefined;
     }
   }
@@ -622,17 +849,20 @@ function expandOne(expr: string, ctx: ParseContext & { at: string }): string | u
     return undefined;
   }
   const fromEnv = ctx.env[name];
-  if (sep !== -1) return fromEnv ? fromEnv : expr.slice(sep + 2);
+  if (sep !== -1 && !fromEnv) return expr.slice(sep + 2);
   if (fromEnv === undefined) {
     ctx.errors.push(`${ctx.at}: environment variable ${name} is not set (use \${${name}:-default} for a default)`);
     return undefined;
   }
+  ctx.secrets.push(fromEnv);
   return fromEnv;
 }
 
 // ── 5. Children: spawn, framing, restart, kill ──────────────────────────────────────────────────────────
 
 type LineFramer = { push(chunk: Buffer): void; end(): void };
+/** What the framer knows of a dropped line: its length, its first bytes, and its top-level numeric id if any. */
+type OnOversize = (bytes: number, head: string, id: number | undefined) => void;
 const NEWLINE = 0x0a;
 const CARRIAGE_RETURN = 0x0d;
 
@@ -645,45 +875,66 @@ const CARRIAGE_RETURN = 0x0d;
 export function createLineFramer(
   maxLineBytes: number,
   onLine: (line: string, raw: Buffer) => void,
-  onOversize: (bytes: number, head: string) => void,
+  onOversize: OnOversize,
   headBytes: number = LOG_HEAD_BYTES,
+  scanIds = false,
 ): LineFramer {
   let pieces: Buffer[] = [];
   let size = 0;
   let dropping = false;
   let head = '';
+  // While a line is dropped, its bytes still pass through the id scanner: the request it answers can then be
+  // failed at once instead of waiting for the request timeout.
+  let ids: IdScanner | null = null;
   // One extra byte of slack while accumulating: it may be the \r of a \r\n terminator.
   const hardCap = maxLineBytes + 1;
 
   function finish(last: Buffer, start: number, end: number): void {
     const total = size + (end - start);
-    if (dropping || total > hardCap) return reportOversize(total, last, start);
+    if (dropping || total > hardCap) return reportOversize(total, last, start, end);
     let raw = pieces.length === 0 ? last.subarray(start, end) : Buffer.concat([...pieces, last.subarray(start, end)]);
     pieces = [];
     size = 0;
     if (raw[raw.length - 1] === CARRIAGE_RETURN) raw = raw.subarray(0, raw.length - 1);
-    if (raw.length > maxLineBytes) return reportOversize(total, raw, 0);
+    if (raw.length > maxLineBytes) return reportOversize(total, raw, 0, raw.length);
     if (raw.length > 0) onLine(raw.toString('utf8'), raw);
   }
 
-  function reportOversize(total: number, last: Buffer, start: number): void {
-    const first = head || firstBytes([...pieces, last.subarray(start)], headBytes);
+  function reportOversize(total: number, last: Buffer, start: number, end = last.length): void {
+    const first = head || firstBytes([...pieces, last.subarray(start, end)], headBytes);
+    let id: number | undefined;
+    if (scanIds) {
+      const scanner = ids ?? scanPieces(pieces);
+      scanner.feed(last.subarray(start, end));
+      id = scanner.id();
+    }
     // Clear the state before reporting, so a throwing handler cannot leave the framer stuck (SDK ReadBuffer).
     pieces = [];
     size = 0;
     dropping = false;
     head = '';
-    onOversize(total, first);
+    ids = null;
+    onOversize(total, first, id);
+  }
+
+  function scanPieces(parts: readonly Buffer[]): IdScanner {
+    const scanner = createIdScanner();
+    for (const part of parts) scanner.feed(part);
+    return scanner;
   }
 
   function keep(chunk: Buffer, start: number): void {
     if (start >= chunk.length) return;
     size += chunk.length - start;
-    if (dropping) return;
+    if (dropping) return void ids?.feed(start === 0 ? chunk : chunk.subarray(start));
     if (size > hardCap) {
       // Past the cap: remember only the first bytes for the report and stop storing (the limit stays tripped
       // until the line ends, as eventsource-parser's `terminated` does).
       head = firstBytes([...pieces, chunk.subarray(start)], headBytes);
+      if (scanIds) {
+        ids = scanPieces(pieces);
+        ids.feed(chunk.subarray(start));
+      }
       pieces = [];
       dropping = true;
       return;
@@ -704,6 +955,76 @@ export function createLineFramer(
       if (size > 0 || pieces.length > 0) finish(Buffer.alloc(0), 0, 0);
     },
   };
+}
+
+type IdScanner = { feed(bytes: Buffer): void; id(): number | undefined };
+
+/**
+ * Finds the numeric value of the top-level "id" member of a JSON object fed to it in pieces, in one linear
+ * pass and constant memory (keys and values are kept only up to ID_SCAN_MAX_CHARS). It tracks only strings,
+ * escapes, depth and the last top-level key: enough for a line too large to parse. Bytes of multi-byte UTF-8
+ * characters are all >= 0x80, so they never look like the ASCII this matches on.
+ */
+export function createIdScanner(): IdScanner {
+  let depth = 0;
+  let inString = false;
+  let escaped = false;
+  let expectKey = false;
+  let readingKey = false;
+  let key = '';
+  let lastKey = '';
+  let number = '';
+  let found: number | undefined;
+  let done = false;
+
+  function endNumber(): void {
+    if (number === '') return;
+    if (/^-?\d+$/.test(number)) found = Number(number);
+    number = '';
+    done = true;
+  }
+
+  function feed(bytes: Buffer): void {
+    for (let i = 0; i < bytes.length && !done; i++) {
+      const c = bytes[i];
+      if (inString) {
+        if (escaped) escaped = false;
+        else if (c === 0x5c /* \\ */) escaped = true;
+        else if (c === 0x22 /* " */) {
+          inString = false;
+          if (readingKey) lastKey = key;
+          readingKey = false;
+        } else if (readingKey && key.length < ID_SCAN_MAX_CHARS) key += String.fromCharCode(c);
+        continue;
+      }
+      if (depth === 1 && !expectKey && lastKey === 'id' && number.length < ID_SCAN_MAX_CHARS &&
+          (c === 0x2d /* - */ || (c >= 0x30 && c <= 0x39))) {
+        number += String.fromCharCode(c);
+        continue;
+      }
+      if (c === 0x22) {
+        inString = true;
+        readingKey = depth === 1 && expectKey;
+        key = '';
+        if (depth === 1 && !expectKey && lastKey === 'id') done = true; // a string id: not one of ours
+      } else if (c === 0x7b /* { */ || c === 0x5b /* [ */) {
+        if (depth === 1 && lastKey === 'id' && !expectKey) done = true;
+        depth++;
+        if (depth === 1) expectKey = c === 0x7b;
+      } else if (c === 0x7d /* } */ || c === 0x5d /* ] */) {
+        if (depth === 1) endNumber();
+        depth--;
+      } else if (depth === 1 && c === 0x3a /* : */) expectKey = false;
+      else if (depth === 1 && c === 0x2c /* , */) {
+        endNumber();
+        expectKey = true;
+        lastKey = '';
+      } else if (depth === 1 && number !== '' && c !== 0x20 && c !== 0x09 && c !== 0x0d && c !== 0x0a) done = true;
+      else if (depth === 1 && number !== '') endNumber();
+    }
+  }
+
+  return { feed, id: () => (number !== '' && !done ? (endNumber(), found) : found) };
 }
 
 /** The first `n` bytes of a list of pieces, as text, without joining more than that. */
@@ -797,7 +1118,7 @@ function newUpstream(server: ServerRuntime): Upstream {
     server, proc: null, state: 'starting', startedAtMs: 0, unstableRestarts: 0, restarts: 0,
     initResult: null, protocolVersion: SUPPORTED_PROTOCOL_VERSIONS[0], nextId: 1,
     pending: new Map(), serverRequests: new Map(), sessions: new Set(), subscriptions: new Map(),
-    restartTimer: null, initTimer: null, waiters: [], holdsStartSlot: false, exited: Promise.resolve(), lastStderr: '',
+    restartTimer: null, initTimer: null, waiters: [], owner: null, holdsStartSlot: false, exited: Promise.resolve(), lastStderr: '',
     outQueue: [], outBytes: 0,
   };
 }
@@ -826,52 +1147,81 @@ function releaseStartSlot(up: Upstream): void {
 
 function spawnChild(up: Upstream): void {
   const { config, proxy } = up.server;
-  const scope = config.name;
+  const launch = up.server.launch;
+  // Counted from here, so a spawn that fails at once is an unstable run and goes through backoff to errored.
+  up.startedAtMs = Date.now();
   let proc: ChildProcess;
   try {
     // argv, never a shell string (tree-kill CVE-2019-15599); detached makes the child lead its own process
     // group (setsid), so the whole group can be signalled. Descendants that call setsid themselves escape.
-    const launch = up.server.launch;
     proc = spawn(launch.command, launch.args as string[], {
       shell: false, detached: true, stdio: ['pipe', 'pipe', 'pipe'], env: childEnv(config), cwd: config.cwd, windowsHide: true,
     });
   } catch (err) {
-    proxy.log.error(scope, `cannot spawn ${JSON.stringify(config.command)}: ${(err as Error).message}`);
-    return onChildExit(up, null, 127, null);
+    // Synchronous failures (EMFILE, an invalid argument). Node's message may quote the environment: code only.
+    return onSpawnFailure(up, null, err as NodeJS.ErrnoException);
   }
   up.proc = proc;
-  up.startedAtMs = Date.now();
+  if (proc.pid !== undefined) proxy.groups.set(proc.pid, null);
   up.exited = new Promise<void>((resolve) => {
     let gone = false;
-    const onGone = (code: number | null, signal: NodeJS.Signals | null) => {
+    const onGone = (code: number | null, signal: NodeJS.Signals | null, why?: string) => {
       if (gone) return;
       gone = true;
       resolve();
-      onChildExit(up, proc, code, signal);
+      guarded(proxy, config.name, 'a child exit', () => onChildExit(up, proc, why ?? describeExit(code, signal)));
     };
-    proc.once('exit', onGone);
+    proc.once('exit', (code, signal) => onGone(code, signal));
     proc.once('error', (err: NodeJS.ErrnoException) => {
-      proxy.log.error(scope, `cannot start ${JSON.stringify(config.command)}: ${err.code ?? err.message}`);
-      // 'exit' may never come for a spawn failure; if it does come, `gone` ignores it.
-      if (proc.pid === undefined) onGone(err.code === 'ENOENT' ? 127 : 126, null);
+      // 'exit' never comes for a spawn failure (no pid); for a later error (a failed kill) it still will.
+      if (proc.pid !== undefined) return proxy.log.debug(config.name, `child process error: ${err.code ?? 'unknown'}`);
+      proxy.log.error(config.name, `cannot start ${JSON.stringify(config.command)}: ${err.code ?? 'spawn error'}`);
+      onGone(null, null, `spawn failed (${err.code ?? 'error'})`);
     });
   });
+  // A failed spawn may come without pipes (EMFILE): its 'error' event above ends this run.
+  if (proc.pid === undefined || !proc.stdin || !proc.stdout || !proc.stderr) return;
   attachChildStreams(up, proc);
-  proxy.log.info(scope, `started pid ${proc.pid} (${basename(up.server.launch.command)}); initializing`);
+  proxy.log.info(config.name, `started pid ${proc.pid} (${basename(launch.command)}); initializing`);
   sendInitialize(up);
+}
+
+function onSpawnFailure(up: Upstream, proc: ChildProcess | null, err: NodeJS.ErrnoException): void {
+  const { config, proxy } = up.server;
+  const code = err.code ?? 'error';
+  proxy.log.error(config.name, `cannot start ${JSON.stringify(config.command)}: ${code}`);
+  onChildExit(up, proc, `spawn failed (${code})`);
+}
+
+/** Runs an event handler so that a bug in it costs one event, never the process (logged with the event). */
+function guarded(proxy: Proxy, scope: string, what: string, handler: () => void): void {
+  try {
+    handler();
+  } catch (err) {
+    proxy.log.error(scope, `internal error while handling ${what}; dropped it: ${describeError(err)}`);
+  }
+}
+
+/** An unexpected error for the log: its name, message and first frame, never the data it was handling. */
+function describeError(err: unknown): string {
+  if (!(err instanceof Error)) return typeName(err);
+  const frame = err.stack?.split('\n').find((line) => line.trim().startsWith('at '))?.trim() ?? '';
+  return `${err.name}: ${headOf(err.message)} ${frame}`;
 }
 
 function attachChildStreams(up: Upstream, proc: ChildProcess): void {
   const { config, proxy } = up.server;
-  const { maxLineBytes, maxStderrLineBytes } = proxy.limits;
+  const maxLineBytes = config.maxLineBytes ?? proxy.limits.maxLineBytes;
+  const { maxStderrLineBytes } = proxy.limits;
   // Heads of oversized lines are taken a secret's length longer than shown, masked, then cut: a secret that
   // straddles the cut is masked whole instead of leaking its first bytes.
   const slack = Math.max(0, ...config.secrets.map((secret) => Buffer.byteLength(secret)));
   const stdout = createLineFramer(
     maxLineBytes,
-    (line, raw) => handleChildLine(up, line, raw),
-    (bytes, head) => proxy.log.warn(config.name, `skipped a stdout line of ${bytes} bytes over the ${maxLineBytes}-byte limit, starting ${headOf(maskSecrets(head, config.secrets))}`),
+    (line, raw) => guarded(proxy, config.name, 'a stdout line', () => handleChildLine(up, line, raw)),
+    (bytes, head, id) => guarded(proxy, config.name, 'an oversized stdout line', () => onOversizedLine(up, bytes, head, id, maxLineBytes)),
     LOG_HEAD_BYTES + slack,
+    true,
   );
   // A stderr line over the limit is logged cut to the limit, not dropped: it is the child's own log.
   const stderr = createLineFramer(
@@ -881,14 +1231,52 @@ function attachChildStreams(up: Upstream, proc: ChildProcess): void {
     maxStderrLineBytes + slack,
   );
   proc.stdout!.on('data', (chunk: Buffer) => stdout.push(chunk));
-  proc.stdout!.on('end', () => stdout.end());
+  proc.stdout!.on('end', () => {
+    stdout.end();
+    onStdoutEnd(up, proc);
+  });
   proc.stderr!.on('data', (chunk: Buffer) => stderr.push(chunk));
   proc.stderr!.on('end', () => stderr.end());
   // EPIPE when the child dies with writes queued: the 'exit' handler already fails what was in flight.
-  proc.stdin!.on('error', (err: Error) => proxy.log.debug(config.name, `stdin: ${err.message}`));
+  proc.stdin!.on('error', (err: NodeJS.ErrnoException) => proxy.log.debug(config.name, `stdin: ${err.code ?? 'error'}`));
 }
 
-/** stderr is the child's log, not an error channel (spec IO3): prefixed, bounded, secrets masked. */
+/**
+ * A child's stdout ended. Normally it is exiting; one that closed stdout and stays alive can never answer
+ * again, yet would look ready while every request hangs. Past a short grace it is treated as ended: what is
+ * in flight fails now, its group is stopped, and its exit brings the restart policy.
+ */
+function onStdoutEnd(up: Upstream, proc: ChildProcess): void {
+  void exitsWithin(up.exited, STDOUT_EOF_GRACE_MS).then((exited) => {
+    if (exited || up.proc !== proc || up.state === 'stopped') return;
+    const { proxy, config } = up.server;
+    proxy.log.warn(config.name, `closed its stdout but is still running (pid ${proc.pid}); stopping it`);
+    if (up.state === 'ready') up.state = 'restarting';
+    failPending(up, 'MCP server closed its output');
+    void reapGroup(proxy, proc.pid!);
+  });
+}
+
+/**
+ * A stdout line over the limit was dropped. If it answered one of our requests, that request fails now with
+ * an error naming the limit (the client would otherwise wait for requestTimeoutMs).
+ */
+function onOversizedLine(up: Upstream, bytes: number, head: string, id: number | undefined, limit: number): void {
+  const { config, proxy } = up.server;
+  proxy.log.warn(config.name, `skipped a stdout line of ${bytes} bytes over the ${limit}-byte limit (maxLineBytes), starting ${headOf(maskSecrets(head, config.secrets))}`);
+  failAnswer(up, id, MESSAGE_TOO_LARGE, `MCP server's answer was larger than the ${limit}-byte limit (maxLineBytes)`);
+}
+
+/** The child's answer to request `id` cannot be delivered: whoever waits for it gets this error instead. */
+function failAnswer(up: Upstream, id: number | undefined, code: number, message: string): void {
+  const pending = id === undefined ? undefined : up.pending.get(id);
+  if (!pending) return;
+  settlePending(up, id!);
+  if (pending.onAnswer) return pending.onAnswer({ jsonrpc: '2.0', id: id!, error: { code, message } });
+  answerPending(pending, errorText(pending.clientId, code, message));
+}
+
+/** stderr is the child's log, not an error channel (spec basic/transports §stdio): prefixed, bounded, masked. */
 function childStderrLine(up: Upstream, line: string): void {
   const { config, proxy } = up.server;
   const masked = maskSecrets(line, config.secrets);
@@ -942,15 +1330,34 @@ function cancelOnChild(up: Upstream, childId: number, reason: string): void {
   writeToChild(up, JSON.stringify({ jsonrpc: '2.0', method: 'notifications/cancelled', params: { requestId: childId, reason } }));
 }
 
-/** The proxy's own initialize: declares roots, sampling and elicitation so the child may use them. */
+/** The proxy's own initialize, declaring only what the proxy can honour for this child (childCapabilities). */
 function sendInitialize(up: Upstream): void {
   up.initTimer = setTimeout(onInitializeTimeout, up.server.proxy.limits.initTimeoutMs, up);
   up.initTimer.unref();
   sendOwnRequest(up, 'initialize', {
     protocolVersion: SUPPORTED_PROTOCOL_VERSIONS[0],
-    capabilities: { roots: { listChanged: true }, sampling: {}, elicitation: {} },
+    capabilities: childCapabilities(up),
     clientInfo: { name: PROXY_NAME, version: PROXY_VERSION },
   }, (msg) => onInitializeAnswer(up, msg));
+}
+
+/**
+ * Client capabilities declared to a child. `roots` only when the operator configured roots (the proxy answers
+ * roots/list itself). A shared child gets the sampling/elicitation the operator enabled; a per-session child
+ * gets exactly what its own session declared, so its requests can only ever go to that session. A client's
+ * capability changes what a server offers (server-everything lists its sampling tool only then), so nothing is
+ * declared by default: a client without them sees what a direct connection shows.
+ */
+function childCapabilities(up: Upstream): Record<string, unknown> {
+  const config = up.server.config;
+  const caps: Record<string, unknown> = {};
+  if (config.roots) caps.roots = { listChanged: false };
+  for (const cap of CLIENT_CAPABILITIES) {
+    if (up.owner) {
+      if (up.owner.caps[cap]) caps[cap] = up.owner.caps[cap];
+    } else if (config.clientCapabilities?.includes(cap)) caps[cap] = {};
+  }
+  return caps;
 }
 
 function onInitializeTimeout(up: Upstream): void {
@@ -1004,16 +1411,17 @@ function whenSettled(up: Upstream): Promise<void> {
  * A child exited: everything in flight on it is answered with an error at once (no client waits for a
  * timeout), strays left in its process group are signalled, and the restart policy decides what is next.
  */
-function onChildExit(up: Upstream, proc: ChildProcess | null, code: number | null, signal: NodeJS.Signals | null): void {
+function onChildExit(up: Upstream, proc: ChildProcess | null, exit: string): void {
   if (proc && up.proc !== proc) return;
   const { proxy, config } = up.server;
   const uptimeMs = Date.now() - up.startedAtMs;
   up.proc = null;
   if (up.initTimer) clearTimeout(up.initTimer);
   up.initTimer = null;
-  signalGroup(proc, 'SIGTERM');
+  // Strays left in its group (grandchildren) are stopped too, by the clock, until the group is empty.
+  if (proc?.pid) void reapGroup(proxy, proc.pid);
   releaseStartSlot(up);
-  failPending(up, 'MCP server process exited');
+  failPending(up, up.state === 'stopped' ? 'MCP server stopped' : 'MCP server process exited');
   if (up.state === 'stopped') return;
   const stderr = up.lastStderr ? `; last stderr: ${up.lastStderr}` : '';
   const decision = nextRestart(up.unstableRestarts, uptimeMs, proxy.limits);
@@ -1021,12 +1429,12 @@ function onChildExit(up: Upstream, proc: ChildProcess | null, code: number | nul
   if (decision.giveUp) {
     up.state = 'errored';
     notifySettled(up);
-    proxy.log.error(config.name, `${describeExit(code, signal)} after ${uptimeMs} ms; gave up after ${proxy.limits.maxUnstableRestarts} fast restarts, server errored${stderr}`);
+    proxy.log.error(config.name, `${exit} after ${uptimeMs} ms; gave up after ${proxy.limits.maxUnstableRestarts} fast restarts, server errored${stderr}`);
     return;
   }
   up.state = 'restarting';
   up.restarts++;
-  proxy.log.warn(config.name, `${describeExit(code, signal)} after ${uptimeMs} ms; restarting in ${decision.delayMs} ms${stderr}`);
+  proxy.log.warn(config.name, `${exit} after ${uptimeMs} ms; restarting in ${decision.delayMs} ms${stderr}`);
   up.restartTimer = setTimeout(restartChild, decision.delayMs, up);
   up.restartTimer.unref();
 }
@@ -1038,12 +1446,40 @@ function restartChild(up: Upstream): void {
 
 /** Signals a child's whole process group; ESRCH (already gone) is the expected end state, not an error. */
 function signalGroup(proc: ChildProcess | null, signal: NodeJS.Signals): void {
-  if (!proc?.pid) return;
+  if (proc?.pid) signalPgid(proc.pid, signal);
+}
+
+function signalPgid(pgid: number, signal: NodeJS.Signals): void {
   try {
-    process.kill(-proc.pid, signal);
+    process.kill(-pgid, signal);
   } catch (err) {
-    if ((err as NodeJS.ErrnoException).code !== 'ESRCH') throw err;
+    // ESRCH: the group is already empty. EPERM: the id now names someone else's group; it is not ours to signal.
+    const code = (err as NodeJS.ErrnoException).code;
+    if (code !== 'ESRCH' && code !== 'EPERM') throw err;
   }
+}
+
+/**
+ * Empties a process group by the clock: SIGTERM, then SIGKILL every killGraceMs until nothing is left. The
+ * group is on proxy.groups meanwhile, so shutdown and the crash handler kill it too. The group id
+ * cannot be handed to a new process while any member lives, and the poll stops as soon as none does.
+ */
+function reapGroup(proxy: Proxy, pgid: number): Promise<void> {
+  const reaping = proxy.groups.get(pgid);
+  if (reaping) return reaping;
+  const done = (async () => {
+    const grace = proxy.limits.killGraceMs;
+    signalPgid(pgid, 'SIGTERM');
+    while (!(await waitUntil(() => !groupAlive(pgid), grace))) signalPgid(pgid, 'SIGKILL');
+    proxy.groups.delete(pgid);
+  })();
+  proxy.groups.set(pgid, done);
+  return done;
+}
+
+/** Last resort when the proxy itself dies: SIGKILL every child group it knows, synchronously. */
+export function killAllChildGroups(): void {
+  for (const proxy of LIVE_PROXIES) for (const pgid of proxy.groups.keys()) signalPgid(pgid, 'SIGKILL');
 }
 
 function groupAlive(pid: number): boolean {
@@ -1080,10 +1516,7 @@ async function stopUpstream(up: Upstream): Promise<void> {
         await exitsWithin(up.exited, grace);
       }
     }
-    if (groupAlive(proc.pid)) {
-      signalGroup(proc, 'SIGTERM');
-      if (!(await waitUntil(() => !groupAlive(proc.pid!), grace))) signalGroup(proc, 'SIGKILL');
-    }
+    await reapGroup(proxy, proc.pid);
   }
   releaseStartSlot(up);
   failPending(up, 'MCP server stopped');
@@ -1181,25 +1614,51 @@ function withId(line: string, raw: Buffer | null, msg: JsonRpcMessage, id: JsonR
 
 // Session table ───────
 
-/** Creates a session, evicting the least recently active idle one at the cap. Null when nothing can give way. */
-function createSession(server: ServerRuntime, transport: Session['transport']): Session | null {
+/**
+ * Creates a session, evicting the least recently active idle one at the cap. Null when nothing can give way.
+ * In per-session mode the session gets its own child, started when its initialize says what it can do.
+ */
+function createSession(server: ServerRuntime, transport: Session['transport'], credential: string): Session | null {
   const limits = server.proxy.limits;
   if (server.sessions.size >= limits.maxSessionsPerServer && !evictIdleSession(server)) return null;
   let upstream = server.shared;
   if (!upstream) {
-    if (server.upstreams.size >= limits.maxChildrenPerServer && !evictIdleSession(server)) return null;
+    // One credential cannot hold every child (16 open /sse streams would otherwise keep them all for good):
+    // at its share, or at the server's cap, its least recently active session without work gives way.
+    if (childrenHeldBy(server, credential) >= limits.maxChildrenPerCredential && !evictForChild(server, credential)) return null;
+    if (server.upstreams.size >= limits.maxChildrenPerServer && !evictForChild(server, null)) return null;
     upstream = newUpstream(server);
     server.upstreams.add(upstream);
-    requestStart(upstream);
   }
   const session: Session = {
-    id: newSessionId(), server, upstream, transport, protocolVersion: DEFAULT_NEGOTIATED_VERSION,
-    caps: { roots: false, sampling: false, elicitation: false }, lastActiveMs: Date.now(), inflight: 0,
+    id: newSessionId(), server, upstream, transport, credential, protocolVersion: DEFAULT_NEGOTIATED_VERSION,
+    caps: {}, initialized: false, lastActiveMs: Date.now(), inflight: 0,
     stream: null, subscriptions: null, serverRequests: null, exchanges: null, closed: false,
   };
+  if (!server.shared) upstream.owner = session;
   server.sessions.set(session.id, session);
   upstream.sessions.add(session);
   return session;
+}
+
+function childrenHeldBy(server: ServerRuntime, credential: string): number {
+  let held = 0;
+  for (const session of server.sessions.values()) if (session.credential === credential) held++;
+  return held;
+}
+
+/**
+ * Per-session mode at a cap: the least recently active session (of `credential`, or of anyone) with nothing
+ * in flight ends, open stream or not, so its child can be reused for a newcomer.
+ */
+function evictForChild(server: ServerRuntime, credential: string | null): boolean {
+  for (const session of server.sessions.values()) {
+    if (session.inflight > 0 || session.exchanges?.size || (credential !== null && session.credential !== credential)) continue;
+    server.proxy.log.info(server.config.name, 'per-session children at their cap; ended the least recently active session to make room');
+    endSession(session);
+    return true;
+  }
+  return false;
 }
 
 function isIdle(session: Session): boolean {
@@ -1255,7 +1714,7 @@ function abandonRequests(session: Session): void {
   const up = session.upstream;
   if (session.inflight === 0) return;
   for (const [childId, pending] of up.pending) {
-    if (pending.session === session) abortPending(up, childId, pending, 'session ended', SERVER_ERROR, 'Session ended');
+    if (pending.session === session) abortPending(up, childId, pending, 'session ended', SESSION_ENDED, 'Session ended');
   }
 }
 
@@ -1266,17 +1725,30 @@ function abortPending(up: Upstream, childId: number, pending: Pending, reason: s
   answerPending(pending, errorText(pending.clientId, code, message));
 }
 
-/** Records what the client declared, for routing child→client requests. */
+/** What the client declared that a child→client request needs (its `roots` are never used: see section 2). */
 function readClientCaps(params: Record<string, unknown> | undefined): ClientCaps {
-  const caps = isObject(params?.capabilities) ? params.capabilities : {};
-  return { roots: isObject(caps.roots), sampling: isObject(caps.sampling), elicitation: isObject(caps.elicitation) };
+  const declared = isObject(params?.capabilities) ? params.capabilities : {};
+  const caps: ClientCaps = {};
+  for (const cap of CLIENT_CAPABILITIES) if (isObject(declared[cap])) caps[cap] = declared[cap];
+  return caps;
+}
+
+/**
+ * A session's initialize: records what it declared and, in per-session mode, starts its own child with those
+ * capabilities (once). The answer comes from the child's InitializeResult when it is ready (initializeResult).
+ */
+function beginInitialize(session: Session, msg: JsonRpcMessage): void {
+  const up = session.upstream;
+  if (session.initialized) return;
+  session.initialized = true;
+  session.caps = readClientCaps(msg.params);
+  if (up.owner === session && up.state === 'starting' && !up.proc && !up.holdsStartSlot) requestStart(up);
 }
 
 /** The session's initialize, answered from the child's cached InitializeResult with the session's version. */
 function initializeResult(session: Session, msg: JsonRpcMessage): string {
   const up = session.upstream;
   session.protocolVersion = negotiateVersion(msg.params?.protocolVersion, up.protocolVersion);
-  session.caps = readClientCaps(msg.params);
   return resultText(msg.id as JsonRpcId, { ...up.initResult, protocolVersion: session.protocolVersion });
 }
 
@@ -1344,8 +1816,9 @@ function forwardClientResponse(session: Session, msg: JsonRpcMessage): void {
 
 function forwardNotification(session: Session, msg: JsonRpcMessage): void {
   const up = session.upstream;
-  // The child was initialized once by the proxy; a session's own `initialized` is ours to absorb.
-  if (msg.method === 'notifications/initialized') return;
+  // The child was initialized once by the proxy; a session's own `initialized` is ours to absorb. A client's
+  // roots are paths on the client's machine: they must never become a server's sandbox on this host.
+  if (msg.method === 'notifications/initialized' || msg.method === 'notifications/roots/list_changed') return;
   if (msg.method === 'notifications/cancelled') return cancelFromClient(session, msg);
   writeToChild(up, JSON.stringify(msg));
 }
@@ -1362,7 +1835,7 @@ function cancelFromClient(session: Session, msg: JsonRpcMessage): void {
     if (pending.method === 'initialize') return; // spec: initialize MUST NOT be cancelled
     writeToChild(up, JSON.stringify({ ...msg, params: { ...msg.params, requestId: childId } }));
     settlePending(up, childId);
-    answerPending(pending, errorText(pending.clientId, REQUEST_TIMEOUT, 'Request cancelled'));
+    answerPending(pending, errorText(pending.clientId, REQUEST_CANCELLED, 'Request cancelled'));
     return;
   }
 }
@@ -1410,13 +1883,21 @@ function releaseSubscription(up: Upstream, uri: string, send = true): boolean {
 
 /** One line of child stdout. A line that is not JSON-RPC is logged by its first bytes and skipped. */
 function handleChildLine(up: Upstream, line: string, raw: Buffer | null = null): void {
+  const maxDepth = up.server.proxy.limits.maxJsonDepth;
+  if (jsonDepthExceeds(line, maxDepth)) {
+    // Re-serialising it (JSON.stringify) would overflow the stack; if it answers a request, that one fails now.
+    logBadChildLine(up, line, `nested deeper than ${maxDepth} levels`);
+    const scanner = createIdScanner();
+    scanner.feed(raw ?? Buffer.from(line));
+    return failAnswer(up, scanner.id(), INTERNAL_ERROR, `MCP server's answer was nested deeper than ${maxDepth} levels`);
+  }
   let parsed: unknown;
   try {
     parsed = JSON.parse(line);
   } catch {
     return logBadChildLine(up, line, 'not JSON');
   }
-  // 2025-03-26 children may write a batch on one line (spec IO2).
+  // 2025-03-26 children may write a batch on one line (spec 2025-03-26 basic/transports §stdio).
   if (Array.isArray(parsed)) {
     for (const item of parsed) handleChildMessage(up, item, JSON.stringify(item), null);
     return;
@@ -1441,7 +1922,7 @@ function logBadChildLine(up: Upstream, line: string, why: string): void {
 function routeChildResponse(up: Upstream, msg: JsonRpcMessage, line: string, raw: Buffer | null): void {
   const pending = typeof msg.id === 'number' ? up.pending.get(msg.id) : undefined;
   if (!pending) {
-    up.server.proxy.log.debug(up.server.config.name, `dropped a response to no pending request (id ${headOf(String(msg.id))})`);
+    up.server.proxy.log.debug(up.server.config.name, `dropped a response to no pending request (id ${headOf(maskSecrets(String(msg.id), up.server.config.secrets))})`);
     return;
   }
   settlePending(up, msg.id as number);
@@ -1469,61 +1950,90 @@ function answerPending(pending: Pending, text: Outgoing): void {
   if (pending.session && !pending.session.closed) answer(pending.session, null, text);
 }
 
-/** Answers every request in flight on a child at once (it exited or was stopped). */
+/** Answers every request in flight on a child at once (it exited, was stopped, or closed its output). */
 function failPending(up: Upstream, message: string): void {
   const entries = [...up.pending.entries()];
   up.pending.clear();
   for (const [, pending] of entries) {
     if (pending.session) pending.session.inflight--;
-    answerPending(pending, errorText(pending.clientId, INTERNAL_ERROR, message));
+    answerPending(pending, errorText(pending.clientId, SERVER_EXITED, message));
   }
   for (const { session, proxyId } of up.serverRequests.values()) session.serverRequests?.delete(proxyId);
   up.serverRequests.clear();
 }
 
-/** A request from the child to its client (roots, sampling, elicitation): one capable session takes it. */
+/**
+ * A request from the child to its client. ping and roots/list are the proxy's to answer. Anything else
+ * (sampling, elicitation) carries a prompt or a question meant for the user whose request caused it, so it is
+ * delivered only when that user is certain (attributeServerRequest); otherwise the child gets an error.
+ */
 function routeChildRequest(up: Upstream, msg: JsonRpcMessage): void {
-  if (msg.method === 'ping') return void writeToChild(up, resultText(msg.id as JsonRpcId, {}));
-  const session = pickSessionFor(up, msg.method!);
-  const target = session && (firstOpen(session.exchanges) ?? session.stream);
-  if (!session || !target) {
+  const { config, proxy } = up.server;
+  const id = msg.id as JsonRpcId;
+  if (msg.method === 'ping') return void writeToChild(up, resultText(id, {}));
+  if (msg.method === 'roots/list') return void writeToChild(up, rootsAnswer(up, id));
+  if (up.serverRequests.size >= proxy.limits.maxServerRequestsPerChild) {
+    proxy.log.warn(config.name, `refused ${msg.method}: ${up.serverRequests.size} requests to clients already wait for an answer`);
+    return void writeToChild(up, errorText(id, SERVER_ERROR, 'Too many requests waiting for a client'));
+  }
+  const target = attributeServerRequest(up, msg.method!);
+  if (typeof target === 'string') {
+    proxy.log.warn(config.name, `refused ${msg.method} from the server: ${target}`);
     // -32601 is what an SDK client without the capability answers, so servers already handle it.
-    writeToChild(up, errorText(msg.id as JsonRpcId, METHOD_NOT_FOUND, `No connected client can take ${msg.method}`));
-    return;
+    return void writeToChild(up, errorText(id, METHOD_NOT_FOUND, `Client cannot take ${msg.method}: not routable through this proxy`));
   }
   // The child's own id may collide with ids of other children or of earlier runs; a proxy id cannot.
   const proxyId = `proxy-${up.nextId++}`;
-  (session.serverRequests ??= new Map()).set(proxyId, msg.id as JsonRpcId);
-  up.serverRequests.set(msg.id as JsonRpcId, { session, proxyId });
-  writeEvent(target, JSON.stringify({ ...msg, id: proxyId }));
+  (target.session.serverRequests ??= new Map()).set(proxyId, id);
+  up.serverRequests.set(id, { session: target.session, proxyId });
+  writeEvent(target.stream, JSON.stringify({ ...msg, id: proxyId }));
 }
 
-function firstOpen(exchanges: Set<Exchange> | null): SseStream | undefined {
-  for (const exchange of exchanges ?? []) if (exchange.sse && !exchange.sse.closed) return exchange.sse;
-  return undefined;
+/** roots/list is answered from the operator's "roots": a client's roots are paths on another machine. */
+function rootsAnswer(up: Upstream, id: JsonRpcId): string {
+  const roots = up.server.config.roots;
+  if (!roots) return errorText(id, METHOD_NOT_FOUND, 'Method not found');
+  return resultText(id, { roots: roots.map((path) => ({ uri: pathToFileURL(path).href, name: basename(path) || path })) });
 }
 
-const CAPABILITY_FOR_METHOD: Readonly<Record<string, keyof ClientCaps>> = {
-  'roots/list': 'roots',
+const CAPABILITY_FOR_METHOD: Readonly<Record<string, ClientCapability>> = {
   'sampling/createMessage': 'sampling',
   'elicitation/create': 'elicitation',
 };
 
-/** The only capable session with requests in flight, else the most recently active capable one. */
-function pickSessionFor(up: Upstream, method: string): Session | null {
+/**
+ * The session (and stream) a child→client request is for, or why there is none. A per-session child has one
+ * session. A shared child's request can only be pinned on a session when exactly one client request is in
+ * flight on it: with two, it may belong to either, and a wrong guess shows one user another's prompt.
+ */
+function attributeServerRequest(up: Upstream, method: string): { session: Session; stream: SseStream } | string {
   const cap = CAPABILITY_FOR_METHOD[method];
-  let busy: Session | null = null;
-  let busyCount = 0;
-  let recent: Session | null = null;
-  for (const session of up.sessions) {
-    if (session.closed || (cap && !session.caps[cap])) continue;
-    if (session.inflight > 0) {
-      busy = session;
-      busyCount++;
+  let session: Session | null = null;
+  let exchange: Exchange | null = null;
+  if (up.owner) session = up.owner;
+  else {
+    if (cap && !up.server.config.clientCapabilities?.includes(cap)) return `${cap} is not in this server's "clientCapabilities"`;
+    let inflight = 0;
+    for (const pending of up.pending.values()) {
+      if (!pending.session) continue;
+      if (++inflight > 1) break;
+      session = pending.session;
+      exchange = pending.exchange;
     }
-    if (!recent || session.lastActiveMs >= recent.lastActiveMs) recent = session;
+    if (inflight !== 1) {
+      return `${inflight} client requests are in flight on this shared server, so the request's session is not certain; set "sessions": "per-session" for this server to use ${method}`;
+    }
   }
-  return busyCount === 1 ? busy : recent;
+  if (!session || session.closed) return 'no client session is connected';
+  if (cap && !session.caps[cap]) return `the client did not declare the ${cap} capability`;
+  const stream = exchange?.sse && !exchange.sse.closed ? exchange.sse : firstOpen(session.exchanges) ?? session.stream;
+  if (!stream) return 'the client has no open stream to receive it';
+  return { session, stream };
+}
+
+function firstOpen(exchanges: Set<Exchange> | null): SseStream | null {
+  for (const exchange of exchanges ?? []) if (exchange.sse && !exchange.sse.closed) return exchange.sse;
+  return null;
 }
 
 function routeChildNotification(up: Upstream, msg: JsonRpcMessage, line: string): void {
@@ -1603,7 +2113,7 @@ function unavailable(res: http.ServerResponse, up: Upstream): void {
 
 /** Opens an event stream with its teardown registered at once (P6): one `onClose`, run exactly once. */
 function openStream(proxy: Proxy, res: http.ServerResponse, headers: Record<string, string>, onClose: (() => void) | null): SseStream {
-  const stream: SseStream = { res, maxQueueBytes: proxy.limits.maxSseQueueBytes, closed: false, onClose };
+  const stream: SseStream = { res, proxy, closed: false, onClose };
   res.writeHead(200, { ...SSE_HEADERS, ...headers });
   res.flushHeaders();
   proxy.streams.add(stream);
@@ -1624,27 +2134,61 @@ function closeStream(stream: SseStream): void {
   onClose?.();
 }
 
-/**
- * One `message` event. A client that still has more than maxSseQueueBytes unread when the next event comes
- * is cut off (that stream only). The check is on what is already queued, so one message larger than the
- * limit still reaches a client that reads.
- */
+/** One `message` event; a client that does not read is cut off by the backlog checks (section 7, Backlog). */
 function writeEvent(stream: SseStream, text: Outgoing): void {
   if (stream.closed) return;
   const res = stream.res;
-  if (res.writableLength > stream.maxQueueBytes) {
-    closeStream(stream);
-    res.destroy();
-    return;
+  if (!roomFor(stream.proxy, res)) return closeStream(stream);
+  if (typeof text === 'string') res.write(`${EVENT_HEAD}${withoutCr(text)}${EVENT_TAIL}`);
+  else {
+    const pieces = text.some((piece) => piece.includes(CARRIAGE_RETURN)) ? [withoutCrBytes(text)] : text;
+    // Corked, the pieces leave in one writev.
+    res.cork();
+    res.write(EVENT_HEAD);
+    for (const piece of pieces) res.write(piece);
+    res.write(EVENT_TAIL);
+    res.uncork();
   }
-  if (typeof text === 'string') return void res.write(`${EVENT_HEAD}${withoutCr(text)}${EVENT_TAIL}`);
-  const pieces = text.some((piece) => piece.includes(CARRIAGE_RETURN)) ? [withoutCrBytes(text)] : text;
-  // Corked, the pieces leave in one writev.
-  res.cork();
-  res.write(EVENT_HEAD);
-  for (const piece of pieces) res.write(piece);
-  res.write(EVENT_TAIL);
-  res.uncork();
+  trackBacklog(stream.proxy, res);
+}
+
+// Backlog ───────
+//
+// A client that never reads leaves what we write queued in this process. Per connection: a write to one that
+// already holds more than maxQueuedBytesPerConnection closes it instead (checked before the write, so one
+// large answer still reaches a client that reads). In total: after a write, while all connections together
+// hold more than maxQueuedBytesTotal, the one holding the most is closed (200 streams that never read, each
+// under its own limit, reached ~1 GB before this). Sockets with bytes queued are kept in proxy.backlogged
+// until they drain, so the total costs a pass over those only.
+
+/** False, after closing the connection, when it already holds more than its share unread. */
+function roomFor(proxy: Proxy, res: http.ServerResponse): boolean {
+  const queued = res.writableLength; // the response's own buffer plus its socket's
+  if (queued <= proxy.limits.maxQueuedBytesPerConnection) return true;
+  proxy.log.warn('http', `closed a connection with ${queued} bytes unread (maxQueuedBytesPerConnection ${proxy.limits.maxQueuedBytesPerConnection})`);
+  res.destroy();
+  return false;
+}
+
+/** After a write: a connection left holding bytes joins the backlog, and the total is enforced. */
+function trackBacklog(proxy: Proxy, res: http.ServerResponse): void {
+  const socket = res.socket;
+  if (!socket || socket.writableLength === 0) return;
+  if (!proxy.backlogged.has(socket)) {
+    proxy.backlogged.add(socket);
+    socket.once('drain', () => proxy.backlogged.delete(socket));
+  }
+  let total = 0;
+  for (const held of proxy.backlogged) total += held.writableLength;
+  while (total > proxy.limits.maxQueuedBytesTotal) {
+    let largest: Socket | null = null;
+    for (const held of proxy.backlogged) if (!largest || held.writableLength > largest.writableLength) largest = held;
+    if (!largest) break;
+    total -= largest.writableLength;
+    proxy.log.warn('http', `closed a connection with ${largest.writableLength} bytes unread: all connections together held more than ${proxy.limits.maxQueuedBytesTotal} (maxQueuedBytesTotal)`);
+    proxy.backlogged.delete(largest);
+    largest.destroy();
+  }
 }
 
 /**
@@ -1682,10 +2226,11 @@ function answerExchange(exchange: Exchange, text: Outgoing): void {
   if (exchange.remaining > 0) return;
   exchange.done = true;
   const res = exchange.res;
-  if (res.destroyed) return;
+  if (res.destroyed || !roomFor(exchange.proxy, res)) return;
   const [first] = exchange.answers;
-  if (!exchange.batch && typeof first === 'string') return sendJson(res, 200, first);
-  sendPieces(res, exchange.batch ? batchPieces(exchange.answers) : (first as readonly Buffer[]));
+  if (!exchange.batch && typeof first === 'string') sendJson(res, 200, first);
+  else sendPieces(res, exchange.batch ? batchPieces(exchange.answers) : (first as readonly Buffer[]));
+  trackBacklog(exchange.proxy, res);
 }
 
 /** A JSON body sent as pieces (strings and spliced child bytes) in one corked write. */
@@ -1715,7 +2260,7 @@ function batchPieces(answers: readonly Outgoing[]): (string | Buffer)[] {
 type Accepts = { json: boolean; sse: boolean };
 
 /**
- * Lenient Accept parsing (mcp-protocol.md §9 row 5): missing, `*∕*` or `application/json` alone are accepted,
+ * Lenient Accept parsing (github.com/anthropics/claude-ai-mcp/issues/76): missing, `*∕*` or `application/json` alone are accepted,
  * because Claude.ai has sent `*∕*`. Only a header naming neither type is refused.
  */
 function parseAccept(header: string | undefined): Accepts | null {
@@ -1762,62 +2307,101 @@ function originAllowed(proxy: Proxy, origin: string | undefined, host: string | 
 }
 
 function hostAllowed(proxy: Proxy, host: string | undefined): boolean {
-  return !proxy.loopbackBind || host === undefined || LOOPBACK_HOSTNAMES.has(hostnameOf(host));
+  return !proxy.loopbackBind || host === undefined || proxy.allowedHosts.has(hostnameOf(host));
 }
 
-/** Bearer tokens only from the Authorization header, never the query (spec authorization §Token Usage). */
-function authorized(proxy: Proxy, header: string | undefined): 'ok' | 'missing' | 'invalid' {
-  if (proxy.tokens.length === 0) return 'ok';
+/**
+ * Bearer tokens only from the Authorization header, never the query (spec authorization §Token Usage). The
+ * credential a request acts as: "token N" (1-based, never the token itself), or "anonymous" without auth.
+ */
+function authorized(proxy: Proxy, header: string | undefined): string | { failure: 'missing' | 'invalid' } {
+  if (proxy.tokens.length === 0) return ANONYMOUS;
   const match = header ? /^Bearer[ \t]+(\S+)\s*$/i.exec(header) : null;
-  if (!match) return header ? 'invalid' : 'missing';
-  return tokenDigestMatches(sha256(match[1]), proxy.tokens) ? 'ok' : 'invalid';
+  if (!match) return { failure: header ? 'invalid' : 'missing' };
+  const index = tokenDigestIndex(sha256(match[1]), proxy.tokens);
+  return index === -1 ? { failure: 'invalid' } : `token ${index + 1}`;
 }
+
+const ANONYMOUS = 'anonymous';
 
 function corsHeaders(proxy: Proxy, origin: string | undefined): Record<string, string> {
   if (!origin || !proxy.options.corsOrigins.includes(origin.toLowerCase())) return {};
   return { 'Access-Control-Allow-Origin': origin, Vary: 'Origin', 'Access-Control-Expose-Headers': CORS_EXPOSE_HEADERS };
 }
 
+type ParsedBody = { messages: JsonRpcMessage[]; kinds: MessageKind[]; batch: boolean };
+
 /**
- * Reads a request body up to `limit` bytes. Answers 413 itself (and returns null) when the body is larger,
- * from Content-Length before reading or from the running count while reading.
+ * Reads and parses a POST's JSON-RPC body, or answers the error itself and returns null: 413 past
+ * maxBodyBytes, 503 when bodies being read across the proxy would pass maxBodyBytesInFlight (parsing blocks
+ * the event loop, and eight 4 MiB batches at once stalled even /healthz for seconds), 400 for the rest.
  */
-function readBody(req: http.IncomingMessage, res: http.ServerResponse, limit: number): Promise<Buffer | null> {
+async function readMessages(proxy: Proxy, req: http.IncomingMessage, res: http.ServerResponse): Promise<ParsedBody | null> {
+  const reserved = { bytes: 0 };
+  try {
+    const body = await readBody(proxy, req, res, reserved);
+    return body && parseBody(res, body, proxy.limits);
+  } finally {
+    proxy.bodyBytesInFlight -= reserved.bytes;
+  }
+}
+
+/** Reads the body, counting its bytes into proxy.bodyBytesInFlight (`reserved` says how many to give back). */
+function readBody(proxy: Proxy, req: http.IncomingMessage, res: http.ServerResponse, reserved: { bytes: number }): Promise<Buffer | null> {
+  const { maxBodyBytes, maxBodyBytesInFlight } = proxy.limits;
   return new Promise((resolve) => {
     const declared = Number(req.headers['content-length']);
-    if (declared > limit) {
-      tooLarge();
-      return resolve(null);
-    }
+    if (declared > maxBodyBytes) return resolve(refuse(413, INVALID_REQUEST, 'Request body too large'));
+    if (declared > 0 && !reserve(declared)) return resolve(busy());
     const chunks: Buffer[] = [];
     let size = 0;
     req.on('data', (chunk: Buffer) => {
       size += chunk.length;
-      if (size > limit) {
-        req.removeAllListeners('data');
-        tooLarge();
-        return resolve(null);
-      }
+      if (size > maxBodyBytes) return finish(refuse(413, INVALID_REQUEST, 'Request body too large'));
+      if (size > reserved.bytes && !reserve(size - reserved.bytes)) return finish(busy());
       chunks.push(chunk);
     });
-    req.on('end', () => resolve(size > limit ? null : chunks.length === 1 ? chunks[0] : Buffer.concat(chunks, size)));
-    req.on('error', () => resolve(null)); // client went away: nothing to answer
+    req.on('end', () => resolve(chunks.length === 1 ? chunks[0] : Buffer.concat(chunks, size)));
+    // Client went away: nothing to answer ('close' after 'end' changes nothing: a promise settles once).
+    req.on('error', () => resolve(null));
+    req.on('close', () => resolve(null));
+
+    function finish(value: null): void {
+      req.removeAllListeners('data');
+      req.removeAllListeners('end');
+      resolve(value);
+    }
   });
 
-  function tooLarge(): void {
+  function reserve(bytes: number): boolean {
+    if (proxy.bodyBytesInFlight + bytes > maxBodyBytesInFlight) return false;
+    proxy.bodyBytesInFlight += bytes;
+    reserved.bytes += bytes;
+    return true;
+  }
+
+  function busy(): null {
+    return refuse(503, SERVER_ERROR, 'Server busy; retry later', { 'Retry-After': String(proxy.limits.retryAfterS) });
+  }
+
+  function refuse(status: number, code: number, message: string, headers: Record<string, string> = {}): null {
     // Close the connection after answering: the rest of the body is not worth reading.
-    reject(res, 413, INVALID_REQUEST, 'Request body too large', { Connection: 'close' });
+    reject(res, status, code, message, { ...headers, Connection: 'close' });
     req.resume();
+    return null;
   }
 }
 
-type ParsedBody = { messages: JsonRpcMessage[]; kinds: MessageKind[]; batch: boolean };
-
 /** JSON-RPC body → messages, or an answered 400. */
 function parseBody(res: http.ServerResponse, body: Buffer, limits: Limits): ParsedBody | null {
+  const text = body.toString('utf8');
+  // Checked before parsing: a 10 KB body nested 5,000 deep parses, then overflows the stack when re-serialised.
+  if (jsonDepthExceeds(text, limits.maxJsonDepth)) {
+    return reject(res, 400, INVALID_REQUEST, `Invalid Request: nested deeper than ${limits.maxJsonDepth} levels`), null;
+  }
   let parsed: unknown;
   try {
-    parsed = JSON.parse(body.toString('utf8'));
+    parsed = JSON.parse(text);
   } catch {
     return reject(res, 400, PARSE_ERROR, 'Parse error: body is not valid JSON'), null;
   }
@@ -1836,30 +2420,76 @@ function parseBody(res: http.ServerResponse, body: Buffer, limits: Limits): Pars
 
 // Router ───────
 
-function handleRequest(proxy: Proxy, req: http.IncomingMessage, res: http.ServerResponse): void {
+/**
+ * A new connection. Past maxConnections it gets a fixed 503 and is closed before anything is read: each one
+ * holds a file descriptor, and a child restarting with none left fails with EMFILE.
+ */
+function onConnection(proxy: Proxy, socket: Socket): void {
+  if (proxy.connections.size >= proxy.maxConnections) {
+    proxy.log.warn('http', `refused a connection: ${proxy.connections.size} open (maxConnections ${proxy.maxConnections})`);
+    socket.end(TOO_MANY_CONNECTIONS, () => socket.destroy());
+    REFUSED.add(socket);
+    return;
+  }
+  proxy.connections.add(socket);
+  socket.once('close', () => {
+    proxy.connections.delete(socket);
+    proxy.backlogged.delete(socket);
+  });
+}
+
+const TOO_MANY_CONNECTIONS_BODY = errorText(null, SERVER_ERROR, 'Too many connections; retry later');
+const TOO_MANY_CONNECTIONS = 'HTTP/1.1 503 Service Unavailable\r\nConnection: close\r\nContent-Type: application/json\r\n' +
+  `Content-Length: ${TOO_MANY_CONNECTIONS_BODY.length}\r\n\r\n${TOO_MANY_CONNECTIONS_BODY}`;
+/** Connections answered with TOO_MANY_CONNECTIONS: a request Node still parses on one is not served. */
+const REFUSED = new WeakSet<Socket>();
+
+/**
+ * The error boundary: whatever a request makes the handlers throw, synchronously or not, costs that request
+ * (500, logged) and never the process.
+ */
+function serveRequest(proxy: Proxy, req: http.IncomingMessage, res: http.ServerResponse): void {
+  if (REFUSED.has(req.socket)) return void req.socket.destroy();
+  const fail = (err: unknown) => {
+    proxy.log.error('http', `internal error on ${req.method} ${headOf(req.url ?? '')}: ${describeError(err)}`);
+    reject(res, 500, INTERNAL_ERROR, 'Internal error');
+  };
+  try {
+    const handled = handleRequest(proxy, req, res);
+    if (handled) handled.catch(fail);
+  } catch (err) {
+    fail(err);
+  }
+}
+
+function handleRequest(proxy: Proxy, req: http.IncomingMessage, res: http.ServerResponse): Promise<void> | void {
   const url = req.url ?? '/';
   const q = url.indexOf('?');
   const path = q === -1 ? url : url.slice(0, q);
   if (proxy.state !== 'RUNNING') return reject(res, 503, SERVER_ERROR, 'Shutting down', { Connection: 'close' });
+  // Node keeps the first maxHeadersCount fields and drops the rest silently: an Origin past them would go unseen.
+  if (req.rawHeaders.length / 2 >= proxy.limits.maxHeadersCount) {
+    return reject(res, 431, SERVER_ERROR, 'Request Header Fields Too Large', { Connection: 'close' });
+  }
   if (path === '/healthz') return sendJson(res, 200, '{"status":"ok"}');
-  if (path === '/readyz') return readiness(proxy, res, authorized(proxy, req.headers.authorization) === 'ok');
+  if (path === '/readyz') return readiness(proxy, res, typeof authorized(proxy, req.headers.authorization) === 'string');
   const { origin, host } = req.headers;
   if (!hostAllowed(proxy, host)) return reject(res, 403, SERVER_ERROR, 'Forbidden: Host not allowed');
   if (!originAllowed(proxy, origin, host)) return reject(res, 403, SERVER_ERROR, 'Forbidden: Origin not allowed');
   const cors = corsHeaders(proxy, origin);
   for (const [name, value] of Object.entries(cors)) res.setHeader(name, value);
   if (req.method === 'OPTIONS' && cors['Access-Control-Allow-Origin']) return preflight(res);
-  const auth = authorized(proxy, req.headers.authorization);
-  if (auth !== 'ok') {
-    const challenge = auth === 'invalid' ? `Bearer realm="${PROXY_NAME}", error="invalid_token"` : `Bearer realm="${PROXY_NAME}"`;
+  const credential = authorized(proxy, req.headers.authorization);
+  if (typeof credential !== 'string') {
+    const challenge = credential.failure === 'invalid' ? `Bearer realm="${PROXY_NAME}", error="invalid_token"` : `Bearer realm="${PROXY_NAME}"`;
     return reject(res, 401, SERVER_ERROR, 'Unauthorized', { 'WWW-Authenticate': challenge });
   }
   const [, name, leaf, extra] = path.split('/');
   const server = extra === undefined && SERVER_NAME_RE.test(name ?? '') ? proxy.servers.get(name) : undefined;
   if (!server) return reject(res, 404, SERVER_ERROR, 'Not Found');
-  if (leaf === 'mcp') return void handleMcp(server, req, res);
-  if (leaf === 'sse') return handleSseGet(server, req, res);
-  if (leaf === 'messages') return void handleSseMessage(server, req, res, url.slice(q + 1));
+  if (leaf === 'mcp') return handleMcp(server, req, res, credential);
+  if (leaf === 'sse') return handleSseGet(server, req, res, credential);
+  if (leaf === 'messages') return handleSseMessage(server, req, res, url.slice(q + 1), credential);
   reject(res, 404, SERVER_ERROR, 'Not Found');
 }
 
@@ -1894,57 +2524,59 @@ function perSessionState(server: ServerRuntime): ServerState {
 
 // Streamable HTTP: /{name}/mcp ───────
 
-async function handleMcp(server: ServerRuntime, req: http.IncomingMessage, res: http.ServerResponse): Promise<void> {
-  if (req.method === 'POST') return handleMcpPost(server, req, res);
-  if (req.method === 'GET') return handleMcpGet(server, req, res);
-  if (req.method === 'DELETE') return handleMcpDelete(server, req, res);
+async function handleMcp(server: ServerRuntime, req: http.IncomingMessage, res: http.ServerResponse, credential: string): Promise<void> {
+  if (req.method === 'POST') return handleMcpPost(server, req, res, credential);
+  if (req.method === 'GET') return handleMcpGet(server, req, res, credential);
+  if (req.method === 'DELETE') return handleMcpDelete(server, req, res, credential);
   reject(res, 405, SERVER_ERROR, 'Method not allowed', { Allow: 'GET, POST, DELETE' });
 }
 
-/** Looks up the session a request names: 400 when it names none, 404 (-32001) when unknown (spec H9). */
-function requireSession(server: ServerRuntime, req: http.IncomingMessage, res: http.ServerResponse): Session | null {
+/**
+ * Looks up the session a request names: 400 when it names none, 404 (-32001) when unknown or opened by another
+ * credential (spec basic/transports §Session Management: bind sessions to the user; 404 says nothing more).
+ */
+function requireSession(server: ServerRuntime, req: http.IncomingMessage, res: http.ServerResponse, credential: string): Session | null {
   const id = req.headers['mcp-session-id'];
   if (typeof id !== 'string' || id === '') {
     return reject(res, 400, SERVER_ERROR, 'Bad Request: Mcp-Session-Id header is required'), null;
   }
   const session = server.sessions.get(id);
-  if (!session || session.transport !== 'streamable') return reject(res, 404, SESSION_NOT_FOUND, 'Session not found'), null;
+  if (!session || session.transport !== 'streamable' || session.credential !== credential) {
+    return reject(res, 404, SESSION_NOT_FOUND, 'Session not found'), null;
+  }
   const version = req.headers['mcp-protocol-version'];
-  // Absent means the negotiated version (V2); any supported value is accepted (the conformance client sends
-  // 2025-03-26 whatever was negotiated, V5).
+  // Absent means the negotiated version (spec basic/transports §Protocol Version Header); any supported value is
+  // accepted (the conformance suite's client sends 2025-03-26 whatever was negotiated).
   if (typeof version === 'string' && !SUPPORTED_PROTOCOL_VERSIONS.includes(version)) {
     return reject(res, 400, SERVER_ERROR, 'Bad Request: Unsupported protocol version'), null;
   }
   return session;
 }
 
-async function handleMcpPost(server: ServerRuntime, req: http.IncomingMessage, res: http.ServerResponse): Promise<void> {
-  const proxy = server.proxy;
+async function handleMcpPost(server: ServerRuntime, req: http.IncomingMessage, res: http.ServerResponse, credential: string): Promise<void> {
   if (!isJsonContentType(req.headers['content-type'])) {
     return reject(res, 415, SERVER_ERROR, 'Unsupported Media Type: Content-Type must be application/json');
   }
   const accepts = parseAccept(req.headers.accept);
   if (!accepts) return reject(res, 406, SERVER_ERROR, 'Not Acceptable: Accept must allow application/json or text/event-stream');
-  const body = await readBody(req, res, proxy.limits.maxBodyBytes);
-  if (!body) return;
-  const parsed = parseBody(res, body, proxy.limits);
+  const parsed = await readMessages(server.proxy, req, res);
   if (!parsed) return;
   const { messages, kinds } = parsed;
   const initIndex = messages.findIndex((msg, i) => kinds[i] === 'request' && msg.method === 'initialize');
   if (initIndex !== -1) {
     if (messages.length > 1) return reject(res, 400, INVALID_REQUEST, 'Invalid Request: initialize must be sent alone');
-    return initializeStreamable(server, messages[0], accepts, res);
+    return initializeStreamable(server, messages[0], accepts, res, credential);
   }
   if (req.headers['mcp-session-id'] === undefined && kinds.every((kind) => kind === 'notification')) {
-    // Claude.ai has sent notifications/initialized without a session id (mcp-protocol.md C15): accept and drop.
+    // Claude.ai has sent notifications/initialized without a session id (github.com/anthropics/claude-ai-mcp/issues/99): accept and drop.
     res.writeHead(202).end();
     return;
   }
   // Unsessioned requests, including 2026-07-28's server/discover, get 400 -32000 so modern clients fall back
-  // to initialize (spec 2026-07-28 §Backward Compatibility; never -32601, mcp-protocol.md H17).
-  const session = requireSession(server, req, res);
+  // to initialize (spec 2026-07-28 §Backward Compatibility; never -32601: github.com/anthropics/claude-ai-mcp/issues/1044).
+  const session = requireSession(server, req, res, credential);
   if (!session) return;
-  // Batches exist only in 2025-03-26 (removed in 2025-06-18, mcp-protocol.md §1).
+  // Batches exist only in 2025-03-26 (removed in 2025-06-18: spec changelog).
   if (parsed.batch && session.protocolVersion !== BATCH_VERSION) {
     return reject(res, 400, INVALID_REQUEST, `Invalid Request: batches need protocol version ${BATCH_VERSION}`);
   }
@@ -1963,7 +2595,7 @@ function dispatchPost(session: Session, parsed: ParsedBody, accepts: Accepts, re
     return;
   }
   if (overPendingLimit(session, requests, res, batch ? null : (messages[0].id as JsonRpcId))) return;
-  const exchange: Exchange = { res, sse: null, remaining: requests, batch, answers: [], done: false };
+  const exchange: Exchange = { proxy: session.server.proxy, res, sse: null, remaining: requests, batch, answers: [], done: false };
   // Stream when the client can take it and may get messages before the answer: progress it asked for.
   if (accepts.sse && (!accepts.json || messages.some(wantsProgress))) {
     exchange.sse = openStream(session.server.proxy, res, { 'Mcp-Session-Id': session.id }, () => {
@@ -1992,10 +2624,13 @@ function wantsProgress(msg: JsonRpcMessage): boolean {
   return isObject(meta) && meta.progressToken !== undefined;
 }
 
-async function initializeStreamable(server: ServerRuntime, msg: JsonRpcMessage, accepts: Accepts, res: http.ServerResponse): Promise<void> {
+async function initializeStreamable(
+  server: ServerRuntime, msg: JsonRpcMessage, accepts: Accepts, res: http.ServerResponse, credential: string,
+): Promise<void> {
   if (server.shared && server.shared.state !== 'ready') return unavailable(res, server.shared);
-  const session = createSession(server, 'streamable');
+  const session = createSession(server, 'streamable', credential);
   if (!session) return reject(res, 503, SERVER_ERROR, 'Too many sessions; retry later', { 'Retry-After': String(server.proxy.limits.retryAfterS) });
+  beginInitialize(session, msg);
   if (!(await upstreamReady(session))) return;
   const text = initializeResult(session, msg);
   if (accepts.json) return sendJson(res, 200, text, { 'Mcp-Session-Id': session.id });
@@ -2014,10 +2649,10 @@ async function initializeStreamable(server: ServerRuntime, msg: JsonRpcMessage, 
   }
 }
 
-function handleMcpGet(server: ServerRuntime, req: http.IncomingMessage, res: http.ServerResponse): void {
+function handleMcpGet(server: ServerRuntime, req: http.IncomingMessage, res: http.ServerResponse, credential: string): void {
   const accepts = parseAccept(req.headers.accept);
   if (!accepts?.sse) return reject(res, 406, SERVER_ERROR, 'Not Acceptable: Accept must allow text/event-stream');
-  const session = requireSession(server, req, res);
+  const session = requireSession(server, req, res, credential);
   if (!session) return;
   if (session.stream) return reject(res, 409, SERVER_ERROR, 'Conflict: only one GET stream per session');
   touchSession(session);
@@ -2027,8 +2662,8 @@ function handleMcpGet(server: ServerRuntime, req: http.IncomingMessage, res: htt
   });
 }
 
-function handleMcpDelete(server: ServerRuntime, req: http.IncomingMessage, res: http.ServerResponse): void {
-  const session = requireSession(server, req, res);
+function handleMcpDelete(server: ServerRuntime, req: http.IncomingMessage, res: http.ServerResponse, credential: string): void {
+  const session = requireSession(server, req, res, credential);
   if (!session) return;
   endSession(session);
   sendJson(res, 200, '{}');
@@ -2037,28 +2672,31 @@ function handleMcpDelete(server: ServerRuntime, req: http.IncomingMessage, res: 
 // Legacy HTTP+SSE: /{name}/sse and /{name}/messages ───────
 
 /** GET opens the session's stream and names the POST endpoint (spec 2024-11-05 §HTTP with SSE). */
-function handleSseGet(server: ServerRuntime, req: http.IncomingMessage, res: http.ServerResponse): void {
-  // POST here answers 405: that is how clients trying Streamable HTTP first learn to fall back (spec SSE7).
+function handleSseGet(server: ServerRuntime, req: http.IncomingMessage, res: http.ServerResponse, credential: string): void {
+  // POST here answers 405: that is how clients trying Streamable HTTP first learn to fall back (spec 2025-03-26
+  // basic/transports §Backwards Compatibility).
   if (req.method !== 'GET') return reject(res, 405, SERVER_ERROR, 'Method not allowed', { Allow: 'GET' });
   if (server.shared && server.shared.state !== 'ready') return unavailable(res, server.shared);
-  const session = createSession(server, 'sse');
+  const session = createSession(server, 'sse', credential);
   if (!session) return reject(res, 503, SERVER_ERROR, 'Too many sessions; retry later', { 'Retry-After': String(server.proxy.limits.retryAfterS) });
   session.stream = openStream(server.proxy, res, {}, () => endSession(session));
   session.stream.res.write(`event: endpoint\ndata: /${server.config.name}/messages?sessionId=${session.id}\n\n`);
 }
 
-async function handleSseMessage(server: ServerRuntime, req: http.IncomingMessage, res: http.ServerResponse, query: string): Promise<void> {
+async function handleSseMessage(
+  server: ServerRuntime, req: http.IncomingMessage, res: http.ServerResponse, query: string, credential: string,
+): Promise<void> {
   if (req.method !== 'POST') return reject(res, 405, SERVER_ERROR, 'Method not allowed', { Allow: 'POST' });
   const id = new URLSearchParams(query).get('sessionId');
   if (!id) return reject(res, 400, SERVER_ERROR, 'Bad Request: sessionId is required');
   const session = server.sessions.get(id);
-  if (!session || session.transport !== 'sse') return reject(res, 404, SESSION_NOT_FOUND, 'Session not found');
+  if (!session || session.transport !== 'sse' || session.credential !== credential) {
+    return reject(res, 404, SESSION_NOT_FOUND, 'Session not found');
+  }
   if (!isJsonContentType(req.headers['content-type'])) {
     return reject(res, 415, SERVER_ERROR, 'Unsupported Media Type: Content-Type must be application/json');
   }
-  const body = await readBody(req, res, server.proxy.limits.maxBodyBytes);
-  if (!body) return;
-  const parsed = parseBody(res, body, server.proxy.limits);
+  const parsed = await readMessages(server.proxy, req, res);
   if (!parsed || session.closed) return void (parsed && reject(res, 404, SESSION_NOT_FOUND, 'Session not found'));
   touchSession(session);
   if (overPendingLimit(session, parsed.kinds.filter((kind) => kind === 'request').length, res)) return;
@@ -2072,6 +2710,7 @@ async function handleSseMessage(server: ServerRuntime, req: http.IncomingMessage
 
 async function initializeSse(session: Session, msg: JsonRpcMessage): Promise<void> {
   const up = session.upstream;
+  beginInitialize(session, msg);
   if (up.state !== 'ready') await whenSettled(up);
   if (session.closed || !session.stream) return;
   if (up.state !== 'ready') return writeEvent(session.stream, errorText(msg.id as JsonRpcId, SERVER_ERROR, `MCP server is ${up.state}`));
@@ -2095,9 +2734,14 @@ export type ServerStatus = { state: ServerState; pid: number | null; pids: numbe
 
 export type StartOptions = Partial<Options> & { limits?: Partial<Limits>; log?: Logger };
 
+/** Every proxy started and not yet closed, for the crash handler (killAllChildGroups). */
+const LIVE_PROXIES = new Set<Proxy>();
+
 export async function startProxy(config: Config, start: StartOptions = {}): Promise<RunningProxy> {
   const options: Options = { ...defaultOptions(), ...stripUndefined(start) };
-  const limits: Limits = { ...DEFAULT_LIMITS, ...start.limits };
+  const limits = validateLimits({ ...DEFAULT_LIMITS, ...start.limits });
+  const weak = tokenProblem(options.tokens);
+  if (weak) throw new ProxyError('WEAK_TOKEN', weak);
   const loopbackBind = isLoopbackHost(options.host);
   if (!loopbackBind && options.tokens.length === 0 && !options.allowUnauthenticated) {
     throw new ProxyError('UNAUTHENTICATED_PUBLIC_BIND',
@@ -2105,17 +2749,29 @@ export async function startProxy(config: Config, start: StartOptions = {}): Prom
       '(--token, --token-file, MCP_PROXY_TOKEN or MCP_PROXY_TOKEN_FILE), bind 127.0.0.1, or accept the risk with ' +
       '--allow-unauthenticated (MCP_PROXY_ALLOW_UNAUTHENTICATED=1)');
   }
+  const secrets = [...new Set([...config.servers.flatMap((server) => server.secrets), ...options.tokens])];
   const proxy: Proxy = {
-    options, limits, log: start.log ?? createLogger(options.logLevel), servers: new Map(),
-    http: http.createServer({ requestTimeout: limits.httpRequestTimeoutMs, headersTimeout: limits.headersTimeoutMs, keepAliveTimeout: limits.keepAliveTimeoutMs }),
+    options, limits, log: safeLogger(start.log ?? createLogger(options.logLevel), () => secrets), servers: new Map(),
+    http: http.createServer({
+      requestTimeout: limits.httpRequestTimeoutMs, headersTimeout: limits.headersTimeoutMs,
+      keepAliveTimeout: limits.keepAliveTimeoutMs, connectionsCheckingInterval: limits.connectionsCheckIntervalMs,
+    }),
     state: 'RUNNING', streams: new Set(), timers: [], startQueue: [], starting: 0,
-    tokens: options.tokens.map(sha256), loopbackBind, closed: null,
+    tokens: options.tokens.map(sha256), loopbackBind,
+    allowedHosts: new Set([...LOOPBACK_HOSTNAMES, hostnameOf(options.host.includes(':') ? `[${options.host}]` : options.host)]),
+    connections: new Set(), backlogged: new Set(), maxConnections: connectionCap(limits.maxConnections), bodyBytesInFlight: 0,
+    groups: new Map(), closed: null,
   };
   proxy.http.maxHeadersCount = limits.maxHeadersCount;
-  proxy.http.on('request', (req, res) => handleRequest(proxy, req, res));
+  proxy.http.on('connection', (socket: Socket) => onConnection(proxy, socket));
+  proxy.http.on('request', (req, res) => serveRequest(proxy, req, res));
   await listen(proxy.http, options.host, options.port);
+  LIVE_PROXIES.add(proxy);
   for (const server of config.servers) addServer(proxy, server);
-  proxy.timers.push(setInterval(sweep, limits.sweepIntervalMs, proxy), setInterval(keepalive, limits.sseKeepaliveMs, proxy));
+  proxy.timers.push(
+    setInterval(() => guarded(proxy, 'proxy', 'the sweep', () => sweep(proxy)), limits.sweepIntervalMs),
+    setInterval(() => guarded(proxy, 'proxy', 'keep-alives', () => keepalive(proxy)), limits.sseKeepaliveMs),
+  );
   for (const timer of proxy.timers) timer.unref();
   const port = (proxy.http.address() as { port: number }).port;
   return {
@@ -2125,6 +2781,41 @@ export async function startProxy(config: Config, start: StartOptions = {}): Prom
     status: () => statusOf(proxy),
     close: () => closeProxy(proxy),
   };
+}
+
+/** Every limit is a positive integer: 0 or NaN would disable a bound, or trip it on every request. */
+function validateLimits(limits: Limits): Limits {
+  for (const [name, value] of Object.entries(limits)) {
+    if (!(name in DEFAULT_LIMITS)) throw new ProxyError('INVALID_LIMIT', `limits.${name}: unknown limit`);
+    if (!Number.isSafeInteger(value) || value <= 0) {
+      throw new ProxyError('INVALID_LIMIT', `limits.${name}: got ${typeof value === 'number' ? String(value) : typeName(value)}, expected a positive integer`);
+    }
+  }
+  return limits;
+}
+
+/** Why the static tokens cannot be used, or null. Never quotes a token. */
+function tokenProblem(tokens: readonly string[]): string | null {
+  const short = tokens.filter((token) => token.length < MIN_TOKEN_CHARS).length;
+  if (short === 0) return null;
+  return `${short} of ${tokens.length} bearer tokens ${short === 1 ? 'is' : 'are'} shorter than ${MIN_TOKEN_CHARS} characters; ` +
+    'use a long random one (e.g. `openssl rand -hex 32`)';
+}
+
+/**
+ * maxConnections, lowered to leave FD_RESERVE descriptors free under the process's limit (Node raises the soft
+ * limit to the hard one at start; /proc is read because Node has no getrlimit). Unknown limit: as configured.
+ */
+function connectionCap(maxConnections: number): number {
+  let soft = Infinity;
+  try {
+    const line = readBounded('/proc/self/limits', MAX_SECRET_FILE_BYTES).split('\n').find((l) => l.startsWith('Max open files'));
+    const value = line ? Number(line.split(/\s{2,}/)[1]) : NaN;
+    if (Number.isFinite(value)) soft = value;
+  } catch {
+    // Not Linux (no /proc): the configured cap stands alone.
+  }
+  return Math.max(1, Math.min(maxConnections, soft - FD_RESERVE));
 }
 
 function defaultOptions(): Options {
@@ -2252,11 +2943,15 @@ function closeProxy(proxy: Proxy): Promise<void> {
     const stopped = Promise.all(names.map((name) => removeServer(proxy, name)));
     for (const stream of [...proxy.streams]) closeStream(stream);
     proxy.startQueue = [];
+    // Children stop in steps, and groups of children that crashed earlier may still be emptying.
+    const emptied = stopped.then(() => Promise.all([...proxy.groups.values()]));
     let timer: NodeJS.Timeout | undefined;
-    await Promise.race([stopped, new Promise((resolve) => (timer = setTimeout(resolve, proxy.limits.shutdownTimeoutMs)))]);
+    await Promise.race([emptied, new Promise((resolve) => (timer = setTimeout(resolve, proxy.limits.shutdownTimeoutMs)))]);
     clearTimeout(timer);
+    for (const pgid of proxy.groups.keys()) signalPgid(pgid, 'SIGKILL'); // past the deadline: no stray survives us
     proxy.http.closeAllConnections();
     await httpClosed;
+    LIVE_PROXIES.delete(proxy);
     proxy.state = 'CLOSED';
   })();
   return proxy.closed;
@@ -2333,11 +3028,13 @@ function buildOptions(command: 'serve' | 'check' | 'healthcheck', flags: Map<str
   const tokenFile = one('--token-file', 'MCP_PROXY_TOKEN_FILE');
   if (tokenFile !== undefined) {
     try {
-      tokens.push(...readTokenFile(readFile(tokenFile)));
+      tokens.push(...readTokenFile(readFile(tokenFile, MAX_SECRET_FILE_BYTES)));
     } catch (err) {
-      return { error: `--token-file: cannot read ${JSON.stringify(tokenFile)} (${(err as NodeJS.ErrnoException).code ?? 'error'})` };
+      return { error: `--token-file: cannot read ${JSON.stringify(tokenFile)} (${readFailure(err)})` };
     }
   }
+  const weak = tokenProblem(tokens);
+  if (weak) return { error: `--token: ${weak}` };
   const allowRaw = flags.has('--allow-unauthenticated') ? 'true' : (env.MCP_PROXY_ALLOW_UNAUTHENTICATED ?? '');
   const options: Options = {
     configPath: one('--config', 'MCP_PROXY_CONFIG') ?? DEFAULT_CONFIG_PATH,
@@ -2378,10 +3075,46 @@ async function main(): Promise<void> {
     process.exit(1);
   }
   if (cli.command === 'check') {
+    const problems = checkHost(loaded.config, cli.options.configPath);
+    for (const problem of problems) writeStderr(`error: ${problem}`);
+    if (problems.length) process.exit(1);
     const names = loaded.config.servers.map((server) => server.name).join(', ') || 'none';
     return void process.stdout.write(`config OK: ${cli.options.configPath}: ${loaded.config.servers.length} servers (${names})\n`);
   }
+  installCrashGuard(log);
   await serve(loaded.config, cli.options, log);
+}
+
+/** What `check` can see beyond the file itself: a working directory that does not exist or is not one. */
+export function checkHost(config: Config, source: string): string[] {
+  const problems: string[] = [];
+  for (const server of config.servers) {
+    if (server.cwd === undefined) continue;
+    let isDir = false;
+    let why = 'not a directory';
+    try {
+      isDir = statSync(server.cwd).isDirectory();
+    } catch (err) {
+      why = `cannot be read (${(err as NodeJS.ErrnoException).code ?? 'error'})`;
+    }
+    if (!isDir) problems.push(`${source}: mcpServers.${server.name}.cwd: ${JSON.stringify(server.cwd)} is ${why === 'not a directory' ? why : `a path that ${why}`}`);
+  }
+  return problems;
+}
+
+/**
+ * Should the process die anyway (a throw outside every boundary), no child outlives it: every child group is
+ * killed on the way out. Children lead their own groups, so nothing else would ever stop them.
+ */
+export function installCrashGuard(log: Logger): void {
+  const die = (what: string) => (err: unknown) => {
+    log.error('proxy', `${what}: ${describeError(err)}; killing every child and exiting`);
+    killAllChildGroups();
+    process.exit(1);
+  };
+  process.on('uncaughtException', die('uncaught exception'));
+  process.on('unhandledRejection', die('unhandled rejection'));
+  process.on('exit', killAllChildGroups);
 }
 
 async function serve(config: Config, options: Options, log: Logger): Promise<void> {
