@@ -9,16 +9,23 @@
 // Makes no outbound connections and has no runtime dependencies: only `node:` built-ins.
 //
 // Threat model:
-//   - Clients are untrusted: every body, header and id is validated; every buffer, queue and map is bounded
-//     (section 1). Error text sent to clients is fixed; details go to the log only.
+//   - Clients are untrusted: every body, header and id is validated; every buffer, queue, map, connection and
+//     nesting depth is bounded (section 1). Error text sent to clients is fixed; details go to the log only.
+//     Nothing a client or a child sends can crash the process: every request and every child event runs
+//     inside an error boundary, and should the process die anyway, every child group is killed with it.
+//   - Sessions are isolated: a session is bound to the credential that opened it; answers, progress and
+//     child→client requests reach only the session they belong to, or nobody (never a guess).
+//   - A client cannot widen a server's sandbox: clients' roots never reach children (section 6).
 //   - A DNS-rebinding page must not reach a loopback proxy: Origin is checked on every request and Host on
 //     loopback binds (spec 2025-11-25 basic/transports §Security Warning).
 //   - Exposing unauthenticated servers on a public interface is refused unless the operator says so.
 //     Bearer tokens are compared in constant time and never logged; client tokens never reach children.
 //   - Children are trusted as much as the operator's config trusts them, but their output is not: a child
 //     that prints garbage, huge lines or dies is logged, contained and restarted.
-//   - Secrets expanded into a child's environment (${VAR}, ${file:…}) are never logged; they are masked
-//     in the child's own stderr lines before those reach our log.
+//   - Secrets expanded into a child's environment (${VAR}, ${file:…}) and bearer tokens are never logged:
+//     every log line is masked (each line of a secret and its JSON-escaped form) and control characters
+//     are escaped, so neither a child nor a client can forge or hide a log line.
+//   - Children that crash are reaped with their whole process group (SIGTERM, then SIGKILL by the clock).
 //   - Not handled: descendants of a child that call setsid() leave its process group and escape our kill.
 //
 // Contents
@@ -1554,9 +1561,14 @@ async function waitUntil(cond: () => boolean, timeoutMs: number, stepMs = POLL_S
 //   notifications/cancelled                  the session the cancelled child→client request went to
 //   notifications/resources/updated          every session subscribed to that URI
 //   notifications/*/list_changed, message…   every session on the child
-//   roots/list, sampling/…, elicitation/…    one session that declared the capability: the only one with
-//                                            requests in flight, else the most recently active; else error
+//   sampling/…, elicitation/…, other requests  per-session child: its session, if it declared the capability.
+//                                            Shared child: the session of the one client request in flight,
+//                                            if it declared it and the operator enabled it; else an error
+//   roots/list                               answered by the proxy from the server's configured "roots"
 //   ping                                     answered by the proxy
+//
+// Clients' roots never reach a child: they are paths on the client's machine, and a server such as
+// server-filesystem makes them its sandbox (a client answering file:/// opened / to every session).
 
 /** Picks the version a session speaks (spec lifecycle §Version Negotiation): echo it if we support it. */
 export function negotiateVersion(requested: unknown, childVersion: string): string {
