@@ -2150,7 +2150,10 @@ function closeStream(stream: SseStream): void {
 function writeEvent(stream: SseStream, text: Outgoing): void {
   if (stream.closed) return;
   const res = stream.res;
-  if (!roomFor(stream.proxy, res)) return closeStream(stream);
+  if (!roomFor(stream.proxy, res)) {
+    closeStream(stream);
+    return void res.destroy();
+  }
   if (typeof text === 'string') res.write(`${EVENT_HEAD}${withoutCr(text)}${EVENT_TAIL}`);
   else {
     const pieces = text.some((piece) => piece.includes(CARRIAGE_RETURN)) ? [withoutCrBytes(text)] : text;
@@ -2173,12 +2176,11 @@ function writeEvent(stream: SseStream, text: Outgoing): void {
 // under its own limit, reached ~1 GB before this). Sockets with bytes queued are kept in proxy.backlogged
 // until they drain, so the total costs a pass over those only.
 
-/** False, after closing the connection, when it already holds more than its share unread. */
+/** False (logged; the caller closes the connection) when it already holds more than its share unread. */
 function roomFor(proxy: Proxy, res: http.ServerResponse): boolean {
   const queued = res.writableLength; // the response's own buffer plus its socket's
   if (queued <= proxy.limits.maxQueuedBytesPerConnection) return true;
   proxy.log.warn('http', `closed a connection with ${queued} bytes unread (maxQueuedBytesPerConnection ${proxy.limits.maxQueuedBytesPerConnection})`);
-  res.destroy();
   return false;
 }
 
@@ -2238,7 +2240,8 @@ function answerExchange(exchange: Exchange, text: Outgoing): void {
   if (exchange.remaining > 0) return;
   exchange.done = true;
   const res = exchange.res;
-  if (res.destroyed || !roomFor(exchange.proxy, res)) return;
+  if (res.destroyed) return;
+  if (!roomFor(exchange.proxy, res)) return void res.destroy();
   const [first] = exchange.answers;
   if (!exchange.batch && typeof first === 'string') sendJson(res, 200, first);
   else sendPieces(res, exchange.batch ? batchPieces(exchange.answers) : (first as readonly Buffer[]));

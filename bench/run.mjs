@@ -491,7 +491,7 @@ async function phaseIdle(t, R) {
   if (t.kind === "relay") return; // the HTTP floor's sessions plus one child: nothing the floor does not show
   const holdsSocket = t.transport === "sse" || (t.transport === "streamable" && IDLE_GET);
   // Each held session is one socket in this process and one in the server: stay under RLIMIT_NOFILE.
-  const cap = holdsSocket ? Math.min(SESSIONS, fdLimit() - 300) : SESSIONS;
+  const cap = holdsSocket ? Math.min(SESSIONS, fdLimit() - 600) : SESSIONS;
   log(`[idle sessions] ${t.label}: 32, then ${fmt(cap)}${cap < SESSIONS ? ` (capped by the fd limit ${fdLimit()})` : ""}`);
   const srv = await startServer(t.kind);
   const agent = makeAgent();
