@@ -9,9 +9,10 @@
 
 import { after, before, describe, it, type TestContext } from 'node:test';
 import assert from 'node:assert/strict';
-import { execFile, spawn, type ChildProcess } from 'node:child_process';
+import childProcess, { execFile, spawn, type ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
 import http from 'node:http';
+import { syncBuiltinESMExports } from 'node:module';
 import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
@@ -228,7 +229,7 @@ async function harness(t: TestContext, config: Config, options: StartOptions = {
   return h;
 }
 
-function srv(name: string, args: string[], extra: Partial<ServerConfig> = {}): ServerConfig {
+function srv(name: string, args: string[], extra: Partial<ServerConfig> & Record<string, unknown> = {}): ServerConfig {
   // `secrets` is not in the API.md ServerConfig but proxy.ts requires it (values to mask in child logs);
   // the cast keeps this helper compiling whether or not the field stays.
   return { name, command: NODE, args, env: {}, sessions: 'shared', secrets: [], ...extra } as ServerConfig;
@@ -244,7 +245,17 @@ const mode = process.argv[1] || 'ok';
 if (process.env.FIXTURE_PIDFILE) fs.appendFileSync(process.env.FIXTURE_PIDFILE, process.pid + '\n');
 if (mode === 'crash') process.exit(3);
 if (mode === 'stderr-env') process.stderr.write('my key is ' + process.env.API_KEY + '\n');
-const seen = { hung: [], cancelled: [], initialize: 0 };
+if (mode === 'gcrash') {
+  // Each run leaves a grandchild that ignores SIGTERM in this process group, then crashes.
+  const g = spawn(process.execPath, ['-e', "process.on('SIGTERM',()=>{});process.stdout.write('up');setInterval(()=>{},1e6)"],
+                  { stdio: ['ignore', 'pipe', 'ignore'] });
+  g.stdout.once('data', () => { fs.appendFileSync(process.env.FIXTURE_GPIDFILE, g.pid + '\n'); process.exit(3); });
+}
+// initCaps: the capabilities the child was initialized with; notes: notification methods received;
+// responses: answers to requests this child sent (ask, flood), by id.
+const seen = { hung: [], cancelled: [], initialize: 0, initCaps: null, notes: [], responses: {} };
+const asks = new Map();
+let askSeq = 0;
 const send = (m) => process.stdout.write(JSON.stringify(m) + '\n');
 const reply = (id, result) => send({ jsonrpc: '2.0', id, result });
 const text = (id, t) => reply(id, { content: [{ type: 'text', text: String(t) }] });
@@ -275,6 +286,8 @@ function onLine(line) {
 function onMessage(msg) {
   if (msg.method === 'initialize') {
     seen.initialize++;
+    seen.initCaps = msg.params && msg.params.capabilities;
+    if (process.env.FIXTURE_LOG) fs.appendFileSync(process.env.FIXTURE_LOG, 'initcaps ' + JSON.stringify(seen.initCaps) + '\n');
     if (process.env.FIXTURE_LOG) fs.appendFileSync(process.env.FIXTURE_LOG, 'initialize ' + process.pid + '\n');
     if (mode === 'noinit') return;
     if (mode === 'initerror') return send({ jsonrpc: '2.0', id: msg.id, error: { code: -32603, message: 'bad api key ' + process.env.API_KEY } });
@@ -290,6 +303,7 @@ function onMessage(msg) {
       return;
     }
     answer();
+    if (mode === 'leak') setImmediate(leak);
     // A paused stdin no longer holds the event loop open: the interval keeps the stalled child alive.
     if (mode === 'stall') { stalled = true; process.stdin.pause(); setInterval(() => {}, 1 << 30); }
     return;
@@ -298,6 +312,19 @@ function onMessage(msg) {
     seen.cancelled.push(msg.params.requestId);
     if (process.env.FIXTURE_LOG) fs.appendFileSync(process.env.FIXTURE_LOG, 'cancelled ' + JSON.stringify(msg.params.requestId) + '\n');
     return;
+  }
+  if (msg.method === undefined && msg.id !== undefined && msg.id !== null) {
+    // An answer (through the proxy) to a request this child sent.
+    const outcome = msg.error ? { error: msg.error } : { result: msg.result };
+    seen.responses[msg.id] = outcome;
+    if (process.env.FIXTURE_LOG) fs.appendFileSync(process.env.FIXTURE_LOG, 'response ' + JSON.stringify(msg.id) + ' ' + JSON.stringify(outcome) + '\n');
+    const waiting = asks.get(msg.id);
+    if (waiting !== undefined) { asks.delete(msg.id); text(waiting, JSON.stringify(outcome)); }
+    return;
+  }
+  if (msg.id === undefined && typeof msg.method === 'string') {
+    seen.notes.push(msg.method);
+    if (process.env.FIXTURE_LOG) fs.appendFileSync(process.env.FIXTURE_LOG, 'note ' + msg.method + '\n');
   }
   if (msg.id === undefined || msg.method === undefined) return;
   if (msg.method === 'ping') return reply(msg.id, {});
@@ -345,12 +372,67 @@ function onMessage(msg) {
       g.stdout.once('data', () => { g.stdout.destroy(); text(msg.id, g.pid); });
       return;
     }
+    case 'garbage1':
+      // A bad line and this call's answer in one write, so they reach the proxy in one chunk.
+      process.stdout.write('not json\n' + JSON.stringify({ jsonrpc: '2.0', id: msg.id, result: { content: [{ type: 'text', text: 'after garbage' }] } }) + '\n');
+      return;
+    case 'ask': {
+      // A request to the client (a.method, a.params); this call is answered with the client's answer.
+      const id = 'ask-' + (++askSeq);
+      asks.set(id, msg.id);
+      return send({ jsonrpc: '2.0', id, method: a.method, params: a.params || {} });
+    }
+    case 'flood':
+      // a.count requests to the client at once, then this call is answered; answers land in seen.responses.
+      for (let i = 1; i <= a.count; i++) send({ jsonrpc: '2.0', id: 'flood-' + i, method: a.method, params: a.params || {} });
+      return text(msg.id, 'sent ' + a.count);
+    case 'closeout':
+      // Closes stdout and stays alive: this call is never answered by the child.
+      process.stdout.end();
+      setInterval(() => {}, 1 << 30);
+      return;
+    case 'deep':
+      // An answer nested a.depth arrays deep, its id first (so it cannot be spliced into place).
+      process.stdout.write('{"id":' + JSON.stringify(msg.id) + ',"jsonrpc":"2.0","result":{"content":[],"deep":' +
+        '['.repeat(a.depth) + ']'.repeat(a.depth) + '}}\n');
+      return;
+    case 'deepnote':
+      process.stdout.write('{"jsonrpc":"2.0","method":"notifications/message","params":{"level":"info","data":' +
+        '['.repeat(a.depth) + ']'.repeat(a.depth) + '}}\n');
+      return text(msg.id, 'after deep');
+    case 'bigid': {
+      // An answer of more than a.bytes bytes whose own id comes last, after nested "id" keys (decoys).
+      const body = { jsonrpc: '2.0', result: { content: [{ type: 'text', text: 'x'.repeat(a.bytes) + ' "id":' + a.decoy, id: a.decoy }],
+                                               structuredContent: { id: a.decoy } } };
+      process.stdout.write(JSON.stringify(body).slice(0, -1) + ',"id":' + JSON.stringify(msg.id) + '}\n');
+      return;
+    }
+    case 'spam':
+      // a.count notifications/message of a.bytes bytes each (broadcast to every session), then the answer.
+      for (let i = 0; i < a.count; i++) send({ jsonrpc: '2.0', method: 'notifications/message', params: { level: 'info', logger: 'spam', data: 's'.repeat(a.bytes) } });
+      return text(msg.id, 'spammed');
+    case 'say':
+      // One stderr line: a.text with each $NAME replaced by that environment variable.
+      process.stderr.write(String(a.text).replace(/\$([A-Z_][A-Z0-9_]*)/g, (m, n) => (process.env[n] === undefined ? m : process.env[n])) + '\n');
+      return text(msg.id, 'said');
     default: return send({ jsonrpc: '2.0', id: msg.id, error: { code: -32602, message: 'unknown what' } });
   }
 }
+// mode 'leak': after initialize, what the log must never show raw: every line of a multi-line secret, a short
+// secret standing alone, a static token, a secret used as a stray response id, and control characters.
+function leak() {
+  const e = process.env;
+  process.stderr.write('pem follows\n' + e.PEM + '\n');
+  process.stderr.write('pin=' + e.PIN + '.\n' + 'keep abc' + e.PIN + 'def\n');
+  process.stderr.write('token ' + e.TOKEN_TEXT + ' here\n');
+  process.stderr.write('forged\r2099-01-01T00:00:00.000Z error [other] FORGED \u001b[2K\u0085\u007f end\n');
+  send({ jsonrpc: '2.0', id: e.STRAY, result: {} });
+  process.stdout.write('END-STDOUT-MARKER\n');
+  process.stderr.write('END-STDERR-MARKER\n');
+}
 `;
 
-function fixture(name: string, mode = 'ok', extra: Partial<ServerConfig> = {}): ServerConfig {
+function fixture(name: string, mode = 'ok', extra: Partial<ServerConfig> & Record<string, unknown> = {}): ServerConfig {
   return srv(name, ['-e', FIXTURE, mode], extra);
 }
 
@@ -543,6 +625,109 @@ function fileLines(file: string): string[] {
   return fs.existsSync(file) ? fs.readFileSync(file, 'utf8').split('\n').filter(Boolean) : [];
 }
 
+/**
+ * A startProxy `log` like captureLog that, once armed, throws from the first call `match` accepts (an
+ * unexpected failure inside the proxy, at a point the test picks); later calls log normally.
+ */
+type LogMatch = (level: string, scope: string, text: string) => boolean;
+function faultyLog(lines: string[]): { log: NonNullable<NonNullable<StartOptions>['log']>; arm(match: LogMatch): void; fired(): boolean } {
+  const inner = captureLog(lines);
+  let armed: LogMatch | null = null;
+  let fired = false;
+  const at = (level: 'error' | 'warn' | 'info' | 'debug') => (scope: string, text: string) => {
+    if (armed && armed(level, scope, text)) {
+      armed = null;
+      fired = true;
+      throw new Error('injected log failure');
+    }
+    inner[level](scope, text);
+  };
+  return {
+    log: { error: at('error'), warn: at('warn'), info: at('info'), debug: at('debug'), enabled: () => true },
+    arm: (match) => void (armed = match),
+    fired: () => fired,
+  };
+}
+
+/** JSON text of `depth` nested arrays: [[[…]]]. */
+const nestedArrays = (depth: number): string => '['.repeat(depth) + ']'.repeat(depth);
+
+type RawHttp = { status: number; headers: Record<string, string>; body: string; raw: string };
+
+/** Sends `payload` on a fresh TCP connection and returns what the server sent before closing it (bounded). */
+function rawHttp(port: number, payload: string, timeoutMs = 5_000, host = '127.0.0.1'): Promise<RawHttp> {
+  return new Promise((resolve, reject) => {
+    const socket = net.connect(port, host);
+    const chunks: Buffer[] = [];
+    const timer = setTimeout(() => {
+      socket.destroy();
+      reject(new Error(`no close within ${timeoutMs} ms; got ${JSON.stringify(Buffer.concat(chunks).toString('latin1').slice(0, 300))}`));
+    }, timeoutMs);
+    socket.on('connect', () => socket.write(payload));
+    socket.on('data', (chunk: Buffer) => chunks.push(chunk));
+    socket.on('error', () => {}); // ECONNRESET after the server closes: what arrived is the answer
+    socket.on('close', () => {
+      clearTimeout(timer);
+      resolve(parseRawHttp(Buffer.concat(chunks).toString('latin1')));
+    });
+  });
+}
+
+function parseRawHttp(raw: string): RawHttp {
+  const cut = raw.indexOf('\r\n\r\n');
+  const head = cut === -1 ? raw : raw.slice(0, cut);
+  const [statusLine = '', ...lines] = head.split('\r\n');
+  const headers: Record<string, string> = {};
+  for (const line of lines) {
+    const colon = line.indexOf(':');
+    if (colon > 0) headers[line.slice(0, colon).trim().toLowerCase()] = line.slice(colon + 1).trim();
+  }
+  let body = cut === -1 ? '' : raw.slice(cut + 4);
+  if (headers['content-length'] !== undefined) body = body.slice(0, Number(headers['content-length']));
+  return { status: Number(/^HTTP\/1\.[01] (\d{3})/.exec(statusLine)?.[1] ?? 0), headers, body, raw };
+}
+
+/** An idle TCP connection to the proxy (no request sent); resolves once connected. */
+function idleConnection(port: number): Promise<net.Socket> {
+  return new Promise((resolve, reject) => {
+    const socket = net.connect(port, '127.0.0.1', () => resolve(socket));
+    socket.on('error', reject);
+  });
+}
+
+/** The SDK's error for a JSON-RPC error answer: McpError with `code` and "MCP error CODE: MESSAGE". */
+function isMcpError(code: number, message: RegExp | string): (err: unknown) => boolean {
+  return (err) => {
+    const e = err as { code?: unknown; message?: unknown };
+    assert.equal(e.code, code, `JSON-RPC code of ${String(e.message)}`);
+    if (typeof message === 'string') assert.equal(e.message, `MCP error ${code}: ${message}`);
+    else assert.match(String(e.message), message);
+    return true;
+  };
+}
+
+/** A raw legacy HTTP+SSE session: stream open, initialize answered (with `capabilities`), initialized sent. */
+async function legacySession(
+  base: string,
+  name: string,
+  capabilities: Json = {},
+  headers: Record<string, string> = {},
+): Promise<{ stream: SseStream; endpoint: string; send(msg: Json): Promise<RawResponse>; answer(id: Json, timeoutMs?: number): Promise<Json> }> {
+  const stream = await openSse(`${base}/${name}/sse`, headers);
+  assert.equal(stream.res.statusCode, 200, `GET /${name}/sse`);
+  const ep = await stream.next((e) => e.event === 'endpoint', 5_000, 'endpoint');
+  const endpoint = `${base}${ep.data}`;
+  const send = (msg: Json) => post(endpoint, msg, headers);
+  const answer = async (id: Json, timeoutMs = 10_000) =>
+    JSON.parse((await stream.next((e) => e.event === 'message' && JSON.parse(e.data).id === id && JSON.parse(e.data).method === undefined, timeoutMs, `answer ${JSON.stringify(id)}`)).data);
+  const init = { jsonrpc: '2.0', id: 'init', method: 'initialize', params: { protocolVersion: '2024-11-05', capabilities, clientInfo: { name: 'raw-sse', version: '1.0.0' } } };
+  assert.equal((await send(init)).status, 202);
+  const initAnswer = await answer('init', 15_000);
+  assert.ok(initAnswer.result, `initialize answered: ${JSON.stringify(initAnswer)}`);
+  assert.equal((await send({ jsonrpc: '2.0', method: 'notifications/initialized' })).status, 202);
+  return { stream, endpoint, send, answer };
+}
+
 // ── 0. Layout ───────────────────────────────────────────────────────────────────────────────────────────
 
 describe('0. proxy.ts layout', () => {
@@ -585,7 +770,13 @@ describe('1. Limits and defaults', () => {
       maxSessionsPerServer: 20_000,
       maxPendingPerSession: 1024,
       maxBatchSize: 100,
-      maxSseQueueBytes: 4 * MIB,
+      maxQueuedBytesPerConnection: 4 * MIB,
+      maxQueuedBytesTotal: 64 * MIB,
+      maxBodyBytesInFlight: 16 * MIB,
+      maxJsonDepth: 128,
+      maxConnections: 16_384,
+      maxServerRequestsPerChild: 64,
+      maxChildrenPerCredential: 8,
       maxChildQueueBytes: 16 * MIB,
       maxChildrenPerServer: 16,
       sessionIdleMs: 30 * 60_000,
@@ -600,9 +791,14 @@ describe('1. Limits and defaults', () => {
       maxUnstableRestarts: 5,
       startConcurrency: 4,
       retryAfterS: 5,
+      headersTimeoutMs: 10_000,
+      httpRequestTimeoutMs: 60_000,
+      connectionsCheckIntervalMs: 1_000,
+      maxHeadersCount: 100,
     };
     const actual = DEFAULT_LIMITS as unknown as Record<string, unknown>;
     for (const [key, value] of Object.entries(documented)) assert.equal(actual[key], value, key);
+    assert.equal(actual.maxSseQueueBytes, undefined, 'renamed to maxQueuedBytesPerConnection');
     // Extra limits (Node's own server timeouts, P3) are allowed; every limit is a positive integer.
     for (const [key, value] of Object.entries(actual)) {
       assert.ok(Number.isInteger(value) && (value as number) > 0, `${key} = ${String(value)}`);
@@ -913,10 +1109,132 @@ describe('4. Config: load, validate', () => {
     assert.equal(res.config, null);
     assert.equal(res.errors.length, 1);
     assert.ok(res.errors[0]!.includes(missing), res.errors[0]);
+    assert.equal(res.errors[0], `${missing}: cannot read the config file (ENOENT)`);
     const dir = tmpDir('cfg');
     const asDir = loadConfigFile(dir, {});
     assert.equal(asDir.config, null);
     assert.equal(asDir.errors.length, 1);
+    assert.ok(asDir.errors[0]!.startsWith(`${dir}: `), asDir.errors[0]);
+  });
+
+  // Issue 8 item 1: roots come from the operator, never from a client.
+  it('parseConfig() accepts "roots" as absolute paths and rejects anything else, naming roots[i]', () => {
+    const ok = parse({ mcpServers: { fs: { command: 'x', roots: ['/srv/data', '/home/me/projects'] } } });
+    assert.deepEqual(ok.errors, []);
+    assert.deepEqual([...((byName(ok.config!.servers, 'fs') as Json).roots ?? [])], ['/srv/data', '/home/me/projects']);
+    assert.equal((byName(parse({ mcpServers: { fs: { command: 'x' } } }).config!.servers, 'fs') as Json).roots, undefined, 'no roots unless configured');
+    for (const bad of ['relative/dir', '', './x', 'a\u0000b', 7, null]) {
+      const { config, errors } = parse({ mcpServers: { fs: { command: 'x', roots: [bad] } } });
+      assert.equal(config, null, JSON.stringify(bad));
+      assert.equal(errors.length, 1, `${JSON.stringify(bad)}: ${errors.join(' | ')}`);
+      assert.match(errors[0]!, /^config\.json: mcpServers\.fs\.roots\[0\]: got .+, expected an absolute path$/, JSON.stringify(bad));
+    }
+    const second = parse({ mcpServers: { fs: { command: 'x', roots: ['/ok', 'nope'] } } });
+    assert.match(second.errors.join('\n'), /^config\.json: mcpServers\.fs\.roots\[1\]: got .+, expected an absolute path$/);
+    for (const bad of ['/srv/data', 5, { a: '/x' }]) {
+      const { config, errors } = parse({ mcpServers: { fs: { command: 'x', roots: bad } } });
+      assert.equal(config, null, JSON.stringify(bad));
+      assert.equal(errors.length, 1, errors.join(' | '));
+      assert.match(errors[0]!, new RegExp(`^config\\.json: mcpServers\\.fs\\.roots: got ${typeof bad === 'object' ? 'object' : typeof bad}, expected `));
+    }
+  });
+
+  // Issue 8 item 2: a shared child gets only the client capabilities the operator enables.
+  it('parseConfig() accepts "clientCapabilities" of sampling and elicitation only, naming server and field otherwise', () => {
+    const ok = parse({ mcpServers: { a: { command: 'x', clientCapabilities: ['sampling', 'elicitation'] }, b: { command: 'y', clientCapabilities: ['elicitation'] } } });
+    assert.deepEqual(ok.errors, []);
+    assert.deepEqual([...(byName(ok.config!.servers, 'a') as Json).clientCapabilities], ['sampling', 'elicitation']);
+    assert.deepEqual([...(byName(ok.config!.servers, 'b') as Json).clientCapabilities], ['elicitation']);
+    for (const bad of [['roots'], ['sampling', 'tools'], 'sampling', [5], { sampling: {} }]) {
+      const { config, errors } = parse({ mcpServers: { srv9: { command: 'x', clientCapabilities: bad } } });
+      assert.equal(config, null, JSON.stringify(bad));
+      assert.equal(errors.length, 1, `${JSON.stringify(bad)}: ${errors.join(' | ')}`);
+      assert.match(errors[0]!, /^config\.json: mcpServers\.srv9\.clientCapabilities/, errors[0]);
+    }
+  });
+
+  // Issue 8 item 11: the answer-line limit is settable per server.
+  it('parseConfig() accepts "maxLineBytes" from 1 to 1 GiB (at the ceiling) and rejects 0, negatives, fractions, strings and 1 GiB + 1', () => {
+    const GIB = 1024 * 1024 * 1024;
+    for (const n of [1, 64 * 1024 * 1024, GIB]) {
+      const { config, errors } = parse({ mcpServers: { big: { command: 'x', maxLineBytes: n } } });
+      assert.deepEqual(errors, [], String(n));
+      assert.equal((byName(config!.servers, 'big') as Json).maxLineBytes, n);
+    }
+    for (const bad of [0, -1, 1.5, '1024', GIB + 1, null]) {
+      const { config, errors } = parse({ mcpServers: { big: { command: 'x', maxLineBytes: bad } } });
+      assert.equal(config, null, JSON.stringify(bad));
+      assert.equal(errors.length, 1, `${JSON.stringify(bad)}: ${errors.join(' | ')}`);
+      assert.match(errors[0]!, /^config\.json: mcpServers\.big\.maxLineBytes: got /, errors[0]);
+    }
+  });
+
+  // Issue 8 item 5: a NUL in an argument made spawn() throw synchronously at every restart.
+  it('parseConfig() rejects a NUL character in command, args, env and cwd, also one that came from ${VAR}, without quoting the value', () => {
+    const cases: [Json, string][] = [
+      [{ command: 'no\u0000de' }, 'command'],
+      [{ command: 'x', args: ['ok', 'a\u0000b'] }, 'args[1]'],
+      [{ command: 'x', env: { K: 'v\u0000v' } }, 'env.K'],
+      [{ command: 'x', cwd: '/tmp/\u0000' }, 'cwd'],
+      [{ command: 'x', args: ['${NUL_VALUE}'] }, 'args[0]'],
+    ];
+    for (const [entry, field] of cases) {
+      const { config, errors } = parse({ mcpServers: { nul: entry } }, { NUL_VALUE: 'secret-part\u0000rest' });
+      assert.equal(config, null, field);
+      assert.equal(errors.length, 1, `${field}: ${errors.join(' | ')}`);
+      assert.ok(errors[0]!.startsWith(`config.json: mcpServers.nul.${field}`), errors[0]);
+      assert.match(errors[0]!, /contains a NUL character/);
+      assert.ok(!errors[0]!.includes('secret-part') && !errors[0]!.includes('\u0000'), errors[0]);
+    }
+  });
+
+  // Issue 8 item 13: a default written in the config is not a secret; values from the environment and files are.
+  it('parseConfig() records as secrets the values that came from the environment and from files, not ${VAR:-default} defaults', () => {
+    const secretPath = path.join(tmpDir('cfg'), 'k.txt');
+    fs.writeFileSync(secretPath, 'from-a-file-1234\n');
+    const { config, errors } = parse(
+      { mcpServers: { s: { command: 'x', args: ['${SET_VAR}', '${UNSET_VAR:-default-in-config}', '${OTHER_SET:-unused-default}'], env: { F: `\${file:${secretPath}}` } } } },
+      { SET_VAR: 'from-the-env-5678', OTHER_SET: 'also-from-env-90' },
+    );
+    assert.deepEqual(errors, []);
+    assert.deepEqual([...byName(config!.servers, 's').secrets].sort(), ['also-from-env-90', 'from-a-file-1234', 'from-the-env-5678']);
+  });
+
+  // Issue 8 item 19: ${file:/dev/zero} made start-up read forever.
+  it('parseConfig() reads a ${file:} secret of 65535 and 65536 bytes; 65537 bytes is an error "larger than 65536 bytes"', () => {
+    const dir = tmpDir('cfg');
+    for (const bytes of [65_535, 65_536]) {
+      const file = path.join(dir, `s${bytes}`);
+      fs.writeFileSync(file, 'k'.repeat(bytes));
+      const { config, errors } = parse({ mcpServers: { s: { command: 'x', env: { K: `\${file:${file}}` } } } });
+      assert.deepEqual(errors, [], String(bytes));
+      assert.equal(config!.servers[0]!.env.K!.length, bytes);
+    }
+    const over = path.join(dir, 's65537');
+    fs.writeFileSync(over, 'k'.repeat(65_537));
+    const { config, errors } = parse({ mcpServers: { vault: { command: 'x', env: { K: `\${file:${over}}` } } } });
+    assert.equal(config, null);
+    assert.equal(errors.length, 1, errors.join(' | '));
+    assert.ok(errors[0]!.startsWith('config.json: mcpServers.vault.env.K'), errors[0]);
+    assert.match(errors[0]!, /larger than 65536 bytes/);
+    assert.ok(!errors[0]!.includes('kkkk'), 'no content in the error');
+  });
+
+  it('loadConfigFile() reads a config file of exactly 1 MiB; 1 MiB + 1 byte is an error naming the path and the limit', () => {
+    const MIB = 1024 * 1024;
+    const dir = tmpDir('cfg');
+    const json = JSON.stringify({ mcpServers: { m: { command: 'node' } } });
+    const at = path.join(dir, 'at.json');
+    fs.writeFileSync(at, json + ' '.repeat(MIB - json.length));
+    assert.equal(fs.statSync(at).size, MIB);
+    assert.deepEqual(loadConfigFile(at, {}).errors, []);
+    const over = path.join(dir, 'over.json');
+    fs.writeFileSync(over, json + ' '.repeat(MIB + 1 - json.length));
+    const res = loadConfigFile(over, {});
+    assert.equal(res.config, null);
+    assert.equal(res.errors.length, 1);
+    assert.ok(res.errors[0]!.startsWith(`${over}: `), res.errors[0]);
+    assert.match(res.errors[0]!, /larger than 1048576 bytes/);
   });
 });
 
@@ -1054,9 +1372,10 @@ describe('5. Children: spawn, framing, restart, kill', () => {
     assert.equal(textOf(await sse.callTool({ name: 'do', arguments: { what: 'echo', text: 'after' } })), 'after');
   });
 
-  it('a child line of maxLineBytes is delivered; one byte over is dropped and the child keeps working', { timeout: 30_000 }, async (t) => {
+  // Issue 8 item 11: the client used to wait for requestTimeoutMs (10 minutes by default).
+  it('a child line of maxLineBytes is delivered; one byte over: its request gets MESSAGE_TOO_LARGE (-32006) at once, naming the limit; the child keeps working', { timeout: 30_000 }, async (t) => {
     const max = 4096;
-    const h = await harness(t, { servers: [fixture('fix')] }, { limits: { ...FAST, maxLineBytes: max, requestTimeoutMs: 1500, sweepIntervalMs: 50 } });
+    const h = await harness(t, { servers: [fixture('fix')] }, { limits: { ...FAST, maxLineBytes: max, requestTimeoutMs: 120_000 } });
     await h.proxy.ready(10_000);
     const sid = await rawSession(h.url, 'fix');
     const mcp = `${h.url}/fix/mcp`;
@@ -1068,13 +1387,51 @@ describe('5. Children: spawn, framing, restart, kill', () => {
       assert.match(textOf(msg.result), /^x+$/);
       assert.ok(textOf(msg.result).length > bytes - 200, `${bytes}-byte line delivered whole`);
     }
-    const over = await within(post(mcp, call(99, { what: 'line', bytes: max + 1 }), sessionHeaders(sid)), 10_000, 'over-limit call');
+    const over = await within(post(mcp, call(99, { what: 'line', bytes: max + 1 }), sessionHeaders(sid)), 5_000, 'over-limit call (requestTimeoutMs is 120 s)');
     const overMsg = onlyMessage(over);
     assert.equal(overMsg.id, 99);
-    assert.ok(overMsg.error, `dropped line → request ends in an error (requestTimeoutMs), got ${over.text}`);
+    assert.equal(overMsg.error?.code, -32006, over.text);
+    assert.match(overMsg.error.message, /\b4096\b/, 'names the limit in bytes');
+    assert.match(overMsg.error.message, /maxLineBytes/);
     const after = onlyMessage(await post(mcp, call(100, { what: 'echo', text: 'next' }), sessionHeaders(sid)));
     assert.equal(textOf(after.result), 'next');
     assert.equal(h.proxy.status().fix!.restarts, 0, 'an oversized line does not restart the child');
+  });
+
+  it('an oversized answer is matched to its request by its top-level "id" (scanned past nested "id" keys naming another pending request)', { timeout: 30_000 }, async (t) => {
+    const log = path.join(tmpDir('bigid'), 'fixture.log');
+    const h = await harness(t, { servers: [fixture('fix', 'ok', { env: { FIXTURE_LOG: log } })] }, { limits: { ...FAST, maxLineBytes: 4096, requestTimeoutMs: 120_000 } });
+    await h.proxy.ready(10_000);
+    const mcp = `${h.url}/fix/mcp`;
+    const a = await rawSession(h.url, 'fix');
+    const b = await rawSession(h.url, 'fix');
+    const waitingA = post(mcp, call('a-hang', { what: 'hang' }), sessionHeaders(a));
+    const childIdOfA = await waitFor(() => fileLines(log).find((l) => l.startsWith('hang '))?.slice(5), 5_000, "a's request at the child");
+    const res = await within(post(mcp, call('b-big', { what: 'bigid', bytes: 8000, decoy: JSON.parse(childIdOfA) }), sessionHeaders(b)), 5_000, 'the oversized answer');
+    const msg = onlyMessage(res);
+    assert.equal(msg.id, 'b-big');
+    assert.equal(msg.error?.code, -32006, res.text);
+    // a's request is still pending: ending its session answers it with SESSION_ENDED, not the oversize error.
+    assert.equal((await request(mcp, { method: 'DELETE', headers: { 'mcp-session-id': a } })).status, 200);
+    const answerA = onlyMessage(await within(waitingA, 5_000, "a's request"));
+    assert.deepEqual(answerA.error, { code: -32004, message: 'Session ended' });
+  });
+
+  it('"maxLineBytes" per server: server-filesystem answering with a file (text + structuredContent) over its own limit gets -32006 at once; a server with a larger limit reads it', { timeout: 60_000 }, async (t) => {
+    const dir = fs.realpathSync(tmpDir('bigfile'));
+    const file = path.join(dir, 'big.txt');
+    fs.writeFileSync(file, 'a'.repeat(700_000)); // the answer carries it twice: ~1.4 MB
+    const h = await harness(t, {
+      servers: [srv('small', [FILESYSTEM, dir], { maxLineBytes: 1024 * 1024 }), srv('large', [FILESYSTEM, dir], { maxLineBytes: 4 * 1024 * 1024 })],
+    }, { limits: { ...FAST, requestTimeoutMs: 120_000 } });
+    await h.proxy.ready(20_000);
+    const small = await h.client('small', 'mcp');
+    const outcome = await within(small.callTool({ name: 'read_text_file', arguments: { path: file } }).then(() => 'answered', (e: unknown) => e), 10_000, 'the oversized answer');
+    assert.notEqual(outcome, 'answered', 'a 1.4 MB answer is over the server\'s 1 MiB maxLineBytes');
+    isMcpError(-32006, /1048576.*maxLineBytes|maxLineBytes.*1048576/)(outcome);
+    const large = await h.client('large', 'mcp');
+    const r = await within(large.callTool({ name: 'read_text_file', arguments: { path: file } }), 10_000, 'the same file under a 4 MiB limit');
+    assert.equal(textOf(r).length, 700_000);
   });
 
   it('a child writing huge stderr lines keeps answering (stderr is log, not protocol)', { timeout: 30_000 }, async (t) => {
@@ -1194,6 +1551,136 @@ describe('5. Children: spawn, framing, restart, kill', () => {
     await h.proxy.close();
     assert.deepEqual(fileLines(pidFile).map(Number), [pid], 'no child started after the session ended');
     await assertAllGone([pid]);
+  });
+
+  // Issue 8 item 5: a synchronous spawn failure restarted every second forever, was never marked errored and was
+  // reported as "exit 127".
+  const SPAWN_FAIL_LIMITS: Partial<Limits> = { ...FAST, restartMinDelayMs: 20, restartMaxDelayMs: 40, maxUnstableRestarts: 2 };
+  async function spawnFailure(t: TestContext, server: ServerConfig, code: string, exitReported = false) {
+    const lines: string[] = [];
+    const h = await harness(t, { servers: [server, fixture('fine')] }, { log: captureLog(lines), limits: SPAWN_FAIL_LIMITS });
+    const name = server.name;
+    await waitFor(() => h.proxy.status()[name]!.state === 'errored', 10_000, `${name} errored`);
+    assert.equal(h.proxy.status()[name]!.restarts, 2, 'through backoff: maxUnstableRestarts restarts, then errored');
+    const starts = lines.filter((l) => l.includes(`[${name}]`) && l.includes('cannot start'));
+    assert.ok(starts.length >= 1, lines.join('\n'));
+    for (const line of starts) assert.match(line, new RegExp(`^(error|warn) \\[${name}\\] cannot start ${JSON.stringify(server.command).replace(/[.*+?^${}()|[\]\\/]/g, '\\$&')}: ${code}$`));
+    // Only a missing command may also be told in shell terms (127, STYLE P7); the others never ran at all.
+    if (!exitReported) assert.deepEqual(lines.filter((l) => l.includes(`[${name}]`) && /exit 12[67]/.test(l)), [], 'not reported as an exit');
+    assertRpcError(await post(`${h.url}/${name}/mcp`, initMsg(), { accept: 'application/json' }), 503, -32000);
+    await waitFor(() => h.proxy.status().fine!.state === 'ready', 10_000, 'fine ready');
+    const client = await h.client('fine', 'mcp');
+    assert.equal(textOf(await client.callTool({ name: 'do', arguments: { what: 'echo', text: 'up' } })), 'up');
+    return lines;
+  }
+
+  it('spawnChild(): a synchronous spawn failure (a NUL in an argument) goes through backoff to errored, logged as cannot start "COMMAND": CODE', { timeout: 20_000 }, async (t) => {
+    const lines = await spawnFailure(t, srv('nularg', ['-e', '0', 'x\u0000y']), 'ERR_INVALID_ARG_VALUE');
+    assert.ok(!lines.some((l) => l.includes('x\u0000y') || l.includes('x\\x00y')), 'the argument is not logged');
+  });
+
+  it('spawnChild(): a cwd that is a file (ENOTDIR, thrown by spawn) goes through backoff to errored', { timeout: 20_000 }, async (t) => {
+    const file = path.join(tmpDir('cwdfile'), 'not-a-dir');
+    fs.writeFileSync(file, '');
+    await spawnFailure(t, srv('cwdfile', ['-e', '0'], { cwd: file }), 'ENOTDIR');
+  });
+
+  it('spawnChild(): a command that does not exist (ENOENT, an error event) goes through backoff to errored', { timeout: 20_000 }, async (t) => {
+    await spawnFailure(t, srv('ghost', [], { command: '/nonexistent/definitely-not-here' }), 'ENOENT', true);
+  });
+
+  // EMFILE cannot be provoked without starving the test process of descriptors, so spawn is replaced for one
+  // server by what Node's own spawn() does on EMFILE (lib/internal/child_process.js): it returns a ChildProcess
+  // with no pid and no stdio, and emits 'error' on the next tick. Before the fix attachChildStreams() threw
+  // on the missing stdout and took startProxy() down.
+  it('spawnChild(): EMFILE (a ChildProcess without stdio, then an error event) goes through backoff to errored', { timeout: 20_000 }, async (t) => {
+    const real = childProcess.spawn;
+    const fake = function spawnWithEmfile(this: unknown, ...args: Parameters<typeof childProcess.spawn>) {
+      if (Array.isArray(args[1]) && args[1].includes('emfile-marker')) {
+        const proc = new childProcess.ChildProcess();
+        process.nextTick(() => proc.emit('error', Object.assign(new Error('spawn EMFILE'), { code: 'EMFILE', errno: -24, syscall: 'spawn' })));
+        return proc;
+      }
+      return real.apply(this, args as never);
+    };
+    (childProcess as { spawn: unknown }).spawn = fake;
+    syncBuiltinESMExports();
+    t.after(() => {
+      (childProcess as { spawn: unknown }).spawn = real;
+      syncBuiltinESMExports();
+    });
+    await spawnFailure(t, srv('emfile', ['-e', '0', 'emfile-marker']), 'EMFILE');
+  });
+
+  // Issue 8 item 12: Node's message for a spawn failure quotes the offending value, here an env value.
+  it('spawnChild(): a spawn failure is logged with the error code and command only, never Node\'s message (which quotes env values)', { timeout: 20_000 }, async (t) => {
+    const lines = await spawnFailure(t, srv('envnul', ['-e', '0'], { env: { API_KEY: 'sk-live-NOT-MASKED-4242\u0000tail' }, secrets: [] }), 'ERR_INVALID_ARG_VALUE');
+    for (const line of lines) assert.ok(!line.includes('NOT-MASKED-4242') && !line.includes('options.env'), `env value or Node's message in: ${line}`);
+  });
+
+  // Issue 8 item 6: its server stayed "ready" while every request hung.
+  it('a child that closes stdout but stays alive is treated as ended: its call gets -32005 at once, its group is stopped, it restarts (warn "closed its stdout")', { timeout: 30_000 }, async (t) => {
+    const lines: string[] = [];
+    const h = await harness(t, { servers: [fixture('fix')] }, { log: captureLog(lines), limits: { ...FAST, requestTimeoutMs: 120_000 } });
+    await h.proxy.ready(10_000);
+    const mcp = `${h.url}/fix/mcp`;
+    const sid = await rawSession(h.url, 'fix');
+    const pid1 = h.proxy.status().fix!.pid!;
+    const res = await within(post(mcp, call('closing', { what: 'closeout' }), sessionHeaders(sid)), 5_000, 'the call whose child closed its stdout');
+    const msg = onlyMessage(res);
+    assert.equal(msg.id, 'closing');
+    assert.equal(msg.error?.code, -32005, res.text);
+    assert.match(msg.error.message, /^MCP server (process exited|stopped)$/);
+    await waitFor(() => liveGroupMembers(pid1).length === 0, GONE_BOUND_MS, 'the old group stopped');
+    await waitFor(() => h.proxy.status().fix!.state === 'ready' && h.proxy.status().fix!.pid !== pid1, 10_000, 'restarted');
+    assert.equal(h.proxy.status().fix!.restarts, 1);
+    assert.equal(textOf(onlyMessage(await post(mcp, call('after', { what: 'echo', text: 'again' }), sessionHeaders(sid))).result), 'again');
+    assert.ok(lines.some((l) => /^warn \[fix\] .*closed its stdout/.test(l)), lines.join('\n'));
+  });
+
+  // Issue 8 item 3: JSON.stringify threw on a deep line and the proxy exited.
+  it('a child answer nested deeper than maxJsonDepth is skipped and logged ("nested"); its request gets -32603 at once; under and at the limit it is delivered', { timeout: 30_000 }, async (t) => {
+    const lines: string[] = [];
+    // The answer line is {…,"result":{…,"deep":[[…]]}}: depth 2 + the arrays.
+    const h = await harness(t, { servers: [fixture('fix')] }, { log: captureLog(lines), limits: { ...FAST, maxJsonDepth: 32, requestTimeoutMs: 120_000 } });
+    await h.proxy.ready(10_000);
+    const mcp = `${h.url}/fix/mcp`;
+    const sid = await rawSession(h.url, 'fix');
+    const pid = h.proxy.status().fix!.pid;
+    for (const arrays of [29, 30]) {
+      const msg = onlyMessage(await within(post(mcp, call(`d${arrays}`, { what: 'deep', depth: arrays }), sessionHeaders(sid)), 5_000, `depth ${arrays + 2}`));
+      assert.equal(msg.id, `d${arrays}`);
+      assert.equal(JSON.stringify(msg.result.deep), nestedArrays(arrays), `depth ${arrays + 2} delivered`);
+    }
+    for (const arrays of [31, 10_000]) {
+      const res = await within(post(mcp, call(`d${arrays}`, { what: 'deep', depth: arrays }), sessionHeaders(sid)), 5_000, `depth ${arrays + 2}`);
+      const msg = onlyMessage(res);
+      assert.equal(msg.id, `d${arrays}`);
+      assert.equal(msg.error?.code, -32603, res.text);
+    }
+    assert.ok(lines.filter((l) => /^warn \[fix\] .*nested/.test(l)).length >= 2, lines.join('\n'));
+    // A deep notification is skipped the same way; the call that follows it is answered.
+    const note = onlyMessage(await within(post(mcp, call('dn', { what: 'deepnote', depth: 10_000 }), sessionHeaders(sid)), 5_000, 'deep notification'));
+    assert.equal(textOf(note.result), 'after deep');
+    assert.equal(h.proxy.status().fix!.pid, pid);
+    assert.equal(h.proxy.status().fix!.restarts, 0);
+  });
+
+  // Issue 8 item 4: an error boundary around every child line.
+  it('an unexpected throw while handling one child line drops that line only: the next line of the same chunk is answered', { timeout: 30_000 }, async (t) => {
+    const lines: string[] = [];
+    const faulty = faultyLog(lines);
+    const h = await harness(t, { servers: [fixture('fix')] }, { log: faulty.log, limits: { ...FAST, requestTimeoutMs: 120_000 } });
+    await h.proxy.ready(10_000);
+    const mcp = `${h.url}/fix/mcp`;
+    const sid = await rawSession(h.url, 'fix');
+    // The report of the bad line ("not json") throws; the answer written in the same chunk must still arrive.
+    faulty.arm((level, scope, text) => scope === 'fix' && level === 'warn' && /stdout/.test(text));
+    const res = await within(post(mcp, call('g1', { what: 'garbage1' }), sessionHeaders(sid)), 5_000, 'the answer after the bad line');
+    assert.ok(faulty.fired(), `the bad line was reported (log: ${lines.join(' | ')})`);
+    assert.equal(textOf(onlyMessage(res).result), 'after garbage');
+    assert.equal(textOf(onlyMessage(await post(mcp, call('g2', { what: 'echo', text: 'still' }), sessionHeaders(sid))).result), 'still');
+    assert.equal(h.proxy.status().fix!.restarts, 0);
   });
 
   it('the leak check itself notices a live process group (self-test of assertAllGone)', { timeout: 15_000 }, async () => {
