@@ -16,11 +16,17 @@ import { syncBuiltinESMExports } from 'node:module';
 import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
-import { fileURLToPath } from 'node:url';
+import { fileURLToPath, pathToFileURL } from 'node:url';
 import { Client } from '@modelcontextprotocol/sdk/client/index.js';
 import { StreamableHTTPClientTransport } from '@modelcontextprotocol/sdk/client/streamableHttp.js';
 import { SSEClientTransport } from '@modelcontextprotocol/sdk/client/sse.js';
-import { CreateMessageRequestSchema, ResourceUpdatedNotificationSchema } from '@modelcontextprotocol/sdk/types.js';
+import { StdioClientTransport } from '@modelcontextprotocol/sdk/client/stdio.js';
+import {
+  CreateMessageRequestSchema,
+  ElicitRequestSchema,
+  ListRootsRequestSchema,
+  ResourceUpdatedNotificationSchema,
+} from '@modelcontextprotocol/sdk/types.js';
 import {
   DEFAULT_LIMITS,
   SUPPORTED_PROTOCOL_VERSIONS,
@@ -1718,7 +1724,8 @@ describe('6. Sessions and id routing', () => {
   describe('through one shared server-everything child', () => {
     let h: Harness;
     before(async () => {
-      h = await startHarness({ servers: [everything(), fixture('fix')] }, { limits: FAST });
+      // "sampler" is server-everything with sampling enabled for its shared child (issue 8 item 2: opt-in).
+      h = await startHarness({ servers: [everything(), srv('sampler', [EVERYTHING, 'stdio'], { clientCapabilities: ['sampling'] }), fixture('fix')] }, { limits: FAST });
       await h.proxy.ready(20_000);
     });
     after(() => h.stop());
@@ -1807,8 +1814,8 @@ describe('6. Sessions and id routing', () => {
 
     it('a child→client request (sampling/createMessage) goes to the session whose call caused it', { timeout: 30_000 }, async () => {
       const caps = { capabilities: { sampling: {} } };
-      const idle = await h.client('everything', 'mcp', {}, caps);
-      const asker = await h.client('everything', 'sse', {}, caps);
+      const idle = await h.client('sampler', 'mcp', {}, caps);
+      const asker = await h.client('sampler', 'sse', {}, caps);
       const calls: string[] = [];
       for (const [who, c] of [['idle', idle], ['asker', asker]] as const) {
         c.setRequestHandler(CreateMessageRequestSchema, async () => {
@@ -1818,7 +1825,7 @@ describe('6. Sessions and id routing', () => {
       }
       await idle.ping(); // idle is now the most recently active session, so only in-flight tracking picks asker
       const tools = (await asker.listTools()).tools.map((t) => t.name);
-      assert.ok(tools.includes('trigger-sampling-request'), 'the proxy declared sampling to the child');
+      assert.ok(tools.includes('trigger-sampling-request'), 'the proxy declared sampling to the child ("clientCapabilities")');
       const r = await asker.callTool({ name: 'trigger-sampling-request', arguments: { prompt: 'hi', maxTokens: 5 } });
       assert.match(textOf(r), /sampled-by-asker/);
       assert.deepEqual(calls, ['asker']);
@@ -1836,7 +1843,8 @@ describe('6. Sessions and id routing', () => {
         return s.hung.length > before ? { id: s.hung[s.hung.length - 1] } : null;
       }, 10_000, 'child to receive the hanging request');
       ac.abort('test cancels');
-      await assert.rejects(hung);
+      // The SDK itself rejects an aborted call with its RequestTimeout code and the abort reason.
+      await assert.rejects(hung, isMcpError(-32001, 'test cancels'));
       const cancelled = await waitFor(async () => {
         const s = await seen();
         return s.cancelled.some((x: unknown) => x === childId.id) ? s.cancelled : null;
@@ -1846,7 +1854,7 @@ describe('6. Sessions and id routing', () => {
 
     // Verified red on a copy of proxy.ts without abandonRequests() in endSession(): the POST hangs past the bound
     // and the child never sees notifications/cancelled.
-    it('endSession() on DELETE answers a POST still waiting with an error and cancels its request on the child', { timeout: 30_000 }, async () => {
+    it('endSession() on DELETE answers a POST still waiting with SESSION_ENDED (-32004) and cancels its request on the child', { timeout: 30_000 }, async () => {
       const observer = await h.client('fix', 'mcp');
       const seen = async () => JSON.parse(textOf(await observer.callTool({ name: 'do', arguments: { what: 'seen' } })));
       const before = (await seen()).hung.length as number;
@@ -1862,7 +1870,7 @@ describe('6. Sessions and id routing', () => {
       const res = await within(waiting, 5_000, 'the POST waiting on the ended session');
       const answer = onlyMessage(res);
       assert.equal(answer.id, 'in-flight');
-      assert.equal(answer.error?.code, -32000, res.text);
+      assert.deepEqual(answer.error, { code: -32004, message: 'Session ended' }, res.text);
       await waitFor(async () => (await seen()).cancelled.includes(childId.id), 10_000, 'child to see notifications/cancelled for its id');
     });
 
@@ -1877,6 +1885,374 @@ describe('6. Sessions and id routing', () => {
       await client.close();
       assertRpcError(await post(`${h.url}/everything/mcp`, ping('p2'), sessionHeaders(sid)), 404, -32001);
     });
+
+    // Issue 8 item 20: a cancellation was answered with the timeout code.
+    it('cancelFromClient(): the POST waiting for a cancelled request gets REQUEST_CANCELLED (-32800) "Request cancelled"', { timeout: 30_000 }, async () => {
+      const observer = await h.client('fix', 'mcp');
+      const seen = async () => JSON.parse(textOf(await observer.callTool({ name: 'do', arguments: { what: 'seen' } })));
+      const before = (await seen()).hung.length as number;
+      const mcp = `${h.url}/fix/mcp`;
+      const sid = await rawSession(h.url, 'fix');
+      const waiting = post(mcp, call('to-cancel', { what: 'hang' }), sessionHeaders(sid));
+      await waitFor(async () => (await seen()).hung.length > before, 10_000, 'child to receive the hanging request');
+      const note = await post(mcp, { jsonrpc: '2.0', method: 'notifications/cancelled', params: { requestId: 'to-cancel', reason: 'user' } }, sessionHeaders(sid));
+      assert.equal(note.status, 202, note.text);
+      const answer = onlyMessage(await within(waiting, 5_000, 'the cancelled request'));
+      assert.deepEqual(answer, { jsonrpc: '2.0', id: 'to-cancel', error: { code: -32800, message: 'Request cancelled' } });
+    });
+  });
+
+  // ── Issue 8 items 1, 2 and 9: roots, child→client requests, capabilities ──
+
+  const initCaps = (log: string) => {
+    const line = fileLines(log).find((l) => l.startsWith('initcaps '));
+    return line === undefined ? undefined : JSON.parse(line.slice('initcaps '.length));
+  };
+  const asked = (r: Json) => JSON.parse(textOf(r)); // the fixture's 'ask': {result} or {error} the child got back
+
+  it('a shared child is initialized with no client capabilities by default; "clientCapabilities" and "roots" add exactly those', { timeout: 20_000 }, async (t) => {
+    const dir = tmpDir('caps');
+    const logs = { plain: path.join(dir, 'plain'), both: path.join(dir, 'both'), rooted: path.join(dir, 'rooted') };
+    await harness(t, {
+      servers: [
+        fixture('plain', 'ok', { env: { FIXTURE_LOG: logs.plain } }),
+        fixture('both', 'ok', { env: { FIXTURE_LOG: logs.both }, clientCapabilities: ['sampling', 'elicitation'] }),
+        fixture('rooted', 'ok', { env: { FIXTURE_LOG: logs.rooted }, roots: [dir] }),
+      ],
+    }, { limits: FAST }).then((h) => h.proxy.ready(10_000));
+    assert.deepEqual(initCaps(logs.plain), {});
+    assert.deepEqual(initCaps(logs.both), { sampling: {}, elicitation: {} });
+    assert.deepEqual(initCaps(logs.rooted), { roots: { listChanged: false } });
+  });
+
+  it('a shared child is initialized with no client capabilities by default: server-everything lists the same tools through the proxy as to a direct client without capabilities', { timeout: 30_000 }, async (t) => {
+    const h = await harness(t, { servers: [everything()] }, { limits: FAST });
+    await h.proxy.ready(20_000);
+    // Claude.ai declares none of sampling, elicitation, roots: it must see the tools a direct connection sees.
+    const viaProxy = (await (await h.client('everything', 'mcp')).listTools()).tools.map((tool) => tool.name).sort();
+    const direct = new Client({ name: 'direct', version: '1.0.0' }, { capabilities: {} });
+    const transport = new StdioClientTransport({ command: NODE, args: [EVERYTHING, 'stdio'], stderr: 'ignore' });
+    await direct.connect(transport);
+    const pid = transport.pid;
+    t.after(async () => {
+      await direct.close();
+      if (pid) await assertAllGone([], [pid]);
+    });
+    const directly = (await direct.listTools()).tools.map((tool) => tool.name).sort();
+    assert.deepEqual(viaProxy, directly);
+    for (const name of ['trigger-sampling-request', 'trigger-elicitation-request', 'get-roots-list']) assert.ok(!viaProxy.includes(name), name);
+  });
+
+  it('roots/list from a child is answered by the proxy from "roots" (file URLs, basenames); without "roots" → -32601; no client ever sees it', { timeout: 20_000 }, async (t) => {
+    const a = fs.realpathSync(tmpDir('rootA'));
+    const b = fs.realpathSync(tmpDir('rootB'));
+    const h = await harness(t, { servers: [fixture('rooted', 'ok', { roots: [a, b] }), fixture('plain')] }, { limits: FAST });
+    await h.proxy.ready(10_000);
+    for (const name of ['rooted', 'plain']) {
+      for (const kind of ['sse', 'mcp'] as const) {
+        const client = await h.client(name, kind, {}, { capabilities: { roots: { listChanged: true } } });
+        let sawRoots = 0;
+        client.setRequestHandler(ListRootsRequestSchema, async () => {
+          sawRoots++;
+          return { roots: [{ uri: 'file:///', name: 'client-machine' }] };
+        });
+        const got = asked(await client.callTool({ name: 'do', arguments: { what: 'ask', method: 'roots/list' } }));
+        if (name === 'rooted') {
+          assert.deepEqual(got, { result: { roots: [{ uri: pathToFileURL(a).href, name: path.basename(a) }, { uri: pathToFileURL(b).href, name: path.basename(b) }] } }, kind);
+        } else {
+          assert.equal(got.error?.code, -32601, `${kind}: ${JSON.stringify(got)}`);
+        }
+        assert.equal(sawRoots, 0, `${name}/${kind}: the client was asked for its roots`);
+      }
+    }
+  });
+
+  it('a client\'s notifications/roots/list_changed never reaches the child (shared, per-session, both transports); other notifications do', { timeout: 30_000 }, async (t) => {
+    const dir = tmpDir('listchanged');
+    const sharedLog = path.join(dir, 'shared');
+    const soloLog = path.join(dir, 'solo');
+    const pidFile = path.join(dir, 'pids');
+    const h = await harness(t, {
+      servers: [
+        fixture('shared', 'ok', { env: { FIXTURE_LOG: sharedLog }, roots: [dir] }),
+        fixture('solo', 'ok', { sessions: 'per-session', env: { FIXTURE_LOG: soloLog, FIXTURE_PIDFILE: pidFile } }),
+      ],
+    }, { limits: FAST });
+    t.after(() => {
+      for (const line of fileLines(pidFile)) h.groups.add(Number(line));
+    });
+    await h.proxy.ready(10_000);
+    for (const [name, log] of [['shared', sharedLog], ['solo', soloLog]] as const) {
+      const sid = await rawSession(h.url, name);
+      const mcp = `${h.url}/${name}/mcp`;
+      assert.equal((await post(mcp, { jsonrpc: '2.0', method: 'notifications/roots/list_changed' }, sessionHeaders(sid))).status, 202);
+      assert.equal((await post(mcp, { jsonrpc: '2.0', method: 'notifications/marker/streamable' }, sessionHeaders(sid))).status, 202);
+      const legacy = await legacySession(h.url, name, { roots: { listChanged: true } });
+      try {
+        assert.equal((await legacy.send({ jsonrpc: '2.0', method: 'notifications/roots/list_changed' })).status, 202);
+        assert.equal((await legacy.send({ jsonrpc: '2.0', method: 'notifications/marker/legacy' })).status, 202);
+        // A call behind them on each session: the child reads its stdin in order, so both notes are in by then.
+        assert.equal((await legacy.send(call('barrier', { what: 'echo', text: 'b' }))).status, 202);
+        await legacy.answer('barrier');
+      } finally {
+        legacy.stream.close();
+      }
+      assert.equal(textOf(onlyMessage(await post(mcp, call('barrier', { what: 'echo', text: 'b' }), sessionHeaders(sid))).result), 'b');
+      const notes = fileLines(log).filter((l) => l.startsWith('note '));
+      assert.ok(notes.includes('note notifications/marker/streamable') && notes.includes('note notifications/marker/legacy'), `${name}: ${notes.join(', ')}`);
+      assert.deepEqual(notes.filter((l) => l.includes('roots')), [], `${name}: list_changed reached the child`);
+    }
+  });
+
+  // The issue's reproduction: a session declaring roots answered roots/list with file:/// and server-filesystem
+  // allowed / for every session, read and write, after that session left.
+  async function rootsAttack(h: Harness, name: string, kind: 'sse' | 'mcp'): Promise<number> {
+    const attacker = await h.client(name, kind, {}, { capabilities: { roots: { listChanged: true } } });
+    let asked = 0;
+    attacker.setRequestHandler(ListRootsRequestSchema, async () => {
+      asked++;
+      return { roots: [{ uri: 'file:///', name: 'everything' }] };
+    });
+    await attacker.sendRootsListChanged();
+    // A call behind the notification on the same child: the child has handled the notification by its answer.
+    await attacker.callTool({ name: 'list_allowed_directories', arguments: {} });
+    return asked;
+  }
+  const allowedDirs = async (client: Client) => textOf(await client.callTool({ name: 'list_allowed_directories', arguments: {} }));
+
+  it('server-filesystem with "roots": it is confined to the configured roots, and a client answering roots/list with file:/// widens nothing for anyone', { timeout: 40_000 }, async (t) => {
+    const argDir = fs.realpathSync(tmpDir('fsarg'));
+    const rootDir = fs.realpathSync(tmpDir('fsroot'));
+    fs.writeFileSync(path.join(rootDir, 'inside.txt'), 'inside\n');
+    const h = await harness(t, { servers: [srv('files', [FILESYSTEM, argDir], { roots: [rootDir] })] }, { limits: FAST });
+    await h.proxy.ready(20_000);
+    const victim = await h.client('files', 'mcp');
+    const expected = `Allowed directories:\n${rootDir}`;
+    // The child asks the proxy for roots right after initialization and replaces its directories with them.
+    await waitFor(async () => (await allowedDirs(victim)) === expected, 5_000, `list_allowed_directories to be ${JSON.stringify(expected)}`);
+    for (const kind of ['sse', 'mcp'] as const) assert.equal(await rootsAttack(h, 'files', kind), 0, `${kind} attacker was asked for roots`);
+    assert.equal(await allowedDirs(victim), expected);
+    const outside = await victim.callTool({ name: 'read_text_file', arguments: { path: '/etc/hostname' } });
+    assert.equal(outside.isError, true);
+    assert.match(textOf(outside), /Access denied/);
+    assert.equal(textOf(await victim.callTool({ name: 'read_text_file', arguments: { path: path.join(rootDir, 'inside.txt') } })), 'inside\n');
+  });
+
+  it('server-filesystem without "roots": the roots capability is not declared, it keeps its command-line directory, and a file:/// answer widens nothing', { timeout: 40_000 }, async (t) => {
+    const argDir = fs.realpathSync(tmpDir('fsarg'));
+    const h = await harness(t, { servers: [srv('files', [FILESYSTEM, argDir])] }, { limits: FAST });
+    await h.proxy.ready(20_000);
+    const victim = await h.client('files', 'mcp');
+    const expected = `Allowed directories:\n${argDir}`;
+    assert.equal(await allowedDirs(victim), expected);
+    for (const kind of ['sse', 'mcp'] as const) assert.equal(await rootsAttack(h, 'files', kind), 0, `${kind} attacker was asked for roots`);
+    assert.equal(await allowedDirs(victim), expected);
+    assert.equal((await victim.callTool({ name: 'read_text_file', arguments: { path: '/etc/hostname' } })).isError, true);
+  });
+
+  it('per-session server-filesystem: a session declaring roots and answering file:/// does not widen its own child', { timeout: 40_000 }, async (t) => {
+    const argDir = fs.realpathSync(tmpDir('fsarg'));
+    const h = await harness(t, { servers: [srv('files', [FILESYSTEM, argDir], { sessions: 'per-session' })] }, { limits: FAST });
+    for (const kind of ['sse', 'mcp'] as const) {
+      const attacker = await h.client('files', kind, {}, { capabilities: { roots: { listChanged: true } } });
+      let asked = 0;
+      attacker.setRequestHandler(ListRootsRequestSchema, async () => {
+        asked++;
+        return { roots: [{ uri: 'file:///', name: 'everything' }] };
+      });
+      await attacker.sendRootsListChanged();
+      assert.equal(await allowedDirs(attacker), `Allowed directories:\n${argDir}`, kind);
+      assert.equal(asked, 0, `${kind}: the session was asked for its roots`);
+      assert.equal((await attacker.callTool({ name: 'read_text_file', arguments: { path: '/etc/hostname' } })).isError, true);
+    }
+  });
+
+  describe('child→client requests on a shared child with "clientCapabilities"', () => {
+    let h: Harness;
+    let log: string;
+    const lines: string[] = [];
+    const samplingAnswer = (who: string) => ({ model: 'test-model', role: 'assistant' as const, content: { type: 'text' as const, text: `sampled-by-${who}` } });
+    before(async () => {
+      log = path.join(tmpDir('route'), 'fixture.log');
+      h = await startHarness({ servers: [fixture('fix', 'ok', { clientCapabilities: ['sampling', 'elicitation'], env: { FIXTURE_LOG: log } })] }, { log: captureLog(lines), limits: FAST });
+      await h.proxy.ready(10_000);
+    });
+    after(() => h.stop());
+
+    async function capable(kind: 'sse' | 'mcp', who: string, calls: string[]) {
+      const client = await h.client('fix', kind, {}, { capabilities: { sampling: {}, elicitation: {} } });
+      client.setRequestHandler(CreateMessageRequestSchema, async () => {
+        calls.push(`${who}:sampling`);
+        return samplingAnswer(who);
+      });
+      client.setRequestHandler(ElicitRequestSchema, async () => {
+        calls.push(`${who}:elicitation`);
+        return { action: 'accept', content: { answer: who } };
+      });
+      return client;
+    }
+
+    it('with exactly one request in flight, from a session that declared the capability, it reaches that session (legacy stream or the POST\'s own event stream)', { timeout: 30_000 }, async () => {
+      const calls: string[] = [];
+      const idle = await capable('mcp', 'idle', calls);
+      const sse = await capable('sse', 'sse', calls);
+      const streamed = await capable('mcp', 'streamed', calls);
+      await idle.ping();
+      const viaSse = asked(await sse.callTool({ name: 'do', arguments: { what: 'ask', method: 'sampling/createMessage', params: { messages: [], maxTokens: 1 } } }));
+      assert.deepEqual(viaSse, { result: samplingAnswer('sse') });
+      const elicited = asked(await sse.callTool({ name: 'do', arguments: { what: 'ask', method: 'elicitation/create', params: { message: 'q', requestedSchema: { type: 'object', properties: {} } } } }));
+      assert.deepEqual(elicited, { result: { action: 'accept', content: { answer: 'sse' } } });
+      // Asking for progress makes the proxy answer this POST as an event stream; the request goes on it.
+      const viaPost = asked(await streamed.callTool({ name: 'do', arguments: { what: 'ask', method: 'sampling/createMessage', params: { messages: [], maxTokens: 1 } } }, undefined, { onprogress: () => {} }));
+      assert.deepEqual(viaPost, { result: samplingAnswer('streamed') });
+      assert.deepEqual(calls, ['sse:sampling', 'sse:elicitation', 'streamed:sampling']);
+    });
+
+    it('from a session that did not declare the capability it is refused with -32601, even though an idle session declared it', { timeout: 30_000 }, async () => {
+      const calls: string[] = [];
+      await capable('sse', 'bystander', calls);
+      const asker = await h.client('fix', 'mcp'); // declares nothing
+      const params: Record<string, Json> = {
+        'sampling/createMessage': { messages: [], maxTokens: 1 },
+        'elicitation/create': { message: 'q', requestedSchema: { type: 'object', properties: {} } },
+      };
+      for (const method of ['sampling/createMessage', 'elicitation/create']) {
+        const got = asked(await asker.callTool({ name: 'do', arguments: { what: 'ask', method, params: params[method] } }));
+        assert.equal(got.error?.code, -32601, `${method}: ${JSON.stringify(got)}`);
+        assert.match(got.error.message, /not routable/);
+      }
+      assert.deepEqual(calls, [], 'a session that did not ask was handed another session\'s request');
+    });
+
+    it('with two requests in flight it is refused with -32601 "not routable", and the log names the server and "sessions": "per-session"', { timeout: 30_000 }, async () => {
+      const calls: string[] = [];
+      const asker = await capable('sse', 'asker', calls);
+      const sid = await rawSession(h.url, 'fix');
+      const hangs = () => fileLines(log).filter((l) => l.startsWith('hang ')).length;
+      const before = hangs();
+      void post(`${h.url}/fix/mcp`, call('busy', { what: 'hang' }), sessionHeaders(sid)).catch(() => null);
+      await waitFor(() => hangs() > before, 5_000, 'another request in flight on the child');
+      const from = lines.length;
+      const got = asked(await asker.callTool({ name: 'do', arguments: { what: 'ask', method: 'sampling/createMessage', params: { messages: [], maxTokens: 1 } } }));
+      assert.equal(got.error?.code, -32601, JSON.stringify(got));
+      assert.match(got.error.message, /not routable/);
+      assert.deepEqual(calls, []);
+      const warning = lines.slice(from).find((l) => l.startsWith('warn [fix]'));
+      assert.ok(warning, `a warning (log: ${lines.slice(from).join(' | ')})`);
+      assert.match(warning, /"sessions": ?"per-session"/);
+      assert.equal((await request(`${h.url}/fix/mcp`, { method: 'DELETE', headers: { 'mcp-session-id': sid } })).status, 200);
+    });
+  });
+
+  /** Three sessions call server-everything's trigger-sampling-request at once, each with its own prompt. */
+  async function samplingRace(h: Harness, name: string): Promise<{ outcomes: string[]; wrong: string[] }> {
+    const who = ['s0', 's1', 's2'];
+    const state = { invoked: 0, settled: 0 };
+    const wrong: string[] = [];
+    // Two legacy SSE sessions and one Streamable HTTP session whose POST is answered as an event stream.
+    const clients = await Promise.all(who.map((_, i) => h.client(name, i < 2 ? 'sse' : 'mcp', {}, { capabilities: { sampling: {} } })));
+    clients.forEach((client, i) =>
+      client.setRequestHandler(CreateMessageRequestSchema, async (req) => {
+        state.invoked++;
+        const prompt = JSON.stringify(req.params.messages);
+        if (!prompt.includes(`prompt-of-${who[i]}.`)) wrong.push(`${who[i]} was asked ${prompt}`);
+        // Keep every sampling request open until all three are out or the others have settled, so they overlap.
+        await waitFor(() => state.invoked >= 3 || state.settled >= 2, 10_000, 'the other calls').catch(() => null);
+        return { model: 'test-model', role: 'assistant', content: { type: 'text', text: `answer-of-${who[i]}` } };
+      }),
+    );
+    const outcomes = await Promise.all(clients.map(async (client, i) => {
+      try {
+        const r = await client.callTool({ name: 'trigger-sampling-request', arguments: { prompt: `prompt-of-${who[i]}.`, maxTokens: 5 } }, undefined, i === 2 ? { onprogress: () => {} } : undefined);
+        if (r.isError) return 'error';
+        if (textOf(r).includes(`answer-of-${who[i]}"`)) return 'own';
+        wrong.push(`${who[i]} got ${textOf(r)}`);
+        return 'wrong';
+      } catch {
+        return 'error';
+      } finally {
+        state.settled++;
+      }
+    }));
+    return { outcomes, wrong };
+  }
+
+  it('three sessions sampling at once through a shared child: each gets an error or exactly its own answer, never another session\'s prompt', { timeout: 60_000 }, async (t) => {
+    const h = await harness(t, { servers: [srv('sampler', [EVERYTHING, 'stdio'], { clientCapabilities: ['sampling'] })] }, { limits: FAST });
+    await h.proxy.ready(20_000);
+    for (let round = 0; round < 3; round++) {
+      const { outcomes, wrong } = await samplingRace(h, 'sampler');
+      assert.deepEqual(wrong, [], `round ${round}`);
+      for (const outcome of outcomes) assert.ok(outcome === 'own' || outcome === 'error', `round ${round}: ${outcomes.join(', ')}`);
+    }
+  });
+
+  it('per-session mode: three sessions sampling at once each get exactly their own answer; elicitation works too', { timeout: 60_000 }, async (t) => {
+    const h = await harness(t, { servers: [srv('solo', [EVERYTHING, 'stdio'], { sessions: 'per-session' })] }, { limits: FAST });
+    const { outcomes, wrong } = await samplingRace(h, 'solo');
+    assert.deepEqual(wrong, []);
+    assert.deepEqual(outcomes, ['own', 'own', 'own']);
+    const client = await h.client('solo', 'mcp', {}, { capabilities: { elicitation: {} } });
+    client.setRequestHandler(ElicitRequestSchema, async () => ({ action: 'accept', content: { name: 'Ada Lovelace' } }));
+    const tools = (await client.listTools()).tools.map((tool) => tool.name);
+    assert.ok(tools.includes('trigger-elicitation-request') && !tools.includes('trigger-sampling-request'), `the child got this session's capabilities: ${tools.join(', ')}`);
+    assert.match(textOf(await client.callTool({ name: 'trigger-elicitation-request', arguments: {} })), /Ada Lovelace/);
+  });
+
+  it('per-session mode: the child starts at the session\'s initialize (both transports) with that session\'s sampling/elicitation, never its roots', { timeout: 30_000 }, async (t) => {
+    const dir = tmpDir('percaps');
+    const pidFile = path.join(dir, 'pids');
+    const h = await harness(t, {
+      servers: [
+        fixture('solo', 'ok', { sessions: 'per-session', env: { FIXTURE_PIDFILE: pidFile } }),
+        fixture('rooted', 'ok', { sessions: 'per-session', env: { FIXTURE_PIDFILE: pidFile }, roots: [dir] }),
+      ],
+    }, { limits: FAST });
+    t.after(() => {
+      for (const line of fileLines(pidFile)) h.groups.add(Number(line));
+    });
+    const capsOf = async (client: Client) => JSON.parse(textOf(await client.callTool({ name: 'do', arguments: { what: 'seen' } }))).initCaps;
+    const all = { sampling: {}, elicitation: {}, roots: { listChanged: true } };
+    assert.deepEqual(await capsOf(await h.client('solo', 'mcp', {}, { capabilities: all })), { sampling: {}, elicitation: {} });
+    assert.deepEqual(await capsOf(await h.client('solo', 'sse', {}, { capabilities: { sampling: {} } })), { sampling: {} });
+    assert.deepEqual(await capsOf(await h.client('solo', 'mcp')), {});
+    assert.deepEqual(await capsOf(await h.client('rooted', 'sse', {}, { capabilities: all })), { sampling: {}, elicitation: {}, roots: { listChanged: false } });
+    // A legacy stream alone starts no child: that waits for the session's initialize.
+    const before = h.proxy.status().solo!.pids.length;
+    const stream = await openSse(`${h.url}/solo/sse`);
+    try {
+      await stream.next((e) => e.event === 'endpoint', 5_000, 'endpoint');
+      assert.equal(h.proxy.status().solo!.pids.length, before, 'a child was started before initialize');
+    } finally {
+      stream.close();
+    }
+  });
+
+  // Issue 8 item 9: 100,000 unanswered child→client requests grew the routing maps without bound.
+  it('maxServerRequestsPerChild: under and at the limit child→client requests are delivered; one over → the child gets -32000; an answer makes room', { timeout: 30_000 }, async (t) => {
+    const log = path.join(tmpDir('flood'), 'fixture.log');
+    const h = await harness(t, { servers: [fixture('fix', 'ok', { clientCapabilities: ['sampling'], env: { FIXTURE_LOG: log } })] }, { limits: { ...FAST, maxServerRequestsPerChild: 3 } });
+    await h.proxy.ready(10_000);
+    const s = await legacySession(h.url, 'fix', { sampling: {} });
+    try {
+      const samplings = () => s.stream.events.filter((e) => e.event === 'message' && JSON.parse(e.data).method === 'sampling/createMessage').map((e) => JSON.parse(e.data));
+      assert.equal((await s.send(call('flood', { what: 'flood', count: 4, method: 'sampling/createMessage', params: { messages: [], maxTokens: 1 } }))).status, 202);
+      assert.equal(textOf((await s.answer('flood')).result), 'sent 4');
+      assert.equal(samplings().length, 3, 'the requests before the answer on the stream: 3 delivered (under, under, at)');
+      const responses = () => fileLines(log).filter((l) => l.startsWith('response '));
+      const refused = await waitFor(() => responses().find((l) => l.startsWith('response "flood-4" ')), 5_000, 'the child to get an answer for the 4th');
+      assert.equal(JSON.parse(refused.slice('response "flood-4" '.length)).error?.code, -32000, refused);
+      assert.equal(responses().length, 1, 'the three delivered are still waiting for the client');
+      // The client answers one: there is room for one more.
+      const first = samplings()[0];
+      assert.equal((await s.send({ jsonrpc: '2.0', id: first.id, result: { model: 'm', role: 'assistant', content: { type: 'text', text: 'late' } } })).status, 202);
+      await waitFor(() => responses().some((l) => l.startsWith('response "flood-1" {"result"')), 5_000, 'the answer to reach the child');
+      assert.equal((await s.send(call('flood2', { what: 'flood', count: 1, method: 'sampling/createMessage', params: { messages: [], maxTokens: 1 } }))).status, 202);
+      await s.answer('flood2');
+      assert.equal(samplings().length, 4, 'delivered once an answer made room');
+    } finally {
+      s.stream.close();
+    }
   });
 });
 
@@ -2356,8 +2732,8 @@ describe('7. HTTP: guards, /mcp, /sse, health', () => {
     }
   });
 
-  it('maxSseQueueBytes: a stream whose reader stops reading is closed instead of buffering without bound', { timeout: 30_000 }, async (t) => {
-    const h = await harness(t, { servers: [fixture('fix')] }, { limits: { ...FAST, maxSseQueueBytes: 64 * 1024 } });
+  it('maxQueuedBytesPerConnection: a stream whose reader stops reading is closed instead of buffering without bound', { timeout: 30_000 }, async (t) => {
+    const h = await harness(t, { servers: [fixture('fix')] }, { limits: { ...FAST, maxQueuedBytesPerConnection: 64 * 1024 } });
     await h.proxy.ready(10_000);
     const stream = await openSse(`${h.url}/fix/sse`);
     const ep = await stream.next((e) => e.event === 'endpoint', 5_000, 'endpoint');
@@ -2376,9 +2752,9 @@ describe('7. HTTP: guards, /mcp, /sse, health', () => {
   });
 
   // A reading client must get any message the framer accepts (up to maxLineBytes = 10 MiB), even one larger than
-  // maxSseQueueBytes (4 MiB): that limit is for clients that stop reading, not for big answers.
+  // maxQueuedBytesPerConnection (4 MiB): that limit is for clients that stop reading, not for big answers.
   const BIG_BYTES = 6 * 1024 * 1024;
-  it('a 6 MiB tool result (> maxSseQueueBytes, < maxLineBytes) reaches a Streamable HTTP client as JSON', { timeout: 60_000 }, async (t) => {
+  it('a 6 MiB tool result (> maxQueuedBytesPerConnection, < maxLineBytes) reaches a Streamable HTTP client as JSON', { timeout: 60_000 }, async (t) => {
     const h = await harness(t, { servers: [fixture('fix')] }, { limits: FAST });
     await h.proxy.ready(10_000);
     const client = await h.client('fix', 'mcp');
