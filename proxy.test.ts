@@ -2308,11 +2308,10 @@ describe('7. HTTP: guards, /mcp, /sse, health', () => {
     it('an unknown server name → 404 without listing the configured names', async () => {
       for (const p of ['/nope/mcp', '/nope/sse', '/', '/fix', '/fix/other', '/fix/mcp/extra', '/FIX/mcp']) {
         const res = await request(`${h.url}${p}`, { method: 'GET', headers: { accept: 'text/event-stream' } });
-        assert.equal(res.status, 404, p);
+        assert.equal(assertRpcError(res, 404, -32000).error.message, 'Not Found', p);
         for (const name of ['everything', 'memory', 'filesystem']) assert.ok(!res.text.includes(name), `${p} body lists ${name}`);
       }
-      const init = await post(`${h.url}/nope/mcp`, initMsg());
-      assert.equal(init.status, 404);
+      assertRpcError(await post(`${h.url}/nope/mcp`, initMsg()), 404, -32000);
     });
 
     it('POST initialize → 200 with a visible-ASCII Mcp-Session-Id, unique per session', async () => {
@@ -2342,7 +2341,8 @@ describe('7. HTTP: guards, /mcp, /sse, health', () => {
 
     it('an unknown session → 404 -32001', async () => {
       for (const sid of ['no-such-session', 'a'.repeat(64)]) {
-        assertRpcError(await post(mcp, ping(1), { 'mcp-session-id': sid }), 404, -32001);
+        const body = assertRpcError(await post(mcp, ping(1), { 'mcp-session-id': sid }), 404, -32001);
+        assert.equal(body.error.message, 'Session not found');
       }
     });
 
@@ -2389,7 +2389,7 @@ describe('7. HTTP: guards, /mcp, /sse, health', () => {
       const sid = await rawSession(h.url, 'fix');
       for (const type of ['text/plain', 'application/x-www-form-urlencoded', 'multipart/form-data']) {
         const res = await post(mcp, ping(1), sessionHeaders(sid, { 'content-type': type }));
-        assert.equal(res.status, 415, type);
+        assertRpcError(res, 415, -32000);
       }
       const ok = await post(mcp, ping(2), sessionHeaders(sid, { 'content-type': 'application/json; charset=utf-8' }));
       assert.equal(ok.status, 200, ok.text);
@@ -2399,7 +2399,7 @@ describe('7. HTTP: guards, /mcp, /sse, health', () => {
     it('an Accept with neither application/json nor text/event-stream → 406', async () => {
       const sid = await rawSession(h.url, 'fix');
       for (const accept of ['text/html', 'image/png', 'application/xml']) {
-        assert.equal((await post(mcp, ping(1), sessionHeaders(sid, { accept }))).status, 406, accept);
+        assertRpcError(await post(mcp, ping(1), sessionHeaders(sid, { accept })), 406, -32000);
       }
     });
 
@@ -2422,7 +2422,7 @@ describe('7. HTTP: guards, /mcp, /sse, health', () => {
       const sid = await rawSession(h.url, 'fix', '2025-06-18');
       for (const v of ['1999-01-01', '2026-07-28', 'banana']) {
         const res = await post(mcp, ping(1), sessionHeaders(sid, { 'mcp-protocol-version': v }));
-        assert.equal(res.status, 400, v);
+        assertRpcError(res, 400, -32000);
       }
       for (const v of SUPPORTED_PROTOCOL_VERSIONS) {
         const res = await post(mcp, ping(2), sessionHeaders(sid, { 'mcp-protocol-version': v }));
@@ -2435,7 +2435,7 @@ describe('7. HTTP: guards, /mcp, /sse, health', () => {
     it('other methods on /{name}/mcp → 405 with Allow: GET, POST, DELETE', async () => {
       for (const method of ['PUT', 'PATCH']) {
         const res = await request(mcp, { method, headers: { 'content-type': 'application/json' }, body: '{}' });
-        assert.equal(res.status, 405, method);
+        assertRpcError(res, 405, -32000);
         const allow = String(res.headers.allow ?? '').split(/\s*,\s*/).sort();
         assert.deepEqual(allow, ['DELETE', 'GET', 'POST']);
       }
@@ -2443,7 +2443,8 @@ describe('7. HTTP: guards, /mcp, /sse, health', () => {
 
     it('POST /{name}/sse → 405 (so 2025-11-25 clients fall back to GET)', async () => {
       const res = await post(`${h.url}/fix/sse`, initMsg());
-      assert.equal(res.status, 405);
+      assertRpcError(res, 405, -32000);
+      assert.equal(res.headers.allow, 'GET');
     });
 
     it('GET /{name}/mcp with a session opens an event stream', async () => {
@@ -2460,7 +2461,8 @@ describe('7. HTTP: guards, /mcp, /sse, health', () => {
     it('DELETE ends a session; later requests on it → 404', async () => {
       const sid = await rawSession(h.url, 'fix');
       const del = await request(mcp, { method: 'DELETE', headers: { 'mcp-session-id': sid } });
-      assert.ok(del.status >= 200 && del.status < 300, `DELETE → ${del.status}`);
+      assert.equal(del.status, 200);
+      assert.equal(del.text, '{}');
       assertRpcError(await post(mcp, ping(1), sessionHeaders(sid)), 404, -32001);
     });
 
@@ -2509,13 +2511,13 @@ describe('7. HTTP: guards, /mcp, /sse, health', () => {
 
     it('POST /{name}/messages with an unknown sessionId → 404', async () => {
       const res = await post(`${h.url}/fix/messages?sessionId=does-not-exist`, ping(1));
-      assert.equal(res.status, 404);
+      assert.equal(assertRpcError(res, 404, -32001).error.message, 'Session not found');
     });
 
     it('a foreign Origin → 403; own origin and https://claude.ai are allowed', async () => {
       for (const origin of ['https://evil.example', 'http://localhost.evil.example', 'null', 'https://claude.ai.evil.example']) {
         const res = await post(mcp, initMsg(), { accept: 'application/json', origin });
-        assert.equal(res.status, 403, origin);
+        assertRpcError(res, 403, -32000);
         assert.equal(res.headers['mcp-session-id'], undefined);
       }
       for (const origin of [h.url, 'https://claude.ai']) {
@@ -2530,7 +2532,7 @@ describe('7. HTTP: guards, /mcp, /sse, health', () => {
     it('a non-loopback Host → 403; localhost, 127.0.0.1 and [::1] on any port are allowed', async () => {
       for (const host of ['evil.example.com', 'evil.example.com:80', '127.0.0.1.nip.io', '10.0.0.1']) {
         const res = await post(mcp, initMsg(), { accept: 'application/json', host });
-        assert.equal(res.status, 403, host);
+        assertRpcError(res, 403, -32000);
       }
       for (const host of ['localhost', 'localhost:1234', '127.0.0.1', `127.0.0.1:${h.proxy.port}`, '[::1]:8080']) {
         const res = await post(mcp, initMsg(), { accept: 'application/json', host });
@@ -2602,7 +2604,7 @@ describe('7. HTTP: guards, /mcp, /sse, health', () => {
     it('no Authorization → 401 with WWW-Authenticate: Bearer', async () => {
       for (const [url, method] of [[mcp, 'POST'], [`${h.url}/fix/sse`, 'GET'], [mcp, 'GET'], [mcp, 'DELETE']] as const) {
         const res = await request(url, { method, headers: JSON_HEADERS, body: method === 'POST' ? JSON.stringify(initMsg()) : undefined });
-        assert.equal(res.status, 401, `${method} ${url}`);
+        assertRpcError(res, 401, -32000);
         assert.match(String(res.headers['www-authenticate']), /^Bearer\b/);
       }
     });
@@ -2694,7 +2696,7 @@ describe('7. HTTP: guards, /mcp, /sse, health', () => {
       method: 'OPTIONS',
       headers: { origin, 'access-control-request-method': 'POST', 'access-control-request-headers': 'content-type, mcp-session-id, mcp-protocol-version' },
     });
-    assert.ok(pre.status >= 200 && pre.status < 300, `preflight → ${pre.status}`);
+    assert.equal(pre.status, 204);
     assert.equal(pre.headers['access-control-allow-origin'], origin);
     const res = await post(mcp, initMsg(), { accept: 'application/json', origin });
     assert.equal(res.status, 200);
@@ -2803,10 +2805,8 @@ describe('7. HTTP: guards, /mcp, /sse, health', () => {
       assert.equal(res.status, 200, `${bytes} bytes: ${res.text}`);
       assert.equal(onlyMessage(res).id, bytes);
     }
-    const over = await post(mcp, padded(1, limit + 1), sessionHeaders(sid));
-    assert.equal(over.status, 413);
-    const huge = await post(mcp, padded(2, limit * 64), sessionHeaders(sid));
-    assert.equal(huge.status, 413);
+    assertRpcError(await post(mcp, padded(1, limit + 1), sessionHeaders(sid)), 413, -32600);
+    assertRpcError(await post(mcp, padded(2, limit * 64), sessionHeaders(sid)), 413, -32600);
     const next = await post(mcp, call(3, { what: 'echo', text: 'fine' }), sessionHeaders(sid));
     assert.equal(textOf(onlyMessage(next).result), 'fine');
     // The legacy POST endpoint has the same limit.
@@ -2814,7 +2814,7 @@ describe('7. HTTP: guards, /mcp, /sse, health', () => {
     try {
       const ep = await stream.next((e) => e.event === 'endpoint', 5_000, 'endpoint');
       assert.equal((await post(`${h.url}${ep.data}`, padded(4, limit))).status, 202);
-      assert.equal((await post(`${h.url}${ep.data}`, padded(5, limit + 1))).status, 413);
+      assertRpcError(await post(`${h.url}${ep.data}`, padded(5, limit + 1)), 413, -32600);
     } finally {
       stream.close();
     }
@@ -2907,7 +2907,7 @@ describe('7. HTTP: guards, /mcp, /sse, health', () => {
     const hangs = () => (fs.existsSync(log) ? fs.readFileSync(log, 'utf8').split('\n').filter((l) => l.startsWith('hang')).length : 0);
     await waitFor(() => hangs() === 2, 5_000, 'both requests reach the child');
     const res = await post(mcp, initMsg(), { accept: 'application/json' });
-    assert.equal(res.status, 503, res.text);
+    assertRpcError(res, 503, -32000);
     assert.equal(res.headers['retry-after'], '7');
     assert.equal(h.proxy.status().fix!.sessions, 2, 'no session was evicted');
   });
@@ -2929,12 +2929,12 @@ describe('7. HTTP: guards, /mcp, /sse, health', () => {
     void inflight;
   });
 
-  it('requestTimeoutMs: a request the child never answers gets a JSON-RPC error; the session stays usable', { timeout: 20_000 }, async (t) => {
+  it('requestTimeoutMs: a request the child never answers gets REQUEST_TIMEOUT (-32003) "Request timed out"; the session stays usable', { timeout: 20_000 }, async (t) => {
     const h = await harness(t, { servers: [fixture('fix')] }, { limits: { ...FAST, requestTimeoutMs: 300, sweepIntervalMs: 50 } });
     await h.proxy.ready(10_000);
     const client = await h.client('fix', 'mcp');
     const err = await within(client.callTool({ name: 'do', arguments: { what: 'hang' } }).then(() => null, (e: unknown) => e), 10_000, 'hanging call');
-    assert.ok(err instanceof Error, 'hanging call rejected');
+    isMcpError(-32003, 'Request timed out')(err);
     assert.equal(textOf(await client.callTool({ name: 'do', arguments: { what: 'echo', text: 'ok' } })), 'ok');
   });
 
@@ -2962,7 +2962,7 @@ describe('7. HTTP: guards, /mcp, /sse, health', () => {
     }, 10_000, 'the child to receive three hanging requests');
     const del = await request(mcp, { method: 'DELETE', headers: { 'mcp-session-id': sid } });
     assert.equal(del.status, 200, del.text);
-    for (const res of await Promise.all(waiting)) assert.equal(onlyMessage(res).error?.code, -32000, res.text);
+    for (const res of await Promise.all(waiting)) assert.deepEqual(onlyMessage(res).error, { code: -32004, message: 'Session ended' }, res.text);
     await waitFor(() => {
       const cancelled = fileLines(fixtureLog).filter((l) => l.startsWith('cancelled ')).map((l) => l.slice(10));
       return hung.every((id) => cancelled.includes(id)) || null;
@@ -2996,8 +2996,8 @@ describe('7. HTTP: guards, /mcp, /sse, health', () => {
     }
     void hung;
     const res = await post(`${h.url}/solo/mcp`, initMsg(), { accept: 'application/json' });
-    assert.equal(res.status, 503, res.text);
-    assert.ok(res.headers['retry-after'], 'Retry-After on 503');
+    assertRpcError(res, 503, -32000);
+    assert.equal(res.headers['retry-after'], String(DEFAULT_LIMITS.retryAfterS), 'Retry-After on 503');
     // Ending a session stops its child (whole group) and frees the slot.
     await (c1.transport as StreamableHTTPClientTransport).terminateSession();
     await waitFor(() => liveGroupMembers(Number(pid1)).length === 0, GONE_BOUND_MS, 'child of the deleted session gone');
@@ -3013,7 +3013,7 @@ describe('7. HTTP: guards, /mcp, /sse, health', () => {
 
   // Verified red on a copy of proxy.ts whose createSession() refuses at maxChildrenPerServer without
   // evictIdleSession(): the third initialize → 503 although both sessions are idle.
-  it('per-session mode: at maxChildrenPerServer a new session ends the least recently active idle one (its child stops); none idle → 503', { timeout: 30_000 }, async (t) => {
+  it('per-session mode: at maxChildrenPerServer a new session ends the least recently active one with nothing in flight (its child stops, even with a stream open); none → 503', { timeout: 30_000 }, async (t) => {
     const dir = tmpDir('pid');
     const pidFile = path.join(dir, 'pids');
     const fixtureLog = path.join(dir, 'fixture.log');
@@ -3041,20 +3041,24 @@ describe('7. HTTP: guards, /mcp, /sse, health', () => {
     const pidC = await pidOf(c, 6);
     assert.ok(![pidA, pidB].includes(pidC), 'c got a child of its own');
     assert.equal(h.proxy.status().solo!.sessions, 2);
-    // Now neither is idle: a has a request in flight at its child, c has an open GET stream.
+    // a has a request in flight at its child; c has only an open GET stream, which does not hold its child
+    // (issue 8 item 18: idle /sse streams took every per-session child for good).
     void post(mcp, call(7, { what: 'hang' }), sessionHeaders(a)).catch(() => null);
-    await waitFor(() => fileLines(fixtureLog).some((l) => l.startsWith('hang')), 5_000, "a's request reaches its child");
+    await waitFor(() => fileLines(fixtureLog).filter((l) => l.startsWith('hang')).length === 1, 5_000, "a's request reaches its child");
     const stream = await openSse(mcp, { 'mcp-session-id': c });
-    try {
-      assert.equal(stream.res.statusCode, 200);
-      const res = await post(mcp, initMsg(), { accept: 'application/json' });
-      assert.equal(res.status, 503, res.text);
-      assert.equal(res.headers['retry-after'], '6');
-      assert.equal(h.proxy.status().solo!.sessions, 2, 'no session was ended');
-      assert.equal(await pidOf(c, 8), pidC);
-    } finally {
-      stream.close();
-    }
+    assert.equal(stream.res.statusCode, 200);
+    const d = await rawSession(h.url, 'solo');
+    await waitFor(() => stream.ended, 5_000, "c's stream ended");
+    assertRpcError(await post(mcp, ping(8), sessionHeaders(c)), 404, -32001);
+    await waitFor(() => liveGroupMembers(pidC).length === 0, GONE_BOUND_MS, "c's child gone");
+    // Now both a and d have a request in flight: nothing can give way.
+    void post(mcp, call(9, { what: 'hang' }), sessionHeaders(d)).catch(() => null);
+    await waitFor(() => fileLines(fixtureLog).filter((l) => l.startsWith('hang')).length === 2, 5_000, "d's request reaches its child");
+    const res = await post(mcp, initMsg(), { accept: 'application/json' });
+    assertRpcError(res, 503, -32000);
+    assert.equal(res.headers['retry-after'], '6');
+    assert.equal(h.proxy.status().solo!.sessions, 2, 'no session was ended');
+    assert.equal(await pidOf(a, 10), pidA);
   });
 
   it('maxChildQueueBytes: a child that stops reading stdin makes requests fail with -32000 instead of buffering', { timeout: 30_000 }, async (t) => {
@@ -3076,6 +3080,335 @@ describe('7. HTTP: guards, /mcp, /sse, health', () => {
     const seen = () => settled.map((r) => (r ? (messages(r)[0]?.error?.message ?? 'answered') : 'transport error'));
     assert.ok(settled.length < 12, `requests that fit in the queue are still waiting for the child, not refused: ${seen()}`);
     assert.ok(settled.every((r) => refusedWith(r) === -32000), `the stalled child answered nothing: ${seen()}`);
+  });
+
+  // ── Issue 8: hostile input and edges of the HTTP layer ──
+
+  // Item 3: a body nested 5,000 deep (10 KB) made JSON.stringify throw and the proxy exit.
+  it('maxJsonDepth: client messages nested under and at the limit are forwarded; deeper → 400 -32600 "nested" (Streamable requests and notifications, legacy POSTs), 5,000 deep too', { timeout: 30_000 }, async (t) => {
+    const h = await harness(t, { servers: [fixture('fix')] }, { limits: { ...FAST, maxJsonDepth: 16 } });
+    await h.proxy.ready(10_000);
+    const mcp = `${h.url}/fix/mcp`;
+    const sid = await rawSession(h.url, 'fix');
+    // A call is {…,"params":{…,"arguments":{…,"deep":[[…]]}}}: depth 3 + arrays. A notification: 2 + arrays.
+    const deepCall = (id: string, arrays: number) =>
+      `{"jsonrpc":"2.0","id":${JSON.stringify(id)},"method":"tools/call","params":{"name":"do","arguments":{"what":"echo","text":"${id}","deep":${nestedArrays(arrays)}}}}`;
+    const deepNote = (arrays: number) => `{"jsonrpc":"2.0","method":"notifications/deep","params":{"deep":${nestedArrays(arrays)}}}`;
+    const refused = (res: RawResponse) => assert.match(assertRpcError(res, 400, -32600).error.message, /nested/);
+    for (const [id, arrays] of [['under', 12], ['at', 13]] as const) {
+      assert.equal(textOf(onlyMessage(await post(mcp, deepCall(id, arrays), sessionHeaders(sid))).result), id);
+    }
+    refused(await within(post(mcp, deepCall('over', 14), sessionHeaders(sid)), 5_000, 'one over'));
+    refused(await within(post(mcp, deepCall('deep', 5_000), sessionHeaders(sid)), 5_000, '5,000 deep'));
+    assert.equal((await post(mcp, deepNote(14), sessionHeaders(sid))).status, 202, 'a notification at the limit');
+    refused(await within(post(mcp, deepNote(15), sessionHeaders(sid)), 5_000, 'a notification one over'));
+    refused(await within(post(mcp, deepNote(5_000), sessionHeaders(sid)), 5_000, 'a notification 5,000 deep'));
+    const legacy = await legacySession(h.url, 'fix');
+    try {
+      assert.equal((await legacy.send(deepCall('legacy-at', 13))).status, 202);
+      assert.equal(textOf((await legacy.answer('legacy-at')).result), 'legacy-at');
+      refused(await within(legacy.send(deepCall('legacy-over', 14)), 5_000, 'legacy one over'));
+      refused(await within(legacy.send(deepCall('legacy-deep', 5_000)), 5_000, 'legacy 5,000 deep'));
+      refused(await within(legacy.send(deepNote(5_000)), 5_000, 'legacy notification 5,000 deep'));
+    } finally {
+      legacy.stream.close();
+    }
+    assert.equal(textOf(onlyMessage(await post(mcp, call('after', { what: 'echo', text: 'alive' }), sessionHeaders(sid))).result), 'alive');
+    assert.equal((await request(`${h.url}/healthz`)).status, 200);
+  });
+
+  // Item 4: an error boundary around every request.
+  it('an unexpected throw while handling an HTTP request → 500 -32603 "Internal error", logged at error; the proxy goes on', { timeout: 20_000 }, async (t) => {
+    const lines: string[] = [];
+    const faulty = faultyLog(lines);
+    const h = await harness(t, { servers: [fixture('fix')] }, { log: faulty.log, limits: FAST });
+    await h.proxy.ready(10_000);
+    const mcp = `${h.url}/fix/mcp`;
+    const sid = await rawSession(h.url, 'fix');
+    // A client response to a request the child never sent is logged and dropped: the failure is injected there.
+    const stray = (id: string) => ({ jsonrpc: '2.0', id, result: {} });
+    const from = lines.length;
+    assert.equal((await post(mcp, stray('nobody-asked-1'), sessionHeaders(sid))).status, 202);
+    assert.ok(lines.slice(from).some((l) => l.includes('[fix]')), `precondition: a stray client response is logged (log: ${lines.slice(from).join(' | ')})`);
+    faulty.arm((_level, scope) => scope === 'fix');
+    const res = await within(post(mcp, stray('nobody-asked-2'), sessionHeaders(sid)), 5_000, 'the POST whose handling threw');
+    assert.ok(faulty.fired());
+    assert.equal(assertRpcError(res, 500, -32603).error.message, 'Internal error');
+    assert.ok(lines.some((l) => l.startsWith('error ') && /injected log failure/.test(l)), `the throw logged at error (log: ${lines.slice(from).join(' | ')})`);
+    assert.equal(textOf(onlyMessage(await post(mcp, call('after', { what: 'echo', text: 'alive' }), sessionHeaders(sid))).result), 'alive');
+    assert.equal((await request(`${h.url}/healthz`)).status, 200);
+  });
+
+  /** Opens a connection, reads one keep-alive answer to GET /healthz on it, and leaves it open. */
+  async function heldConnection(port: number): Promise<net.Socket> {
+    const socket = await idleConnection(port);
+    let got = '';
+    socket.setEncoding('latin1');
+    socket.write('GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n');
+    await within(new Promise<void>((resolve) => socket.on('data', (chunk: string) => {
+      got += chunk;
+      if (/\r\n\r\n\{"status":"ok"\}$/.test(got)) resolve();
+    })), 5_000, 'a kept-alive /healthz answer');
+    assert.match(got, /^HTTP\/1\.1 200 /);
+    return socket;
+  }
+
+  // Item 5: idle connections without a token exhausted descriptors; a child restart then hit EMFILE.
+  it('maxConnections: connections under and at the limit are served; one over gets a raw 503 (-32000, Connection: close) before its body is read', { timeout: 20_000 }, async (t) => {
+    const h = await harness(t, { servers: [fixture('fix')] }, { limits: { ...FAST, maxConnections: 3, keepAliveTimeoutMs: 60_000 } });
+    await h.proxy.ready(10_000);
+    const held: net.Socket[] = [];
+    t.after(() => held.forEach((socket) => socket.destroy()));
+    for (let i = 0; i < 3; i++) held.push(await heldConnection(h.proxy.port)); // under, under, at
+    // Headers announce a body that never comes: the answer must not wait for it.
+    const over = await rawHttp(h.proxy.port, 'POST /fix/mcp HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: 100000\r\n\r\n', 5_000);
+    assert.equal(over.status, 503, over.raw.slice(0, 300));
+    assert.equal(over.headers.connection, 'close');
+    assert.equal(JSON.parse(over.body).error.code, -32000);
+    held.pop()!.destroy();
+    await waitFor(async () => (await rawHttp(h.proxy.port, 'GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n')).status === 200, 5_000, 'a closed connection makes room');
+  });
+
+  /** Raw POSTs whose answers are never read (paused sockets); resume() reads the rest and reports what came. */
+  async function unreadPosts(port: number, bodies: string[], sid: string) {
+    const sockets = await Promise.all(bodies.map(async (body) => {
+      const socket = await idleConnection(port);
+      socket.pause();
+      socket.write(`POST /fix/mcp HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nAccept: application/json\r\nMcp-Session-Id: ${sid}\r\nContent-Length: ${Buffer.byteLength(body)}\r\n\r\n${body}`);
+      return socket;
+    }));
+    const resume = () => Promise.all(sockets.map((socket) => new Promise<{ complete: boolean; bytes: number }>((resolve) => {
+      const chunks: Buffer[] = [];
+      let bytes = 0;
+      const done = (complete: boolean) => {
+        socket.destroy();
+        resolve({ complete, bytes });
+      };
+      socket.on('data', (chunk: Buffer) => {
+        chunks.push(chunk);
+        bytes += chunk.length;
+        const text = Buffer.concat(chunks).toString('latin1');
+        const cut = text.indexOf('\r\n\r\n');
+        const length = /content-length: (\d+)/i.exec(text.slice(0, cut))?.[1];
+        if (cut !== -1 && length !== undefined && bytes >= cut + 4 + Number(length)) done(true);
+      });
+      socket.on('error', () => {});
+      socket.on('close', () => done(false));
+      socket.resume();
+    })));
+    return { sockets, resume };
+  }
+  const CLOSED_RE = /^warn \[.*\] .*closed a connection with (\d+) bytes unread/;
+
+  // Item 7: 80 unread 8 MB answers took RSS from 48 to 708 MiB.
+  it('maxQueuedBytesTotal: JSON answers nobody reads are cut off once the total queued passes the limit (warn "closed a connection with N bytes unread"); readers are unaffected', { timeout: 60_000 }, async (t) => {
+    const lines: string[] = [];
+    const MIB = 1024 * 1024;
+    const h = await harness(t, { servers: [fixture('fix')] }, { log: captureLog(lines), limits: { ...FAST, maxQueuedBytesTotal: 8 * MIB, requestTimeoutMs: 120_000 } });
+    await h.proxy.ready(10_000);
+    const sid = await rawSession(h.url, 'fix');
+    // Four answers of 9 MiB: a loopback socket that is not read takes at most a few MiB of each.
+    const posts = await unreadPosts(h.proxy.port, [1, 2, 3, 4].map((i) => JSON.stringify(call(`big-${i}`, { what: 'line', bytes: 9 * MIB }))), sid);
+    t.after(() => posts.sockets.forEach((socket) => socket.destroy()));
+    await waitFor(() => lines.some((l) => CLOSED_RE.test(l)), 15_000, 'a connection closed for its backlog');
+    const closed = lines.filter((l) => CLOSED_RE.test(l));
+    for (const line of closed) assert.ok(Number(CLOSED_RE.exec(line)![1]) > 0, line);
+    const outcomes = await within(posts.resume(), 30_000, 'the rest of each answer');
+    const cut = outcomes.filter((o) => !o.complete).length;
+    assert.ok(cut >= 1 && cut <= 4, JSON.stringify(outcomes));
+    assert.equal(cut, lines.filter((l) => CLOSED_RE.test(l)).length, 'each cut connection is logged once');
+    const reader = await h.client('fix', 'mcp');
+    assert.equal(textOf(await reader.callTool({ name: 'do', arguments: { what: 'line', bytes: MIB } })).length > MIB - 200, true);
+  });
+
+  // Item 8: fan-out of child output to 200 SSE streams that never read reached 982 MiB.
+  it('maxQueuedBytesTotal: fan-out of child notifications to SSE streams nobody reads is cut off at the total, not only per stream', { timeout: 60_000 }, async (t) => {
+    const lines: string[] = [];
+    const MIB = 1024 * 1024;
+    const h = await harness(t, { servers: [fixture('fix')] }, {
+      log: captureLog(lines),
+      // The per-connection bound is out of reach here: only the total can stop the growth.
+      limits: { ...FAST, maxQueuedBytesPerConnection: 256 * MIB, maxQueuedBytesTotal: 8 * MIB, requestTimeoutMs: 120_000 },
+    });
+    await h.proxy.ready(10_000);
+    const listeners = await Promise.all([1, 2, 3, 4].map(() => legacySession(h.url, 'fix')));
+    t.after(() => listeners.forEach((l) => l.stream.close()));
+    for (const l of listeners) l.stream.res.pause();
+    assert.equal(h.proxy.status().fix!.sessions, 4);
+    // The caller gets a JSON answer and has no stream, so the broadcast reaches only the four listeners.
+    const sid = await rawSession(h.url, 'fix');
+    const res = await within(post(`${h.url}/fix/mcp`, call('spam', { what: 'spam', count: 12, bytes: MIB }), sessionHeaders(sid)), 30_000, 'the spam call');
+    assert.equal(textOf(onlyMessage(res).result), 'spammed');
+    await waitFor(() => lines.some((l) => CLOSED_RE.test(l)), 10_000, 'a stream closed for its backlog');
+    // A closed legacy stream ends its session.
+    await waitFor(() => h.proxy.status().fix!.sessions < 5, 5_000, 'a listener session ended');
+  });
+
+  // Item 10: eight concurrent 4 MiB batch bodies were parsed whole at once, stalling /healthz for 4.4 s.
+  it('maxBodyBytesInFlight: bodies in flight together under and at the limit are read; one that would pass it → 503 -32000 with Retry-After; /healthz answers meanwhile', { timeout: 30_000 }, async (t) => {
+    const KIB = 1024;
+    const h = await harness(t, { servers: [fixture('fix')] }, { limits: { ...FAST, maxBodyBytes: 48 * KIB, maxBodyBytesInFlight: 64 * KIB, retryAfterS: 3 } });
+    await h.proxy.ready(10_000);
+    const mcp = `${h.url}/fix/mcp`;
+    const sid = await rawSession(h.url, 'fix');
+    const padded = (id: string, bytes: number) => {
+      const base = JSON.stringify(call(id, { what: 'echo', text: '' }));
+      return JSON.stringify(call(id, { what: 'echo', text: 'p'.repeat(bytes - base.length) }));
+    };
+    // A: 40 KiB announced, 39 KiB sent, the last KiB held back, so its body stays in flight.
+    const bodyA = padded('a', 40 * KIB);
+    const socketA = await idleConnection(h.proxy.port);
+    t.after(() => socketA.destroy());
+    let answerA = '';
+    socketA.on('data', (chunk: Buffer) => (answerA += chunk.toString('latin1')));
+    socketA.write(`POST /fix/mcp HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nAccept: application/json\r\nMcp-Session-Id: ${sid}\r\nConnection: close\r\nContent-Length: ${bodyA.length}\r\n\r\n${bodyA.slice(0, 39 * KIB)}`);
+    // Over: 40 + 40 KiB > 64 KiB. Polled only until the proxy has taken A's headers (a bounded wait).
+    const over = await waitFor(async () => {
+      const res = await post(mcp, padded('over', 40 * KIB), sessionHeaders(sid));
+      return res.status === 503 ? res : null;
+    }, 5_000, 'a body that would pass maxBodyBytesInFlight → 503');
+    assertRpcError(over, 503, -32000);
+    assert.equal(over.headers['retry-after'], '3');
+    assert.equal(over.headers.connection, 'close');
+    assert.equal((await request(`${h.url}/healthz`)).status, 200);
+    for (const [id, bytes] of [['under', 23 * KIB], ['at', 24 * KIB]] as const) {
+      const res = await post(mcp, padded(id, bytes), sessionHeaders(sid));
+      assert.equal(res.status, 200, `${id}: ${res.text.slice(0, 200)}`);
+      assert.equal(onlyMessage(res).id, id);
+    }
+    socketA.write(bodyA.slice(39 * KIB));
+    await waitFor(() => /^HTTP\/1\.1 200 /.test(answerA) && answerA.includes('"id":"a"'), 5_000, "A's answer");
+    assert.equal((await post(mcp, padded('after', 40 * KIB), sessionHeaders(sid))).status, 200, 'room again once A is read');
+  });
+
+  // Item 16: Node drops headers past maxHeadersCount silently, so an Origin after 100 headers was not seen.
+  it('maxHeadersCount: a request with 99 header fields is served; with 100 → 431 (-32000); an Origin after 150 headers is not let through', { timeout: 20_000 }, async (t) => {
+    const h = await harness(t, { servers: [fixture('fix')] }, { limits: FAST });
+    await h.proxy.ready(10_000);
+    const body = JSON.stringify(initMsg());
+    const withFields = (count: number, origin?: string) => {
+      const fields = ['Host: 127.0.0.1', 'Connection: close', 'Content-Type: application/json', 'Accept: application/json', `Content-Length: ${body.length}`];
+      const last = origin === undefined ? [] : [`Origin: ${origin}`];
+      for (let i = 0; fields.length + last.length < count; i++) fields.push(`X-Pad-${i}: ${i}`);
+      return `POST /fix/mcp HTTP/1.1\r\n${[...fields, ...last].join('\r\n')}\r\n\r\n${body}`;
+    };
+    const under = await rawHttp(h.proxy.port, withFields(99));
+    assert.equal(under.status, 200, under.raw.slice(0, 300));
+    assert.equal(JSON.parse(under.body).result.serverInfo.name, 'fixture');
+    assert.equal((await rawHttp(h.proxy.port, withFields(99, 'https://evil.example'))).status, 403, 'the 99th field is seen');
+    for (const [count, origin] of [[100, undefined], [101, undefined], [150, 'https://evil.example']] as const) {
+      const res = await rawHttp(h.proxy.port, withFields(count, origin));
+      assert.equal(res.status, 431, `${count} fields: ${res.raw.slice(0, 200)}`);
+      assert.equal(JSON.parse(res.body).error.code, -32000);
+    }
+  });
+
+  // Item 17: Node checks its timers every 30 s by default, so the README's 10 s and 60 s were about 30 s and 90 s.
+  it('headersTimeoutMs and httpRequestTimeoutMs hold within connectionsCheckIntervalMs: idle, dribbled-header and dribbled-body connections close on time', { timeout: 30_000 }, async (t) => {
+    const h = await harness(t, { servers: [fixture('fix')] }, { limits: { ...FAST, headersTimeoutMs: 600, httpRequestTimeoutMs: 1_200, connectionsCheckIntervalMs: 100 } });
+    await h.proxy.ready(10_000);
+    const closesAfter = async (dribble: (socket: net.Socket) => NodeJS.Timeout | null): Promise<number> => {
+      const socket = await idleConnection(h.proxy.port);
+      const start = Date.now();
+      const timer = dribble(socket);
+      socket.on('error', () => {});
+      socket.resume(); // read (and drop) the 408, so the end of the stream is seen
+      try {
+        await within(new Promise((resolve) => socket.on('close', resolve)), 5_000, 'the server to close the connection');
+      } finally {
+        if (timer) clearInterval(timer);
+        socket.destroy();
+      }
+      return Date.now() - start;
+    };
+    const idle = await closesAfter(() => null);
+    assert.ok(idle >= 300 && idle < 1_500, `idle connection closed after ${idle} ms (headersTimeoutMs 600)`);
+    const headers = await closesAfter((socket) => {
+      socket.write('POST /fix/mcp HTTP/1.1\r\nHost: 127.0.0.1\r\n');
+      return setInterval(() => socket.write('X-Dribble: 1\r\n'), 100);
+    });
+    assert.ok(headers >= 300 && headers < 1_500, `dribbled headers closed after ${headers} ms (headersTimeoutMs 600)`);
+    const body = await closesAfter((socket) => {
+      socket.write('POST /fix/mcp HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: 100000\r\n\r\n{');
+      return setInterval(() => socket.write(' '), 100);
+    });
+    assert.ok(body >= 900 && body < 2_500, `dribbled body closed after ${body} ms (httpRequestTimeoutMs 1200)`);
+  });
+
+  // Item 18: 16 idle legacy /sse connections from one token took all 16 per-session children for good.
+  describe('maxChildrenPerCredential', () => {
+    const tokenA = 'token-alpha-0123456789';
+    const tokenB = 'token-bravo-0123456789';
+    const authA = { authorization: `Bearer ${tokenA}` };
+    const authB = { authorization: `Bearer ${tokenB}` };
+    async function perCredential(t: TestContext) {
+      const dir = tmpDir('cred');
+      const pidFile = path.join(dir, 'pids');
+      const log = path.join(dir, 'fixture.log');
+      const h = await harness(t, { servers: [fixture('solo', 'ok', { sessions: 'per-session', env: { FIXTURE_PIDFILE: pidFile, FIXTURE_LOG: log } })] }, {
+        tokens: [tokenA, tokenB], limits: { ...FAST, maxChildrenPerCredential: 2, maxChildrenPerServer: 8 },
+      });
+      t.after(() => {
+        for (const line of fileLines(pidFile)) h.groups.add(Number(line));
+      });
+      return { h, log };
+    }
+
+    it('at the cap, the credential\'s least recently active session with nothing in flight gives way (its open stream ends, its child stops); other credentials keep theirs', { timeout: 40_000 }, async (t) => {
+      const { h } = await perCredential(t);
+      type Legacy = Awaited<ReturnType<typeof legacySession>>;
+      const pidOf = async (s: Legacy, id: string) => {
+        assert.equal((await s.send(call(id, { what: 'pid' }))).status, 202);
+        return Number(textOf((await s.answer(id)).result));
+      };
+      const a1 = await legacySession(h.url, 'solo', {}, authA);
+      const a2 = await legacySession(h.url, 'solo', {}, authA);
+      const b1 = await legacySession(h.url, 'solo', {}, authB);
+      t.after(() => [a1, a2, b1].forEach((s) => s.stream.close()));
+      const p1 = await pidOf(a1, 'p1');
+      const p2 = await pidOf(a2, 'p2');
+      const pb = await pidOf(b1, 'pb');
+      assert.equal(await pidOf(a1, 'p1-again'), p1); // a2 is now a's least recently active session
+      const a3 = await legacySession(h.url, 'solo', {}, authA);
+      t.after(() => a3.stream.close());
+      await waitFor(() => a2.stream.ended, 5_000, "a2's stream ended");
+      await waitFor(() => liveGroupMembers(p2).length === 0, GONE_BOUND_MS, "a2's child gone");
+      assert.equal((await a2.send(ping('gone'))).status, 404);
+      const p3 = await pidOf(a3, 'p3');
+      assert.ok(![p1, p2, pb].includes(p3), 'a3 got a child of its own');
+      assert.equal(await pidOf(a1, 'p1-last'), p1, 'a1 keeps its child');
+      assert.equal(await pidOf(b1, 'pb-last'), pb, 'b keeps its child');
+      assert.equal(a1.stream.ended || b1.stream.ended, false);
+    });
+
+    it('when every session of the credential has a request in flight its next initialize → 503 -32000; another credential still gets a child', { timeout: 40_000 }, async (t) => {
+      const { h, log } = await perCredential(t);
+      const mcp = `${h.url}/solo/mcp`;
+      const init = (auth: Record<string, string>) => post(mcp, initMsg(), { accept: 'application/json', ...auth });
+      for (const n of [1, 2]) {
+        const res = await init(authA);
+        assert.equal(res.status, 200, res.text);
+        const sid = String(res.headers['mcp-session-id']);
+        void post(mcp, call(`hang-${n}`, { what: 'hang' }), sessionHeaders(sid, authA)).catch(() => null);
+        await waitFor(() => fileLines(log).filter((l) => l.startsWith('hang ')).length === n, 5_000, `a's request ${n} at its child`);
+      }
+      assertRpcError(await init(authA), 503, -32000);
+      const b = await init(authB);
+      assert.equal(b.status, 200, b.text);
+      assert.equal(h.proxy.status().solo!.sessions, 3);
+    });
+  });
+
+  // Item 19: a proxy bound to 127.0.0.2 answered its own Host with 403.
+  it('hostAllowed(): bound to 127.0.0.2, Host: 127.0.0.2:PORT is accepted (the bound address); other names still → 403', { timeout: 20_000 }, async (t) => {
+    const h = await harness(t, { servers: [fixture('fix')] }, { host: '127.0.0.2', limits: FAST });
+    await h.proxy.ready(10_000);
+    const mcp = `http://127.0.0.2:${h.proxy.port}/fix/mcp`;
+    const own = await post(mcp, initMsg(), { accept: 'application/json' });
+    assert.equal(own.status, 200, own.text);
+    assert.equal(typeof own.headers['mcp-session-id'], 'string');
+    assert.equal((await post(mcp, initMsg(), { accept: 'application/json', host: `localhost:${h.proxy.port}` })).status, 200);
+    assertRpcError(await post(mcp, initMsg(), { accept: 'application/json', host: `evil.example:${h.proxy.port}` }), 403, -32000);
   });
 });
 
