@@ -964,13 +964,14 @@ export function createLineFramer(
   };
 }
 
-type IdScanner = { feed(bytes: Buffer): void; id(): number | undefined };
+type IdScanner = { feed(bytes: Buffer): void; id(): number | undefined; idKeys(): number };
 
 /**
- * Finds the numeric value of the top-level "id" member of a JSON object fed to it in pieces, in one linear
- * pass and constant memory (keys and values are kept only up to ID_SCAN_MAX_CHARS). It tracks only strings,
- * escapes, depth and the last top-level key: enough for a line too large to parse. Bytes of multi-byte UTF-8
- * characters are all >= 0x80, so they never look like the ASCII this matches on.
+ * Reads the top-level "id" member of a JSON object fed to it in pieces, in one linear pass and constant memory
+ * (keys and values are kept only up to ID_SCAN_MAX_CHARS), as JSON.parse would: a key written with escapes
+ * ("\u0069d") is decoded before it is compared, and of repeated "id" members the last one counts. It tracks
+ * only strings, escapes, depth and the current top-level key: enough for a line too large to parse. Bytes of
+ * multi-byte UTF-8 characters are all >= 0x80, so they never look like the ASCII this matches on.
  */
 export function createIdScanner(): IdScanner {
   let depth = 0;
@@ -979,59 +980,99 @@ export function createIdScanner(): IdScanner {
   let expectKey = false;
   let readingKey = false;
   let key = '';
-  let lastKey = '';
-  let number = '';
+  let keyIsId = false;
+  let readingId = false;
+  let value = '';
+  let ids = 0;
   let found: number | undefined;
-  let done = false;
 
-  function endNumber(): void {
-    if (number === '') return;
-    if (/^-?\d+$/.test(number)) found = Number(number);
-    number = '';
-    done = true;
+  function endKey(): void {
+    let decoded = key.length >= ID_SCAN_MAX_CHARS ? '' : key;
+    if (decoded.includes('\\')) {
+      try {
+        decoded = JSON.parse(`"${decoded}"`);
+      } catch {
+        decoded = ''; // not a valid key: JSON.parse would refuse the whole line anyway
+      }
+    }
+    keyIsId = decoded === 'id';
+  }
+
+  /** The id's value ended: an integer is one of ours; anything else (string, object, 1.5) is not. */
+  function endId(integer: boolean): void {
+    const number = Number(value);
+    found = integer && value !== '' && /^[-+.eE0-9]+$/.test(value) && Number.isSafeInteger(number) ? number : undefined;
+    readingId = false;
+    value = '';
   }
 
   function feed(bytes: Buffer): void {
-    for (let i = 0; i < bytes.length && !done; i++) {
+    for (let i = 0; i < bytes.length; i++) {
       const c = bytes[i];
       if (inString) {
         if (escaped) escaped = false;
-        else if (c === 0x5c /* \\ */) escaped = true;
+        else if (c === 0x5c /* \ */) escaped = true;
         else if (c === 0x22 /* " */) {
           inString = false;
-          if (readingKey) lastKey = key;
+          if (readingKey) endKey();
+          else if (readingId) endId(false);
           readingKey = false;
-        } else if (readingKey && key.length < ID_SCAN_MAX_CHARS) key += String.fromCharCode(c);
-        continue;
-      }
-      if (depth === 1 && !expectKey && lastKey === 'id' && number.length < ID_SCAN_MAX_CHARS &&
-          (c === 0x2d /* - */ || (c >= 0x30 && c <= 0x39))) {
-        number += String.fromCharCode(c);
+          continue;
+        }
+        if (readingKey && key.length < ID_SCAN_MAX_CHARS) key += String.fromCharCode(c);
         continue;
       }
       if (c === 0x22) {
         inString = true;
         readingKey = depth === 1 && expectKey;
         key = '';
-        if (depth === 1 && !expectKey && lastKey === 'id') done = true; // a string id: not one of ours
       } else if (c === 0x7b /* { */ || c === 0x5b /* [ */) {
-        if (depth === 1 && lastKey === 'id' && !expectKey) done = true;
+        if (depth === 1 && readingId) endId(false);
         depth++;
         if (depth === 1) expectKey = c === 0x7b;
       } else if (c === 0x7d /* } */ || c === 0x5d /* ] */) {
-        if (depth === 1) endNumber();
+        if (depth === 1 && readingId) endId(true);
         depth--;
-      } else if (depth === 1 && c === 0x3a /* : */) expectKey = false;
-      else if (depth === 1 && c === 0x2c /* , */) {
-        endNumber();
+      } else if (depth !== 1) continue;
+      else if (c === 0x3a /* : */) {
+        expectKey = false;
+        if (keyIsId) {
+          ids++;
+          readingId = true;
+          value = '';
+        }
+        keyIsId = false;
+      } else if (c === 0x2c /* , */) {
+        if (readingId) endId(true);
         expectKey = true;
-        lastKey = '';
-      } else if (depth === 1 && number !== '' && c !== 0x20 && c !== 0x09 && c !== 0x0d && c !== 0x0a) done = true;
-      else if (depth === 1 && number !== '') endNumber();
+      } else if (readingId && c !== 0x20 && c !== 0x09 && c !== 0x0d && c !== 0x0a && value.length < ID_SCAN_MAX_CHARS) {
+        value += String.fromCharCode(c);
+      }
     }
   }
 
-  return { feed, id: () => (number !== '' && !done ? (endNumber(), found) : found) };
+  return {
+    feed,
+    id: () => {
+      if (readingId) endId(true);
+      return found;
+    },
+    idKeys: () => ids,
+  };
+}
+
+/**
+ * Whether a child's line has exactly one top-level "id" member, so replacing it yields the message the child
+ * meant. A cheap test settles nearly every line: no second `"id"` anywhere and no escaped i or d (\u006…).
+ * Only lines that fail it are scanned.
+ */
+function hasOneIdMember(line: string, raw: Buffer | null): boolean {
+  const first = line.indexOf('"id"');
+  // \u0069 and \u0064 (escaped i and d) both start with \u006.
+  if ((first === -1 || line.indexOf('"id"', first + 4) === -1) && !line.includes('\\u006')) return true;
+  const scanner = createIdScanner();
+  scanner.feed(raw ?? Buffer.from(line));
+  return scanner.idKeys() === 1;
 }
 
 /** The first `n` bytes of a list of pieces, as text, without joining more than that. */
@@ -1609,6 +1650,9 @@ function withId(line: string, raw: Buffer | null, msg: JsonRpcMessage, id: JsonR
     const oldId = String(msg.id);
     const bytes = raw && raw.length >= RAW_PASSTHROUGH_MIN_BYTES ? raw : null;
     const prefix = `{"jsonrpc":"2.0","id":${oldId},`;
+    // A repeated "id" member would survive the splice, and a parser that takes the last one would read the
+    // child's id instead of the client's: such lines are re-serialised (JSON.parse kept only one).
+    if (!hasOneIdMember(line, raw)) return JSON.stringify({ ...msg, id });
     if (line.startsWith(prefix)) {
       const head = `{"jsonrpc":"2.0","id":${JSON.stringify(id)},`;
       return bytes ? [Buffer.from(head), bytes.subarray(prefix.length)] : head + line.slice(prefix.length);
