@@ -828,13 +828,13 @@ describe('1. Limits and defaults', () => {
 
 describe('3. Small utilities', () => {
   it('tokenMatches() accepts any configured token exactly', () => {
-    const tokens = ['alpha-token-1', 'beta-token-22', 'γάμμα'];
+    const tokens = ['alpha-token-0000001', 'beta-token-00000022', 'γάμμα-token-0000003'];
     for (const tok of tokens) assert.equal(tokenMatches(tok, tokens), true, tok);
   });
 
   it('tokenMatches() rejects prefixes, extensions, case changes, empty and near misses', () => {
-    const tokens = ['alpha-token-1', 'beta-token-22'];
-    for (const bad of ['', 'alpha-token-', 'alpha-token-11', 'ALPHA-TOKEN-1', 'alpha-token-2', ' alpha-token-1', 'beta-token-2\u0000']) {
+    const tokens = ['alpha-token-0000001', 'beta-token-00000022'];
+    for (const bad of ['', 'alpha-token-000000', 'alpha-token-00000011', 'ALPHA-TOKEN-0000001', 'alpha-token-0000002', ' alpha-token-0000001', 'beta-token-0000002\u0000']) {
       assert.equal(tokenMatches(bad, tokens), false, JSON.stringify(bad));
     }
   });
@@ -3427,7 +3427,11 @@ describe('8. Lifecycle: start, shutdown', () => {
     const h = await harness(t, { servers: [fixture('slow', 'noinit'), fixture('fast')] }, {
       limits: { ...FAST, initTimeoutMs: 60_000, retryAfterS: 11 },
     });
-    await assert.rejects(h.proxy.ready(300));
+    await assert.rejects(h.proxy.ready(300), (err: Error & { code?: string }) => {
+      assert.equal(err.code, 'NOT_READY');
+      assert.match(err.message, /^servers not ready: .*slow \(starting\)/);
+      return true;
+    });
     assert.equal(h.proxy.status().slow!.state, 'starting');
     const res = await request(`${h.url}/readyz`);
     assert.equal(res.status, 503);
@@ -3435,7 +3439,7 @@ describe('8. Lifecycle: start, shutdown', () => {
     assert.equal(body.servers.slow.state, 'starting');
     assert.equal((await request(`${h.url}/healthz`)).status, 200, 'healthz stays 200');
     const init = await post(`${h.url}/slow/mcp`, initMsg(), { accept: 'application/json' });
-    assert.equal(init.status, 503, 'a starting server answers 503');
+    assertRpcError(init, 503, -32000);
     assert.equal(init.headers['retry-after'], '11', 'with Retry-After');
   });
 
@@ -3460,7 +3464,7 @@ describe('8. Lifecycle: start, shutdown', () => {
     await waitFor(() => progressed > 0, 10_000, 'first progress (request is in the child)');
     process.kill(-oldPid, 'SIGKILL');
     const result = await within(outcome, 10_000, 'in-flight call after the child died');
-    assert.ok(result instanceof Error, `in-flight call rejected, got ${String(result)}`);
+    isMcpError(-32005, 'MCP server process exited')(result);
     await waitFor(() => {
       const s = h.proxy.status().everything!;
       return s.state === 'ready' && s.pid !== oldPid && s.restarts >= 1;
@@ -3479,10 +3483,10 @@ describe('8. Lifecycle: start, shutdown', () => {
     assert.ok(h.proxy.status().crashy!.restarts >= 3, `restarts ${h.proxy.status().crashy!.restarts}`);
     await waitFor(() => h.proxy.status().fine!.state === 'ready', 10_000, 'fine ready');
     const init = await post(`${h.url}/crashy/mcp`, initMsg(), { accept: 'application/json' });
-    assert.equal(init.status, 503, init.text);
+    assert.equal(assertRpcError(init, 503, -32000).error.message, 'MCP server failed and is not running');
     // No Retry-After assertion here: errored needs the operator, so proxy.ts omits it (see the 'starting' test).
     const sse = await request(`${h.url}/crashy/sse`, { headers: { accept: 'text/event-stream' } });
-    assert.equal(sse.status, 503);
+    assertRpcError(sse, 503, -32000);
     const ready = await request(`${h.url}/readyz`);
     assert.equal(ready.status, 503);
     assert.equal(JSON.parse(ready.text).servers.crashy.state, 'errored');
@@ -3499,10 +3503,10 @@ describe('8. Lifecycle: start, shutdown', () => {
     process.kill(-pid, 'SIGKILL');
     await waitFor(() => h.proxy.status().fix!.state === 'restarting', 5_000, 'restarting');
     const fresh = await post(`${h.url}/fix/mcp`, initMsg(), { accept: 'application/json' });
-    assert.equal(fresh.status, 503);
+    assertRpcError(fresh, 503, -32000);
     assert.equal(fresh.headers['retry-after'], '4');
     const existing = await post(`${h.url}/fix/mcp`, ping(1), sessionHeaders(sid));
-    assert.equal(existing.status, 503);
+    assertRpcError(existing, 503, -32000);
     assert.equal(existing.headers['retry-after'], '4');
     await within(h.proxy.close(), 10_000, 'close() during a 60 s restart delay');
   });
@@ -3515,7 +3519,7 @@ describe('8. Lifecycle: start, shutdown', () => {
     );
     await waitFor(() => h.proxy.status().ghost!.state === 'errored', 15_000, 'ghost errored');
     await waitFor(() => h.proxy.status().fine!.state === 'ready', 10_000, 'fine ready');
-    assert.equal((await post(`${h.url}/ghost/mcp`, initMsg(), { accept: 'application/json' })).status, 503);
+    assertRpcError(await post(`${h.url}/ghost/mcp`, initMsg(), { accept: 'application/json' }), 503, -32000);
     const client = await h.client('fine', 'sse');
     assert.equal(textOf(await client.callTool({ name: 'do', arguments: { what: 'echo', text: 'up' } })), 'up');
   });
@@ -3525,7 +3529,7 @@ describe('8. Lifecycle: start, shutdown', () => {
     await h.proxy.ready(10_000);
     const client = await h.client('fix', 'mcp');
     const pid1 = h.proxy.status().fix!.pid;
-    await assert.rejects(within(client.callTool({ name: 'do', arguments: { what: 'die' } }), 10_000, 'call to a dying child'));
+    await assert.rejects(within(client.callTool({ name: 'do', arguments: { what: 'die' } }), 10_000, 'call to a dying child'), isMcpError(-32005, 'MCP server process exited'));
     await waitFor(() => h.proxy.status().fix!.state === 'ready' && h.proxy.status().fix!.pid !== pid1, 10_000, 'restart');
     assert.equal(h.proxy.status().fix!.restarts, 1);
   });
@@ -3555,10 +3559,14 @@ describe('8. Lifecycle: start, shutdown', () => {
     await sse.next((e) => e.event === 'endpoint', 5_000, 'endpoint');
     const sid = await rawSession(h.url, 'fix');
     const get = await openSse(`${h.url}/fix/mcp`, { 'mcp-session-id': sid });
-    const hanging = post(`${h.url}/fix/mcp`, call(1, { what: 'hang' }), sessionHeaders(sid)).then(() => 'answered', () => 'dropped');
+    const hanging = post(`${h.url}/fix/mcp`, call(1, { what: 'hang' }), sessionHeaders(sid));
+    await waitFor(async () => JSON.parse(textOf(onlyMessage(await post(`${h.url}/fix/mcp`, call(2, { what: 'seen' }), sessionHeaders(sid))).result)).hung.length === 1, 5_000, 'the request at the child');
     await within(h.proxy.close(), 10_000, 'close() with open streams');
     await waitFor(() => sse.ended && get.ended, 5_000, 'streams ended by close()');
-    assert.ok(['answered', 'dropped'].includes(await within(hanging, 5_000, 'in-flight POST after close')));
+    // Shutdown ends every session first, so the waiting POST is answered (not dropped) with SESSION_ENDED.
+    const res = await within(hanging, 5_000, 'in-flight POST after close');
+    assert.equal(res.status, 200);
+    assert.deepEqual(onlyMessage(res), { jsonrpc: '2.0', id: 1, error: { code: -32004, message: 'Session ended' } });
   });
 
   it('close() kills grandchildren left in the child process group', { timeout: 20_000 }, async (t) => {
@@ -3591,6 +3599,71 @@ describe('8. Lifecycle: start, shutdown', () => {
     await waitFor(() => h.proxy.status().fix!.state === 'ready' && h.proxy.status().fix!.pid !== pid1, 10_000, 'restart');
     await waitFor(() => !pidAlive(gpid), GONE_BOUND_MS, 'grandchild of the dead child reaped by group kill');
   });
+
+  // Issue 8 item 15: a crashed child's group got one SIGTERM and was forgotten; a grandchild ignoring it leaked
+  // on every crash (three in nine seconds, reparented to PID 1) and survived shutdown.
+  it('a crashed child\'s group is reaped with SIGKILL after killGraceMs: a grandchild ignoring SIGTERM does not outlive its crash', { timeout: 30_000 }, async (t) => {
+    const h = await harness(t, { servers: [fixture('fix')] }, { limits: FAST });
+    await h.proxy.ready(10_000);
+    const client = await h.client('fix', 'mcp');
+    const pid1 = h.proxy.status().fix!.pid!;
+    const gpid = Number(textOf(await client.callTool({ name: 'do', arguments: { what: 'grandchild', ignoreTerm: true } })));
+    h.extraPids.add(gpid);
+    await client.callTool({ name: 'do', arguments: { what: 'die' } }).catch(() => null);
+    await waitFor(() => h.proxy.status().fix!.state === 'ready' && h.proxy.status().fix!.pid !== pid1, 10_000, 'restart');
+    await waitFor(() => !pidAlive(gpid), GONE_BOUND_MS, 'the SIGTERM-ignoring grandchild of the crashed child killed');
+    assert.deepEqual(liveGroupMembers(pid1), []);
+  });
+
+  it('a child that crashes on every start, each time leaving a grandchild that ignores SIGTERM, leaves none behind', { timeout: 40_000 }, async (t) => {
+    const gpidFile = path.join(tmpDir('gcrash'), 'gpids');
+    const h = await harness(t, { servers: [fixture('crashy', 'gcrash', { env: { FIXTURE_GPIDFILE: gpidFile } })] }, {
+      limits: { ...FAST, restartMinDelayMs: 50, restartMaxDelayMs: 50, maxUnstableRestarts: 100 },
+    });
+    t.after(() => {
+      for (const line of fileLines(gpidFile)) h.extraPids.add(Number(line));
+    });
+    await waitFor(() => fileLines(gpidFile).length >= 3, 15_000, 'three crashes');
+    const [g1, g2] = fileLines(gpidFile).map(Number);
+    await waitFor(() => !pidAlive(g1!) && !pidAlive(g2!), GONE_BOUND_MS, 'the grandchildren of the first two crashes killed');
+  });
+
+  // Issue 8 item 20: limits of 0 or NaN were accepted.
+  it('startProxy() rejects a limit that is not a positive integer (INVALID_LIMIT, "limits.NAME: got X, expected a positive integer")', { timeout: 20_000 }, async () => {
+    for (const [name, value] of [['maxBodyBytes', 0], ['maxBodyBytes', -1], ['requestTimeoutMs', 1.5], ['maxJsonDepth', NaN], ['maxConnections', Infinity]] as const) {
+      const outcome = await startProxy({ servers: [] }, { host: '127.0.0.1', port: 0, logLevel: 'error', limits: { [name]: value } }).then(
+        async (proxy) => {
+          await proxy.close();
+          return 'started';
+        },
+        (err: unknown) => err,
+      );
+      assert.notEqual(outcome, 'started', `limits.${name} = ${value} accepted`);
+      const err = outcome as Error & { code?: string };
+      assert.equal(err.code, 'INVALID_LIMIT');
+      assert.equal(err.message, `limits.${name}: got ${String(value)}, expected a positive integer`);
+    }
+  });
+
+  // Issue 8 item 19: --token a and --token "" were accepted.
+  it('startProxy() refuses tokens under 16 characters (WEAK_TOKEN), "" included; 16 is enough', { timeout: 20_000 }, async () => {
+    for (const tokens of [['a'], [''], ['x'.repeat(15)], ['strong-token-0123456789', 'short']]) {
+      for (const host of ['127.0.0.1', '0.0.0.0']) {
+        const outcome = await startProxy({ servers: [] }, { host, port: 0, logLevel: 'error', tokens }).then(
+          async (proxy) => {
+            await proxy.close();
+            return 'started';
+          },
+          (err: unknown) => err,
+        );
+        assert.notEqual(outcome, 'started', `${JSON.stringify(tokens)} on ${host} accepted`);
+        assert.equal((outcome as { code?: string }).code, 'WEAK_TOKEN');
+        assert.ok(!String((outcome as Error).message).includes('x'.repeat(15)), 'the token is not quoted');
+      }
+    }
+    const ok = await startProxy({ servers: [] }, { host: '127.0.0.1', port: 0, logLevel: 'error', tokens: ['y'.repeat(16)] });
+    await ok.close();
+  });
 });
 
 // ── 9. CLI and main ─────────────────────────────────────────────────────────────────────────────────────
@@ -3617,9 +3690,9 @@ describe('9. CLI and main', () => {
   it('parseCli() reads every flag; --token repeats; --token-file reads one token per line', () => {
     const dir = tmpDir('cli');
     const tokenFile = path.join(dir, 'tokens');
-    fs.writeFileSync(tokenFile, '# ops tokens (README: # comments)\nfile-token-1\n\nfile-token-2\n');
+    fs.writeFileSync(tokenFile, '# ops tokens (README: # comments)\nfile-token-0000000001\n\nfile-token-0000000002\n');
     const r = parseCli(
-      ['--config', '/etc/p.json', '--host', '::1', '--port', '9443', '--token', 't1', '--token', 't2', '--token-file', tokenFile,
+      ['--config', '/etc/p.json', '--host', '::1', '--port', '9443', '--token', 'flag-token-00000001', '--token', 'flag-token-00000002', '--token-file', tokenFile,
         '--allow-unauthenticated', '--allow-origin', 'https://a.example', '--allow-origin', 'https://b.example',
         '--cors-origin', 'https://c.example', '--log-level', 'debug'],
       {},
@@ -3629,7 +3702,7 @@ describe('9. CLI and main', () => {
     assert.equal(r.options.configPath, '/etc/p.json');
     assert.equal(r.options.host, '::1');
     assert.equal(r.options.port, 9443);
-    assert.deepEqual([...r.options.tokens].sort(), ['file-token-1', 'file-token-2', 't1', 't2']);
+    assert.deepEqual([...r.options.tokens].sort(), ['file-token-0000000001', 'file-token-0000000002', 'flag-token-00000001', 'flag-token-00000002']);
     assert.equal(r.options.allowUnauthenticated, true);
     assert.deepEqual(r.options.allowedOrigins, ['https://a.example', 'https://b.example']);
     assert.deepEqual(r.options.corsOrigins, ['https://c.example']);
@@ -3639,12 +3712,12 @@ describe('9. CLI and main', () => {
   it('parseCli() reads MCP_PROXY_* environment variables; flags win over them', () => {
     const dir = tmpDir('cli');
     const tokenFile = path.join(dir, 'tokens');
-    fs.writeFileSync(tokenFile, 'env-file-token\n');
+    fs.writeFileSync(tokenFile, 'env-file-token-00000001\n');
     const env = {
       MCP_PROXY_CONFIG: '/env/config.json',
       MCP_PROXY_HOST: '127.0.0.2',
       MCP_PROXY_PORT: '9000',
-      MCP_PROXY_TOKEN: 'e1,e2',
+      MCP_PROXY_TOKEN: 'env-token-00000001,env-token-00000002',
       MCP_PROXY_TOKEN_FILE: tokenFile,
       MCP_PROXY_ALLOW_UNAUTHENTICATED: 'true',
       MCP_PROXY_LOG_LEVEL: 'warn',
@@ -3654,7 +3727,7 @@ describe('9. CLI and main', () => {
     assert.equal(r.options.configPath, '/env/config.json');
     assert.equal(r.options.host, '127.0.0.2');
     assert.equal(r.options.port, 9000);
-    assert.deepEqual([...r.options.tokens].sort(), ['e1', 'e2', 'env-file-token']);
+    assert.deepEqual([...r.options.tokens].sort(), ['env-file-token-00000001', 'env-token-00000001', 'env-token-00000002']);
     assert.equal(r.options.allowUnauthenticated, true);
     assert.equal(r.options.logLevel, 'warn');
     const one = parseCli([], { MCP_PROXY_ALLOW_UNAUTHENTICATED: '1' });
@@ -3679,19 +3752,22 @@ describe('9. CLI and main', () => {
       const r = parseCli(['--port', port], {});
       assert.ok(!('error' in r) && r.options.port === Number(port), port);
     }
-    for (const port of ['65536', '-1', '1.5', 'http', '', '8080x']) {
-      assert.ok('error' in parseCli(['--port', port], {}), `--port ${JSON.stringify(port)} rejected`);
+    for (const port of ['65536', '-1', '1.5', 'http', '8080x']) {
+      assert.deepEqual(parseCli(['--port', port], {}), { error: `--port: got ${JSON.stringify(port)}, expected a number from 0 to 65535` });
     }
-    assert.ok('error' in parseCli([], { MCP_PROXY_PORT: 'eighty' }), 'bad MCP_PROXY_PORT rejected');
+    assert.deepEqual(parseCli([], { MCP_PROXY_PORT: 'eighty' }), { error: '--port: got "eighty", expected a number from 0 to 65535' });
   });
 
   it('parseCli() rejects unknown flags, missing values, bad log levels and unreadable token files', () => {
-    for (const argv of [['--nope'], ['--token'], ['--config'], ['--log-level', 'loud'], ['--token-file', '/nonexistent/tokens'], ['serve-me']]) {
-      const r = parseCli(argv, {});
-      assert.ok('error' in r, `${argv.join(' ')} → ${JSON.stringify(r)}`);
-      assert.equal(typeof r.error, 'string');
-      assert.ok(r.error.length > 0);
-    }
+    const cases: [string[], string][] = [
+      [['--nope'], 'unknown argument "--nope"'],
+      [['serve-me'], 'unknown argument "serve-me"'],
+      [['--token'], '--token needs a value'],
+      [['--config'], '--config needs a value'],
+      [['--log-level', 'loud'], '--log-level: got "loud", expected one of error, warn, info, debug'],
+      [['--token-file', '/nonexistent/tokens'], '--token-file: cannot read "/nonexistent/tokens" (ENOENT)'],
+    ];
+    for (const [argv, error] of cases) assert.deepEqual(parseCli(argv, {}), { error }, argv.join(' '));
   });
 
   describe('node dist/proxy.js', () => {
@@ -3748,10 +3824,11 @@ describe('9. CLI and main', () => {
       assert.ok(r.stderr.includes(missing), r.stderr);
     });
 
-    it('a bad flag exits non-zero with a message', async () => {
+    it('a bad flag exits 2 with the message and a pointer to --help', async () => {
       const r = await run(['--port', 'eighty']);
-      assert.notEqual(r.code, 0);
-      assert.ok(r.stderr.length > 0);
+      assert.equal(r.code, 2);
+      assert.ok(r.stderr.startsWith('remote-mcp-proxy: --port: got "eighty", expected a number from 0 to 65535'), r.stderr);
+      assert.match(r.stderr, /--help/);
     });
 
     it('refuses --host 0.0.0.0 without a token or --allow-unauthenticated (exit 1, no listener)', async () => {
@@ -3897,6 +3974,198 @@ describe('9. CLI and main', () => {
       await within(s.exited, 15_000, 'exit');
       assert.ok(!s.output().includes(good), 'good token logged');
       assert.ok(!s.output().includes(bad), 'presented bad token logged');
+    });
+
+    /** Runs dist/proxy.js with `config` (extra node flags first); killed and leak-checked after the test. */
+    async function launch(t: TestContext, config: unknown, args: string[] = [], env = cleanEnv(), nodeArgs: string[] = []) {
+      const cfg = writeConfig(config);
+      const port = await freePort();
+      const child = spawn(NODE, [...nodeArgs, DIST, '--config', cfg, '--port', String(port), ...args], { cwd: HERE, env, stdio: ['ignore', 'pipe', 'pipe'] });
+      let out = '';
+      child.stdout!.on('data', (d: Buffer) => (out += d.toString()));
+      child.stderr!.on('data', (d: Buffer) => (out += d.toString()));
+      const exited = new Promise<{ code: number | null; signal: NodeJS.Signals | null }>((resolve) => child.on('exit', (code, signal) => resolve({ code, signal })));
+      const groups = new Set<number>();
+      const pids = new Set<number>();
+      t.after(async () => {
+        if (child.exitCode === null && child.signalCode === null) child.kill('SIGKILL');
+        await exited;
+        await assertAllGone(groups, pids);
+      });
+      const base = `http://127.0.0.1:${port}`;
+      await waitFor(async () => child.exitCode !== null || (await request(`${base}/healthz`).catch(() => null))?.status === 200, 15_000, `listening (log: ${out.slice(-300)})`);
+      return { child, port, base, exited, output: () => out, groups, pids };
+    }
+
+    // Issue 8 item 3: the proxy process exited 1 on a body nested 5,000 deep.
+    it('serve: a body nested 5,000 deep is refused with 400 and the process keeps running', { timeout: 40_000 }, async (t) => {
+      const pidFile = path.join(tmpDir('cli'), 'pids');
+      const p = await launch(t, { mcpServers: { fix: { command: NODE, args: ['-e', FIXTURE], env: { FIXTURE_PIDFILE: pidFile } } } });
+      await waitFor(async () => (await request(`${p.base}/readyz`)).status === 200, 10_000, 'ready');
+      for (const pid of fileLines(pidFile)) p.groups.add(Number(pid));
+      const sid = await rawSession(p.base, 'fix');
+      const deep = nestedArrays(5_000);
+      for (const body of [`{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"do","arguments":{"deep":${deep}}}}`, `{"jsonrpc":"2.0","method":"notifications/x","params":{"deep":${deep}}}`]) {
+        assertRpcError(await post(`${p.base}/fix/mcp`, body, sessionHeaders(sid)), 400, -32600);
+      }
+      assert.equal(p.child.exitCode, null, `the proxy exited: ${p.output().slice(-500)}`);
+      assert.equal((await request(`${p.base}/healthz`)).status, 200);
+    });
+
+    // Issue 8 item 4: should the process still die, no child is left behind.
+    it('serve: an uncaught exception kills every child group on the way out (a grandchild ignoring SIGTERM included)', { timeout: 40_000 }, async (t) => {
+      const dir = tmpDir('cli');
+      const pidFile = path.join(dir, 'pids');
+      const inject = path.join(dir, 'inject.mjs');
+      fs.writeFileSync(inject, "process.on('SIGUSR2', () => { throw new Error('injected uncaught exception'); });\n");
+      const p = await launch(t, { mcpServers: { fix: { command: NODE, args: ['-e', FIXTURE], env: { FIXTURE_PIDFILE: pidFile } } } }, [], cleanEnv(), ['--import', pathToFileURL(inject).href]);
+      await waitFor(async () => (await request(`${p.base}/readyz`)).status === 200, 10_000, 'ready');
+      const [childPid] = fileLines(pidFile).map(Number);
+      p.groups.add(childPid!);
+      const client = new Client({ name: 'cli-test', version: '1.0.0' });
+      await client.connect(new StreamableHTTPClientTransport(new URL(`${p.base}/fix/mcp`)));
+      const gpid = Number(textOf(await client.callTool({ name: 'do', arguments: { what: 'grandchild', ignoreTerm: true } })));
+      p.pids.add(gpid);
+      await client.close();
+      p.child.kill('SIGUSR2');
+      const exit = await within(p.exited, 10_000, 'exit after the uncaught exception');
+      assert.notEqual(exit.code, 0, JSON.stringify(exit));
+      assert.match(p.output(), /injected uncaught exception/);
+      await assertAllGone([childPid!], [gpid]);
+    });
+
+    // Issue 8 item 19.
+    it('refuses tokens under 16 characters, "" included, from flags, the environment and token files (exit 2)', { timeout: 40_000 }, async () => {
+      const cfg = writeConfig({ mcpServers: { f: { command: NODE, args: ['-e', FIXTURE] } } });
+      const tokenFile = path.join(tmpDir('cli'), 'tokens');
+      fs.writeFileSync(tokenFile, 'long-enough-token-0001\nshort\n');
+      const port = String(await freePort());
+      const cases: [string[], Record<string, string>][] = [
+        [['--token', 'a'], {}],
+        [['--token', ''], {}],
+        [['--token', 'a', '--host', '0.0.0.0'], {}],
+        [['--token', 'x'.repeat(15)], {}],
+        [['--token-file', tokenFile], {}],
+        [[], { MCP_PROXY_TOKEN: 'long-enough-token-0001,tiny' }],
+      ];
+      for (const [args, env] of cases) {
+        const r = await run(['--config', cfg, '--port', port, ...args], { ...cleanEnv(), ...env });
+        assert.equal(r.code, 2, `${args.join(' ')} ${JSON.stringify(env)}: ${r.stderr}`);
+        assert.match(r.stderr, /16 characters/);
+        assert.ok(!r.stderr.includes('x'.repeat(15)), 'the token is not printed');
+      }
+    });
+
+    it('a token file over 64 KiB is refused naming the limit', { timeout: 20_000 }, async () => {
+      const tokenFile = path.join(tmpDir('cli'), 'tokens');
+      fs.writeFileSync(tokenFile, ('t'.repeat(31) + '\n').repeat(2049)); // 65,536 + 32 bytes
+      const r = parseCli(['--token-file', tokenFile], {});
+      assert.ok('error' in r, JSON.stringify(r).slice(0, 200));
+      assert.match(r.error, /^--token-file: .*larger than 65536 bytes/);
+    });
+
+    it('check: ${file:/dev/zero} is refused at once ("larger than 65536 bytes"), exit 1', { timeout: 30_000 }, async () => {
+      const cfg = writeConfig({ mcpServers: { z: { command: NODE, env: { K: '${file:/dev/zero}' } } } });
+      const started = Date.now();
+      const r = await run(['check', '--config', cfg], cleanEnv(), 15_000);
+      assert.equal(r.code, 1, `${r.signal ?? ''} ${r.stderr}`);
+      assert.match(r.stderr, /mcpServers\.z\.env\.K.*larger than 65536 bytes/);
+      assert.ok(Date.now() - started < 10_000);
+    });
+
+    // Issue 8 item 5: `check` reports what would make every spawn fail.
+    it('check: a cwd that does not exist or is a file, and a NUL in an argument, exit 1 naming the field', { timeout: 30_000 }, async () => {
+      const dir = tmpDir('cli');
+      const file = path.join(dir, 'a-file');
+      fs.writeFileSync(file, '');
+      const cases: [Json, RegExp][] = [
+        [{ command: NODE, cwd: path.join(dir, 'missing') }, /mcpServers\.s\.cwd/],
+        [{ command: NODE, cwd: file }, /mcpServers\.s\.cwd/],
+        [{ command: NODE, args: ['-e', '0', 'a\u0000b'] }, /mcpServers\.s\.args\[2\].*contains a NUL character/],
+      ];
+      for (const [entry, expected] of cases) {
+        const r = await run(['check', '--config', writeConfig({ mcpServers: { s: entry } })]);
+        assert.equal(r.code, 1, `${JSON.stringify(entry)}: ${r.stdout}${r.stderr}`);
+        assert.match(r.stderr, expected);
+        assert.doesNotMatch(r.stdout, /config OK/);
+      }
+      const ok = await run(['check', '--config', writeConfig({ mcpServers: { s: { command: NODE, cwd: dir } } })]);
+      assert.equal(ok.code, 0, ok.stderr);
+    });
+
+    // Issue 8 items 12, 13 and 14, as an operator reads the log: dist/proxy.js at debug level.
+    describe('log hygiene at --log-level debug', () => {
+      const token = 'static-token-LEAKCHECK-0001';
+      const pemLines = ['-----BEGIN TEST KEY-----', 'MIIBOgIBAAJBAKj34GkxFhD90vcNLYLInFEX6Ppy1tPf9Cnzj4p4WGeKLs1Pt8Qu', 'KUpRKfFLfRYC9AIKjbJTWit+CqvjWYzvQwECAwEAAQ', '-----END TEST KEY-----'];
+      const pin = 'q7z';
+      const stray = 'stray-id-secret-8181';
+      const quoted = 'pa"ss\\word-9876';
+      let out = '';
+      let child: ChildProcess | null = null;
+      let exited: Promise<unknown> = Promise.resolve();
+      const pids: number[] = [];
+      before(async () => {
+        const dir = tmpDir('leak');
+        const pem = path.join(dir, 'key.pem');
+        fs.writeFileSync(pem, pemLines.join('\n') + '\n');
+        const quotedFile = path.join(dir, 'quoted');
+        fs.writeFileSync(quotedFile, quoted);
+        const pidFile = path.join(dir, 'pids');
+        const cfg = writeConfig({
+          mcpServers: {
+            leaky: { command: NODE, args: ['-e', FIXTURE, 'leak'], env: { FIXTURE_PIDFILE: pidFile, PEM: `\${file:${pem}}`, PIN: '${PIN_VAR}', STRAY: '${STRAY_VAR}', TOKEN_TEXT: token } },
+            badinit: { command: NODE, args: ['-e', FIXTURE, 'initerror'], env: { FIXTURE_PIDFILE: pidFile, API_KEY: `\${file:${quotedFile}}` } },
+          },
+        });
+        const port = await freePort();
+        child = spawn(NODE, [DIST, '--config', cfg, '--port', String(port), '--log-level', 'debug', '--token', token], {
+          cwd: HERE, env: { ...cleanEnv(), PIN_VAR: pin, STRAY_VAR: stray }, stdio: ['ignore', 'pipe', 'pipe'],
+        });
+        child.stdout!.on('data', (d: Buffer) => (out += d.toString()));
+        child.stderr!.on('data', (d: Buffer) => (out += d.toString()));
+        exited = new Promise((resolve) => child!.on('exit', resolve));
+        await waitFor(() => out.includes('END-STDERR-MARKER') && out.includes('END-STDOUT-MARKER'), 15_000, `the leak fixture's output in the log (log: ${out.slice(-400)})`);
+        await waitFor(() => /\[badinit\].*initialize failed/.test(out), 15_000, 'the failed initialize logged');
+        for (const line of fileLines(pidFile)) pids.push(Number(line));
+        child.kill('SIGTERM');
+        await within(exited, 15_000, 'exit');
+      });
+      after(async () => {
+        if (child && child.exitCode === null && child.signalCode === null) child.kill('SIGKILL');
+        await exited;
+        await assertAllGone(pids);
+      });
+      const linesWith = (needle: string) => out.split('\n').filter((l) => l.includes(needle));
+
+      it('every line of a multi-line ${file:} secret (a PEM) is masked', () => {
+        for (const line of pemLines) assert.deepEqual(linesWith(line), [], `PEM line ${line.slice(0, 20)}…`);
+        assert.ok(linesWith('stderr: ***').length >= pemLines.length, 'each PEM line logged as ***');
+      });
+
+      it('a secret holding " and \\ is masked in its JSON-escaped form (the failed initialize answer)', () => {
+        assert.deepEqual(linesWith('word-9876'), []);
+        assert.ok(linesWith('initialize failed').every((l) => l.includes('***')), linesWith('initialize failed').join('\n'));
+      });
+
+      it('a secret under 4 characters is masked where it stands alone, not inside a word', () => {
+        assert.equal(linesWith(`pin=${pin}.`).length, 0);
+        assert.ok(linesWith('pin=***.').length === 1, 'pin=***.');
+        assert.ok(linesWith(`keep abc${pin}def`).length === 1, 'not masked inside a word');
+      });
+
+      it('a secret in a debug line ("dropped a response … (id …)") and a static token are masked', () => {
+        assert.deepEqual(linesWith(stray), []);
+        assert.deepEqual(linesWith(token), []);
+        assert.ok(linesWith('token *** here').length === 1, 'the token in child output masked');
+      });
+
+      it('control characters from a child are escaped as \\xNN: no raw CR, ESC, DEL or C1 reaches the log, so no line can be forged', () => {
+        assert.doesNotMatch(out, /[\r\u001b\u007f\u0080-\u009f]/);
+        const forged = linesWith('FORGED');
+        assert.equal(forged.length, 1, forged.join('\n'));
+        assert.match(forged[0]!, /forged\\x0d2099-01-01T00:00:00\.000Z error \[other\] FORGED \\x1b\[2K\\x85\\x7f end/i);
+        assert.ok(!out.split('\n').some((l) => l.startsWith('2099-01-01')), 'a forged line start');
+      });
     });
   });
 });
