@@ -1545,7 +1545,9 @@ describe('5. Children: spawn, framing, restart, kill', () => {
       return h.stop();
     });
     const stream = await openSse(`${h.url}/solo/sse`);
-    await stream.next((e) => e.event === 'endpoint', 5_000, 'endpoint');
+    const ep = await stream.next((e) => e.event === 'endpoint', 5_000, 'endpoint');
+    // A per-session child starts at its session's initialize (issue 8 item 2).
+    assert.equal((await post(`${h.url}${ep.data}`, initMsg(1, '2024-11-05'))).status, 202);
     await waitFor(() => fileLines(fixtureLog).some((l) => l.startsWith('initialize')), 5_000, 'the child received initialize');
     const [pid] = fileLines(pidFile).map(Number);
     assert.ok(pid);
@@ -3207,15 +3209,15 @@ describe('7. HTTP: guards, /mcp, /sse, health', () => {
     const h = await harness(t, { servers: [fixture('fix')] }, { log: captureLog(lines), limits: { ...FAST, maxQueuedBytesTotal: 8 * MIB, requestTimeoutMs: 120_000 } });
     await h.proxy.ready(10_000);
     const sid = await rawSession(h.url, 'fix');
-    // Four answers of 9 MiB: a loopback socket that is not read takes at most a few MiB of each.
-    const posts = await unreadPosts(h.proxy.port, [1, 2, 3, 4].map((i) => JSON.stringify(call(`big-${i}`, { what: 'line', bytes: 9 * MIB }))), sid);
+    // Three answers of 9 MiB: a loopback socket that is not read takes at most a few MiB of each.
+    const posts = await unreadPosts(h.proxy.port, [1, 2, 3].map((i) => JSON.stringify(call(`big-${i}`, { what: 'line', bytes: 9 * MIB }))), sid);
     t.after(() => posts.sockets.forEach((socket) => socket.destroy()));
     await waitFor(() => lines.some((l) => CLOSED_RE.test(l)), 15_000, 'a connection closed for its backlog');
     const closed = lines.filter((l) => CLOSED_RE.test(l));
     for (const line of closed) assert.ok(Number(CLOSED_RE.exec(line)![1]) > 0, line);
     const outcomes = await within(posts.resume(), 30_000, 'the rest of each answer');
     const cut = outcomes.filter((o) => !o.complete).length;
-    assert.ok(cut >= 1 && cut <= 4, JSON.stringify(outcomes));
+    assert.ok(cut >= 1 && cut <= 3, JSON.stringify(outcomes));
     assert.equal(cut, lines.filter((l) => CLOSED_RE.test(l)).length, 'each cut connection is logged once');
     const reader = await h.client('fix', 'mcp');
     assert.equal(textOf(await reader.callTool({ name: 'do', arguments: { what: 'line', bytes: MIB } })).length > MIB - 200, true);
@@ -3305,7 +3307,7 @@ describe('7. HTTP: guards, /mcp, /sse, health', () => {
 
   // Item 17: Node checks its timers every 30 s by default, so the README's 10 s and 60 s were about 30 s and 90 s.
   it('headersTimeoutMs and httpRequestTimeoutMs hold within connectionsCheckIntervalMs: idle, dribbled-header and dribbled-body connections close on time', { timeout: 30_000 }, async (t) => {
-    const h = await harness(t, { servers: [fixture('fix')] }, { limits: { ...FAST, headersTimeoutMs: 600, httpRequestTimeoutMs: 1_200, connectionsCheckIntervalMs: 100 } });
+    const h = await harness(t, { servers: [fixture('fix')] }, { limits: { ...FAST, headersTimeoutMs: 400, httpRequestTimeoutMs: 800, connectionsCheckIntervalMs: 50 } });
     await h.proxy.ready(10_000);
     const closesAfter = async (dribble: (socket: net.Socket) => NodeJS.Timeout | null): Promise<number> => {
       const socket = await idleConnection(h.proxy.port);
@@ -3322,17 +3324,17 @@ describe('7. HTTP: guards, /mcp, /sse, health', () => {
       return Date.now() - start;
     };
     const idle = await closesAfter(() => null);
-    assert.ok(idle >= 300 && idle < 1_500, `idle connection closed after ${idle} ms (headersTimeoutMs 600)`);
+    assert.ok(idle >= 200 && idle < 1_200, `idle connection closed after ${idle} ms (headersTimeoutMs 400)`);
     const headers = await closesAfter((socket) => {
       socket.write('POST /fix/mcp HTTP/1.1\r\nHost: 127.0.0.1\r\n');
       return setInterval(() => socket.write('X-Dribble: 1\r\n'), 100);
     });
-    assert.ok(headers >= 300 && headers < 1_500, `dribbled headers closed after ${headers} ms (headersTimeoutMs 600)`);
+    assert.ok(headers >= 200 && headers < 1_200, `dribbled headers closed after ${headers} ms (headersTimeoutMs 400)`);
     const body = await closesAfter((socket) => {
       socket.write('POST /fix/mcp HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: 100000\r\n\r\n{');
       return setInterval(() => socket.write(' '), 100);
     });
-    assert.ok(body >= 900 && body < 2_500, `dribbled body closed after ${body} ms (httpRequestTimeoutMs 1200)`);
+    assert.ok(body >= 500 && body < 1_800, `dribbled body closed after ${body} ms (httpRequestTimeoutMs 800)`);
   });
 
   // Item 18: 16 idle legacy /sse connections from one token took all 16 per-session children for good.
