@@ -410,9 +410,18 @@ function onMessage(msg) {
       // An answer of more than a.bytes bytes whose own id comes last, after nested "id" keys (decoys).
       const body = { jsonrpc: '2.0', result: { content: [{ type: 'text', text: 'x'.repeat(a.bytes) + ' "id":' + a.decoy, id: a.decoy }],
                                                structuredContent: { id: a.decoy } } };
-      process.stdout.write(JSON.stringify(body).slice(0, -1) + ',"id":' + JSON.stringify(msg.id) + '}\n');
+      const inner = JSON.stringify(body).slice(1, -1);
+      // keys 'escaped': a decoy key "i\nd" (not "id"), then the id under the escaped key "\u0069\u0064" (which is "id").
+      // keys 'repeated': a decoy "id" first; JSON.parse takes the last one.
+      if (a.keys === 'escaped') process.stdout.write('{' + inner + ',"i\\nd":' + JSON.stringify(a.decoy) + ',"\\u0069\\u0064":' + JSON.stringify(msg.id) + '}\n');
+      else if (a.keys === 'repeated') process.stdout.write('{"id":' + JSON.stringify(a.decoy) + ',' + inner + ',"id":' + JSON.stringify(msg.id) + '}\n');
+      else process.stdout.write('{' + inner + ',"id":' + JSON.stringify(msg.id) + '}\n');
       return;
     }
+    case 'dupid':
+      // An answer naming its id twice, both times this call's: a splice of the first leaves the second for the client.
+      process.stdout.write('{"jsonrpc":"2.0","id":' + JSON.stringify(msg.id) + ',"result":{"content":[{"type":"text","text":"dup' + 'z'.repeat(a.pad || 0) + '"}]},"id":' + JSON.stringify(msg.id) + '}\n');
+      return;
     case 'spam':
       // a.count notifications/message of a.bytes bytes each (broadcast to every session), then the answer.
       for (let i = 0; i < a.count; i++) send({ jsonrpc: '2.0', method: 'notifications/message', params: { level: 'info', logger: 'spam', data: 's'.repeat(a.bytes) } });
@@ -1404,7 +1413,7 @@ describe('5. Children: spawn, framing, restart, kill', () => {
     assert.equal(h.proxy.status().fix!.restarts, 0, 'an oversized line does not restart the child');
   });
 
-  it('an oversized answer is matched to its request by its top-level "id" (scanned past nested "id" keys naming another pending request)', { timeout: 30_000 }, async (t) => {
+  it('an oversized answer is matched to its request by its top-level "id" as JSON.parse reads it (past nested, look-alike and repeated "id" keys naming another pending request)', { timeout: 30_000 }, async (t) => {
     const log = path.join(tmpDir('bigid'), 'fixture.log');
     const h = await harness(t, { servers: [fixture('fix', 'ok', { env: { FIXTURE_LOG: log } })] }, { limits: { ...FAST, maxLineBytes: 4096, requestTimeoutMs: 120_000 } });
     await h.proxy.ready(10_000);
@@ -1413,10 +1422,14 @@ describe('5. Children: spawn, framing, restart, kill', () => {
     const b = await rawSession(h.url, 'fix');
     const waitingA = post(mcp, call('a-hang', { what: 'hang' }), sessionHeaders(a));
     const childIdOfA = await waitFor(() => fileLines(log).find((l) => l.startsWith('hang '))?.slice(5), 5_000, "a's request at the child");
-    const res = await within(post(mcp, call('b-big', { what: 'bigid', bytes: 8000, decoy: JSON.parse(childIdOfA) }), sessionHeaders(b)), 5_000, 'the oversized answer');
-    const msg = onlyMessage(res);
-    assert.equal(msg.id, 'b-big');
-    assert.equal(msg.error?.code, -32006, res.text);
+    // Decoys: nested "id" keys, a key "i\nd", a repeated top-level "id" (JSON.parse takes the last), and the
+    // real id under the escaped key "\u0069\u0064", all naming a's request.
+    for (const keys of ['plain', 'escaped', 'repeated']) {
+      const res = await within(post(mcp, call(`b-${keys}`, { what: 'bigid', bytes: 8000, decoy: JSON.parse(childIdOfA), keys }), sessionHeaders(b)), 5_000, `the oversized answer (${keys})`);
+      const msg = onlyMessage(res);
+      assert.equal(msg.id, `b-${keys}`);
+      assert.equal(msg.error?.code, -32006, res.text);
+    }
     // a's request is still pending: ending its session answers it with SESSION_ENDED, not the oversize error.
     assert.equal((await request(mcp, { method: 'DELETE', headers: { 'mcp-session-id': a } })).status, 200);
     const answerA = onlyMessage(await within(waitingA, 5_000, "a's request"));
@@ -1886,6 +1899,23 @@ describe('6. Sessions and id routing', () => {
       await transport.terminateSession();
       await client.close();
       assertRpcError(await post(`${h.url}/everything/mcp`, ping('p2'), sessionHeaders(sid)), 404, -32001);
+    });
+
+    it('withId(): an answer naming its id twice reaches the client under the client\'s id, never the child\'s (text and byte splices, JSON and SSE)', { timeout: 30_000 }, async () => {
+      const mcp = `${h.url}/fix/mcp`;
+      const sid = await rawSession(h.url, 'fix');
+      // pad 20,000: over RAW_PASSTHROUGH_MIN_BYTES, where the child's bytes are spliced.
+      for (const pad of [0, 20_000]) {
+        for (const accept of ['application/json', 'text/event-stream']) {
+          for (const id of [`mine-${pad}`, 4242 + pad]) {
+            const res = await post(mcp, call(id, { what: 'dupid', pad }), sessionHeaders(sid, { accept }));
+            assert.equal(res.status, 200, res.text.slice(0, 200));
+            const msg = onlyMessage(res);
+            assert.equal(msg.id, id, `${accept}, pad ${pad}: ${res.text.slice(0, 120)}`);
+            assert.equal(textOf(msg.result), 'dup' + 'z'.repeat(pad));
+          }
+        }
+      }
     });
 
     // Issue 8 item 20: a cancellation was answered with the timeout code.
