@@ -61,6 +61,8 @@ export type Limits = {
   maxPendingPerSession: number;
   /** Messages in one JSON-RPC batch (2025-03-26 clients). The SDK server refuses more than 100. */
   maxBatchSize: number;
+  /** Answers of one batch held until its last answer comes (a batch is answered as one body). */
+  maxBatchAnswerBytes: number;
   /** resources/subscribe URIs one session may hold; each is kept (and re-sent after a restart) until released. */
   maxSubscriptionsPerSession: number;
   /** Length of a subscribed URI, in characters. */
@@ -132,6 +134,7 @@ export const DEFAULT_LIMITS: Readonly<Limits> = Object.freeze({
   maxSessionsPerServer: 20_000,
   maxPendingPerSession: 1024,
   maxBatchSize: 100,
+  maxBatchAnswerBytes: 16 * MIB,
   maxSubscriptionsPerSession: 256,
   maxSubscriptionUriChars: 2048,
   maxQueuedBytesPerConnection: 4 * MIB,
@@ -185,8 +188,14 @@ const FD_RESERVE = 512;
 /** Files read whole: the config, a token file, a ${file:} secret. /dev/zero must not hang start-up. */
 const MAX_CONFIG_FILE_BYTES = MIB;
 const MAX_SECRET_FILE_BYTES = 64 * 1024;
-/** A per-server maxLineBytes may not exceed this. */
-const MAX_LINE_BYTES_CEILING = 1024 * MIB;
+/** A per-server maxLineBytes may not exceed this: V8 cannot make a string of more than ~512 Mi characters. */
+const MAX_LINE_BYTES_CEILING = 256 * MIB;
+/** Node's timers take at most this; a larger delay silently becomes 1 ms. */
+const MAX_TIMER_MS = 2 ** 31 - 1;
+/** Below this many connections the operator is warned at start (a low descriptor limit). */
+const FEW_CONNECTIONS = 64;
+/** Requests given up on but maybe still running, remembered per child (see Upstream.abandoned). */
+const MAX_ABANDONED_TRACKED = 4096;
 /** Static bearer tokens shorter than this are refused: "a" or "" is not a credential. */
 const MIN_TOKEN_CHARS = 16;
 /** Secrets shorter than this are masked only where they stand alone, or a "1" would mask every digit. */
@@ -348,6 +357,8 @@ type Proxy = {
   maxConnections: number;
   /** Request-body bytes being read or parsed now (limits.maxBodyBytesInFlight). */
   bodyBytesInFlight: number;
+  /** Batch answers held until their batch is complete (limits.maxBatchAnswerBytes, maxQueuedBytesTotal). */
+  heldAnswerBytes: number;
   /**
    * Every child process group not yet known to be empty: null while its leader runs, then the reaping in
    * progress. Shutdown and the crash handler kill what is here.
@@ -368,6 +379,8 @@ type ServerRuntime = {
   shared: Upstream | null;
   /** Every live child of this server (the shared one, or one per session). */
   upstreams: Set<Upstream>;
+  /** Children being stopped: still processes, so they count against twice the per-session caps. */
+  windingDown: Set<Upstream>;
 };
 
 type Launch = Readonly<{ command: string; args: readonly string[] }>;
@@ -403,6 +416,13 @@ type Upstream = {
   exited: Promise<void>;
   /** Last stderr line, masked: quoted when the server is given up. */
   lastStderr: string;
+  /**
+   * Child ids of client requests given up on (cancelled, timed out, their session ended) that the child has
+   * not answered yet: it may still be working for them, so a child→client request could be theirs. Bounded;
+   * past the bound `abandonedOverflow` holds until the child restarts.
+   */
+  abandoned: Set<number>;
+  abandonedOverflow: boolean;
   /** Lines waiting for the end-of-turn write to stdin (non-empty: the write is scheduled), and their size. */
   outQueue: string[];
   outBytes: number;
@@ -427,6 +447,9 @@ type Pending = {
 /** One Streamable HTTP POST that carried requests, waiting for their answers. */
 type Exchange = {
   proxy: Proxy;
+  session: Session;
+  /** Bytes of the batch answers held in `answers` until the last one comes (counted in proxy.heldAnswerBytes). */
+  heldBytes: number;
   res: http.ServerResponse;
   /** true: answered as text/event-stream; false: one JSON body once every answer is in. */
   sse: SseStream | null;
@@ -579,13 +602,26 @@ function needlesOf(secrets: readonly string[]): readonly string[] {
   for (const secret of secrets) {
     for (const line of secret.split(/\r?\n|\r/)) {
       if (line === '') continue;
-      set.add(line);
-      set.add(JSON.stringify(line).slice(1, -1));
+      for (const form of encodedForms(line)) set.add(form);
     }
   }
   needles = [...set].sort((a, b) => b.length - a.length);
   NEEDLES.set(secrets, needles);
   return needles;
+}
+
+/**
+ * The ways a value shows up in text a child or a client writes: as is; JSON-escaped (`"` and `\`), also with
+ * every non-ASCII character as \uXXXX (Python's json.dumps default) in either hex case, each with or without
+ * `\/` for a slash (PHP's json_encode); and URL-encoded, with %20 or + for a space.
+ */
+function encodedForms(value: string): string[] {
+  const json = JSON.stringify(value).slice(1, -1);
+  const ascii = json.replace(/[\u0080-\uffff]/g, (c) => `\\u${c.charCodeAt(0).toString(16).padStart(4, '0')}`);
+  const uri = encodeURIComponent(value);
+  const upper = ascii.replace(/\\u[0-9a-f]{4}/g, (u) => `\\u${u.slice(2).toUpperCase()}`);
+  const jsonForms = [json, ascii, upper].flatMap((form) => [form, form.replace(/\//g, '\\/')]);
+  return [value, ...jsonForms, uri, uri.replace(/%20/g, '+')];
 }
 
 /** A short secret is masked only where no letter or digit touches it: "42" hides in "x=42", not in "1429". */
@@ -595,13 +631,20 @@ function maskStandalone(text: string, needle: string): string {
 }
 
 /**
- * Control characters in logged text are escaped (\xNN): a child's stderr or a client's header could otherwise
- * forge log lines with CR/LF or rewrite the terminal with ESC sequences.
+ * Control characters in logged text are escaped (\xNN, \uNNNN): a child's stderr or a client's header could
+ * otherwise forge log lines with CR/LF, rewrite the terminal with ESC sequences, or reorder text with bidi marks.
  */
 export function escapeControl(text: string): string {
-  return /[\x00-\x1f\x7f-\x9f]/.test(text)
-    ? text.replace(/[\x00-\x1f\x7f-\x9f]/g, (c) => `\\x${c.charCodeAt(0).toString(16).padStart(2, '0')}`)
-    : text;
+  return UNSAFE_IN_LOGS.test(text) ? text.replace(UNSAFE_IN_LOGS_ALL, escapeOne) : text;
+}
+
+/** C0, DEL, C1, and the Unicode line separators and bidirectional controls (a U+202E reverses what follows). */
+const UNSAFE_IN_LOGS = /[\x00-\x1f\x7f-\x9f\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]/;
+const UNSAFE_IN_LOGS_ALL = new RegExp(UNSAFE_IN_LOGS.source, 'g');
+
+function escapeOne(c: string): string {
+  const code = c.charCodeAt(0);
+  return code <= 0xff ? `\\x${code.toString(16).padStart(2, '0')}` : `\\u${code.toString(16).padStart(4, '0')}`;
 }
 
 /**
@@ -870,6 +913,7 @@ function expandOne(expr: string, ctx: ParseContext & { at: string; secrets: stri
 type LineFramer = { push(chunk: Buffer): void; end(): void };
 /** What the framer knows of a dropped line: its length, its first bytes, and its top-level numeric id if any. */
 type OnOversize = (bytes: number, head: string, id: number | undefined) => void;
+// (id is undefined for a line that carries a "method": a request or notification answers nothing of ours.)
 const NEWLINE = 0x0a;
 const CARRIAGE_RETURN = 0x0d;
 
@@ -904,7 +948,14 @@ export function createLineFramer(
     size = 0;
     if (raw[raw.length - 1] === CARRIAGE_RETURN) raw = raw.subarray(0, raw.length - 1);
     if (raw.length > maxLineBytes) return reportOversize(total, raw, 0, raw.length);
-    if (raw.length > 0) onLine(raw.toString('utf8'), raw);
+    if (raw.length === 0) return;
+    let text: string;
+    try {
+      text = raw.toString('utf8');
+    } catch {
+      return reportOversize(total, raw, 0, raw.length); // past V8's longest string: too large to be a message
+    }
+    onLine(text, raw);
   }
 
   function reportOversize(total: number, last: Buffer, start: number, end = last.length): void {
@@ -913,7 +964,7 @@ export function createLineFramer(
     if (scanIds) {
       const scanner = ids ?? scanPieces(pieces);
       scanner.feed(last.subarray(start, end));
-      id = scanner.id();
+      id = scanner.hasMethod() ? undefined : scanner.id();
     }
     // Clear the state before reporting, so a throwing handler cannot leave the framer stuck (SDK ReadBuffer).
     pieces = [];
@@ -964,7 +1015,7 @@ export function createLineFramer(
   };
 }
 
-type IdScanner = { feed(bytes: Buffer): void; id(): number | undefined; idKeys(): number };
+type IdScanner = { feed(bytes: Buffer): void; id(): number | undefined; idKeys(): number; hasMethod(): boolean };
 
 /**
  * Reads the top-level "id" member of a JSON object fed to it in pieces, in one linear pass and constant memory
@@ -984,6 +1035,7 @@ export function createIdScanner(): IdScanner {
   let readingId = false;
   let value = '';
   let ids = 0;
+  let method = false;
   let found: number | undefined;
 
   function endKey(): void {
@@ -996,6 +1048,7 @@ export function createIdScanner(): IdScanner {
       }
     }
     keyIsId = decoded === 'id';
+    if (decoded === 'method') method = true;
   }
 
   /** The id's value ended: an integer is one of ours; anything else (string, object, 1.5) is not. */
@@ -1058,6 +1111,7 @@ export function createIdScanner(): IdScanner {
       return found;
     },
     idKeys: () => ids,
+    hasMethod: () => method,
   };
 }
 
@@ -1166,7 +1220,7 @@ function newUpstream(server: ServerRuntime): Upstream {
     server, proc: null, state: 'starting', startedAtMs: 0, unstableRestarts: 0, restarts: 0,
     initResult: null, protocolVersion: SUPPORTED_PROTOCOL_VERSIONS[0], nextId: 1,
     pending: new Map(), serverRequests: new Map(), sessions: new Set(), subscriptions: new Map(),
-    restartTimer: null, initTimer: null, waiters: [], owner: null, holdsStartSlot: false, exited: Promise.resolve(), lastStderr: '',
+    restartTimer: null, initTimer: null, waiters: [], owner: null, abandoned: new Set(), abandonedOverflow: false, holdsStartSlot: false, exited: Promise.resolve(), lastStderr: '',
     outQueue: [], outBytes: 0,
   };
 }
@@ -1464,6 +1518,8 @@ function onChildExit(up: Upstream, proc: ChildProcess | null, exit: string): voi
   const { proxy, config } = up.server;
   const uptimeMs = Date.now() - up.startedAtMs;
   up.proc = null;
+  up.abandoned.clear(); // the next process starts with nothing running
+  up.abandonedOverflow = false;
   if (up.initTimer) clearTimeout(up.initTimer);
   up.initTimer = null;
   // Strays left in its group (grandchildren) are stopped too, by the clock, until the group is empty.
@@ -1545,7 +1601,8 @@ function groupAlive(pid: number): boolean {
  */
 async function stopUpstream(up: Upstream): Promise<void> {
   up.state = 'stopped';
-  up.server.upstreams.delete(up); // no longer counts against maxChildrenPerServer while it winds down
+  up.server.upstreams.delete(up); // no longer counts against maxChildrenPerServer while it winds down…
+  if (up.proc) up.server.windingDown.add(up); // …but against twice that
   if (up.restartTimer) clearTimeout(up.restartTimer);
   up.restartTimer = null;
   const proxy = up.server.proxy;
@@ -1568,6 +1625,7 @@ async function stopUpstream(up: Upstream): Promise<void> {
   }
   releaseStartSlot(up);
   failPending(up, 'MCP server stopped');
+  up.server.windingDown.delete(up);
 }
 
 function exitsWithin(exited: Promise<void>, ms: number): Promise<boolean> {
@@ -1683,6 +1741,10 @@ function createSession(server: ServerRuntime, transport: Session['transport'], c
     // at its share, or at the server's cap, its least recently active session without work gives way.
     if (childrenHeldBy(server, credential) >= limits.maxChildrenPerCredential && !evictForChild(server, credential)) return null;
     if (server.upstreams.size >= limits.maxChildrenPerServer && !evictForChild(server, null)) return null;
+    // A child given way still runs until it has stopped (up to three kill-grace steps): processes are bounded
+    // at twice the caps, so churning sessions cannot pile up children that ignore their stop.
+    if (server.upstreams.size + server.windingDown.size >= 2 * limits.maxChildrenPerServer) return null;
+    if (childrenHeldBy(server, credential) + windingDownOf(server, credential) >= 2 * limits.maxChildrenPerCredential) return null;
     upstream = newUpstream(server);
     server.upstreams.add(upstream);
   }
@@ -1695,6 +1757,12 @@ function createSession(server: ServerRuntime, transport: Session['transport'], c
   server.sessions.set(session.id, session);
   upstream.sessions.add(session);
   return session;
+}
+
+function windingDownOf(server: ServerRuntime, credential: string): number {
+  let count = 0;
+  for (const up of server.windingDown) if (up.owner?.credential === credential) count++;
+  return count;
 }
 
 function childrenHeldBy(server: ServerRuntime, credential: string): number {
@@ -1777,8 +1845,15 @@ function abandonRequests(session: Session): void {
 /** Gives up on a request in flight: the child is told to stop working on it, and whoever waits gets an error. */
 function abortPending(up: Upstream, childId: number, pending: Pending, reason: string, code: number, message: string): void {
   settlePending(up, childId);
+  noteAbandoned(up, childId);
   cancelOnChild(up, childId, reason);
   answerPending(pending, errorText(pending.clientId, code, message));
+}
+
+/** Remembers a request given up on while the child may still work on it (see Upstream.abandoned). */
+function noteAbandoned(up: Upstream, childId: number): void {
+  if (up.abandoned.size >= MAX_ABANDONED_TRACKED) up.abandonedOverflow = true;
+  else up.abandoned.add(childId);
 }
 
 /** What the client declared that a child→client request needs (its `roots` are never used: see section 2). */
@@ -1891,6 +1966,7 @@ function cancelFromClient(session: Session, msg: JsonRpcMessage): void {
     if (pending.method === 'initialize') return; // spec: initialize MUST NOT be cancelled
     writeToChild(up, JSON.stringify({ ...msg, params: { ...msg.params, requestId: childId } }));
     settlePending(up, childId);
+    noteAbandoned(up, childId);
     answerPending(pending, errorText(pending.clientId, REQUEST_CANCELLED, 'Request cancelled'));
     return;
   }
@@ -1945,6 +2021,8 @@ function handleChildLine(up: Upstream, line: string, raw: Buffer | null = null):
     logBadChildLine(up, line, `nested deeper than ${maxDepth} levels`);
     const scanner = createIdScanner();
     scanner.feed(raw ?? Buffer.from(line));
+    // Only an answer (no "method") answers one of our requests; a child's own request may reuse the number.
+    if (scanner.hasMethod()) return;
     return failAnswer(up, scanner.id(), INTERNAL_ERROR, `MCP server's answer was nested deeper than ${maxDepth} levels`);
   }
   let parsed: unknown;
@@ -1978,6 +2056,8 @@ function logBadChildLine(up: Upstream, line: string, why: string): void {
 function routeChildResponse(up: Upstream, msg: JsonRpcMessage, line: string, raw: Buffer | null): void {
   const pending = typeof msg.id === 'number' ? up.pending.get(msg.id) : undefined;
   if (!pending) {
+    // A late answer to a request given up on: the child is done with it.
+    if (typeof msg.id === 'number') up.abandoned.delete(msg.id);
     up.server.proxy.log.debug(up.server.config.name, `dropped a response to no pending request (id ${headOf(maskSecrets(String(msg.id), up.server.config.secrets))})`);
     return;
   }
@@ -2028,6 +2108,12 @@ function routeChildRequest(up: Upstream, msg: JsonRpcMessage): void {
   const id = msg.id as JsonRpcId;
   if (msg.method === 'ping') return void writeToChild(up, resultText(id, {}));
   if (msg.method === 'roots/list') return void writeToChild(up, rootsAnswer(up, id));
+  // A second request under an id still waiting would overwrite the first one's routing (and let a child
+  // queue requests past the limit below under one id).
+  if (up.serverRequests.has(id)) {
+    proxy.log.warn(config.name, `refused ${msg.method}: its id is that of a request still waiting for a client`);
+    return void writeToChild(up, errorText(id, INVALID_REQUEST, 'Duplicate request id'));
+  }
   if (up.serverRequests.size >= proxy.limits.maxServerRequestsPerChild) {
     proxy.log.warn(config.name, `refused ${msg.method}: ${up.serverRequests.size} requests to clients already wait for an answer`);
     return void writeToChild(up, errorText(id, SERVER_ERROR, 'Too many requests waiting for a client'));
@@ -2078,6 +2164,10 @@ function attributeServerRequest(up: Upstream, method: string): { session: Sessio
     }
     if (inflight !== 1) {
       return `${inflight} client requests are in flight on this shared server, so the request's session is not certain; set "sessions": "per-session" for this server to use ${method}`;
+    }
+    // A request given up on may still be running on the child, and this may be its request.
+    if (up.abandoned.size > 0 || up.abandonedOverflow) {
+      return `a request given up on (cancelled, timed out or of an ended session) may still be running on this shared server, so the request's session is not certain; set "sessions": "per-session" for this server to use ${method}`;
     }
   }
   if (!session || session.closed) return 'no client session is connected';
@@ -2220,9 +2310,22 @@ function writeEvent(stream: SseStream, text: Outgoing): void {
 // under its own limit, reached ~1 GB before this). Sockets with bytes queued are kept in proxy.backlogged
 // until they drain, so the total costs a pass over those only.
 
+/**
+ * Bytes a connection holds unread: its socket's buffer, plus answers written to pipelined requests queued
+ * behind an earlier response (Node keeps those in the response itself, with no socket attached yet).
+ */
+function queuedOn(socket: Socket): number {
+  let bytes = socket.writableLength;
+  for (const res of DETACHED.get(socket) ?? []) bytes += res.writableLength;
+  return bytes;
+}
+
+/** Responses written before their socket was theirs, per connection, until they finish or close. */
+const DETACHED = new WeakMap<Socket, Set<http.ServerResponse>>();
+
 /** False (logged; the caller closes the connection) when it already holds more than its share unread. */
 function roomFor(proxy: Proxy, res: http.ServerResponse): boolean {
-  const queued = res.writableLength; // the response's own buffer plus its socket's
+  const queued = queuedOn(res.req.socket);
   if (queued <= proxy.limits.maxQueuedBytesPerConnection) return true;
   proxy.log.warn('http', `closed a connection with ${queued} bytes unread (maxQueuedBytesPerConnection ${proxy.limits.maxQueuedBytesPerConnection})`);
   return false;
@@ -2230,23 +2333,38 @@ function roomFor(proxy: Proxy, res: http.ServerResponse): boolean {
 
 /** After a write: a connection left holding bytes joins the backlog, and the total is enforced. */
 function trackBacklog(proxy: Proxy, res: http.ServerResponse): void {
-  const socket = res.socket;
-  if (!socket || socket.writableLength === 0) return;
+  const socket = res.req.socket;
+  if (!res.socket && res.writableLength > 0) holdDetached(socket, res);
+  if (queuedOn(socket) === 0) return;
   if (!proxy.backlogged.has(socket)) {
     proxy.backlogged.add(socket);
     socket.once('drain', () => proxy.backlogged.delete(socket));
   }
   let total = 0;
-  for (const held of proxy.backlogged) total += held.writableLength;
+  for (const held of proxy.backlogged) total += queuedOn(held);
   while (total > proxy.limits.maxQueuedBytesTotal) {
     let largest: Socket | null = null;
-    for (const held of proxy.backlogged) if (!largest || held.writableLength > largest.writableLength) largest = held;
+    let most = -1;
+    for (const held of proxy.backlogged) {
+      const bytes = queuedOn(held);
+      if (bytes > most) [largest, most] = [held, bytes];
+    }
     if (!largest) break;
-    total -= largest.writableLength;
-    proxy.log.warn('http', `closed a connection with ${largest.writableLength} bytes unread: all connections together held more than ${proxy.limits.maxQueuedBytesTotal} (maxQueuedBytesTotal)`);
+    total -= most;
+    proxy.log.warn('http', `closed a connection with ${most} bytes unread: all connections together held more than ${proxy.limits.maxQueuedBytesTotal} (maxQueuedBytesTotal)`);
     proxy.backlogged.delete(largest);
     largest.destroy();
   }
+}
+
+function holdDetached(socket: Socket, res: http.ServerResponse): void {
+  let held = DETACHED.get(socket);
+  if (!held) DETACHED.set(socket, (held = new Set()));
+  if (held.has(res)) return;
+  held.add(res);
+  const release = () => held!.delete(res);
+  res.once('finish', release);
+  res.once('close', release);
 }
 
 /**
@@ -2280,8 +2398,9 @@ function answerExchange(exchange: Exchange, text: Outgoing): void {
     }
     return;
   }
+  if (exchange.remaining > 0) return holdAnswer(exchange, text);
   exchange.answers.push(text);
-  if (exchange.remaining > 0) return;
+  releaseHeld(exchange);
   exchange.done = true;
   const res = exchange.res;
   if (res.destroyed) return;
@@ -2290,6 +2409,43 @@ function answerExchange(exchange: Exchange, text: Outgoing): void {
   if (!exchange.batch && typeof first === 'string') sendJson(res, 200, first);
   else sendPieces(res, exchange.batch ? batchPieces(exchange.answers) : (first as readonly Buffer[]));
   trackBacklog(exchange.proxy, res);
+}
+
+/**
+ * A batch is answered as one body once every answer is in, so the answers before the last are held here.
+ * They are bounded per batch (maxBatchAnswerBytes) and across the proxy (maxQueuedBytesTotal): past either,
+ * the batch is given up: its connection closes and its requests still running are cancelled on the child.
+ */
+function holdAnswer(exchange: Exchange, text: Outgoing): void {
+  const proxy = exchange.proxy;
+  const size = typeof text === 'string' ? text.length : text.reduce((sum, piece) => sum + piece.length, 0);
+  const limits = proxy.limits;
+  if (exchange.heldBytes + size > limits.maxBatchAnswerBytes || proxy.heldAnswerBytes + size > limits.maxQueuedBytesTotal) {
+    const which = exchange.heldBytes + size > limits.maxBatchAnswerBytes ? 'maxBatchAnswerBytes' : 'maxQueuedBytesTotal';
+    proxy.log.warn('http', `gave up on a batch: its answers would hold more than ${which} allows; closed its connection`);
+    return dropExchange(exchange);
+  }
+  exchange.answers.push(text);
+  exchange.heldBytes += size;
+  proxy.heldAnswerBytes += size;
+}
+
+function releaseHeld(exchange: Exchange): void {
+  exchange.proxy.heldAnswerBytes -= exchange.heldBytes;
+  exchange.heldBytes = 0;
+}
+
+/** The client is gone or over a limit: free what the exchange holds and stop the child's work on it. */
+function dropExchange(exchange: Exchange): void {
+  if (exchange.done) return;
+  exchange.done = true;
+  releaseHeld(exchange);
+  exchange.answers = [];
+  if (!exchange.res.destroyed) exchange.res.destroy();
+  const up = exchange.session.upstream;
+  for (const [childId, pending] of up.pending) {
+    if (pending.exchange === exchange) abortPending(up, childId, pending, 'client gone', SERVER_ERROR, 'Client connection closed');
+  }
 }
 
 /** A JSON body sent as pieces (strings and spliced child bytes) in one corked write. */
@@ -2358,7 +2514,7 @@ function originAllowed(proxy: Proxy, origin: string | undefined, host: string | 
   } catch {
     return false; // "null" and other opaque origins
   }
-  if (LOOPBACK_HOSTNAMES.has(url.hostname)) return true;
+  if (LOOPBACK_HOSTNAMES.has(url.hostname) || isLoopbackHost(url.hostname)) return true;
   // "Own origin" is judged from Host, which a DNS-rebinding page controls. With tokens that is harmless (the
   // page has no token); without them, on a non-loopback bind, it would let the page in, so it is not used.
   if (proxy.tokens.length === 0) return false;
@@ -2411,7 +2567,8 @@ function readBody(proxy: Proxy, req: http.IncomingMessage, res: http.ServerRespo
   return new Promise((resolve) => {
     const declared = Number(req.headers['content-length']);
     if (declared > maxBodyBytes) return resolve(refuse(413, INVALID_REQUEST, 'Request body too large'));
-    if (declared > 0 && !reserve(declared)) return resolve(busy());
+    // Bytes are counted as they arrive, not as declared: a few sockets that declare 4 MiB and send nothing
+    // would otherwise hold the whole budget and refuse everyone else.
     const chunks: Buffer[] = [];
     let size = 0;
     req.on('data', (chunk: Buffer) => {
@@ -2654,7 +2811,7 @@ function dispatchPost(session: Session, parsed: ParsedBody, accepts: Accepts, re
     return;
   }
   if (overPendingLimit(session, requests, res, batch ? null : (messages[0].id as JsonRpcId))) return;
-  const exchange: Exchange = { proxy: session.server.proxy, res, sse: null, remaining: requests, batch, answers: [], done: false };
+  const exchange: Exchange = { proxy: session.server.proxy, session, heldBytes: 0, res, sse: null, remaining: requests, batch, answers: [], done: false };
   // Stream when the client can take it and may get messages before the answer: progress it asked for.
   if (accepts.sse && (!accepts.json || messages.some(wantsProgress))) {
     exchange.sse = openStream(session.server.proxy, res, { 'Mcp-Session-Id': session.id }, () => {
@@ -2663,8 +2820,13 @@ function dispatchPost(session: Session, parsed: ParsedBody, accepts: Accepts, re
     });
     (session.exchanges ??= new Set()).add(exchange);
   } else {
+    // Gone before its answers: nothing can reach it any more (there is no resumption), so what it holds is
+    // freed now. Its requests still finish on the child; their late answers are dropped.
     res.on('close', () => {
+      if (exchange.done) return;
       exchange.done = true;
+      releaseHeld(exchange);
+      exchange.answers = [];
     });
   }
   messages.forEach((msg, i) => forwardFromClient(session, msg, kinds[i], exchange));
@@ -2818,10 +2980,13 @@ export async function startProxy(config: Config, start: StartOptions = {}): Prom
     state: 'RUNNING', streams: new Set(), timers: [], startQueue: [], starting: 0,
     tokens: options.tokens.map(sha256), loopbackBind,
     allowedHosts: new Set([...LOOPBACK_HOSTNAMES, hostnameOf(options.host.includes(':') ? `[${options.host}]` : options.host)]),
-    connections: new Set(), backlogged: new Set(), maxConnections: connectionCap(limits.maxConnections), bodyBytesInFlight: 0,
+    connections: new Set(), backlogged: new Set(), maxConnections: connectionCap(limits.maxConnections), bodyBytesInFlight: 0, heldAnswerBytes: 0,
     groups: new Map(), closed: null,
   };
   proxy.http.maxHeadersCount = limits.maxHeadersCount;
+  if (proxy.maxConnections < FEW_CONNECTIONS) {
+    proxy.log.warn('proxy', `only ${proxy.maxConnections} client connections fit under this process's file-descriptor limit; raise it (ulimit -n)`);
+  }
   proxy.http.on('connection', (socket: Socket) => onConnection(proxy, socket));
   proxy.http.on('request', (req, res) => serveRequest(proxy, req, res));
   await listen(proxy.http, options.host, options.port);
@@ -2844,11 +3009,20 @@ export async function startProxy(config: Config, start: StartOptions = {}): Prom
 
 /** Every limit is a positive integer: 0 or NaN would disable a bound, or trip it on every request. */
 function validateLimits(limits: Limits): Limits {
+  const problem = (text: string) => new ProxyError('INVALID_LIMIT', text);
   for (const [name, value] of Object.entries(limits)) {
-    if (!(name in DEFAULT_LIMITS)) throw new ProxyError('INVALID_LIMIT', `limits.${name}: unknown limit`);
+    if (!(name in DEFAULT_LIMITS)) throw problem(`limits.${name}: unknown limit`);
     if (!Number.isSafeInteger(value) || value <= 0) {
-      throw new ProxyError('INVALID_LIMIT', `limits.${name}: got ${typeof value === 'number' ? String(value) : typeName(value)}, expected a positive integer`);
+      throw problem(`limits.${name}: got ${typeof value === 'number' ? String(value) : typeName(value)}, expected a positive integer`);
     }
+    // Node's timers take at most 2^31 - 1 ms and turn anything larger into 1 ms.
+    if (name.endsWith('Ms') && value > MAX_TIMER_MS) throw problem(`limits.${name}: got ${value}, expected at most ${MAX_TIMER_MS} ms`);
+  }
+  if (limits.maxBodyBytes > limits.maxBodyBytesInFlight) {
+    throw problem(`limits.maxBodyBytes (${limits.maxBodyBytes}) is larger than limits.maxBodyBytesInFlight (${limits.maxBodyBytesInFlight}): such a body could never be read`);
+  }
+  if (limits.headersTimeoutMs > limits.httpRequestTimeoutMs) {
+    throw problem(`limits.headersTimeoutMs (${limits.headersTimeoutMs}) is longer than limits.httpRequestTimeoutMs (${limits.httpRequestTimeoutMs})`);
   }
   return limits;
 }
@@ -2856,9 +3030,14 @@ function validateLimits(limits: Limits): Limits {
 /** Why the static tokens cannot be used, or null. Never quotes a token. */
 function tokenProblem(tokens: readonly string[]): string | null {
   const short = tokens.filter((token) => token.length < MIN_TOKEN_CHARS).length;
-  if (short === 0) return null;
-  return `${short} of ${tokens.length} bearer tokens ${short === 1 ? 'is' : 'are'} shorter than ${MIN_TOKEN_CHARS} characters; ` +
-    'use a long random one (e.g. `openssl rand -hex 32`)';
+  if (short) {
+    return `${short} of ${tokens.length} bearer tokens ${short === 1 ? 'is' : 'are'} shorter than ${MIN_TOKEN_CHARS} characters; ` +
+      'use a long random one (e.g. `openssl rand -hex 32`)';
+  }
+  // A token is one word of visible ASCII (RFC 6750 §2.1 b64token): one with a space could never be sent.
+  const unusable = tokens.filter((token) => !/^[\x21-\x7e]+$/.test(token)).length;
+  if (unusable) return `${unusable} of ${tokens.length} bearer tokens hold spaces or characters outside visible ASCII, so no client could send them`;
+  return null;
 }
 
 /**
@@ -2918,7 +3097,7 @@ function listen(server: http.Server, host: string, port: number): Promise<void> 
 function addServer(proxy: Proxy, config: ServerConfig): void {
   const launch = resolveBakedPackage(config, proxy.options.packagesDir) ?? { command: config.command, args: config.args };
   if (launch.command !== config.command) proxy.log.info(config.name, `npx package baked into ${proxy.options.packagesDir}: running ${launch.args[0]}`);
-  const server: ServerRuntime = { proxy, config, launch, sessions: new Map(), shared: null, upstreams: new Set() };
+  const server: ServerRuntime = { proxy, config, launch, sessions: new Map(), shared: null, upstreams: new Set(), windingDown: new Set() };
   if (config.sessions === 'shared') {
     server.shared = newUpstream(server);
     server.upstreams.add(server.shared);
@@ -3194,8 +3373,9 @@ async function serve(config: Config, options: Options, log: Logger): Promise<voi
     log.info('proxy', `${signal}: shutting down`);
     proxy.close().then(() => process.exit(0), () => process.exit(1));
   };
-  process.once('SIGTERM', stop);
-  process.once('SIGINT', stop);
+  // Every signal whose default would end the process without stopping the children (they lead their own
+  // groups, so nothing else would): SIGHUP when the terminal closes, SIGQUIT, SIGUSR2. SIGKILL cannot be caught.
+  for (const signal of ['SIGTERM', 'SIGINT', 'SIGHUP', 'SIGQUIT', 'SIGUSR2'] as const) process.once(signal, stop);
 }
 
 /** For container HEALTHCHECKs: no shell or curl needed. */
