@@ -192,6 +192,11 @@ const MAX_SECRET_FILE_BYTES = 64 * 1024;
 const MAX_LINE_BYTES_CEILING = 256 * MIB;
 /** Node's timers take at most this; a larger delay silently becomes 1 ms. */
 const MAX_TIMER_MS = 2 ** 31 - 1;
+/** The limits that become timer delays (the other durations are only compared with the clock). */
+const TIMER_LIMITS: ReadonlySet<string> = new Set([
+  'sweepIntervalMs', 'sseKeepaliveMs', 'initTimeoutMs', 'killGraceMs', 'restartMinDelayMs', 'restartMaxDelayMs',
+  'headersTimeoutMs', 'httpRequestTimeoutMs', 'keepAliveTimeoutMs', 'connectionsCheckIntervalMs', 'shutdownTimeoutMs',
+]);
 /** Below this many connections the operator is warned at start (a low descriptor limit). */
 const FEW_CONNECTIONS = 64;
 /** Requests given up on but maybe still running, remembered per child (see Upstream.abandoned). */
@@ -3016,7 +3021,7 @@ function validateLimits(limits: Limits): Limits {
       throw problem(`limits.${name}: got ${typeof value === 'number' ? String(value) : typeName(value)}, expected a positive integer`);
     }
     // Node's timers take at most 2^31 - 1 ms and turn anything larger into 1 ms.
-    if (name.endsWith('Ms') && value > MAX_TIMER_MS) throw problem(`limits.${name}: got ${value}, expected at most ${MAX_TIMER_MS} ms`);
+    if (TIMER_LIMITS.has(name) && value > MAX_TIMER_MS) throw problem(`limits.${name}: got ${value}, expected at most ${MAX_TIMER_MS} ms`);
   }
   if (limits.maxBodyBytes > limits.maxBodyBytesInFlight) {
     throw problem(`limits.maxBodyBytes (${limits.maxBodyBytes}) is larger than limits.maxBodyBytesInFlight (${limits.maxBodyBytesInFlight}): such a body could never be read`);
