@@ -3294,16 +3294,17 @@ describe('7. HTTP: guards, /mcp, /sse, health', () => {
     let answerA = '';
     socketA.on('data', (chunk: Buffer) => (answerA += chunk.toString('latin1')));
     socketA.write(`POST /fix/mcp HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nAccept: application/json\r\nMcp-Session-Id: ${sid}\r\nConnection: close\r\nContent-Length: ${bodyA.length}\r\n\r\n${bodyA.slice(0, 39 * KIB)}`);
-    // Over: 40 + 40 KiB > 64 KiB. Polled only until the proxy has taken A's headers (a bounded wait).
+    // Bytes count as they arrive (a socket that declares 4 MiB and sends nothing holds none), so with A's 39 KiB
+    // in flight 25 KiB more is exactly at the limit. Over: 26 KiB, polled only until A's bytes are in (bounded).
     const over = await waitFor(async () => {
-      const res = await post(mcp, padded('over', 40 * KIB), sessionHeaders(sid));
+      const res = await post(mcp, padded('over', 26 * KIB), sessionHeaders(sid));
       return res.status === 503 ? res : null;
     }, 5_000, 'a body that would pass maxBodyBytesInFlight → 503');
     assertRpcError(over, 503, -32000);
     assert.equal(over.headers['retry-after'], '3');
     assert.equal(over.headers.connection, 'close');
     assert.equal((await request(`${h.url}/healthz`)).status, 200);
-    for (const [id, bytes] of [['under', 23 * KIB], ['at', 24 * KIB]] as const) {
+    for (const [id, bytes] of [['under', 24 * KIB], ['at', 25 * KIB]] as const) {
       const res = await post(mcp, padded(id, bytes), sessionHeaders(sid));
       assert.equal(res.status, 200, `${id}: ${res.text.slice(0, 200)}`);
       assert.equal(onlyMessage(res).id, id);
@@ -4049,7 +4050,8 @@ describe('9. CLI and main', () => {
       const dir = tmpDir('cli');
       const pidFile = path.join(dir, 'pids');
       const inject = path.join(dir, 'inject.mjs');
-      fs.writeFileSync(inject, "process.on('SIGUSR2', () => { throw new Error('injected uncaught exception'); });\n");
+      // SIGWINCH: a signal the proxy gives no meaning to, so only the injected throw can end the process.
+      fs.writeFileSync(inject, "process.on('SIGWINCH', () => { throw new Error('injected uncaught exception'); });\n");
       const p = await launch(t, { mcpServers: { fix: { command: NODE, args: ['-e', FIXTURE], env: { FIXTURE_PIDFILE: pidFile } } } }, [], cleanEnv(), ['--import', pathToFileURL(inject).href]);
       await waitFor(async () => (await request(`${p.base}/readyz`)).status === 200, 10_000, 'ready');
       const [childPid] = fileLines(pidFile).map(Number);
@@ -4059,7 +4061,7 @@ describe('9. CLI and main', () => {
       const gpid = Number(textOf(await client.callTool({ name: 'do', arguments: { what: 'grandchild', ignoreTerm: true } })));
       p.pids.add(gpid);
       await client.close();
-      p.child.kill('SIGUSR2');
+      p.child.kill('SIGWINCH');
       const exit = await within(p.exited, 10_000, 'exit after the uncaught exception');
       assert.notEqual(exit.code, 0, JSON.stringify(exit));
       assert.match(p.output(), /injected uncaught exception/);
