@@ -189,7 +189,7 @@ class Harness {
   sample(): void {
     for (const s of Object.values(this.proxy.status())) {
       if (s.pid !== null) this.groups.add(s.pid);
-      // proxy.ts also lists every live child (per-session mode) in `pids`, beyond the API.md contract.
+      // `pids` lists every live child, per-session ones included.
       for (const p of (s as { pids?: unknown }).pids instanceof Array ? ((s as { pids: number[] }).pids) : []) this.groups.add(p);
     }
   }
@@ -236,8 +236,8 @@ async function harness(t: TestContext, config: Config, options: StartOptions = {
 }
 
 function srv(name: string, args: string[], extra: Partial<ServerConfig> & Record<string, unknown> = {}): ServerConfig {
-  // `secrets` is not in the API.md ServerConfig but proxy.ts requires it (values to mask in child logs);
-  // the cast keeps this helper compiling whether or not the field stays.
+  // `secrets` (values masked in every log line) is filled in by parseConfig from ${…} expansions; tests that
+  // build a ServerConfig by hand give it here.
   return { name, command: NODE, args, env: {}, sessions: 'shared', secrets: [], ...extra } as ServerConfig;
 }
 const everything = (name = 'everything'): ServerConfig => srv(name, [EVERYTHING, 'stdio']);
@@ -1132,7 +1132,7 @@ describe('4. Config: load, validate', () => {
     assert.ok(asDir.errors[0]!.startsWith(`${dir}: `), asDir.errors[0]);
   });
 
-  // Issue 8 item 1: roots come from the operator, never from a client.
+  // Regression: roots come from the operator, never from a client.
   it('parseConfig() accepts "roots" as absolute paths and rejects anything else, naming roots[i]', () => {
     const ok = parse({ mcpServers: { fs: { command: 'x', roots: ['/srv/data', '/home/me/projects'] } } });
     assert.deepEqual(ok.errors, []);
@@ -1154,7 +1154,7 @@ describe('4. Config: load, validate', () => {
     }
   });
 
-  // Issue 8 item 2: a shared child gets only the client capabilities the operator enables.
+  // Regression: a shared child gets only the client capabilities the operator enables.
   it('parseConfig() accepts "clientCapabilities" of sampling and elicitation only, naming server and field otherwise', () => {
     const ok = parse({ mcpServers: { a: { command: 'x', clientCapabilities: ['sampling', 'elicitation'] }, b: { command: 'y', clientCapabilities: ['elicitation'] } } });
     assert.deepEqual(ok.errors, []);
@@ -1168,7 +1168,7 @@ describe('4. Config: load, validate', () => {
     }
   });
 
-  // Issue 8 item 11: the answer-line limit is settable per server.
+  // Regression: the answer-line limit is settable per server.
   it('parseConfig() accepts "maxLineBytes" from 1 to 1 GiB (at the ceiling) and rejects 0, negatives, fractions, strings and 1 GiB + 1', () => {
     const GIB = 1024 * 1024 * 1024;
     for (const n of [1, 64 * 1024 * 1024, GIB]) {
@@ -1184,7 +1184,7 @@ describe('4. Config: load, validate', () => {
     }
   });
 
-  // Issue 8 item 5: a NUL in an argument made spawn() throw synchronously at every restart.
+  // Regression: a NUL in an argument made spawn() throw synchronously at every restart.
   it('parseConfig() rejects a NUL character in command, args, env and cwd, also one that came from ${VAR}, without quoting the value', () => {
     const cases: [Json, string][] = [
       [{ command: 'no\u0000de' }, 'command'],
@@ -1203,7 +1203,7 @@ describe('4. Config: load, validate', () => {
     }
   });
 
-  // Issue 8 item 13: a default written in the config is not a secret; values from the environment and files are.
+  // Regression: a default written in the config is not a secret; values from the environment and files are.
   it('parseConfig() records as secrets the values that came from the environment and from files, not ${VAR:-default} defaults', () => {
     const secretPath = path.join(tmpDir('cfg'), 'k.txt');
     fs.writeFileSync(secretPath, 'from-a-file-1234\n');
@@ -1215,7 +1215,7 @@ describe('4. Config: load, validate', () => {
     assert.deepEqual([...byName(config!.servers, 's').secrets].sort(), ['also-from-env-90', 'from-a-file-1234', 'from-the-env-5678']);
   });
 
-  // Issue 8 item 19: ${file:/dev/zero} made start-up read forever.
+  // Regression: ${file:/dev/zero} made start-up read forever.
   it('parseConfig() reads a ${file:} secret of 65535 and 65536 bytes; 65537 bytes is an error "larger than 65536 bytes"', () => {
     const dir = tmpDir('cfg');
     for (const bytes of [65_535, 65_536]) {
@@ -1387,7 +1387,7 @@ describe('5. Children: spawn, framing, restart, kill', () => {
     assert.equal(textOf(await sse.callTool({ name: 'do', arguments: { what: 'echo', text: 'after' } })), 'after');
   });
 
-  // Issue 8 item 11: the client used to wait for requestTimeoutMs (10 minutes by default).
+  // Regression: the client used to wait for requestTimeoutMs (10 minutes by default).
   it('a child line of maxLineBytes is delivered; one byte over: its request gets MESSAGE_TOO_LARGE (-32006) at once, naming the limit; the child keeps working', { timeout: 30_000 }, async (t) => {
     const max = 4096;
     const h = await harness(t, { servers: [fixture('fix')] }, { limits: { ...FAST, maxLineBytes: max, requestTimeoutMs: 120_000 } });
@@ -1464,7 +1464,7 @@ describe('5. Children: spawn, framing, restart, kill', () => {
     assert.equal(h.proxy.status().fix!.restarts, 0);
   });
 
-  // Verified red on a copy of proxy.ts with the r6 fix reverted: without maskSecrets() in onInitializeAnswer the
+  // Verified red on a copy of proxy.ts with the masking of cut stderr heads reverted: without maskSecrets() in onInitializeAnswer the
   // secret is in the "initialize failed" line; with the stderr head taken at 80 bytes the cut line is 80 bytes;
   // with the head cut at the limit but no secret-length slack, the secret's first bytes ("sk-liv") are logged.
   it('secrets are masked in a failed initialize log line and in a stderr line cut at maxStderrLineBytes (secret across the cut)', { timeout: 20_000 }, async (t) => {
@@ -1559,7 +1559,7 @@ describe('5. Children: spawn, framing, restart, kill', () => {
     });
     const stream = await openSse(`${h.url}/solo/sse`);
     const ep = await stream.next((e) => e.event === 'endpoint', 5_000, 'endpoint');
-    // A per-session child starts at its session's initialize (issue 8 item 2).
+    // A per-session child starts at its session's initialize.
     assert.equal((await post(`${h.url}${ep.data}`, initMsg(1, '2024-11-05'))).status, 202);
     await waitFor(() => fileLines(fixtureLog).some((l) => l.startsWith('initialize')), 5_000, 'the child received initialize');
     const [pid] = fileLines(pidFile).map(Number);
@@ -1574,7 +1574,7 @@ describe('5. Children: spawn, framing, restart, kill', () => {
     await assertAllGone([pid]);
   });
 
-  // Issue 8 item 5: a synchronous spawn failure restarted every second forever, was never marked errored and was
+  // Regression: a synchronous spawn failure restarted every second forever, was never marked errored and was
   // reported as "exit 127".
   const SPAWN_FAIL_LIMITS: Partial<Limits> = { ...FAST, restartMinDelayMs: 20, restartMaxDelayMs: 40, maxUnstableRestarts: 2 };
   async function spawnFailure(t: TestContext, server: ServerConfig, code: string, exitReported = false) {
@@ -1633,13 +1633,13 @@ describe('5. Children: spawn, framing, restart, kill', () => {
     await spawnFailure(t, srv('emfile', ['-e', '0', 'emfile-marker']), 'EMFILE');
   });
 
-  // Issue 8 item 12: Node's message for a spawn failure quotes the offending value, here an env value.
+  // Regression: Node's message for a spawn failure quotes the offending value, here an env value.
   it('spawnChild(): a spawn failure is logged with the error code and command only, never Node\'s message (which quotes env values)', { timeout: 20_000 }, async (t) => {
     const lines = await spawnFailure(t, srv('envnul', ['-e', '0'], { env: { API_KEY: 'sk-live-NOT-MASKED-4242\u0000tail' }, secrets: [] }), 'ERR_INVALID_ARG_VALUE');
     for (const line of lines) assert.ok(!line.includes('NOT-MASKED-4242') && !line.includes('options.env'), `env value or Node's message in: ${line}`);
   });
 
-  // Issue 8 item 6: its server stayed "ready" while every request hung.
+  // Regression: its server stayed "ready" while every request hung.
   it('a child that closes stdout but stays alive is treated as ended: its call gets -32005 at once, its group is stopped, it restarts (warn "closed its stdout")', { timeout: 30_000 }, async (t) => {
     const lines: string[] = [];
     const h = await harness(t, { servers: [fixture('fix')] }, { log: captureLog(lines), limits: { ...FAST, requestTimeoutMs: 120_000 } });
@@ -1659,7 +1659,7 @@ describe('5. Children: spawn, framing, restart, kill', () => {
     assert.ok(lines.some((l) => /^warn \[fix\] .*closed its stdout/.test(l)), lines.join('\n'));
   });
 
-  // Issue 8 item 3: JSON.stringify threw on a deep line and the proxy exited.
+  // Regression: JSON.stringify threw on a deep line and the proxy exited.
   it('a child answer nested deeper than maxJsonDepth is skipped and logged ("nested"); its request gets -32603 at once; under and at the limit it is delivered', { timeout: 30_000 }, async (t) => {
     const lines: string[] = [];
     // The answer line is {…,"result":{…,"deep":[[…]]}}: depth 2 + the arrays.
@@ -1687,7 +1687,7 @@ describe('5. Children: spawn, framing, restart, kill', () => {
     assert.equal(h.proxy.status().fix!.restarts, 0);
   });
 
-  // Issue 8 item 4: an error boundary around every child line.
+  // Regression: an error boundary around every child line.
   it('an unexpected throw while handling one child line drops that line only: the next line of the same chunk is answered', { timeout: 30_000 }, async (t) => {
     const lines: string[] = [];
     const faulty = faultyLog(lines);
@@ -1739,7 +1739,7 @@ describe('6. Sessions and id routing', () => {
   describe('through one shared server-everything child', () => {
     let h: Harness;
     before(async () => {
-      // "sampler" is server-everything with sampling enabled for its shared child (issue 8 item 2: opt-in).
+      // "sampler" is server-everything with sampling enabled for its shared child (sampling is opt-in per server).
       h = await startHarness({ servers: [everything(), srv('sampler', [EVERYTHING, 'stdio'], { clientCapabilities: ['sampling'] }), fixture('fix')] }, { limits: FAST });
       await h.proxy.ready(20_000);
     });
@@ -1918,7 +1918,7 @@ describe('6. Sessions and id routing', () => {
       }
     });
 
-    // Issue 8 item 20: a cancellation was answered with the timeout code.
+    // Regression: a cancellation was answered with the timeout code.
     it('cancelFromClient(): the POST waiting for a cancelled request gets REQUEST_CANCELLED (-32800) "Request cancelled"', { timeout: 30_000 }, async () => {
       const observer = await h.client('fix', 'mcp');
       const seen = async () => JSON.parse(textOf(await observer.callTool({ name: 'do', arguments: { what: 'seen' } })));
@@ -1934,7 +1934,7 @@ describe('6. Sessions and id routing', () => {
     });
   });
 
-  // ── Issue 8 items 1, 2 and 9: roots, child→client requests, capabilities ──
+  // ── Roots, child→client requests, capabilities ──
 
   const initCaps = (log: string) => {
     const line = fileLines(log).find((l) => l.startsWith('initcaps '));
@@ -2260,7 +2260,7 @@ describe('6. Sessions and id routing', () => {
     }
   });
 
-  // Issue 8 item 9: 100,000 unanswered child→client requests grew the routing maps without bound.
+  // Regression: 100,000 unanswered child→client requests grew the routing maps without bound.
   it('maxServerRequestsPerChild: under and at the limit child→client requests are delivered; one over → the child gets -32000; an answer makes room', { timeout: 30_000 }, async (t) => {
     const log = path.join(tmpDir('flood'), 'fixture.log');
     const h = await harness(t, { servers: [fixture('fix', 'ok', { clientCapabilities: ['sampling'], env: { FIXTURE_LOG: log } })] }, { limits: { ...FAST, maxServerRequestsPerChild: 3 } });
@@ -3074,7 +3074,7 @@ describe('7. HTTP: guards, /mcp, /sse, health', () => {
     assert.ok(![pidA, pidB].includes(pidC), 'c got a child of its own');
     assert.equal(h.proxy.status().solo!.sessions, 2);
     // a has a request in flight at its child; c has only an open GET stream, which does not hold its child
-    // (issue 8 item 18: idle /sse streams took every per-session child for good).
+    // (idle /sse streams used to hold every per-session child for good).
     void post(mcp, call(7, { what: 'hang' }), sessionHeaders(a)).catch(() => null);
     await waitFor(() => fileLines(fixtureLog).filter((l) => l.startsWith('hang')).length === 1, 5_000, "a's request reaches its child");
     const stream = await openSse(mcp, { 'mcp-session-id': c });
@@ -3114,9 +3114,9 @@ describe('7. HTTP: guards, /mcp, /sse, health', () => {
     assert.ok(settled.every((r) => refusedWith(r) === -32000), `the stalled child answered nothing: ${seen()}`);
   });
 
-  // ── Issue 8: hostile input and edges of the HTTP layer ──
+  // ── Hostile input and edges of the HTTP layer ──
 
-  // Item 3: a body nested 5,000 deep (10 KB) made JSON.stringify throw and the proxy exit.
+  // Regression: a body nested 5,000 deep (10 KB) made JSON.stringify throw and the proxy exit.
   it('maxJsonDepth: client messages nested under and at the limit are forwarded; deeper → 400 -32600 "nested" (Streamable requests and notifications, legacy POSTs), 5,000 deep too', { timeout: 30_000 }, async (t) => {
     const h = await harness(t, { servers: [fixture('fix')] }, { limits: { ...FAST, maxJsonDepth: 16 } });
     await h.proxy.ready(10_000);
@@ -3149,7 +3149,7 @@ describe('7. HTTP: guards, /mcp, /sse, health', () => {
     assert.equal((await request(`${h.url}/healthz`)).status, 200);
   });
 
-  // Item 4: an error boundary around every request.
+  // Regression: an error boundary around every request.
   it('an unexpected throw while handling an HTTP request → 500 -32603 "Internal error", logged at error; the proxy goes on', { timeout: 20_000 }, async (t) => {
     const lines: string[] = [];
     const faulty = faultyLog(lines);
@@ -3185,7 +3185,7 @@ describe('7. HTTP: guards, /mcp, /sse, health', () => {
     return socket;
   }
 
-  // Item 5: idle connections without a token exhausted descriptors; a child restart then hit EMFILE.
+  // Regression: idle connections without a token exhausted descriptors; a child restart then hit EMFILE.
   it('maxConnections: connections under and at the limit are served; one over gets a raw 503 (-32000, Connection: close) before its body is read', { timeout: 20_000 }, async (t) => {
     const h = await harness(t, { servers: [fixture('fix')] }, { limits: { ...FAST, maxConnections: 3, keepAliveTimeoutMs: 60_000 } });
     await h.proxy.ready(10_000);
@@ -3232,7 +3232,7 @@ describe('7. HTTP: guards, /mcp, /sse, health', () => {
   }
   const CLOSED_RE = /^warn \[.*\] .*closed a connection with (\d+) bytes unread/;
 
-  // Item 7: 80 unread 8 MB answers took RSS from 48 to 708 MiB.
+  // Regression: 80 unread 8 MB answers took RSS from 48 to 708 MiB.
   it('maxQueuedBytesTotal: JSON answers nobody reads are cut off once the total queued passes the limit (warn "closed a connection with N bytes unread"); readers are unaffected', { timeout: 60_000 }, async (t) => {
     const lines: string[] = [];
     const MIB = 1024 * 1024;
@@ -3253,7 +3253,7 @@ describe('7. HTTP: guards, /mcp, /sse, health', () => {
     assert.equal(textOf(await reader.callTool({ name: 'do', arguments: { what: 'line', bytes: MIB } })).length > MIB - 200, true);
   });
 
-  // Item 8: fan-out of child output to 200 SSE streams that never read reached 982 MiB.
+  // Regression: fan-out of child output to 200 SSE streams that never read reached 982 MiB.
   it('maxQueuedBytesTotal: fan-out of child notifications to SSE streams nobody reads is cut off at the total, not only per stream', { timeout: 60_000 }, async (t) => {
     const lines: string[] = [];
     const MIB = 1024 * 1024;
@@ -3276,7 +3276,7 @@ describe('7. HTTP: guards, /mcp, /sse, health', () => {
     await waitFor(() => h.proxy.status().fix!.sessions < 5, 5_000, 'a listener session ended');
   });
 
-  // Item 10: eight concurrent 4 MiB batch bodies were parsed whole at once, stalling /healthz for 4.4 s.
+  // Regression: eight concurrent 4 MiB batch bodies were parsed whole at once, stalling /healthz for 4.4 s.
   it('maxBodyBytesInFlight: bodies in flight together under and at the limit are read; one that would pass it → 503 -32000 with Retry-After; /healthz answers meanwhile', { timeout: 30_000 }, async (t) => {
     const KIB = 1024;
     const h = await harness(t, { servers: [fixture('fix')] }, { limits: { ...FAST, maxBodyBytes: 48 * KIB, maxBodyBytesInFlight: 64 * KIB, retryAfterS: 3 } });
@@ -3314,7 +3314,7 @@ describe('7. HTTP: guards, /mcp, /sse, health', () => {
     assert.equal((await post(mcp, padded('after', 40 * KIB), sessionHeaders(sid))).status, 200, 'room again once A is read');
   });
 
-  // Item 16: Node drops headers past maxHeadersCount silently, so an Origin after 100 headers was not seen.
+  // Regression: Node drops headers past maxHeadersCount silently, so an Origin after 100 headers was not seen.
   it('maxHeadersCount: a request with 99 header fields is served; with 100 → 431 (-32000); an Origin after 150 headers is not let through', { timeout: 20_000 }, async (t) => {
     const h = await harness(t, { servers: [fixture('fix')] }, { limits: FAST });
     await h.proxy.ready(10_000);
@@ -3336,7 +3336,7 @@ describe('7. HTTP: guards, /mcp, /sse, health', () => {
     }
   });
 
-  // Item 17: Node checks its timers every 30 s by default, so the README's 10 s and 60 s were about 30 s and 90 s.
+  // Regression: Node checks its timers every 30 s by default, so the README's 10 s and 60 s were about 30 s and 90 s.
   it('headersTimeoutMs and httpRequestTimeoutMs hold within connectionsCheckIntervalMs: idle, dribbled-header and dribbled-body connections close on time', { timeout: 30_000 }, async (t) => {
     const h = await harness(t, { servers: [fixture('fix')] }, { limits: { ...FAST, headersTimeoutMs: 400, httpRequestTimeoutMs: 800, connectionsCheckIntervalMs: 50 } });
     await h.proxy.ready(10_000);
@@ -3368,7 +3368,7 @@ describe('7. HTTP: guards, /mcp, /sse, health', () => {
     assert.ok(body >= 500 && body < 1_800, `dribbled body closed after ${body} ms (httpRequestTimeoutMs 800)`);
   });
 
-  // Item 18: 16 idle legacy /sse connections from one token took all 16 per-session children for good.
+  // Regression: 16 idle legacy /sse connections from one token took all 16 per-session children for good.
   describe('maxChildrenPerCredential', () => {
     const tokenA = 'token-alpha-0123456789';
     const tokenB = 'token-bravo-0123456789';
@@ -3432,7 +3432,7 @@ describe('7. HTTP: guards, /mcp, /sse, health', () => {
     });
   });
 
-  // Item 19: a proxy bound to 127.0.0.2 answered its own Host with 403.
+  // Regression: a proxy bound to 127.0.0.2 answered its own Host with 403.
   it('hostAllowed(): bound to 127.0.0.2, Host: 127.0.0.2:PORT is accepted (the bound address); other names still → 403', { timeout: 20_000 }, async (t) => {
     const h = await harness(t, { servers: [fixture('fix')] }, { host: '127.0.0.2', limits: FAST });
     await h.proxy.ready(10_000);
@@ -3633,8 +3633,9 @@ describe('8. Lifecycle: start, shutdown', () => {
     await waitFor(() => !pidAlive(gpid), GONE_BOUND_MS, 'grandchild of the dead child reaped by group kill');
   });
 
-  // Issue 8 item 15: a crashed child's group got one SIGTERM and was forgotten; a grandchild ignoring it leaked
-  // on every crash (three in nine seconds, reparented to PID 1) and survived shutdown.
+  // Regression: a crashed child's group got one SIGTERM and was forgotten; a grandchild ignoring it leaked
+  // on every crash (three in nine seconds, reparented to PID 1) and survived shutdown. Both tests below were
+  // verified red on 19d7923, which sends that one SIGTERM: the grandchildren outlive the bound.
   it('a crashed child\'s group is reaped with SIGKILL after killGraceMs: a grandchild ignoring SIGTERM does not outlive its crash', { timeout: 30_000 }, async (t) => {
     const h = await harness(t, { servers: [fixture('fix')] }, { limits: FAST });
     await h.proxy.ready(10_000);
@@ -3661,7 +3662,7 @@ describe('8. Lifecycle: start, shutdown', () => {
     await waitFor(() => !pidAlive(g1!) && !pidAlive(g2!), GONE_BOUND_MS, 'the grandchildren of the first two crashes killed');
   });
 
-  // Issue 8 item 20: limits of 0 or NaN were accepted.
+  // Regression: limits of 0 or NaN were accepted.
   it('startProxy() rejects a limit that is not a positive integer (INVALID_LIMIT, "limits.NAME: got X, expected a positive integer")', { timeout: 20_000 }, async () => {
     for (const [name, value] of [['maxBodyBytes', 0], ['maxBodyBytes', -1], ['requestTimeoutMs', 1.5], ['maxJsonDepth', NaN], ['maxConnections', Infinity]] as const) {
       const outcome = await startProxy({ servers: [] }, { host: '127.0.0.1', port: 0, logLevel: 'error', limits: { [name]: value } }).then(
@@ -3678,7 +3679,7 @@ describe('8. Lifecycle: start, shutdown', () => {
     }
   });
 
-  // Issue 8 item 19: --token a and --token "" were accepted.
+  // Regression: --token a and --token "" were accepted.
   it('startProxy() refuses tokens under 16 characters (WEAK_TOKEN), "" included; 16 is enough', { timeout: 20_000 }, async () => {
     for (const tokens of [['a'], [''], ['x'.repeat(15)], ['strong-token-0123456789', 'short']]) {
       for (const host of ['127.0.0.1', '0.0.0.0']) {
@@ -4030,7 +4031,7 @@ describe('9. CLI and main', () => {
       return { child, port, base, exited, output: () => out, groups, pids };
     }
 
-    // Issue 8 item 3: the proxy process exited 1 on a body nested 5,000 deep.
+    // Regression: the proxy process exited 1 on a body nested 5,000 deep.
     it('serve: a body nested 5,000 deep is refused with 400 and the process keeps running', { timeout: 40_000 }, async (t) => {
       const pidFile = path.join(tmpDir('cli'), 'pids');
       const p = await launch(t, { mcpServers: { fix: { command: NODE, args: ['-e', FIXTURE], env: { FIXTURE_PIDFILE: pidFile } } } });
@@ -4045,7 +4046,8 @@ describe('9. CLI and main', () => {
       assert.equal((await request(`${p.base}/healthz`)).status, 200);
     });
 
-    // Issue 8 item 4: should the process still die, no child is left behind.
+    // Regression: should the process still die, no child is left behind. Verified red on 19d7923 (no handler):
+    // the child exits at the end of its stdin, its SIGTERM-ignoring grandchild is left running.
     it('serve: an uncaught exception kills every child group on the way out (a grandchild ignoring SIGTERM included)', { timeout: 40_000 }, async (t) => {
       const dir = tmpDir('cli');
       const pidFile = path.join(dir, 'pids');
@@ -4068,7 +4070,7 @@ describe('9. CLI and main', () => {
       await assertAllGone([childPid!], [gpid]);
     });
 
-    // Issue 8 item 19.
+    // Regression: --token a and --token "" were accepted, also on a public bind.
     it('refuses tokens under 16 characters, "" included, from flags, the environment and token files (exit 2)', { timeout: 40_000 }, async () => {
       const cfg = writeConfig({ mcpServers: { f: { command: NODE, args: ['-e', FIXTURE] } } });
       const tokenFile = path.join(tmpDir('cli'), 'tokens');
@@ -4107,7 +4109,7 @@ describe('9. CLI and main', () => {
       assert.ok(Date.now() - started < 10_000);
     });
 
-    // Issue 8 item 5: `check` reports what would make every spawn fail.
+    // Regression: `check` reports what would make every spawn fail.
     it('check: a cwd that does not exist or is a file, and a NUL in an argument, exit 1 naming the field', { timeout: 30_000 }, async () => {
       const dir = tmpDir('cli');
       const file = path.join(dir, 'a-file');
@@ -4127,7 +4129,7 @@ describe('9. CLI and main', () => {
       assert.equal(ok.code, 0, ok.stderr);
     });
 
-    // Issue 8 items 12, 13 and 14, as an operator reads the log: dist/proxy.js at debug level.
+    // What an operator reads in the log of dist/proxy.js at debug level.
     describe('log hygiene at --log-level debug', () => {
       const token = 'static-token-LEAKCHECK-0001';
       const pemLines = ['-----BEGIN TEST KEY-----', 'MIIBOgIBAAJBAKj34GkxFhD90vcNLYLInFEX6Ppy1tPf9Cnzj4p4WGeKLs1Pt8Qu', 'KUpRKfFLfRYC9AIKjbJTWit+CqvjWYzvQwECAwEAAQ', '-----END TEST KEY-----'];
