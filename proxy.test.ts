@@ -3253,6 +3253,32 @@ describe('7. HTTP: guards, /mcp, /sse, health', () => {
     assert.equal(textOf(await reader.callTool({ name: 'do', arguments: { what: 'line', bytes: MIB } })).length > MIB - 200, true);
   });
 
+  it('maxQueuedBytesPerConnection: a client that pipelines requests and reads none of the JSON answers is cut off at the next answer (logged)', { timeout: 60_000 }, async (t) => {
+    const lines: string[] = [];
+    const MIB = 1024 * 1024;
+    const h = await harness(t, { servers: [fixture('fix')] }, { log: captureLog(lines), limits: { ...FAST, maxQueuedBytesPerConnection: 256 * 1024, requestTimeoutMs: 120_000 } });
+    await h.proxy.ready(10_000);
+    const sid = await rawSession(h.url, 'fix');
+    const socket = await idleConnection(h.proxy.port);
+    t.after(() => socket.destroy());
+    socket.pause();
+    // Three requests in one write, so all are parsed at once; each answer is 6 MiB, more than the kernel takes.
+    socket.write([1, 2, 3].map((i) => {
+      const body = JSON.stringify(call(`p${i}`, { what: 'line', bytes: 6 * MIB }));
+      return `POST /fix/mcp HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nAccept: application/json\r\nMcp-Session-Id: ${sid}\r\nContent-Length: ${body.length}\r\n\r\n${body}`;
+    }).join(''));
+    const closed = await waitFor(() => lines.find((l) => CLOSED_RE.test(l)), 15_000, 'the connection closed for its backlog');
+    assert.match(closed, /maxQueuedBytesPerConnection/);
+    assert.ok(Number(CLOSED_RE.exec(closed)![1]) > 256 * 1024, closed);
+    let received = 0;
+    socket.on('data', (chunk: Buffer) => (received += chunk.length));
+    socket.on('error', () => {});
+    const ended = new Promise((resolve) => socket.on('close', resolve));
+    socket.resume();
+    await within(ended, 10_000, 'the cut connection to close');
+    assert.ok(received < 3 * 6 * MIB, `received ${received} bytes: not every answer`);
+  });
+
   // Regression: fan-out of child output to 200 SSE streams that never read reached 982 MiB.
   it('maxQueuedBytesTotal: fan-out of child notifications to SSE streams nobody reads is cut off at the total, not only per stream', { timeout: 60_000 }, async (t) => {
     const lines: string[] = [];
