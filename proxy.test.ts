@@ -27,10 +27,13 @@ import {
   ListRootsRequestSchema,
   ResourceUpdatedNotificationSchema,
 } from '@modelcontextprotocol/sdk/types.js';
+import fc from 'fast-check';
 import {
   DEFAULT_LIMITS,
   SUPPORTED_PROTOCOL_VERSIONS,
+  createIdScanner,
   createLineFramer,
+  jsonDepthExceeds,
   loadConfigFile,
   negotiateVersion,
   nextRestart,
@@ -4231,5 +4234,983 @@ describe('9. CLI and main', () => {
         assert.ok(!out.split('\n').some((l) => l.startsWith('2099-01-01')), 'a forged line start');
       });
     });
+  });
+});
+
+// ── Properties: message parsing and id/progress-token rewriting (fast-check) ────────────────────────────
+
+describe('Properties: message parsing and id/progress-token rewriting (fast-check)', () => {
+  /** Fixed, so a failure replays; the report prints it with the shrunk counterexample. */
+  const FC_SEED = process.env.FC_SEED === undefined ? 0x5eed_0008 : Number(process.env.FC_SEED);
+
+  /** fc.assert with the fixed seed; the time limit stops a long shrink (the failure found so far is reported). */
+  type RunParams = { seed: number; numRuns: number; interruptAfterTimeLimit: number; includeErrorInReport: boolean };
+  async function holds(what: string, run: (params: RunParams) => void | Promise<void>, numRuns: number, timeLimitMs = 15_000): Promise<void> {
+    try {
+      await run({ seed: FC_SEED, numRuns, interruptAfterTimeLimit: timeLimitMs, includeErrorInReport: true });
+    } catch (err) {
+      const e = err as Error;
+      e.message = `property "${what}" failed with fast-check seed ${FC_SEED} (replay: FC_SEED=${FC_SEED})\n${e.message}`;
+      throw e;
+    }
+  }
+
+  // A tiny stdio MCP server. tools/call (any name) answers {args, id, token}: its arguments and the id and
+  // progress token it received. With a token it first sends arguments.progress notifications/progress for
+  // that token (message: arguments.tag), spread over arguments.delayMs, then the answer at about delayMs.
+  // arguments.raw: an array of lines written to stdout as they are, "@ID@" and "@TOKEN@" replaced by the JSON
+  // of the id and token the child received, "@IDM1@" by that id minus one (for child lines the proxy must cope
+  // with: CR, depth, layouts, decoys).
+  const ECHO = String.raw`
+'use strict';
+const send = (m) => process.stdout.write(JSON.stringify(m) + '\n');
+let buf = '';
+process.stdin.setEncoding('utf8');
+process.stdin.on('data', (chunk) => {
+  buf += chunk;
+  let i;
+  while ((i = buf.indexOf('\n')) >= 0) {
+    const line = buf.slice(0, i);
+    buf = buf.slice(i + 1);
+    let msg;
+    try { msg = JSON.parse(line); } catch { continue; }
+    for (const m of Array.isArray(msg) ? msg : [msg]) if (m && typeof m === 'object') onMessage(m);
+  }
+});
+process.stdin.on('end', () => process.exit(0));
+function onMessage(msg) {
+  if (msg.id === undefined || typeof msg.method !== 'string') return;
+  if (msg.method === 'initialize') {
+    const v = msg.params && typeof msg.params.protocolVersion === 'string' ? msg.params.protocolVersion : '2025-06-18';
+    return send({ jsonrpc: '2.0', id: msg.id, result: { protocolVersion: v, capabilities: { tools: {} }, serverInfo: { name: 'echo', version: '1.0.0' } } });
+  }
+  if (msg.method === 'ping') return send({ jsonrpc: '2.0', id: msg.id, result: {} });
+  if (msg.method !== 'tools/call') return send({ jsonrpc: '2.0', id: msg.id, error: { code: -32601, message: 'Method not found' } });
+  const p = msg.params && typeof msg.params === 'object' ? msg.params : {};
+  const a = p.arguments && typeof p.arguments === 'object' && !Array.isArray(p.arguments) ? p.arguments : {};
+  const meta = p._meta && typeof p._meta === 'object' ? p._meta : {};
+  const token = meta.progressToken;
+  if (Array.isArray(a.raw)) {
+    const idText = JSON.stringify(msg.id);
+    const tokenText = JSON.stringify(token === undefined ? null : token);
+    const before = JSON.stringify(typeof msg.id === 'number' ? msg.id - 1 : null); // the id of the request before
+    process.stdout.write(a.raw.map((l) => String(l).split('@ID@').join(idText).split('@TOKEN@').join(tokenText).split('@IDM1@').join(before) + '\n').join(''));
+    return;
+  }
+  const steps = Math.min(Math.max(Math.floor(Number(a.progress)) || 0, 0), 10);
+  const delay = Math.min(Math.max(Math.floor(Number(a.delayMs)) || 0, 0), 1000);
+  const at = (ms, f) => (ms > 0 ? setTimeout(f, ms) : f());
+  // One timer at a time, each set by the one before: timers of different durations set together may fire out
+  // of order in Node (seen: progress 2 before 1), and the order of a request's messages is part of what is checked.
+  const n = token === undefined ? 0 : steps;
+  const gap = Math.floor(delay / (n + 1));
+  let i = 0;
+  const step = () => {
+    if (i < n) {
+      i++;
+      send({ jsonrpc: '2.0', method: 'notifications/progress', params: { progressToken: token, progress: i, total: n, message: String(a.tag) } });
+      return at(gap, step);
+    }
+    send({ jsonrpc: '2.0', id: msg.id, result: { content: [{ type: 'text',
+      text: JSON.stringify({ args: a, id: msg.id, token: token === undefined ? null : token }) }] } });
+  };
+  at(n === 0 ? delay : gap, step);
+}
+`;
+  const echoServer = (name = 'echo'): ServerConfig => srv(name, ['-e', ECHO]);
+
+  /** What the echo child said it received, from a tools/call answer. */
+  const echoed = (msg: Json): { args: Json; id: unknown; token: unknown } => JSON.parse(msg.result.content[0].text);
+
+  /** Nesting depth of a JSON text (containers on the deepest path; a scalar is 0), by a scan that skips strings. */
+  function jsonDepth(text: string): number {
+    let depth = 0;
+    let max = 0;
+    let inString = false;
+    for (let i = 0; i < text.length; i++) {
+      const c = text.charCodeAt(i);
+      if (inString) {
+        if (c === 0x5c) i++;
+        else if (c === 0x22) inString = false;
+      } else if (c === 0x22) inString = true;
+      else if (c === 0x5b || c === 0x7b) max = Math.max(max, ++depth);
+      else if (c === 0x5d || c === 0x7d) depth--;
+    }
+    return max;
+  }
+
+  /** A proxy with the echo child, and a Streamable and a legacy session on it. */
+  async function echoProxy(t: TestContext, options: StartOptions): Promise<{ h: Harness; mcpUrl: string; sid: string; legacy: Legacy }> {
+    const h = await harness(t, { servers: [echoServer()] }, options);
+    await h.proxy.ready(10_000);
+    const sid = await rawSession(h.url, 'echo');
+    const legacy = await legacySession(h.url, 'echo');
+    t.after(() => legacy.stream.close());
+    return { h, mcpUrl: `${h.url}/echo/mcp`, sid, legacy };
+  }
+
+  /** A legacy HTTP+SSE session, initialized over raw HTTP: its stream and its POST endpoint. */
+  type Legacy = { stream: SseStream; postUrl: string };
+  async function legacySession(base: string, name: string): Promise<Legacy> {
+    const stream = await openSse(`${base}/${name}/sse`);
+    const endpoint = await stream.next((e) => e.event === 'endpoint', 5_000, 'endpoint event');
+    const postUrl = new URL(endpoint.data, base).href;
+    const init = await post(postUrl, initMsg('init'));
+    assert.equal(init.status, 202, init.text);
+    await stream.next((e) => e.event === 'message' && JSON.parse(e.data).id === 'init', 5_000, 'initialize answer on the stream');
+    const note = await post(postUrl, { jsonrpc: '2.0', method: 'notifications/initialized' });
+    assert.equal(note.status, 202, note.text);
+    return { stream, postUrl };
+  }
+
+  /** JSON-RPC messages a stream has carried (message events only), from event index `from`. */
+  const streamMessages = (stream: SseStream, from = 0): Json[] =>
+    stream.events.slice(from).filter((e) => e.event === 'message').map((e) => JSON.parse(e.data));
+
+  /** A 4xx whose body is a JSON-RPC error (code a negative integer, message a string); returns the body. */
+  function assertRpcClientError(res: RawResponse, what: string): Json {
+    assert.ok(res.status >= 400 && res.status < 500, `${what}: status ${res.status} is 4xx (body ${res.text.slice(0, 300)})`);
+    let body: Json;
+    try {
+      body = JSON.parse(res.text);
+    } catch {
+      assert.fail(`${what}: ${res.status} body is not JSON: ${res.text.slice(0, 300)}`);
+    }
+    assert.equal(body.jsonrpc, '2.0', `${what}: jsonrpc (body ${res.text.slice(0, 300)})`);
+    assert.ok(Number.isInteger(body.error?.code) && body.error.code < 0, `${what}: error.code (body ${res.text.slice(0, 300)})`);
+    assert.equal(typeof body.error.message, 'string', `${what}: error.message`);
+    return body;
+  }
+
+  const toolCall = (idText: string, args: Json, tokenText?: string): string =>
+    `{"jsonrpc":"2.0","id":${idText},"method":"tools/call","params":{"name":"echo","arguments":${JSON.stringify(args)}` +
+    `${tokenText === undefined ? '' : `,"_meta":{"progressToken":${tokenText}}`}}}`;
+
+  // Ids and progress tokens of every JSON type, as the JSON text the client sends (so huge literals and odd
+  // spellings reach the proxy as written). Valid ids are strings and finite numbers: the answer must carry the
+  // value JSON.parse gives the text (1.0 → 1, 1e-400 → 0, 123456789012345678901234567890 → its double).
+  const stringIdText = fc
+    .oneof(
+      fc.string({ unit: 'binary', maxLength: 12 }), // any code point, lone surrogates included
+      fc.string({ unit: 'grapheme', maxLength: 6 }),
+      fc.constantFrom('', ' ', '"', '\\', '\\"', '\u0000', '\n\r\t', '\u2028\u2029', '\ud800', '\udfff', '😀', 'proxy-1', '0', '1', 'null', '{"a":1}'),
+    )
+    .map((s) => JSON.stringify(s));
+  const numberIdText = fc.oneof(
+    fc.integer().map(String),
+    fc.maxSafeInteger().map(String),
+    fc.bigInt({ min: -(10n ** 40n), max: 10n ** 40n }).map(String),
+    fc.double({ noNaN: true, noDefaultInfinity: true }).map((d) => JSON.stringify(d)),
+    fc.constantFrom('0', '-0', '1', '-1', '0.5', '1.0', '2.50', '-1.5e-3', '1e21', '1E+300', '9007199254740993',
+      '123456789012345678901234567890', '1.7976931348623157e308', '5e-324', '-5e-324', '1e-400'),
+  );
+  const validIdText = fc.oneof(stringIdText, numberIdText);
+  // Invalid: null, booleans, objects, arrays, and numbers JSON.parse turns into ±Infinity (no JSON can echo them).
+  const invalidIdText = fc.oneof(
+    fc.constantFrom('null', 'true', 'false', '{}', '[]', '1e400', '-1e400'),
+    fc.object({ maxDepth: 2 }).map((o) => JSON.stringify(o)),
+    fc.array(fc.jsonValue({ maxDepth: 2 }), { maxLength: 3 }).map((a) => JSON.stringify(a)),
+  );
+
+  // ── Pure: line framing ──
+
+  it('createLineFramer(): any chunking of any lines yields exactly those lines; each oversized one is reported once with its length and first bytes', async () => {
+    const lineBytes = fc.oneof(
+      fc.uint8Array({ maxLength: 40 }).map((b) => Buffer.from(b.filter((x) => x !== 0x0a))),
+      fc.string({ unit: 'grapheme', maxLength: 12 }).map((s) => Buffer.from(s.replace(/\n/g, ''))),
+      fc.string({ unit: 'grapheme-ascii', maxLength: 40 }).map((s) => Buffer.from(s.replace(/\n/g, '') + '\r')),
+      fc.constantFrom(Buffer.alloc(0), Buffer.from('\r'), Buffer.from('\r\r')),
+    );
+    await holds('line framer', (params) => fc.assert(
+      fc.property(
+        fc.integer({ min: 1, max: 24 }),
+        fc.array(lineBytes, { maxLength: 12 }),
+        fc.boolean(),
+        fc.array(fc.nat({ max: 1_000 }), { maxLength: 20 }),
+        fc.integer({ min: 1, max: 30 }),
+        (max, lines, trailingNewline, cuts, headSeed) => {
+          const headBytes = 1 + (headSeed % (max + 1)); // 1 … max + 1: the head is then exactly determined
+          const stream = Buffer.concat(lines.flatMap((l, i) => (i < lines.length - 1 || trailingNewline ? [l, Buffer.from('\n')] : [l])));
+          const points = [...new Set(cuts.map((c) => c % (stream.length + 1)))].sort((a, b) => a - b);
+          const got: (string | { bytes: number; head: string })[] = [];
+          const raws: Buffer[] = [];
+          const f = createLineFramer(max, (line, raw) => {
+            assert.equal(line, raw.toString('utf8'), 'line is its raw bytes decoded');
+            got.push(line);
+            raws.push(Buffer.from(raw));
+          }, (bytes, head) => got.push({ bytes, head }), headBytes);
+          let at = 0;
+          for (const p of [...points, stream.length]) {
+            f.push(stream.subarray(at, p));
+            at = p;
+          }
+          f.end();
+          // Model: one trailing \r is stripped; over max bytes → one report (length as written, first bytes);
+          // empty → nothing; else the line.
+          const want: (string | { bytes: number; head: string })[] = [];
+          const wantRaw: Buffer[] = [];
+          for (const l of lines) {
+            const content = l[l.length - 1] === 0x0d ? l.subarray(0, l.length - 1) : l;
+            if (content.length > max) want.push({ bytes: l.length, head: l.subarray(0, headBytes).toString('utf8') });
+            else if (content.length > 0) {
+              want.push(content.toString('utf8'));
+              wantRaw.push(content);
+            }
+          }
+          assert.deepEqual(got, want);
+          assert.deepEqual(raws, wantRaw, 'raw bytes of each line');
+        },
+      ),
+      params,
+    ), 1_000, 5_000);
+  });
+
+  it('jsonDepthExceeds() agrees with a reference depth count for any JSON text, brackets and escapes inside strings included', async () => {
+    const tricky = fc.constantFrom('[', ']', '{', '}', '\\', '"', '\\"', '[[[[', '"]}');
+    const value = fc.jsonValue({ maxDepth: 6 }).chain((v) => fc.tuple(fc.constant(v), fc.array(fc.tuple(tricky, fc.string({ maxLength: 3 })), { maxLength: 3 })));
+    await holds('jsonDepthExceeds', (params) => fc.assert(
+      fc.property(value, fc.integer({ min: 1, max: 10 }), fc.integer({ min: 0, max: 12 }), ([v, strings], max, wrap) => {
+        // Strings full of brackets and escapes, next to a value of random depth, inside `wrap` more arrays.
+        const text = '['.repeat(wrap) + JSON.stringify([v, ...strings.map(([a, b]) => a + b)]) + ']'.repeat(wrap);
+        assert.equal(jsonDepthExceeds(text, max), jsonDepth(text) > max, `depth ${jsonDepth(text)}, max ${max}: ${text.slice(0, 200)}`);
+      }),
+      params,
+    ), 2_000, 5_000);
+  });
+
+  describe('createIdScanner(), fed any JSON object in any chunks', () => {
+    // Keys that are not "id" but are spelled with escapes whose letters are i and d, or look like it otherwise.
+    const DECOY_KEYS = ['i\nd', '"id', 'i"d', 'i\\d', '\\id', 'id\\', 'i\u0000d', 'ID', 'idx', 'xid', ' id', 'id ', 'iд'];
+    const decoyValue = fc.oneof(
+      fc.jsonValue({ maxDepth: 3 }),
+      fc.integer({ min: -5, max: 1_000 }), // what the scanner would take for a child id
+      fc.integer().map((n) => ({ id: n })), // a nested "id": not the top-level one
+      fc.integer().map((n) => `"id":${n}`), // an "id" inside a string
+      fc.integer().map((n) => [{ id: n }]),
+    );
+    const idValue = fc.oneof(
+      { weight: 4, arbitrary: fc.integer({ min: -1_000_000, max: 1_000_000_000 }).map((n) => ({ text: String(n), plain: true })) },
+      { weight: 1, arbitrary: fc.constantFrom('5.0', '5e0', '1E2', '"7"', 'null', 'true', '{"id":3}', '[4]', '-0').map((text) => ({ text, plain: text === '-0' })) },
+    );
+    const member = fc.record({ key: fc.oneof(fc.constantFrom(...DECOY_KEYS), fc.string({ maxLength: 4 })), value: decoyValue });
+    const objectText = fc.tuple(
+      fc.uniqueArray(member, { maxLength: 6, selector: (m) => m.key }).map((ms) => ms.filter((m) => m.key !== 'id')),
+      fc.option(fc.record({ value: idValue, at: fc.nat(), escapedKey: fc.boolean() }), { freq: 5 }),
+      fc.integer(),
+      fc.array(fc.nat({ max: 10_000 }), { maxLength: 8 }),
+    ).map(([members, idMember, seed, cuts]) => {
+      const ws = whitespace(seed, false);
+      const parts = members.map((m) => `${JSON.stringify(m.key)}${ws()}:${ws()}${JSON.stringify(m.value)}`);
+      if (idMember) {
+        const key = idMember.escapedKey ? '"\\u0069\\u0064"' : '"id"'; // "\u0069\u0064" is "id" too
+        parts.splice(idMember.at % (parts.length + 1), 0, `${key}${ws()}:${ws()}${idMember.value.text}`);
+      }
+      const text = `${ws()}{${ws()}${parts.join(`${ws()},${ws()}`)}${ws()}}${ws()}`;
+      return { text, plainId: idMember !== null && idMember.value.plain && !idMember.escapedKey, cuts };
+    });
+    const scan = (text: string, cuts: number[]): number | undefined => {
+      const bytes = Buffer.from(text);
+      const scanner = createIdScanner();
+      let at = 0;
+      for (const p of [...new Set(cuts.map((c) => c % (bytes.length + 1)))].sort((a, b) => a - b).concat(bytes.length)) {
+        scanner.feed(bytes.subarray(at, p));
+        at = p;
+      }
+      return scanner.id();
+    };
+
+    it('never reports an id other than the one JSON.parse sees', async () => {
+      await holds('createIdScanner: never a wrong id', (params) => fc.assert(
+        fc.property(objectText, ({ text, cuts }) => {
+          const got = scan(text, cuts);
+          const parsed = JSON.parse(text).id;
+          if (got !== undefined) assert.ok(Object.is(got, parsed), `scanner says id ${got}, JSON.parse says ${JSON.stringify(parsed)}: ${JSON.stringify(text)}`);
+        }),
+        params,
+      ), 3_000, 5_000);
+    });
+
+    it('finds a top-level "id" written as a plain integer, whatever other keys and values surround it', async () => {
+      await holds('createIdScanner: finds a plain id', (params) => fc.assert(
+        fc.property(objectText, ({ text, plainId, cuts }) => {
+          fc.pre(plainId);
+          const parsed = JSON.parse(text).id;
+          assert.ok(Object.is(scan(text, cuts), parsed), `a plain integer id ${parsed} is found in ${JSON.stringify(text)}`);
+        }),
+        params,
+      ), 1_000, 5_000);
+    });
+  });
+
+  // ── Ids of every JSON type ──
+
+  it('ids and progress tokens of every JSON type come back unchanged on both transports; null, boolean, object, array and overflowing ids → 400 -32600', { timeout: 60_000 }, async (t) => {
+    const h = await harness(t, { servers: [echoServer()] }, { limits: FAST });
+    await h.proxy.ready(10_000);
+    const mcpUrl = `${h.url}/echo/mcp`;
+    const sid = await rawSession(h.url, 'echo');
+    // JSON-only POSTs have no stream of their own: their progress goes to the session's GET stream.
+    const getStream = await openSse(mcpUrl, { 'mcp-session-id': sid });
+    const legacy = await legacySession(h.url, 'echo');
+    t.after(() => {
+      getStream.close();
+      legacy.stream.close();
+    });
+    let n = 0;
+    await holds('ids of every JSON type', (params) => fc.assert(
+      fc.asyncProperty(
+        fc.constantFrom('mcp-json', 'mcp-sse', 'legacy'),
+        fc.oneof({ weight: 3, arbitrary: validIdText.map((text) => ({ valid: true, text })) },
+          { weight: 1, arbitrary: invalidIdText.map((text) => ({ valid: false, text })) }),
+        fc.option(validIdText),
+        fc.integer({ min: 0, max: 3 }),
+        async (transport, id, tokenText, steps) => {
+          const tag = `ids-${n++}`;
+          const body = toolCall(id.text, { tag, progress: steps }, tokenText ?? undefined);
+          const getFrom = getStream.events.length;
+          const legacyFrom = legacy.stream.events.length;
+          const res = await within(transport === 'legacy'
+            ? post(legacy.postUrl, body)
+            : post(mcpUrl, body, sessionHeaders(sid, { accept: transport === 'mcp-json' ? 'application/json' : 'application/json, text/event-stream' })),
+          5_000, `POST ${tag}`);
+          if (!id.valid) {
+            const err = assertRpcClientError(res, `invalid id ${id.text}`);
+            assert.equal(res.status, 400, `invalid id ${id.text}: status`);
+            assert.equal(err.error.code, -32600, `invalid id ${id.text}: code`);
+            assert.equal(err.id, null, 'an invalid id is not echoed');
+            return;
+          }
+          const wantId = JSON.parse(id.text);
+          const wantToken = tokenText === null ? undefined : JSON.parse(tokenText);
+          let answer: Json;
+          let progress: Json[];
+          if (transport === 'legacy') {
+            assert.equal(res.status, 202, res.text);
+            const mine = (m: Json) => m.result !== undefined && echoed(m).args?.tag === tag;
+            answer = streamMessages(legacy.stream, legacyFrom).find(mine) ?? (await waitFor(() => streamMessages(legacy.stream, legacyFrom).find(mine), 5_000, `answer to ${tag}`));
+            progress = streamMessages(legacy.stream, legacyFrom).filter((m) => m.method === 'notifications/progress' && m.params.message === tag);
+          } else {
+            assert.equal(res.status, 200, res.text);
+            const all = messages(res);
+            const answers = all.filter((m) => m.method === undefined);
+            assert.equal(answers.length, 1, `one answer: ${res.text}`);
+            answer = answers[0];
+            progress = all.filter((m) => m.method === 'notifications/progress');
+            if (transport === 'mcp-json' && wantToken !== undefined && steps > 0) {
+              await waitFor(() => streamMessages(getStream, getFrom).filter((m) => m.params?.message === tag).length >= steps, 5_000, `progress of ${tag} on the GET stream`);
+            }
+            progress.push(...streamMessages(getStream, getFrom).filter((m) => m.method === 'notifications/progress' && m.params.message === tag));
+          }
+          assert.equal(answer.jsonrpc, '2.0');
+          assert.ok(answer.id === wantId, `answer id ${JSON.stringify(answer.id)} (${typeof answer.id}) is the id sent, ${id.text}`);
+          const seen = echoed(answer);
+          assert.equal(seen.args.tag, tag);
+          assert.equal(typeof seen.id, 'number', 'the child sees the proxy\'s own id');
+          assert.equal(seen.token === null, wantToken === undefined, 'the child gets a progress token exactly when the client sent one');
+          // Progress: exactly `steps` notifications, each with the client's own token (same type, same value).
+          assert.equal(progress.length, wantToken === undefined ? 0 : steps, `progress notifications for ${tag}`);
+          progress.forEach((p, i) => {
+            assert.ok(p.params.progressToken === wantToken, `progress token ${JSON.stringify(p.params.progressToken)} is the one sent, ${tokenText}`);
+            assert.equal(p.params.progress, i + 1, 'progress in order');
+          });
+        },
+      ),
+      params,
+    ), 250);
+    // Still serving afterwards.
+    assert.equal((await request(`${h.url}/healthz`)).status, 200);
+  });
+
+  // ── Nesting depth ──
+
+  // One level of a nested value: an array or an object around the inner value, maybe with a shallow sibling.
+  const level = fc.record({ kind: fc.constantFrom('a' as const, 'o' as const), key: fc.string({ maxLength: 4 }), sibling: fc.option(fc.jsonValue({ maxDepth: 2 }), { freq: 3 }) });
+  function nestText(leaf: unknown, levels: readonly { kind: 'a' | 'o'; key: string; sibling: unknown }[], extra: number): string {
+    let text = JSON.stringify(leaf);
+    for (const l of levels) {
+      const sib = l.sibling === null ? '' : JSON.stringify(l.sibling);
+      text = l.kind === 'a' ? `[${sib ? `${sib},` : ''}${text}]` : `{${sib ? `"s":${sib},` : ''}${JSON.stringify(`k${l.key}`)}:${text}}`;
+    }
+    // Far past any limit: built as text (a value this deep cannot be JSON.stringify'd).
+    return extra > 0 ? '['.repeat(extra) + text + ']'.repeat(extra) : text;
+  }
+  const nested = fc.record({
+    leaf: fc.jsonValue({ maxDepth: 2 }),
+    levels: fc.array(level, { maxLength: 10 }),
+    extra: fc.oneof({ weight: 12, arbitrary: fc.constant(0) }, { weight: 1, arbitrary: fc.constantFrom(120, 5_000, 100_000) }),
+  }).map(({ leaf, levels, extra }) => nestText(leaf, levels, extra));
+
+  it('client bodies nested up to maxJsonDepth (8) are answered; deeper → 400 -32600 "nested" (Streamable and legacy; requests, notifications, batches)', { timeout: 60_000 }, async (t) => {
+    const MAX = 8;
+    const h = await harness(t, { servers: [echoServer()] }, { limits: { ...FAST, maxJsonDepth: MAX } });
+    await h.proxy.ready(10_000);
+    const mcpUrl = `${h.url}/echo/mcp`;
+    const sid = await rawSession(h.url, 'echo');
+    const sidBatch = await rawSession(h.url, 'echo', '2025-03-26'); // batches exist only in 2025-03-26
+    const legacy = await legacySession(h.url, 'echo');
+    t.after(() => legacy.stream.close());
+    let n = 0;
+    await holds('nesting depth of client bodies', (params) => fc.assert(
+      fc.asyncProperty(
+        fc.constantFrom('mcp', 'legacy'),
+        fc.constantFrom('request', 'notification', 'batch'),
+        nested,
+        async (transport, kind, v) => {
+          const tag = `depth-${n++}`;
+          const req = `{"jsonrpc":"2.0","id":${JSON.stringify(tag)},"method":"tools/call","params":{"name":"echo","arguments":{"tag":${JSON.stringify(tag)},"v":${v}}}}`;
+          const body = kind === 'request' ? req : kind === 'batch' ? `[${req}]` : `{"jsonrpc":"2.0","method":"notifications/x-test","params":{"v":${v}}}`;
+          const depth = jsonDepth(body);
+          const url = transport === 'legacy' ? legacy.postUrl : mcpUrl;
+          const headers = transport === 'legacy' ? {} : sessionHeaders(kind === 'batch' ? sidBatch : sid, kind === 'batch' ? { 'mcp-protocol-version': '2025-03-26' } : {});
+          const from = legacy.stream.events.length;
+          const res = await within(post(url, body, headers), 5_000, `POST depth ${depth}`);
+          const what = `${transport} ${kind} of depth ${depth} (limit ${MAX})`;
+          if (depth > MAX) {
+            const err = assertRpcClientError(res, what);
+            assert.equal(res.status, 400, `${what}: status`);
+            assert.equal(err.error.code, -32600, `${what}: code`);
+            assert.match(err.error.message, /nested/i, `${what}: message`);
+            return;
+          }
+          if (kind === 'notification') return assert.equal(res.status, 202, `${what}: ${res.status} ${res.text}`);
+          let answer: Json;
+          if (transport === 'legacy') {
+            assert.equal(res.status, 202, `${what}: ${res.status} ${res.text}`);
+            answer = await waitFor(() => streamMessages(legacy.stream, from).find((m) => m.id === tag), 5_000, `answer to ${tag}`);
+          } else {
+            assert.equal(res.status, 200, `${what}: ${res.status} ${res.text}`);
+            const all = messages(res);
+            assert.equal(all.length, 1, res.text);
+            if (kind === 'batch') assert.ok(Array.isArray(JSON.parse(res.text)), 'a batch is answered with a batch');
+            answer = all[0];
+          }
+          assert.equal(answer.id, tag);
+          assert.deepEqual(echoed(answer).args.v, JSON.parse(v), `${what}: the value reached the child and came back whole`);
+        },
+      ),
+      params,
+    ), 300);
+    // Still serving afterwards.
+    assert.equal((await request(`${h.url}/healthz`)).status, 200);
+    const res = await post(mcpUrl, toolCall('"after"', { tag: 'after' }), sessionHeaders(sid));
+    assert.equal(messages(res)[0].id, 'after', res.text);
+  });
+
+  it('child lines nested deeper than maxJsonDepth (8) are skipped and logged "nested"; such an answer fails its request with -32603 at once', { timeout: 60_000 }, async (t) => {
+    const MAX = 8;
+    const log: string[] = [];
+    // requestTimeoutMs is long: an answer that is dropped silently shows as a hang (within() below), not as a timeout.
+    const { h, mcpUrl, sid, legacy } = await echoProxy(t, { limits: { ...FAST, maxJsonDepth: MAX, requestTimeoutMs: 60_000 }, log: captureLog(log) });
+    let n = 0;
+    await holds('nesting depth of child lines', (params) => fc.assert(
+      fc.asyncProperty(
+        fc.constantFrom('mcp-sse', 'legacy'),
+        nested,
+        nested,
+        async (transport, progressValue, answerValue) => {
+          const tag = `cdepth-${n++}`;
+          const progressLine = `{"jsonrpc":"2.0","method":"notifications/progress","params":{"progressToken":@TOKEN@,"progress":1,"message":${JSON.stringify(tag)},"v":${progressValue}}}`;
+          const answerLine = `{"jsonrpc":"2.0","id":@ID@,"result":{"v":${answerValue}}}`;
+          const progressDeep = jsonDepth(progressLine) > MAX;
+          const answerDeep = jsonDepth(answerLine) > MAX;
+          const nestedLogsBefore = log.filter((l) => /nested/i.test(l)).length;
+          const body = toolCall(JSON.stringify(tag), { raw: [progressLine, answerLine] }, JSON.stringify(tag));
+          const from = legacy.stream.events.length;
+          let got: Json[];
+          if (transport === 'legacy') {
+            const res = await within(post(legacy.postUrl, body), 5_000, 'POST');
+            assert.equal(res.status, 202, res.text);
+            await within(waitFor(() => streamMessages(legacy.stream, from).some((m) => m.id === tag), 60_000, 'answer'), 5_000, `answer to ${tag} (progress depth ${jsonDepth(progressLine)}, answer depth ${jsonDepth(answerLine)})`);
+            got = streamMessages(legacy.stream, from);
+          } else {
+            const res = await within(post(mcpUrl, body, sessionHeaders(sid, { accept: 'application/json, text/event-stream' })), 5_000,
+              `answer to ${tag} (progress depth ${jsonDepth(progressLine)}, answer depth ${jsonDepth(answerLine)})`);
+            assert.equal(res.status, 200, res.text);
+            got = messages(res);
+          }
+          const progress = got.filter((m) => m.method === 'notifications/progress' && m.params.message === tag);
+          const answers = got.filter((m) => m.id === tag);
+          assert.equal(progress.length, progressDeep ? 0 : 1, `progress line of depth ${jsonDepth(progressLine)} (limit ${MAX})`);
+          if (!progressDeep) assert.deepEqual(progress[0].params.v, JSON.parse(progressValue));
+          assert.equal(answers.length, 1, 'one answer');
+          if (answerDeep) {
+            assert.equal(answers[0].error?.code, -32603, `answer line of depth ${jsonDepth(answerLine)}: ${JSON.stringify(answers[0]).slice(0, 200)}`);
+          } else {
+            assert.deepEqual(answers[0].result, { v: JSON.parse(answerValue) }, `answer line of depth ${jsonDepth(answerLine)}`);
+          }
+          const nestedLogs = log.filter((l) => /nested/i.test(l)).length - nestedLogsBefore;
+          assert.ok(nestedLogs >= Number(progressDeep) + Number(answerDeep), `each skipped line is logged with "nested" (${nestedLogs} lines)`);
+        },
+      ),
+      params,
+    ), 150);
+    assert.equal(h.proxy.status().echo!.restarts, 0, 'deep lines do not restart the child');
+    assert.ok(log.every((l) => !l.startsWith('error')), `no error logged: ${log.filter((l) => l.startsWith('error')).join(' | ')}`);
+  });
+
+  // ── Interleavings of sessions on one shared child ──
+
+  it('random interleavings of Streamable and legacy sessions with colliding ids and progress tokens: every answer and progress reaches exactly its own session, with its own id and token', { timeout: 60_000 }, async (t) => {
+    const h = await harness(t, { servers: [echoServer()] }, { limits: FAST });
+    await h.proxy.ready(10_000);
+    const mcpUrl = `${h.url}/echo/mcp`;
+    const pid = h.proxy.status().echo!.pid;
+    // Small pools, so ids and tokens collide across sessions (1 and "1", 0 and "" must stay apart too).
+    const ID_POOL = [0, 1, 2, '0', '1', 'a', '', -1, 1.5];
+    const TOKEN_POOL = [0, 1, '1', 't', '', 2.5];
+    /** An id a loose comparison would confuse with `id`: the other JSON type of the same text, or 0 for a word. */
+    const nearMiss = (id: string | number): string | number => (typeof id === 'number' ? String(id) : id === '' || Number.isNaN(Number(id)) ? 0 : Number(id));
+    const requestArb = fc.record({
+      id: fc.constantFrom(...ID_POOL),
+      token: fc.option(fc.constantFrom(...TOKEN_POOL), { freq: 3 }),
+      steps: fc.integer({ min: 0, max: 3 }),
+      delayMs: fc.integer({ min: 0, max: 20 }),
+      jsonOnly: fc.boolean(),
+      sendAtMs: fc.integer({ min: 0, max: 15 }),
+      // notifications/cancelled for this request's id, or for a near miss of it (which must cancel nothing else).
+      cancel: fc.option(fc.record({ afterMs: fc.integer({ min: 0, max: 15 }), nearMiss: fc.boolean() }), { freq: 4 }),
+      batchWithPrev: fc.boolean(),
+    });
+    const sessionArb = fc.record({
+      transport: fc.constantFrom('mcp' as const, 'legacy' as const),
+      version: fc.constantFrom('2025-06-18', '2025-03-26'), // 2025-03-26 Streamable sessions send batches too
+      getStream: fc.boolean(),
+      // Some sessions end (DELETE, or the legacy stream closes) while their requests are in flight.
+      endAtMs: fc.option(fc.integer({ min: 0, max: 40 }), { freq: 6 }),
+      requests: fc.uniqueArray(requestArb, { minLength: 1, maxLength: 6, selector: (r) => JSON.stringify(r.id) }),
+    }).map((s) => {
+      // A client keeps its in-flight progress tokens unique (spec); across sessions they collide freely.
+      const used = new Set<string>();
+      const unique = (token: string | number | null) => (token === null || used.has(JSON.stringify(token)) ? null : (used.add(JSON.stringify(token)), token));
+      return { ...s, requests: s.requests.map((r) => ({ ...r, token: unique(r.token) })) };
+    });
+    type Spec = typeof sessionArb extends fc.Arbitrary<infer S> ? S : never;
+    type Req = Spec['requests'][number] & { tag: string };
+    type Unit = { reqs: Req[]; jsonOnly: boolean; sendAtMs: number; got: Json[] };
+    type Live = { spec: Spec; reqs: Req[]; units: Unit[]; sid?: string; legacy?: Legacy; get?: SseStream; ended: boolean; seenByChild: Json[] };
+    const later = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms));
+    let run = 0;
+    await holds('interleavings of sessions', (params) => fc.assert(
+      fc.asyncProperty(fc.array(sessionArb, { minLength: 2, maxLength: 5 }), async (specs) => {
+        run++;
+        const sessions: Live[] = await Promise.all(specs.map(async (spec, s) => {
+          const reqs = spec.requests.map((r, j) => ({ ...r, tag: `r${run}-s${s}-q${j}` }));
+          // One POST per request, except that a 2025-03-26 Streamable session may put several in one batch.
+          const units: Unit[] = [];
+          for (const r of reqs) {
+            const last = units[units.length - 1];
+            if (last && r.batchWithPrev && spec.transport === 'mcp' && spec.version === '2025-03-26') last.reqs.push(r);
+            else units.push({ reqs: [r], jsonOnly: r.jsonOnly, sendAtMs: r.sendAtMs, got: [] });
+          }
+          const live: Live = { spec, reqs, units, ended: false, seenByChild: [] };
+          if (spec.transport === 'legacy') live.legacy = await legacySession(h.url, 'echo');
+          else {
+            live.sid = await rawSession(h.url, 'echo', spec.version);
+            if (spec.getStream) live.get = await openSse(mcpUrl, { 'mcp-session-id': live.sid });
+          }
+          return live;
+        }));
+        const send = (live: Live, body: string, jsonOnly: boolean) => within(
+          (live.legacy
+            ? post(live.legacy.postUrl, body)
+            : post(mcpUrl, body, sessionHeaders(live.sid!, { accept: jsonOnly ? 'application/json' : 'application/json, text/event-stream', 'mcp-protocol-version': live.spec.version }))
+          ).catch((err: Error) => {
+            throw new Error(`POST ${body.slice(0, 160)} to a ${live.spec.transport} session${live.ended ? ' (ended)' : ''}: ${err.message}`);
+          }),
+          10_000, 'POST');
+        /** Requests of `live` that some cancel of its own may name. */
+        const cancellable = (live: Live, q: Req) => live.reqs.some((r) => r.cancel !== null && (r.cancel.nearMiss ? nearMiss(r.id) : r.id) === q.id);
+        try {
+          // Every POST of every session at once, each at its own offset; some cancels; some sessions end.
+          await Promise.all(sessions.flatMap((live) => [
+            ...live.units.map(async (unit) => {
+              await later(unit.sendAtMs);
+              const bodies = unit.reqs.map((r) => toolCall(JSON.stringify(r.id), { tag: r.tag, progress: r.steps, delayMs: cancellable(live, r) ? 30 : r.delayMs },
+                r.token === null ? undefined : JSON.stringify(r.token)));
+              const sent = send(live, unit.reqs.length > 1 ? `[${bodies.join(',')}]` : bodies[0]!, unit.jsonOnly);
+              const cancels = unit.reqs.filter((r) => r.cancel !== null).map((r) => later(r.cancel!.afterMs).then(() => send(live, JSON.stringify({
+                jsonrpc: '2.0', method: 'notifications/cancelled', params: { requestId: r.cancel!.nearMiss ? nearMiss(r.id) : r.id, reason: 'property test' } }), false)));
+              const [res, ...cancelled] = await Promise.all([sent, ...cancels]); // (all awaited: no rejection goes unhandled)
+              for (const c of cancelled) if (!(live.ended && c.status === 404)) assert.equal(c.status, 202, c.text);
+              if (live.ended && res!.status === 404) return; // sent after its session ended
+              if (live.legacy) assert.equal(res!.status, 202, res!.text);
+              else {
+                assert.equal(res!.status, 200, res!.text);
+                unit.got.push(...messages(res!));
+              }
+            }),
+            (async () => {
+              if (live.spec.endAtMs === null) return;
+              await later(live.spec.endAtMs);
+              live.ended = true;
+              if (live.legacy) live.legacy.stream.close();
+              else assert.equal((await request(mcpUrl, { method: 'DELETE', headers: { 'mcp-session-id': live.sid! } })).status, 200);
+            })(),
+          ]));
+          // A last request per live session, whose progress (at 40 ms) and answer (at 80 ms) the child sends after all
+          // it was asked above (at most 30 ms): once they are in (its progress on the GET stream, its answer on the
+          // legacy stream), any stray message would be in too.
+          await Promise.all(sessions.filter((live) => !live.ended).map(async (live) => {
+            const token = 'sentinel';
+            const body = toolCall('"sentinel"', { tag: 'sentinel', progress: 1, delayMs: 80 }, JSON.stringify(token));
+            const res = await send(live, body, live.get !== undefined);
+            if (live.legacy) await waitFor(() => streamMessages(live.legacy!.stream).some((m) => m.id === 'sentinel'), 5_000, 'legacy sentinel');
+            else assert.equal(res.status, 200, res.text);
+            if (live.get) await waitFor(() => streamMessages(live.get!).some((m) => m.params?.progressToken === token), 5_000, 'GET stream sentinel');
+          }));
+          const notSentinel = (m: Json) => m.id !== 'sentinel' && m.params?.progressToken !== 'sentinel';
+          for (const live of sessions) {
+            const who = `session ${live.reqs[0]!.tag.replace(/-q\d+$/, '')} (${live.spec.transport}${live.ended ? ', ended' : ''})`;
+            // A POST's own stream or body carries only that POST's answers and progress.
+            for (const unit of live.units) {
+              for (const m of unit.got.filter(notSentinel)) {
+                const mine = m.method === 'notifications/progress'
+                  ? unit.reqs.some((r) => r.token !== null && r.token === m.params.progressToken)
+                  : unit.reqs.some((r) => r.id === m.id);
+                assert.ok(mine, `${who}: a POST of ids ${JSON.stringify(unit.reqs.map((r) => r.id))} got ${JSON.stringify(m)}`);
+              }
+            }
+            // Every message the session received, on every channel it has.
+            const got = [...live.units.flatMap((u) => u.got), ...(live.legacy ? streamMessages(live.legacy.stream).filter((m) => m.id !== 'init') : []), ...(live.get ? streamMessages(live.get) : [])]
+              .filter(notSentinel);
+            const answers = new Map<Req, Json[]>();
+            const progress = new Map<Req, Json[]>();
+            for (const m of got) {
+              if (m.method === 'notifications/progress') {
+                const r = live.reqs.find((q) => q.token !== null && q.token === m.params.progressToken);
+                assert.ok(r, `${who}: progress with a token it never sent: ${JSON.stringify(m)}`);
+                assert.equal(m.params.message, r.tag, `${who}: progress for token ${JSON.stringify(r.token)} is its own request's, not another session's`);
+                progress.set(r, [...(progress.get(r) ?? []), m]);
+              } else {
+                assert.equal(m.method, undefined, `${who}: only answers and progress: ${JSON.stringify(m)}`);
+                const r = live.reqs.find((q) => q.id === m.id);
+                assert.ok(r, `${who}: an answer with an id it never sent: ${JSON.stringify(m)}`);
+                answers.set(r, [...(answers.get(r) ?? []), m]);
+                if (m.result !== undefined) {
+                  const seen = echoed(m);
+                  assert.equal(seen.args.tag, r.tag, `${who}: the answer with id ${JSON.stringify(r.id)} is its own request's, not another session's`);
+                  live.seenByChild.push(seen);
+                }
+              }
+            }
+            for (const r of live.reqs) {
+              const a = answers.get(r) ?? [];
+              const p = progress.get(r) ?? [];
+              const what = `${who}: ${r.tag} (id ${JSON.stringify(r.id)}, token ${JSON.stringify(r.token)})`;
+              assert.ok(a.length <= 1, `${what} is answered at most once: ${JSON.stringify(a)}`);
+              assert.ok(p.length <= r.steps, `${what}: at most its own ${r.steps} progress notifications, got ${p.length}`);
+              assert.deepEqual(p.map((x) => x.params.progress), p.map((_, i) => i + 1), `${what}: progress in order`);
+              if (a[0]?.error) {
+                // -32800: cancelled by its session; -32004: its session ended while it was in flight.
+                const allowed = [...(cancellable(live, r) ? [-32800] : []), ...(live.ended ? [-32004] : [])];
+                assert.ok(allowed.includes(a[0].error.code), `${what}: error ${JSON.stringify(a[0])}, expected one of ${JSON.stringify(allowed)}`);
+              }
+              if (live.ended) continue; // what it got before it ended was its own; how much it got is timing
+              assert.equal(a.length, 1, `${what} is answered exactly once`);
+              if (cancellable(live, r)) continue; // its answer, or the cancellation error if the cancel came first
+              assert.ok(a[0].result, `${what}: answered with a result: ${JSON.stringify(a[0])}`);
+              // JSON-only POSTs have no stream of their own: their progress goes to the GET stream if one is open.
+              const unit = live.units.find((u) => u.reqs.includes(r))!;
+              const reachable = r.token !== null && (live.legacy !== undefined || !unit.jsonOnly || live.get !== undefined);
+              assert.equal(p.length, reachable ? r.steps : 0, `${what}: progress notifications`);
+            }
+          }
+          // What the child saw: every request under an id and a token of its own, never a client's.
+          const seen = sessions.flatMap((live) => live.seenByChild);
+          const childIds = seen.map((x) => JSON.stringify(x.id));
+          assert.equal(new Set(childIds).size, childIds.length, `child ids are unique across sessions: ${childIds.join(' ')}`);
+          const childTokens = seen.filter((x) => x.token !== null).map((x) => JSON.stringify(x.token));
+          assert.equal(new Set(childTokens).size, childTokens.length, `child progress tokens are unique across sessions: ${childTokens.join(' ')}`);
+        } finally {
+          await Promise.all(sessions.map(async (live) => {
+            live.get?.close();
+            live.legacy?.stream.close();
+            if (live.sid && !live.ended) await request(mcpUrl, { method: 'DELETE', headers: { 'mcp-session-id': live.sid } });
+          }));
+        }
+      }),
+      params,
+    ), 80, 25_000);
+    const s = h.proxy.status().echo!;
+    assert.equal(s.pid, pid, 'all sessions shared one child');
+    assert.equal(s.restarts, 0);
+  });
+
+  // ── Random bodies ──
+
+  it('random bodies (fc.json, fc.anything, bytes, JSON-RPC-shaped, deep) to both POST endpoints: never 5xx, 4xx bodies are JSON-RPC errors, and the proxy keeps answering', { timeout: 60_000 }, async (t) => {
+    // Default limits: maxJsonDepth 128, so depths 5,000 and 100,000 (which once crashed the proxy) are "past limits".
+    const h = await harness(t, { servers: [echoServer()] }, { limits: FAST });
+    await h.proxy.ready(10_000);
+    const mcpUrl = `${h.url}/echo/mcp`;
+    const sid = await rawSession(h.url, 'echo');
+    const sid0326 = await rawSession(h.url, 'echo', '2025-03-26');
+    const legacy = await legacySession(h.url, 'echo');
+    t.after(() => legacy.stream.close());
+    const pid = h.proxy.status().echo!.pid;
+
+    const METHODS = ['initialize', 'ping', 'tools/call', 'tools/list', 'resources/subscribe', 'resources/unsubscribe', 'notifications/initialized',
+      'notifications/cancelled', 'notifications/progress', 'notifications/roots/list_changed', 'roots/list', 'sampling/createMessage',
+      'server/discover', 'logging/setLevel'];
+    const anyId = fc.oneof(fc.integer(), fc.string({ maxLength: 4 }), fc.constant(null), fc.boolean(), fc.double(), fc.object({ maxDepth: 1 }), fc.array(fc.anything({ maxDepth: 1 }), { maxLength: 2 }));
+    const rpcLike = fc.record({
+      jsonrpc: fc.oneof({ weight: 5, arbitrary: fc.constant('2.0') }, { weight: 1, arbitrary: fc.anything({ maxDepth: 1 }) }),
+      id: anyId,
+      method: fc.oneof({ weight: 4, arbitrary: fc.constantFrom(...METHODS) }, { weight: 1, arbitrary: fc.string() }, { weight: 1, arbitrary: fc.anything({ maxDepth: 1 }) }),
+      params: fc.oneof(
+        fc.record({
+          name: fc.constant('echo'),
+          arguments: fc.oneof(fc.dictionary(fc.constantFrom('tag', 'x', 'progress'), fc.jsonValue({ maxDepth: 2 })), fc.anything({ maxDepth: 2 })),
+          _meta: fc.record({ progressToken: fc.oneof(anyId, fc.anything({ maxDepth: 1 })) }, { requiredKeys: [] }),
+          requestId: anyId,
+          uri: fc.string({ maxLength: 8 }),
+          protocolVersion: fc.constantFrom('2025-06-18', '2025-03-26', 'x'),
+          capabilities: fc.anything({ maxDepth: 2 }),
+        }, { requiredKeys: [] }),
+        fc.anything({ maxDepth: 2 }),
+      ),
+      result: fc.anything({ maxDepth: 2 }),
+      error: fc.anything({ maxDepth: 2 }),
+    }, { requiredKeys: [] });
+    const text = (v: unknown) => JSON.stringify(v) ?? 'undefined';
+    const deepBody = fc.record({ depth: fc.constantFrom(120, 125, 126, 127, 128, 129, 5_000, 100_000), kind: fc.constantFrom('a', 'o'), request: fc.boolean() }).map(({ depth, kind, request: asRequest }) => {
+      // `depth` containers around a 1 inside the message's params (the message itself adds 2).
+      const open = kind === 'a' ? '[' : '{"k":';
+      const close = kind === 'a' ? ']' : '}';
+      const v = open.repeat(depth) + '1' + close.repeat(depth);
+      return asRequest ? `{"jsonrpc":"2.0","id":"deep","method":"tools/call","params":{"name":"echo","arguments":{"tag":"deep"},"v":${v}}}` : `{"jsonrpc":"2.0","method":"notifications/x","params":{"v":${v}}}`;
+    });
+    const bodyArb: fc.Arbitrary<string | Buffer> = fc.oneof(
+      fc.json(),
+      fc.anything().map(text),
+      fc.uint8Array({ maxLength: 64 }).map((b) => Buffer.from(b)),
+      rpcLike.map(text),
+      fc.array(rpcLike, { maxLength: 3 }).map(text),
+      deepBody,
+      // Truncated or doubled valid messages.
+      fc.tuple(rpcLike.map(text), fc.nat()).map(([s, k]) => s.slice(0, k % (s.length + 1))),
+      rpcLike.map((m) => text(m) + text(m)),
+    );
+    const targets = ['mcp-session', 'mcp-session-2025-03-26', 'mcp-no-session', 'mcp-unknown-session', 'messages'] as const;
+    let n = 0;
+    await holds('random bodies', (params) => fc.assert(
+      fc.asyncProperty(fc.constantFrom(...targets), bodyArb, async (target, body) => {
+        n++;
+        const headers: Record<string, string> =
+          target === 'mcp-session' ? sessionHeaders(sid, { accept: 'application/json, text/event-stream' })
+          : target === 'mcp-session-2025-03-26' ? sessionHeaders(sid0326, { 'mcp-protocol-version': '2025-03-26' })
+          : target === 'mcp-unknown-session' ? sessionHeaders('no-such-session')
+          : {};
+        const url = target === 'messages' ? legacy.postUrl : mcpUrl;
+        const res = await within(request(url, { method: 'POST', headers: { ...JSON_HEADERS, ...headers }, body }), 10_000, `POST to ${target}`);
+        const what = `${target} ${String(body).slice(0, 200)} → ${res.status} ${res.text.slice(0, 200)}`;
+        assert.ok(res.status < 500, `never 5xx for client input: ${what}`);
+        let parsed: unknown;
+        let isJson = true;
+        try {
+          parsed = JSON.parse(Buffer.isBuffer(body) ? body.toString('utf8') : body);
+        } catch {
+          isJson = false;
+        }
+        if (res.status >= 400) {
+          const err = assertRpcClientError(res, what);
+          if (!isJson) {
+            assert.equal(res.status, 400, `not JSON: ${what}`);
+            assert.equal(err.error.code, -32700, `not JSON → parse error: ${what}`);
+          } else if (parsed === null || typeof parsed !== 'object') {
+            assert.equal(res.status, 400, `not a JSON-RPC message: ${what}`);
+            assert.equal(err.error.code, -32600, `JSON but not JSON-RPC → invalid request: ${what}`);
+          }
+        } else {
+          assert.ok(isJson, `accepted only JSON: ${what}`);
+          assert.ok([200, 202].includes(res.status), what);
+          if (res.status === 200) for (const m of messages(res)) assert.equal(m.jsonrpc, '2.0', what);
+        }
+        // Still serving: health, and a fresh request on the same child.
+        assert.equal((await within(request(`${h.url}/healthz`), 5_000, 'healthz')).status, 200, `healthz after ${what}`);
+        const check = await within(post(mcpUrl, toolCall(`"check-${n}"`, { tag: `check-${n}` }), sessionHeaders(sid)), 5_000, 'check request');
+        assert.equal(check.status, 200, `a fresh request after ${what}: ${check.text}`);
+        assert.equal(messages(check)[0].id, `check-${n}`);
+      }),
+      params,
+    ), 600, 20_000);
+    // A new session still opens and works, and it is still the same child.
+    const fresh = await rawSession(h.url, 'echo');
+    const res = await post(mcpUrl, toolCall('"fresh"', { tag: 'fresh' }), sessionHeaders(fresh));
+    assert.equal(echoed(messages(res)[0]).args.tag, 'fresh');
+    assert.equal(h.proxy.status().echo!.pid, pid, 'no input restarted the child');
+  });
+
+  // ── Child lines: raw CR whitespace and where the id stands ──
+
+  /** A JSON text of `v` with whitespace (space, tab and raw CR, never LF) drawn from `ws` between every token. */
+  function spaced(v: unknown, ws: () => string): string {
+    if (v === null || typeof v !== 'object') return JSON.stringify(v);
+    if (Array.isArray(v)) return `[${ws()}${v.map((x) => spaced(x, ws)).join(`${ws()},${ws()}`)}${ws()}]`;
+    return `{${ws()}${Object.entries(v).map(([k, x]) => `${JSON.stringify(k)}${ws()}:${ws()}${spaced(x, ws)}`).join(`${ws()},${ws()}`)}${ws()}}`;
+  }
+  /** A deterministic whitespace source from a seed (mulberry32), so fast-check replays it. */
+  function whitespace(seed: number, crHeavy: boolean): () => string {
+    let a = seed >>> 0;
+    const next = () => {
+      a = (a + 0x6d2b79f5) >>> 0;
+      let x = Math.imul(a ^ (a >>> 15), 1 | a);
+      x = (x + Math.imul(x ^ (x >>> 7), 61 | x)) ^ x;
+      return ((x ^ (x >>> 14)) >>> 0) / 4294967296;
+    };
+    const chars = crHeavy ? ['\r', '\r', '\r', ' ', '\t'] : ['\r', ' ', '\t'];
+    return () => {
+      let s = '';
+      for (let k = Math.floor(next() * 4) - 1; k > 0; k--) s += chars[Math.floor(next() * chars.length)];
+      return s;
+    };
+  }
+
+  it('a child answer with raw CR whitespace between tokens, its id first, last, elsewhere or spelled 5.0, reaches the client as the same value under its own id (JSON, POST stream, legacy stream)', { timeout: 60_000 }, async (t) => {
+    const { h, mcpUrl, sid, legacy } = await echoProxy(t, { limits: FAST });
+    let n = 0;
+    await holds('CR whitespace in child lines', (params) => fc.assert(
+      fc.asyncProperty(
+        fc.constantFrom('mcp-json', 'mcp-sse', 'legacy'),
+        validIdText,
+        fc.jsonValue({ maxDepth: 4 }),
+        fc.constantFrom('first', 'last', 'spaced', 'middle'),
+        fc.constantFrom('', '.0', 'e0', 'E+00', '.000e0'),
+        fc.constantFrom(0, 0, 20_000), // 20,000: over 16 KiB, where the child's own bytes are spliced
+        fc.integer(),
+        fc.boolean(),
+        async (transport, idText, value, layout, idSpelling, pad, seed, crHeavy) => {
+          const tag = `cr-${n++}`;
+          const ws = whitespace(seed, crHeavy);
+          const id = `@ID@${idSpelling}`;
+          const result = spaced(value, ws);
+          const padMember = pad > 0 ? `,${ws()}"pad"${ws()}:${ws()}"${'z'.repeat(pad)}"` : '';
+          const line =
+            layout === 'first' ? `{"jsonrpc":"2.0","id":${id},${ws()}"result"${ws()}:${ws()}${result}${padMember}${ws()}}${ws()}`
+            : layout === 'last' ? `{${ws()}"jsonrpc"${ws()}:${ws()}"2.0"${ws()},${ws()}"result"${ws()}:${ws()}${result}${padMember}${ws()},"id":${id}}`
+            : layout === 'middle' ? `{"jsonrpc":"2.0",${ws()}"result":${result},${ws()}"id":${id},${ws()}"x":1${padMember}}`
+            : `${ws()}{${ws()}"id"${ws()}:${ws()}${id}${ws()},${ws()}"jsonrpc"${ws()}:${ws()}"2.0"${ws()},${ws()}"result"${ws()}:${ws()}${result}${padMember}${ws()}}${ws()}`;
+          const progressLine = `{${ws()}"jsonrpc":"2.0",${ws()}"method":"notifications/progress",${ws()}"params":${ws()}{"progressToken":${ws()}@TOKEN@,"progress":1,"message":${JSON.stringify(tag)}${ws()}}${ws()}}`;
+          const withProgress = transport !== 'mcp-json';
+          const body = toolCall(idText, { raw: withProgress ? [progressLine, line] : [line] }, withProgress ? JSON.stringify(tag) : undefined);
+          const from = legacy.stream.events.length;
+          const wantId = JSON.parse(idText);
+          let got: Json[];
+          if (transport === 'legacy') {
+            const res = await within(post(legacy.postUrl, body), 5_000, 'POST');
+            assert.equal(res.status, 202, res.text);
+            await waitFor(() => streamMessages(legacy.stream, from).some((m) => m.result !== undefined || m.error !== undefined), 5_000, `answer to ${tag}`);
+            got = streamMessages(legacy.stream, from);
+          } else {
+            const res = await within(post(mcpUrl, body, sessionHeaders(sid, { accept: transport === 'mcp-json' ? 'application/json' : 'application/json, text/event-stream' })), 5_000, `answer to ${tag}`);
+            assert.equal(res.status, 200, res.text.slice(0, 300));
+            got = messages(res);
+          }
+          const answers = got.filter((m) => m.method === undefined);
+          assert.equal(answers.length, 1, `one answer (${layout}, id spelled @ID@${idSpelling}): ${JSON.stringify(got).slice(0, 300)}`);
+          assert.ok(answers[0].id === wantId, `answer id ${JSON.stringify(answers[0].id)} is the client's ${idText} (${layout}, id spelled @ID@${idSpelling})`);
+          assert.deepEqual(answers[0].result, JSON.parse(JSON.stringify(value)), `result value (${layout})`);
+          if (pad > 0) assert.equal(answers[0].pad.length, pad);
+          if (withProgress) {
+            const p = got.filter((m) => m.method === 'notifications/progress');
+            assert.equal(p.length, 1, 'its progress notification');
+            assert.equal(p[0].params.progressToken, tag);
+            assert.equal(p[0].params.message, tag);
+          }
+        },
+      ),
+      params,
+    ), 200);
+  });
+
+  it('a child answer over maxLineBytes, its id first, last or amid decoy "id"s, fails exactly its own request with -32006 at once; a same-id request of another session is untouched', { timeout: 60_000 }, async (t) => {
+    const MAX_LINE = 4096;
+    const { h, mcpUrl, sid, legacy } = await echoProxy(t, { limits: { ...FAST, maxLineBytes: MAX_LINE, requestTimeoutMs: 60_000 } });
+    const other = await rawSession(h.url, 'echo');
+    let n = 0;
+    await holds('oversized child answers', (params) => fc.assert(
+      fc.asyncProperty(
+        fc.constantFrom('mcp-json', 'mcp-sse', 'legacy'),
+        validIdText,
+        fc.constantFrom('first', 'last', 'middle'),
+        fc.array(fc.oneof(fc.integer().map((k) => `"x":{"id":${k}}`), fc.integer().map((k) => `"s":"\\"id\\":${k}"`), fc.integer().map((k) => `"idx":${k}`),
+          fc.integer().map((k) => `"a":[{"id":${k}},${k}]`),
+          // Keys that are not "id" but whose escapes hide an i and a d, valued with the id of the request sent just
+          // before (the other session's, below): the proxy must not take it for this line's id.
+          fc.constantFrom('"i\\nd":@IDM1@', '"\\"id":@IDM1@', '"i\\\\d":@IDM1@')), { maxLength: 3 }),
+        fc.integer({ min: MAX_LINE - 200, max: 3 * MAX_LINE }),
+        fc.integer(),
+        async (transport, idText, layout, decoys, pad, seed) => {
+          const tag = `big-${n++}`;
+          const ws = whitespace(seed, true);
+          const members = [...decoys, `"result":{"content":[{"type":"text","text":"${'z'.repeat(pad)}"}]}`];
+          const line =
+            layout === 'first' ? `{"jsonrpc":"2.0",${ws()}"id"${ws()}:${ws()}@ID@${ws()},${members.join(`${ws()},`)}}`
+            : layout === 'last' ? `{"jsonrpc":"2.0",${members.join(`,${ws()}`)},${ws()}"id":@ID@${ws()}}`
+            : `{"jsonrpc":"2.0",${[...members.slice(0, 1), '"id":@ID@', ...members.slice(1)].join(',')}}`;
+          // @ID@ and @IDM1@ become child ids (1 to 6 digits here, unknown yet): lines that close to the limit are left out.
+          const placeholders = line.split(/@ID@|@IDM1@/).length - 1;
+          const bytes = Buffer.byteLength(line.replace(/@ID@|@IDM1@/g, ''));
+          fc.pre(bytes + 6 * placeholders <= MAX_LINE || bytes + placeholders > MAX_LINE);
+          const big = bytes + placeholders > MAX_LINE;
+          // Meanwhile another session asks with the same client id; its answer comes after the big line.
+          const theirs = within(post(mcpUrl, toolCall(idText, { tag: `${tag}-other`, delayMs: 30 }), sessionHeaders(other)), 5_000, 'other session');
+          const body = toolCall(idText, { raw: [line] });
+          const from = legacy.stream.events.length;
+          const mine = transport === 'legacy'
+            ? within(post(legacy.postUrl, body), 5_000, 'POST')
+            : within(post(mcpUrl, body, sessionHeaders(sid, { accept: transport === 'mcp-json' ? 'application/json' : 'application/json, text/event-stream' })), 5_000,
+              `answer to ${tag} (${Buffer.byteLength(line)} bytes): ${line.slice(0, 120)}`);
+          mine.catch(() => {}); // awaited below, after the other session's answer is checked
+          const res = await theirs;
+          assert.equal(res.status, 200, res.text);
+          const their = messages(res)[0];
+          assert.ok(their.id === JSON.parse(idText), 'the other session gets its own id');
+          assert.ok(their.result, `the other session's request is answered by its own answer, not failed by this session's line: it got ${JSON.stringify(their)} when this session's child answer was ${line.slice(0, 120)}`);
+          assert.equal(echoed(their).args.tag, `${tag}-other`);
+          const ownRes = await mine;
+          let answer: Json;
+          if (transport === 'legacy') {
+            assert.equal(ownRes.status, 202, ownRes.text);
+            answer = await within(waitFor(() => streamMessages(legacy.stream, from).find((m) => m.method === undefined), 60_000, 'answer'), 5_000, `answer to ${tag} (${Buffer.byteLength(line)} bytes)`);
+          } else {
+            assert.equal(ownRes.status, 200, ownRes.text.slice(0, 300));
+            answer = messages(ownRes)[0];
+          }
+          assert.ok(answer.id === JSON.parse(idText), `the answer carries the client's id ${idText}: ${JSON.stringify(answer).slice(0, 300)}`);
+          if (big) {
+            assert.equal(answer.error?.code, -32006, `a ${bytes}-byte answer plus ids (limit ${MAX_LINE}): ${JSON.stringify(answer).slice(0, 300)}`);
+            assert.match(answer.error.message, /maxLineBytes/);
+            assert.match(answer.error.message, new RegExp(String(MAX_LINE)));
+          } else assert.equal(answer.result?.content?.[0]?.text, 'z'.repeat(pad));
+        },
+      ),
+      params,
+    ), 80);
+  });
+
+  it('a child answer that repeats its "id" member (JSON.parse keeps the last) still reaches the client under the client\'s own id', { timeout: 30_000 }, async (t) => {
+    const h = await harness(t, { servers: [echoServer()] }, { limits: FAST });
+    await h.proxy.ready(10_000);
+    const mcpUrl = `${h.url}/echo/mcp`;
+    const sid = await rawSession(h.url, 'echo');
+    await holds('repeated id member', (params) => fc.assert(
+      fc.asyncProperty(
+        validIdText,
+        fc.constantFrom(
+          '{"jsonrpc":"2.0","id":@ID@,"result":{},"id":@ID@}', // id first (the spliced prefix) and again last
+          '{"jsonrpc":"2.0","id":@ID@,"result":{"a":1},"id":@ID@.0}',
+          '{"jsonrpc":"2.0","id":999999,"result":{},"id":@ID@}',
+          '{"jsonrpc":"2.0","result":{},"id":@ID@,"id":@ID@}',
+        ),
+        async (idText, line) => {
+          const res = await within(post(mcpUrl, toolCall(idText, { raw: [line] }), sessionHeaders(sid)), 5_000, 'answer');
+          assert.equal(res.status, 200, res.text);
+          const answer = JSON.parse(res.text);
+          assert.ok(answer.id === JSON.parse(idText), `client sent id ${idText}; the child wrote ${line}; the client got ${res.text}`);
+        },
+      ),
+      params,
+    ), 40);
   });
 });
