@@ -31,15 +31,16 @@
 // Contents
 //   1. Limits and defaults          6. Sessions and id routing
 //   2. Types                        7. HTTP: guards, /mcp, /sse, health
-//   3. Small utilities              8. Lifecycle: start, shutdown
-//   4. Config: load, validate       9. CLI and main
-//   5. Children: spawn, framing, restart, kill
+//   3. Small utilities              8. OAuth: metadata, registration, consent, tokens
+//   4. Config: load, validate       9. Lifecycle: start, shutdown
+//   5. Children: spawn, framing, restart, kill    10. CLI and main
 
 import { spawn, type ChildProcess } from 'node:child_process';
-import { createHash, randomBytes, timingSafeEqual } from 'node:crypto';
-import { closeSync, openSync, readSync, realpathSync, statSync } from 'node:fs';
+import { createHash, randomBytes, scryptSync, timingSafeEqual } from 'node:crypto';
+import { closeSync, fsyncSync, mkdirSync, openSync, readSync, realpathSync, renameSync, statSync, writeSync } from 'node:fs';
 import http from 'node:http';
 import { isIP, type Socket } from 'node:net';
+import { homedir } from 'node:os';
 import { basename, isAbsolute, join, resolve as resolvePath, sep } from 'node:path';
 import { pathToFileURL } from 'node:url';
 
@@ -125,6 +126,33 @@ export type Limits = {
   connectionsCheckIntervalMs: number;
   /** Shutdown never takes longer than this, whatever the children do. */
   shutdownTimeoutMs: number;
+  // OAuth (section 8). Claude.ai registers a client on every new connection, so clients are many and cheap.
+  /** Registered OAuth clients; at the cap the oldest one without a grant gives way. */
+  maxOAuthClients: number;
+  /** A registered client that never got a grant is forgotten after this. */
+  unusedClientMs: number;
+  /** Grants (approved client × server, with their tokens). */
+  maxOAuthGrants: number;
+  /** Consent pages shown and not yet answered, and the time one stays valid. */
+  maxPendingConsents: number;
+  consentTtlMs: number;
+  /** Authorization codes issued and not yet expired, and their lifetime (RFC 6749 §4.1.2 suggests 10 min at most). */
+  maxAuthCodes: number;
+  authCodeTtlMs: number;
+  /** Access tokens are short-lived; refresh tokens rotate and expire unused after this. */
+  accessTokenTtlMs: number;
+  refreshTokenTtlMs: number;
+  /** Bodies of /register, /token, /authorize and /revoke. */
+  maxOAuthBodyBytes: number;
+  /** Registrations per client address per minute. */
+  registrationsPerMinute: number;
+  /** Wrong passphrases per client address per window; past it the consent page answers 429. */
+  loginFailuresPerWindow: number;
+  loginFailureWindowMs: number;
+  /** Addresses tracked by the two rate limits above. */
+  maxRateLimitedAddresses: number;
+  /** The OAuth state file. */
+  maxStateFileBytes: number;
 };
 
 export const DEFAULT_LIMITS: Readonly<Limits> = Object.freeze({
@@ -164,6 +192,21 @@ export const DEFAULT_LIMITS: Readonly<Limits> = Object.freeze({
   maxHeadersCount: 100,
   connectionsCheckIntervalMs: 1_000,
   shutdownTimeoutMs: 10_000,
+  maxOAuthClients: 1_000,
+  unusedClientMs: 24 * 3_600_000,
+  maxOAuthGrants: 1_000,
+  maxPendingConsents: 256,
+  consentTtlMs: 10 * 60_000,
+  maxAuthCodes: 256,
+  authCodeTtlMs: 60_000,
+  accessTokenTtlMs: 3_600_000,
+  refreshTokenTtlMs: 30 * 24 * 3_600_000,
+  maxOAuthBodyBytes: 16 * 1024,
+  registrationsPerMinute: 30,
+  loginFailuresPerWindow: 5,
+  loginFailureWindowMs: 15 * 60_000,
+  maxRateLimitedAddresses: 10_000,
+  maxStateFileBytes: 8 * MIB,
 });
 
 const DEFAULT_HOST = '127.0.0.1';
@@ -203,6 +246,8 @@ const FEW_CONNECTIONS = 64;
 const MAX_ABANDONED_TRACKED = 4096;
 /** Static bearer tokens shorter than this are refused: "a" or "" is not a credential. */
 const MIN_TOKEN_CHARS = 16;
+/** The consent passphrase, when given in clear (an scrypt hash has no minimum). */
+const MIN_PASSPHRASE_CHARS = 12;
 /** Secrets shorter than this are masked only where they stand alone, or a "1" would mask every digit. */
 const MIN_SECRET_CHARS_ANYWHERE = 4;
 /** A child that closed stdout has this long to exit on its own before it is treated as hung and stopped. */
@@ -326,6 +371,14 @@ export type Options = {
   logLevel: LogLevel;
   /** Directory whose node_modules holds packages baked into an image; `npx PKG` runs them directly. */
   packagesDir: string | undefined;
+  /** The origin clients reach the proxy at (https://mcp.example.com); OAuth needs it. Never taken from Host. */
+  publicUrl: string | undefined;
+  /** Host routes: {name}.{baseDomain} serves server {name} at /mcp and /sse. */
+  baseDomain: string | undefined;
+  /** The operator's consent passphrase (or its scrypt hash); setting it turns the OAuth server on. */
+  passphrase: string | undefined;
+  /** Where OAuth clients and grants persist. */
+  stateDir: string;
 };
 
 type ServerState = 'starting' | 'ready' | 'restarting' | 'errored' | 'stopped';
@@ -353,6 +406,8 @@ type Proxy = {
   startQueue: Upstream[];
   starting: number;
   tokens: readonly Buffer[];
+  /** The OAuth authorization server (section 8), or null when it is off. */
+  oauth: OAuth | null;
   loopbackBind: boolean;
   /** Hostnames a Host header may name on a loopback bind: the loopback names and the bound address. */
   allowedHosts: ReadonlySet<string>;
@@ -2520,6 +2575,7 @@ function originAllowed(proxy: Proxy, origin: string | undefined, host: string | 
     return false; // "null" and other opaque origins
   }
   if (LOOPBACK_HOSTNAMES.has(url.hostname) || isLoopbackHost(url.hostname)) return true;
+  if (ownOrigin(proxy, url)) return true;
   // "Own origin" is judged from Host, which a DNS-rebinding page controls. With tokens that is harmless (the
   // page has no token); without them, on a non-loopback bind, it would let the page in, so it is not used.
   if (proxy.tokens.length === 0) return false;
@@ -2527,22 +2583,39 @@ function originAllowed(proxy: Proxy, origin: string | undefined, host: string | 
 }
 
 function hostAllowed(proxy: Proxy, host: string | undefined): boolean {
-  return !proxy.loopbackBind || host === undefined || proxy.allowedHosts.has(hostnameOf(host));
+  if (!proxy.loopbackBind || host === undefined || proxy.allowedHosts.has(hostnameOf(host))) return true;
+  const base = proxy.options.baseDomain?.toLowerCase();
+  return base !== undefined && hostnameOf(host).endsWith(`.${base}`);
+}
+
+/** The public URL's origin and, with host routes, {name}.{baseDomain} on its scheme: configured, not from Host. */
+function ownOrigin(proxy: Proxy, url: URL): boolean {
+  if (!proxy.options.publicUrl) return false;
+  const publicUrl = new URL(proxy.options.publicUrl);
+  if (url.origin === publicUrl.origin) return true;
+  const base = proxy.options.baseDomain?.toLowerCase();
+  return base !== undefined && url.protocol === publicUrl.protocol && url.port === publicUrl.port && url.hostname.endsWith(`.${base}`);
 }
 
 /**
  * Bearer tokens only from the Authorization header, never the query (spec authorization §Token Usage). The
- * credential a request acts as: "token N" (1-based, never the token itself), or "anonymous" without auth.
+ * credential a request acts as: "token N" for a static token (1-based, never the token itself), "oauth:ID"
+ * for an OAuth grant, or "anonymous" without auth. An OAuth token works only on the server it was issued for.
  */
-function authorized(proxy: Proxy, header: string | undefined): string | { failure: 'missing' | 'invalid' } {
-  if (proxy.tokens.length === 0) return ANONYMOUS;
+function authorized(proxy: Proxy, header: string | undefined, route: Route | null = null): string | typeof FORBIDDEN | { failure: 'missing' | 'invalid' } {
+  if (proxy.tokens.length === 0 && !proxy.oauth) return ANONYMOUS;
   const match = header ? /^Bearer[ \t]+(\S+)\s*$/i.exec(header) : null;
   if (!match) return { failure: header ? 'invalid' : 'missing' };
   const index = tokenDigestIndex(sha256(match[1]), proxy.tokens);
-  return index === -1 ? { failure: 'invalid' } : `token ${index + 1}`;
+  if (index !== -1) return `token ${index + 1}`;
+  const grant = proxy.oauth && grantOfAccessToken(proxy.oauth, match[1]);
+  if (!grant) return { failure: 'invalid' };
+  if (route && grant.audience !== '*' && grant.audience !== route.server.config.name) return FORBIDDEN;
+  return `oauth:${grant.id}`;
 }
 
 const ANONYMOUS = 'anonymous';
+const FORBIDDEN = Symbol('forbidden');
 
 function corsHeaders(proxy: Proxy, origin: string | undefined): Record<string, string> {
   if (!origin || !proxy.options.corsOrigins.includes(origin.toLowerCase())) return {};
@@ -2567,8 +2640,10 @@ async function readMessages(proxy: Proxy, req: http.IncomingMessage, res: http.S
 }
 
 /** Reads the body, counting its bytes into proxy.bodyBytesInFlight (`reserved` says how many to give back). */
-function readBody(proxy: Proxy, req: http.IncomingMessage, res: http.ServerResponse, reserved: { bytes: number }): Promise<Buffer | null> {
-  const { maxBodyBytes, maxBodyBytesInFlight } = proxy.limits;
+function readBody(
+  proxy: Proxy, req: http.IncomingMessage, res: http.ServerResponse, reserved: { bytes: number }, maxBodyBytes = proxy.limits.maxBodyBytes,
+): Promise<Buffer | null> {
+  const { maxBodyBytesInFlight } = proxy.limits;
   return new Promise((resolve) => {
     const declared = Number(req.headers['content-length']);
     if (declared > maxBodyBytes) return resolve(refuse(413, INVALID_REQUEST, 'Request body too large'));
@@ -2700,17 +2775,24 @@ function handleRequest(proxy: Proxy, req: http.IncomingMessage, res: http.Server
   const cors = corsHeaders(proxy, origin);
   for (const [name, value] of Object.entries(cors)) res.setHeader(name, value);
   if (req.method === 'OPTIONS' && cors['Access-Control-Allow-Origin']) return preflight(res);
-  const credential = authorized(proxy, req.headers.authorization);
-  if (typeof credential !== 'string') {
-    const challenge = credential.failure === 'invalid' ? `Bearer realm="${PROXY_NAME}", error="invalid_token"` : `Bearer realm="${PROXY_NAME}"`;
-    return reject(res, 401, SERVER_ERROR, 'Unauthorized', { 'WWW-Authenticate': challenge });
+  const query = q === -1 ? '' : url.slice(q + 1);
+  const oauthAnswer = routeOAuth(proxy, req, res, path, query);
+  if (oauthAnswer !== false) return oauthAnswer === true ? undefined : oauthAnswer;
+  const route = routeOf(proxy, host, path);
+  const credential = authorized(proxy, req.headers.authorization, route);
+  if (credential === FORBIDDEN) {
+    // A valid token issued for another server (spec basic/authorization §Token Audience Binding).
+    const challenge = `Bearer error="insufficient_scope", resource_metadata="${route && proxy.oauth ? metadataUrl(proxy.oauth, route) : ''}"`;
+    return reject(res, 403, SERVER_ERROR, 'Forbidden: this token is for another server', { 'WWW-Authenticate': challenge });
   }
-  const [, name, leaf, extra] = path.split('/');
-  const server = extra === undefined && SERVER_NAME_RE.test(name ?? '') ? proxy.servers.get(name) : undefined;
-  if (!server) return reject(res, 404, SERVER_ERROR, 'Not Found');
+  if (typeof credential !== 'string') {
+    return reject(res, 401, SERVER_ERROR, 'Unauthorized', { 'WWW-Authenticate': bearerChallenge(proxy, route, credential.failure) });
+  }
+  if (!route) return reject(res, 404, SERVER_ERROR, 'Not Found');
+  const { server, leaf } = route;
   if (leaf === 'mcp') return handleMcp(server, req, res, credential);
-  if (leaf === 'sse') return handleSseGet(server, req, res, credential);
-  if (leaf === 'messages') return handleSseMessage(server, req, res, url.slice(q + 1), credential);
+  if (leaf === 'sse') return handleSseGet(server, req, res, credential, route.prefix);
+  if (leaf === 'messages') return handleSseMessage(server, req, res, query, credential);
   reject(res, 404, SERVER_ERROR, 'Not Found');
 }
 
@@ -2898,7 +2980,7 @@ function handleMcpDelete(server: ServerRuntime, req: http.IncomingMessage, res: 
 // Legacy HTTP+SSE: /{name}/sse and /{name}/messages ───────
 
 /** GET opens the session's stream and names the POST endpoint (spec 2024-11-05 §HTTP with SSE). */
-function handleSseGet(server: ServerRuntime, req: http.IncomingMessage, res: http.ServerResponse, credential: string): void {
+function handleSseGet(server: ServerRuntime, req: http.IncomingMessage, res: http.ServerResponse, credential: string, prefix: string): void {
   // POST here answers 405: that is how clients trying Streamable HTTP first learn to fall back (spec 2025-03-26
   // basic/transports §Backwards Compatibility).
   if (req.method !== 'GET') return reject(res, 405, SERVER_ERROR, 'Method not allowed', { Allow: 'GET' });
@@ -2906,7 +2988,8 @@ function handleSseGet(server: ServerRuntime, req: http.IncomingMessage, res: htt
   const session = createSession(server, 'sse', credential);
   if (!session) return reject(res, 503, SERVER_ERROR, 'Too many sessions; retry later', { 'Retry-After': String(server.proxy.limits.retryAfterS) });
   session.stream = openStream(server.proxy, res, {}, () => endSession(session));
-  session.stream.res.write(`event: endpoint\ndata: /${server.config.name}/messages?sessionId=${session.id}\n\n`);
+  // Relative to the route the client used (/{name}/sse, or /sse on a host or single-server route).
+  session.stream.res.write(`event: endpoint\ndata: ${prefix}/messages?sessionId=${session.id}\n\n`);
 }
 
 async function handleSseMessage(
@@ -2943,7 +3026,844 @@ async function initializeSse(session: Session, msg: JsonRpcMessage): Promise<voi
   writeEvent(session.stream, initializeResult(session, msg));
 }
 
-// ── 8. Lifecycle: start, shutdown ───────────────────────────────────────────────────────────────────────
+// ── 8. OAuth: metadata, registration, consent, tokens ───────────────────────────────────────────────────
+//
+// A built-in OAuth 2.1 authorization server (draft-ietf-oauth-v2-1), on only when the operator sets a
+// passphrase (MCP_PROXY_PASSWORD) and the public URL: Claude.ai's connectors authenticate with OAuth or not at
+// all, so this is how they reach servers that must not be public. The flow (spec 2025-11-25
+// basic/authorization):
+//   1. An MCP request without a token gets 401 with `WWW-Authenticate: Bearer resource_metadata="<URL>"`.
+//   2. The client reads that endpoint's protected resource metadata (RFC 9728; `resource` is exactly the
+//      endpoint's URL), then the authorization server metadata (RFC 8414) of the issuer: the public URL's
+//      origin, with no path (Claude.ai looks only there: github.com/anthropics/claude-ai-mcp/issues/82).
+//   3. It registers (RFC 7591; Claude.ai does so on every new connection) and sends the user to /authorize
+//      with PKCE S256 (RFC 7636) and `resource` (RFC 8707).
+//   4. The operator sees who asks for what, types the passphrase and approves; the client gets a code.
+//   5. /token trades the code and its verifier for an access token bound to that one server, and a refresh
+//      token that rotates on every use.
+// Tokens and client secrets are random strings of which only the SHA-256 is kept, in memory and in the state
+// file (0600, written atomically). Every map here is bounded (section 1) and swept with the sessions.
+
+type ClientAuthMethod = 'none' | 'client_secret_post' | 'client_secret_basic';
+const CLIENT_AUTH_METHODS: readonly ClientAuthMethod[] = ['client_secret_post', 'client_secret_basic', 'none'];
+
+/** A registered client. Persisted. */
+type OAuthClient = {
+  id: string;
+  /** SHA-256 (hex) of its secret; null for a public client (token_endpoint_auth_method "none"). */
+  secretHash: string | null;
+  name: string;
+  redirectUris: string[];
+  authMethod: ClientAuthMethod;
+  createdAtMs: number;
+};
+
+/** What the operator approved: one client, one server (or every server, "*"), with its current tokens. Persisted. */
+type Grant = {
+  id: string;
+  clientId: string;
+  audience: string;
+  accessHash: string;
+  accessExpiresMs: number;
+  /** The newest refresh token, and the one before it: valid until the newest is first used (a lost response). */
+  refreshHash: string;
+  previousRefreshHash: string | null;
+  /** Refresh tokens rotated out: presenting one again means it leaked, and the grant is revoked. */
+  retiredRefreshHashes: string[];
+  refreshExpiresMs: number;
+  createdAtMs: number;
+};
+
+/** An authorization request shown on the consent page, waiting for the operator; keyed by its CSRF token. */
+type PendingConsent = {
+  clientId: string;
+  redirectUri: string;
+  state: string;
+  codeChallenge: string;
+  /** A server name, or "*" when the request named no resource (then the grant covers every server). */
+  audience: string;
+  resource: string | undefined;
+  expiresMs: number;
+};
+
+/** An authorization code; after its one exchange, kept until it expires to catch a replay (RFC 6749 §4.1.2). */
+type AuthCode = Omit<PendingConsent, 'state' | 'expiresMs'> & { expiresMs: number; grantId: string | null };
+
+/** A fixed-window counter per client address (registrations, wrong passphrases). */
+type Window = { count: number; startMs: number };
+
+type OAuth = {
+  /** The public URL's origin; every endpoint below lives at its root. */
+  issuer: string;
+  publicUrl: URL;
+  /** Host routes: {server}.{baseDomain} serves that server at /mcp and /sse. */
+  baseDomain: string | undefined;
+  checkPassphrase: (candidate: string) => boolean;
+  statePath: string;
+  clients: Map<string, OAuthClient>;
+  grants: Map<string, Grant>;
+  /** Token hash → grant, for access tokens and live refresh tokens. */
+  byAccess: Map<string, Grant>;
+  byRefresh: Map<string, Grant>;
+  byRetired: Map<string, Grant>;
+  consents: Map<string, PendingConsent>;
+  codes: Map<string, AuthCode>;
+  registrations: Map<string, Window>;
+  failures: Map<string, Window>;
+};
+
+type OAuthSettings = { publicUrl: string; baseDomain: string | undefined; passphrase: string; stateDir: string };
+
+/** `scrypt$N$r$p$salt$hash` (base64url), as `hash-password` prints it; anything else is the passphrase itself. */
+const SCRYPT_PREFIX = 'scrypt$';
+const SCRYPT_PARAMS = { N: 16384, r: 8, p: 1 } as const;
+const SCRYPT_KEY_BYTES = 32;
+const STATE_FILE = 'oauth-state.json';
+const STATE_VERSION = 1;
+const TOKEN_BYTES = 32;
+/** RFC 7636 §4.1: the verifier's alphabet and length; §4.2: an S256 challenge is 43 base64url characters. */
+const PKCE_VERIFIER_RE = /^[A-Za-z0-9._~-]{43,128}$/;
+const PKCE_CHALLENGE_RE = /^[A-Za-z0-9_-]{43}$/;
+const MAX_CLIENT_NAME_CHARS = 100;
+const MAX_REDIRECT_URIS = 10;
+const MAX_REDIRECT_URI_CHARS = 2000;
+const MAX_RETIRED_REFRESH_TOKENS = 8;
+/** Redirect hosts the consent page names as Claude's (github.com/anthropics/claude-ai-mcp: auth_callback). */
+const CLAUDE_REDIRECT_HOSTS: ReadonlySet<string> = new Set(['claude.ai', 'claude.com']);
+
+function hashToken(token: string): string {
+  return createHash('sha256').update(token).digest('hex');
+}
+
+function newToken(): string {
+  return randomBytes(TOKEN_BYTES).toString('base64url');
+}
+
+function equalHex(a: string, b: string): boolean {
+  return a.length === b.length && timingSafeEqual(Buffer.from(a), Buffer.from(b));
+}
+
+// Setup and state file ───────
+
+/**
+ * Turns the operator's settings into the running authorization server, or throws an operator error naming
+ * what to set. The state file is loaded (or created) here, so an unwritable state directory stops start-up.
+ */
+function createOAuth(settings: OAuthSettings, log: Logger, limits: Limits): OAuth {
+  const publicUrl = parsePublicUrl(settings.publicUrl);
+  const statePath = join(settings.stateDir, STATE_FILE);
+  const oauth: OAuth = {
+    issuer: publicUrl.origin, publicUrl, baseDomain: settings.baseDomain?.toLowerCase(),
+    checkPassphrase: passphraseChecker(settings.passphrase), statePath,
+    clients: new Map(), grants: new Map(), byAccess: new Map(), byRefresh: new Map(), byRetired: new Map(),
+    consents: new Map(), codes: new Map(), registrations: new Map(), failures: new Map(),
+  };
+  try {
+    mkdirSync(settings.stateDir, { recursive: true, mode: 0o700 });
+  } catch (err) {
+    throw new ProxyError('STATE_DIR', `cannot create the state directory ${JSON.stringify(settings.stateDir)} (${(err as NodeJS.ErrnoException).code ?? 'error'}); set --state-dir (MCP_PROXY_STATE_DIR) to a writable directory`);
+  }
+  loadState(oauth, log, limits);
+  saveState(oauth); // proves the directory is writable now, not at the first login
+  return oauth;
+}
+
+/** The public URL: https, or http on a loopback host (for trying it locally); an origin, no path or query. */
+function parsePublicUrl(text: string): URL {
+  let url: URL;
+  try {
+    url = new URL(text);
+  } catch {
+    throw new ProxyError('PUBLIC_URL', `--public-url: got ${JSON.stringify(text)}, expected a URL such as https://mcp.example.com`);
+  }
+  const loopback = LOOPBACK_HOSTNAMES.has(url.hostname);
+  if (url.protocol !== 'https:' && !(url.protocol === 'http:' && loopback)) {
+    throw new ProxyError('PUBLIC_URL', `--public-url: got ${JSON.stringify(text)}, expected https:// (Claude.ai connects only over HTTPS on port 443)`);
+  }
+  if ((url.pathname !== '/' && url.pathname !== '') || url.search || url.hash || url.username || url.password) {
+    throw new ProxyError('PUBLIC_URL', `--public-url: got ${JSON.stringify(text)}, expected an origin with no path (the issuer must be at the root)`);
+  }
+  return url;
+}
+
+/**
+ * Constant-time passphrase check. A plain passphrase is compared by SHA-256 digest (so lengths do not leak);
+ * an scrypt hash (`hash-password`) keeps the passphrase itself out of the environment.
+ */
+function passphraseChecker(configured: string): (candidate: string) => boolean {
+  if (!configured.startsWith(SCRYPT_PREFIX)) {
+    const digest = sha256(configured);
+    return (candidate) => timingSafeEqual(sha256(candidate), digest);
+  }
+  const [, n, r, p, salt, hash] = configured.split('$');
+  const params = { N: Number(n), r: Number(r), p: Number(p), maxmem: 256 * MIB };
+  const expected = Buffer.from(hash ?? '', 'base64url');
+  if (!(params.N > 1 && params.r > 0 && params.p > 0) || expected.length !== SCRYPT_KEY_BYTES || !salt) {
+    throw new ProxyError('PASSPHRASE', `MCP_PROXY_PASSWORD: an scrypt hash must look like ${SCRYPT_PREFIX}N$r$p$salt$hash (run \`node dist/proxy.js hash-password\`)`);
+  }
+  return (candidate) => timingSafeEqual(scryptSync(candidate, Buffer.from(salt, 'base64url'), SCRYPT_KEY_BYTES, params), expected);
+}
+
+/** `hash-password`: the scrypt form of a passphrase, for MCP_PROXY_PASSWORD. */
+export function hashPassphrase(passphrase: string): string {
+  const salt = randomBytes(16);
+  const key = scryptSync(passphrase, salt, SCRYPT_KEY_BYTES, SCRYPT_PARAMS);
+  return [SCRYPT_PREFIX.slice(0, -1), SCRYPT_PARAMS.N, SCRYPT_PARAMS.r, SCRYPT_PARAMS.p, salt.toString('base64url'), key.toString('base64url')].join('$');
+}
+
+/**
+ * Loads clients and grants. A missing file is a first start; a corrupt one is reported and moved aside (never
+ * silently emptied: the operator may want it back), and the proxy starts with no grants.
+ */
+function loadState(oauth: OAuth, log: Logger, limits: Limits): void {
+  let text: string;
+  try {
+    text = readBounded(oauth.statePath, limits.maxStateFileBytes);
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code === 'ENOENT') return;
+    return moveAside(oauth, log, readFailure(err));
+  }
+  let state: unknown;
+  try {
+    state = JSON.parse(text);
+  } catch {
+    return moveAside(oauth, log, 'not valid JSON');
+  }
+  if (!isObject(state) || state.version !== STATE_VERSION || !Array.isArray(state.clients) || !Array.isArray(state.grants)) {
+    return moveAside(oauth, log, `not a version ${STATE_VERSION} state file`);
+  }
+  for (const client of state.clients as OAuthClient[]) if (isObject(client) && typeof client.id === 'string') oauth.clients.set(client.id, client);
+  for (const grant of state.grants as Grant[]) if (isObject(grant) && typeof grant.id === 'string' && oauth.clients.has(grant.clientId)) indexGrant(oauth, grant);
+  log.info('oauth', `loaded ${oauth.clients.size} clients and ${oauth.grants.size} grants from ${oauth.statePath}`);
+}
+
+function moveAside(oauth: OAuth, log: Logger, why: string): void {
+  const aside = `${oauth.statePath}.corrupt-${Date.now()}`;
+  try {
+    renameSync(oauth.statePath, aside);
+  } catch (err) {
+    throw new ProxyError('STATE_FILE', `${oauth.statePath}: ${why}, and it cannot be moved aside (${(err as NodeJS.ErrnoException).code ?? 'error'})`);
+  }
+  log.error('oauth', `${oauth.statePath}: ${why}; moved it to ${aside} and started with no grants (clients must log in again)`);
+}
+
+/** Atomic: a temporary file, fsync'd, renamed over the old one; mode 0600 (it holds token hashes). */
+function saveState(oauth: OAuth): void {
+  const state = { version: STATE_VERSION, clients: [...oauth.clients.values()], grants: [...oauth.grants.values()] };
+  const temporary = `${oauth.statePath}.${process.pid}.tmp`;
+  const fd = openSync(temporary, 'w', 0o600);
+  try {
+    writeSync(fd, JSON.stringify(state));
+    fsyncSync(fd);
+  } finally {
+    closeSync(fd);
+  }
+  renameSync(temporary, oauth.statePath);
+}
+
+function indexGrant(oauth: OAuth, grant: Grant): void {
+  oauth.grants.set(grant.id, grant);
+  oauth.byAccess.set(grant.accessHash, grant);
+  oauth.byRefresh.set(grant.refreshHash, grant);
+  if (grant.previousRefreshHash) oauth.byRefresh.set(grant.previousRefreshHash, grant);
+  for (const retired of grant.retiredRefreshHashes) oauth.byRetired.set(retired, grant);
+}
+
+function revokeGrant(oauth: OAuth, grant: Grant): void {
+  oauth.grants.delete(grant.id);
+  oauth.byAccess.delete(grant.accessHash);
+  oauth.byRefresh.delete(grant.refreshHash);
+  if (grant.previousRefreshHash) oauth.byRefresh.delete(grant.previousRefreshHash);
+  for (const retired of grant.retiredRefreshHashes) oauth.byRetired.delete(retired);
+}
+
+// Routes and metadata ───────
+
+/** One MCP endpoint as a client addresses it: which server, which leaf, and the path prefix before the leaf. */
+type Route = { server: ServerRuntime; leaf: string; prefix: string; hostRoute: boolean };
+
+/**
+ * The one place that maps (Host, path) to a server: /{name}/{leaf} always; /{leaf} on {name}.{baseDomain}
+ * (host routes); /{leaf} at the root when only one server is configured. Claude.ai has been reported to
+ * fail after OAuth on endpoints whose path is not just /mcp (github.com/anthropics/claude-ai-mcp/issues/214).
+ */
+function routeOf(proxy: Proxy, host: string | undefined, path: string): Route | null {
+  const parts = path.split('/');
+  if (parts.length === 3 && SERVER_NAME_RE.test(parts[1])) {
+    const server = proxy.servers.get(parts[1]);
+    return server ? { server, leaf: parts[2], prefix: `/${parts[1]}`, hostRoute: false } : null;
+  }
+  if (parts.length !== 2) return null;
+  const hosted = hostServer(proxy, host);
+  if (hosted) return { server: hosted, leaf: parts[1], prefix: '', hostRoute: true };
+  if (proxy.servers.size === 1 && !isServerHost(proxy, host)) {
+    const [only] = proxy.servers.values();
+    return { server: only, leaf: parts[1], prefix: '', hostRoute: false };
+  }
+  return null;
+}
+
+/** The server a Host names as {name}.{baseDomain}, if host routes are on. */
+function hostServer(proxy: Proxy, host: string | undefined): ServerRuntime | undefined {
+  const base = proxy.oauth?.baseDomain ?? proxy.options.baseDomain;
+  if (!base || !host) return undefined;
+  const hostname = hostnameOf(host);
+  if (!hostname.endsWith(`.${base}`)) return undefined;
+  return proxy.servers.get(hostname.slice(0, -base.length - 1));
+}
+
+function isServerHost(proxy: Proxy, host: string | undefined): boolean {
+  const base = proxy.oauth?.baseDomain ?? proxy.options.baseDomain;
+  return !!base && !!host && hostnameOf(host).endsWith(`.${base}`);
+}
+
+/** The origin a route is served on: the public URL's, or {name}.{baseDomain} with its scheme and port. */
+function routeOrigin(oauth: OAuth, route: Route): string {
+  if (!route.hostRoute) return oauth.issuer;
+  const { protocol, port } = oauth.publicUrl;
+  return `${protocol}//${route.server.config.name}.${oauth.baseDomain}${port ? `:${port}` : ''}`;
+}
+
+/** The endpoint's own URL: a token's `resource` must name exactly this (RFC 9728 §3.3, RFC 8707). */
+function resourceUrl(oauth: OAuth, route: Route): string {
+  return `${routeOrigin(oauth, route)}${route.prefix}/${route.leaf}`;
+}
+
+/** Where the endpoint's protected resource metadata is: the well-known path inserted before its path (§3.1). */
+function metadataUrl(oauth: OAuth, route: Route): string {
+  return `${routeOrigin(oauth, route)}/.well-known/oauth-protected-resource${route.prefix}/${route.leaf}`;
+}
+
+/** The server a `resource` parameter names (exactly one of our endpoint URLs), or null. */
+function audienceOf(proxy: Proxy, oauth: OAuth, resource: string): string | null {
+  let url: URL;
+  try {
+    url = new URL(resource);
+  } catch {
+    return null;
+  }
+  // RFC 8707 §2: no fragment; scheme and host compare case-insensitively (URL lowercases them).
+  if (url.hash || url.search) return null;
+  const route = routeOf(proxy, url.host, url.pathname);
+  if (!route || !MCP_LEAVES.has(route.leaf)) return null;
+  return resourceUrl(oauth, route) === `${url.origin}${url.pathname}` ? route.server.config.name : null;
+}
+
+const MCP_LEAVES: ReadonlySet<string> = new Set(['mcp', 'sse']);
+
+/** RFC 9728 documents, at /.well-known/oauth-protected-resource{endpoint path}, and at the root. */
+function protectedResourceMetadata(proxy: Proxy, oauth: OAuth, host: string | undefined, rest: string, res: http.ServerResponse): void {
+  const route = rest === '' ? routeOf(proxy, host, '/mcp') : routeOf(proxy, host, rest);
+  if (rest !== '' && (!route || !MCP_LEAVES.has(route.leaf))) return reject(res, 404, SERVER_ERROR, 'Not Found');
+  const body = {
+    resource: route ? resourceUrl(oauth, route) : oauth.issuer,
+    authorization_servers: [oauth.issuer],
+    bearer_methods_supported: ['header'],
+    ...(route ? { resource_name: route.server.config.name } : {}),
+  };
+  sendJson(res, 200, JSON.stringify(body), { 'Cache-Control': 'no-store' });
+}
+
+/** RFC 8414 metadata: exactly what is implemented. */
+function authorizationServerMetadata(oauth: OAuth, res: http.ServerResponse): void {
+  const at = (path: string) => `${oauth.issuer}${path}`;
+  sendJson(res, 200, JSON.stringify({
+    issuer: oauth.issuer,
+    authorization_endpoint: at('/authorize'),
+    token_endpoint: at('/token'),
+    registration_endpoint: at('/register'),
+    revocation_endpoint: at('/revoke'),
+    response_types_supported: ['code'],
+    response_modes_supported: ['query'],
+    grant_types_supported: ['authorization_code', 'refresh_token'],
+    code_challenge_methods_supported: ['S256'],
+    token_endpoint_auth_methods_supported: CLIENT_AUTH_METHODS,
+    revocation_endpoint_auth_methods_supported: CLIENT_AUTH_METHODS,
+    authorization_response_iss_parameter_supported: true,
+  }), { 'Cache-Control': 'no-store' });
+}
+
+/**
+ * The bearer challenge of an MCP endpoint (RFC 9728 §5.1, RFC 6750 §3): no `error` when no token was sent;
+ * `invalid_token` for a bad one. Without OAuth there is no metadata to point at: the realm alone.
+ */
+function bearerChallenge(proxy: Proxy, route: Route | null, failure: 'missing' | 'invalid'): string {
+  const error = failure === 'invalid' ? ', error="invalid_token"' : '';
+  if (!proxy.oauth || !route) return `Bearer realm="${PROXY_NAME}"${error}`;
+  return `Bearer resource_metadata="${metadataUrl(proxy.oauth, route)}"${error}`;
+}
+
+// Client registration (RFC 7591) ───────
+
+async function handleRegister(proxy: Proxy, oauth: OAuth, req: http.IncomingMessage, res: http.ServerResponse): Promise<void> {
+  if (req.method !== 'POST') return oauthError(res, 405, 'invalid_request', 'POST a JSON client metadata document', { Allow: 'POST' });
+  if (!countWindow(oauth.registrations, clientAddress(req), proxy.limits.registrationsPerMinute, 60_000, proxy.limits)) {
+    return oauthError(res, 429, 'slow_down', 'Too many registrations; retry later', { 'Retry-After': '60' });
+  }
+  const body = await readFormOrJson(proxy, req, res);
+  if (body === null) return;
+  let metadata: unknown;
+  try {
+    metadata = JSON.parse(body);
+  } catch {
+    return oauthError(res, 400, 'invalid_client_metadata', 'Body must be a JSON object');
+  }
+  const parsed = parseClientMetadata(metadata);
+  if (typeof parsed === 'string') return oauthError(res, 400, parsed.startsWith('redirect') ? 'invalid_redirect_uri' : 'invalid_client_metadata', parsed);
+  if (oauth.clients.size >= proxy.limits.maxOAuthClients && !evictUnusedClient(oauth)) {
+    return oauthError(res, 503, 'temporarily_unavailable', 'Too many registered clients', { 'Retry-After': String(proxy.limits.retryAfterS) });
+  }
+  const secret = parsed.authMethod === 'none' ? null : newToken();
+  const client: OAuthClient = { id: newToken(), secretHash: secret && hashToken(secret), createdAtMs: Date.now(), ...parsed };
+  oauth.clients.set(client.id, client);
+  saveState(oauth);
+  proxy.log.info('oauth', `registered client ${client.id.slice(0, 8)}… (${JSON.stringify(client.name)}, ${client.authMethod})`);
+  sendJson(res, 201, JSON.stringify({
+    client_id: client.id, ...(secret ? { client_secret: secret, client_secret_expires_at: 0 } : {}),
+    client_id_issued_at: Math.floor(client.createdAtMs / 1000), client_name: client.name, redirect_uris: client.redirectUris,
+    token_endpoint_auth_method: client.authMethod, grant_types: ['authorization_code', 'refresh_token'], response_types: ['code'],
+  }), { 'Cache-Control': 'no-store' });
+}
+
+type ClientMetadata = Pick<OAuthClient, 'name' | 'redirectUris' | 'authMethod'>;
+
+/** Validated client metadata, or why not. An omitted auth method means client_secret_basic (RFC 7591 §2). */
+function parseClientMetadata(metadata: unknown): ClientMetadata | string {
+  if (!isObject(metadata)) return 'Body must be a JSON object';
+  const uris = metadata.redirect_uris;
+  if (!Array.isArray(uris) || uris.length === 0 || uris.length > MAX_REDIRECT_URIS) return `redirect_uris must list 1 to ${MAX_REDIRECT_URIS} URIs`;
+  for (const uri of uris) if (!validRedirectUri(uri)) return 'redirect_uris: each must be https, or http on a loopback address, with no fragment';
+  const authMethod = metadata.token_endpoint_auth_method ?? 'client_secret_basic';
+  if (!CLIENT_AUTH_METHODS.includes(authMethod as ClientAuthMethod)) return `token_endpoint_auth_method must be one of ${CLIENT_AUTH_METHODS.join(', ')}`;
+  const grants = metadata.grant_types ?? ['authorization_code'];
+  if (!Array.isArray(grants) || grants.some((g) => g !== 'authorization_code' && g !== 'refresh_token')) return 'grant_types may hold only authorization_code and refresh_token';
+  const responses = metadata.response_types ?? ['code'];
+  if (!Array.isArray(responses) || responses.some((r) => r !== 'code')) return 'response_types may hold only code';
+  const rawName = typeof metadata.client_name === 'string' ? metadata.client_name : 'unnamed client';
+  const name = escapeControl(rawName).slice(0, MAX_CLIENT_NAME_CHARS);
+  return { name, redirectUris: uris as string[], authMethod: authMethod as ClientAuthMethod };
+}
+
+/** https anywhere, or http on a loopback address (RFC 8252 §7.3: native apps); never a fragment. */
+function validRedirectUri(uri: unknown): boolean {
+  if (typeof uri !== 'string' || uri.length > MAX_REDIRECT_URI_CHARS) return false;
+  let url: URL;
+  try {
+    url = new URL(uri);
+  } catch {
+    return false;
+  }
+  if (url.hash || url.username || url.password) return false;
+  return url.protocol === 'https:' || (url.protocol === 'http:' && LOOPBACK_HOSTNAMES.has(url.hostname));
+}
+
+/**
+ * Exact match against a registered URI (spec basic/authorization §Redirect URI validation), except that a
+ * loopback http URI may use any port (RFC 8252 §7.3; Claude Code registers http://localhost/callback).
+ */
+function redirectMatches(client: OAuthClient, uri: string): boolean {
+  if (client.redirectUris.includes(uri)) return true;
+  let url: URL;
+  try {
+    url = new URL(uri);
+  } catch {
+    return false;
+  }
+  if (url.protocol !== 'http:' || !LOOPBACK_HOSTNAMES.has(url.hostname)) return false;
+  url.port = '';
+  return client.redirectUris.some((registered) => {
+    const candidate = new URL(registered);
+    candidate.port = '';
+    return candidate.href === url.href;
+  });
+}
+
+/** At the cap, the oldest client that holds no grant gives way (Claude.ai registers on every connection). */
+function evictUnusedClient(oauth: OAuth): boolean {
+  const granted = new Set([...oauth.grants.values()].map((grant) => grant.clientId));
+  for (const client of oauth.clients.values()) {
+    if (granted.has(client.id)) continue;
+    oauth.clients.delete(client.id);
+    return true;
+  }
+  return false;
+}
+
+// Consent (/authorize) ───────
+
+/**
+ * GET shows the consent page for a valid request; POST is the operator's answer. Until the client and the
+ * redirect URI are known good, errors are shown on the page, never redirected (RFC 6749 §4.1.2.1): an
+ * attacker must not be able to bounce the browser anywhere through us.
+ */
+async function handleAuthorize(proxy: Proxy, oauth: OAuth, req: http.IncomingMessage, res: http.ServerResponse, query: string): Promise<void> {
+  if (req.method === 'GET') return showConsent(proxy, oauth, new URLSearchParams(query), res);
+  if (req.method !== 'POST') return consentPage(res, 405, errorPage('This page takes GET and POST only.'));
+  const body = await readFormOrJson(proxy, req, res);
+  if (body === null) return;
+  return answerConsent(proxy, oauth, req, new URLSearchParams(body), res);
+}
+
+function showConsent(proxy: Proxy, oauth: OAuth, params: URLSearchParams, res: http.ServerResponse): void {
+  const client = oauth.clients.get(params.get('client_id') ?? '');
+  if (!client) return consentPage(res, 400, errorPage('This client is not registered with this proxy (it may have expired). Start the connection again from the client.'));
+  const redirectUri = params.get('redirect_uri') ?? (client.redirectUris.length === 1 ? client.redirectUris[0] : '');
+  if (!redirectMatches(client, redirectUri)) return consentPage(res, 400, errorPage('The redirect URI is not one this client registered.'));
+  const state = params.get('state');
+  const fail = (error: string, description: string) => redirectWith(res, redirectUri, { error, error_description: description, ...(state ? { state } : {}), iss: oauth.issuer });
+  if (params.get('response_type') !== 'code') return fail('unsupported_response_type', 'response_type must be code');
+  if (params.get('code_challenge_method') !== 'S256' || !PKCE_CHALLENGE_RE.test(params.get('code_challenge') ?? '')) {
+    return fail('invalid_request', 'PKCE with code_challenge_method S256 is required');
+  }
+  if (!state) return fail('invalid_request', 'state is required');
+  const resource = params.get('resource') ?? undefined;
+  const audience = resource === undefined ? '*' : audienceOf(proxy, oauth, resource);
+  if (audience === null) return fail('invalid_target', 'resource is not an endpoint of this proxy');
+  if (oauth.consents.size >= proxy.limits.maxPendingConsents) expireOldest(oauth.consents);
+  const csrf = newToken();
+  const pending: PendingConsent = {
+    clientId: client.id, redirectUri, state, codeChallenge: params.get('code_challenge')!, audience, resource,
+    expiresMs: Date.now() + proxy.limits.consentTtlMs,
+  };
+  oauth.consents.set(csrf, pending);
+  consentPage(res, 200, consentForm(client, pending, csrf, ''), new URL(redirectUri).origin);
+}
+
+function answerConsent(proxy: Proxy, oauth: OAuth, req: http.IncomingMessage, form: URLSearchParams, res: http.ServerResponse): void {
+  const csrf = form.get('csrf') ?? '';
+  const pending = oauth.consents.get(csrf);
+  // Single use: a replayed or forged form finds nothing.
+  oauth.consents.delete(csrf);
+  if (!pending || pending.expiresMs < Date.now()) return consentPage(res, 400, errorPage('This approval form has expired or was already used. Start the connection again from the client.'));
+  const client = oauth.clients.get(pending.clientId);
+  if (!client) return consentPage(res, 400, errorPage('This client is no longer registered. Start the connection again from the client.'));
+  const done = (params: Record<string, string>) => redirectWith(res, pending.redirectUri, { ...params, state: pending.state, iss: oauth.issuer });
+  if (form.get('action') === 'deny') return done({ error: 'access_denied', error_description: 'The operator denied access' });
+  const address = clientAddress(req);
+  const failures = oauth.failures.get(address);
+  if (failures && failures.count >= proxy.limits.loginFailuresPerWindow && Date.now() - failures.startMs < proxy.limits.loginFailureWindowMs) {
+    proxy.log.warn('oauth', `refused a passphrase attempt from ${address}: too many wrong ones`);
+    return consentPage(res, 429, errorPage('Too many wrong passphrases. Wait a few minutes, then start again from the client.'), undefined, { 'Retry-After': String(Math.ceil(proxy.limits.loginFailureWindowMs / 1000)) });
+  }
+  if (!oauth.checkPassphrase(form.get('passphrase') ?? '')) {
+    countWindow(oauth.failures, address, Infinity, proxy.limits.loginFailureWindowMs, proxy.limits);
+    proxy.log.warn('oauth', `wrong passphrase on the consent page from ${address}`);
+    const retry = newToken();
+    oauth.consents.set(retry, { ...pending, expiresMs: Date.now() + proxy.limits.consentTtlMs });
+    return consentPage(res, 401, consentForm(client, pending, retry, 'Wrong passphrase.'), new URL(pending.redirectUri).origin);
+  }
+  oauth.failures.delete(address);
+  const audience = form.get('all') === 'on' ? '*' : pending.audience;
+  if (oauth.codes.size >= proxy.limits.maxAuthCodes) expireOldest(oauth.codes);
+  const code = newToken();
+  oauth.codes.set(hashToken(code), {
+    clientId: pending.clientId, redirectUri: pending.redirectUri, codeChallenge: pending.codeChallenge, audience,
+    resource: pending.resource, expiresMs: Date.now() + proxy.limits.authCodeTtlMs, grantId: null,
+  });
+  proxy.log.info('oauth', `operator approved client ${client.id.slice(0, 8)}… (${JSON.stringify(client.name)}) for ${audience === '*' ? 'every server' : audience}`);
+  done({ code });
+}
+
+function redirectWith(res: http.ServerResponse, uri: string, params: Record<string, string>): void {
+  const url = new URL(uri);
+  for (const [key, value] of Object.entries(params)) url.searchParams.set(key, value);
+  res.writeHead(303, { Location: url.href, 'Cache-Control': 'no-store', 'Referrer-Policy': 'no-referrer' });
+  res.end();
+}
+
+/** Drops the entry that expires first from a bounded map of short-lived entries. */
+function expireOldest(map: Map<string, { expiresMs: number }>): void {
+  let oldest: string | undefined;
+  let at = Infinity;
+  for (const [key, entry] of map) if (entry.expiresMs < at) [oldest, at] = [key, entry.expiresMs];
+  if (oldest !== undefined) map.delete(oldest);
+}
+
+// The consent page: no scripts, one inline style allowed by its hash, no framing, no caching.
+const CONSENT_CSS = 'body{font:16px/1.5 system-ui,sans-serif;max-width:34em;margin:3em auto;padding:0 1em;color:#111}' +
+  'h1{font-size:1.4em}.box{border:1px solid #ccc;border-radius:6px;padding:1em;margin:1em 0}.warn{background:#fff3cd;border-color:#e0b000}' +
+  '.ok{background:#eef7ee}.err{color:#a00;font-weight:bold}code{font-size:1.05em}input[type=password]{width:100%;padding:.4em;font-size:1em}' +
+  'button{font-size:1em;padding:.4em 1.2em;margin-right:.6em}';
+const CONSENT_CSS_HASH = `'sha256-${createHash('sha256').update(CONSENT_CSS).digest('base64')}'`;
+
+function consentPage(res: http.ServerResponse, status: number, body: string, redirectOrigin?: string, headers: Record<string, string> = {}): void {
+  const html = `<!doctype html><html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width">` +
+    `<title>remote-mcp-proxy: authorize</title><style>${CONSENT_CSS}</style></head><body>${body}</body></html>`;
+  // form-action must also allow the redirect's origin: browsers apply it to the redirect after the POST.
+  const formAction = redirectOrigin ? `'self' ${redirectOrigin}` : `'self'`;
+  res.writeHead(status, {
+    ...headers,
+    'Content-Type': 'text/html; charset=utf-8',
+    'Content-Length': Buffer.byteLength(html),
+    'Content-Security-Policy': `default-src 'none'; style-src ${CONSENT_CSS_HASH}; form-action ${formAction}; frame-ancestors 'none'; base-uri 'none'`,
+    'X-Frame-Options': 'DENY',
+    'X-Content-Type-Options': 'nosniff',
+    'Referrer-Policy': 'no-referrer',
+    'Cache-Control': 'no-store',
+  });
+  res.end(html);
+}
+
+function errorPage(message: string): string {
+  return `<h1>Cannot authorize</h1><p class="err">${escapeHtml(message)}</p>`;
+}
+
+function consentForm(client: OAuthClient, pending: PendingConsent, csrf: string, error: string): string {
+  const redirect = new URL(pending.redirectUri);
+  const host = redirect.host;
+  const claude = redirect.protocol === 'https:' && CLAUDE_REDIRECT_HOSTS.has(redirect.hostname);
+  const loopback = LOOPBACK_HOSTNAMES.has(redirect.hostname);
+  const where = claude
+    ? `<div class="box ok">Sends you back to <b>${escapeHtml(host)}</b>: Claude.</div>`
+    : loopback
+      ? `<div class="box ok">Sends you back to <b>${escapeHtml(host)}</b>: a program on the computer where your browser runs.</div>`
+      : `<div class="box warn">Sends you back to <b>${escapeHtml(host)}</b>. This is not Claude: approve only if you know this site.</div>`;
+  const what = pending.audience === '*'
+    ? '<b>every server</b> of this proxy (the client did not name one)'
+    : `the server <b>${escapeHtml(pending.audience)}</b>`;
+  return `<h1>Allow ${escapeHtml(client.name)}?</h1>` +
+    `<p>The client <b>${escapeHtml(client.name)}</b> asks to use ${what} on your behalf.</p>${where}` +
+    (error ? `<p class="err">${escapeHtml(error)}</p>` : '') +
+    `<form method="post" action="/authorize"><input type="hidden" name="csrf" value="${csrf}">` +
+    `<p><label>Passphrase of this proxy<br><input type="password" name="passphrase" autocomplete="current-password" autofocus></label></p>` +
+    (pending.audience === '*' ? '' : '<p><label><input type="checkbox" name="all"> allow every server of this proxy, not only this one</label></p>') +
+    `<p><button type="submit" name="action" value="approve">Approve</button><button type="submit" name="action" value="deny">Deny</button></p></form>`;
+}
+
+function escapeHtml(text: string): string {
+  return text.replace(/[&<>"']/g, (c) => `&#${c.charCodeAt(0)};`);
+}
+
+// Tokens (/token, /revoke) ───────
+
+type TokenParams = URLSearchParams;
+
+async function handleToken(proxy: Proxy, oauth: OAuth, req: http.IncomingMessage, res: http.ServerResponse): Promise<void> {
+  if (req.method !== 'POST') return oauthError(res, 405, 'invalid_request', 'POST form-encoded parameters', { Allow: 'POST' });
+  const body = await readFormOrJson(proxy, req, res);
+  if (body === null) return;
+  const params = new URLSearchParams(body);
+  const client = authenticateClient(oauth, req, params);
+  // 401 invalid_client makes Claude.ai register again (its DCR clients are per connection).
+  if (!client) return oauthError(res, 401, 'invalid_client', 'Unknown client or wrong secret', { 'WWW-Authenticate': 'Basic realm="remote-mcp-proxy"' });
+  const grantType = params.get('grant_type');
+  if (grantType === 'authorization_code') return exchangeCode(proxy, oauth, client, params, res);
+  if (grantType === 'refresh_token') return refreshGrant(proxy, oauth, client, params, res);
+  oauthError(res, 400, 'unsupported_grant_type', 'grant_type must be authorization_code or refresh_token');
+}
+
+/**
+ * The client, if it proves to be one: client_secret_basic, client_secret_post, or a public client's bare id.
+ * Any of them works whatever it registered with (Claude.ai sends client_secret_post even when registered as
+ * basic: github.com/anthropics/claude-ai-mcp/issues/667), but a client with a secret must present it.
+ */
+function authenticateClient(oauth: OAuth, req: http.IncomingMessage, params: TokenParams): OAuthClient | null {
+  let id = params.get('client_id');
+  let secret = params.get('client_secret');
+  const basic = /^Basic[ \t]+(\S+)\s*$/i.exec(req.headers.authorization ?? '');
+  if (basic) {
+    const decoded = Buffer.from(basic[1], 'base64').toString('utf8');
+    const colon = decoded.indexOf(':');
+    if (colon === -1) return null;
+    // RFC 6749 §2.3.1: both parts are form-urlencoded inside the header.
+    id = decodeFormComponent(decoded.slice(0, colon));
+    secret = decodeFormComponent(decoded.slice(colon + 1));
+  }
+  const client = id ? oauth.clients.get(id) : undefined;
+  if (!client) return null;
+  if (client.secretHash === null) return client;
+  return secret !== null && equalHex(hashToken(secret), client.secretHash) ? client : null;
+}
+
+function decodeFormComponent(text: string): string {
+  try {
+    return decodeURIComponent(text.replace(/\+/g, ' '));
+  } catch {
+    return text;
+  }
+}
+
+function exchangeCode(proxy: Proxy, oauth: OAuth, client: OAuthClient, params: TokenParams, res: http.ServerResponse): void {
+  const key = hashToken(params.get('code') ?? '');
+  const code = oauth.codes.get(key);
+  if (!code || code.clientId !== client.id) return oauthError(res, 400, 'invalid_grant', 'Unknown or expired code');
+  if (code.grantId !== null) {
+    // A code used twice was intercepted: what it granted is revoked (RFC 6749 §4.1.2).
+    const grant = oauth.grants.get(code.grantId);
+    if (grant) revokeGrant(oauth, grant);
+    saveState(oauth);
+    proxy.log.warn('oauth', `an authorization code was used twice; revoked what it granted to client ${client.id.slice(0, 8)}…`);
+    return oauthError(res, 400, 'invalid_grant', 'Code already used');
+  }
+  if (code.expiresMs < Date.now()) return oauthError(res, 400, 'invalid_grant', 'Code expired');
+  if (params.get('redirect_uri') !== null && params.get('redirect_uri') !== code.redirectUri) return oauthError(res, 400, 'invalid_grant', 'redirect_uri does not match');
+  const verifier = params.get('code_verifier') ?? '';
+  const challenge = createHash('sha256').update(verifier).digest('base64url');
+  if (!PKCE_VERIFIER_RE.test(verifier) || !equalHex(challenge, code.codeChallenge)) return oauthError(res, 400, 'invalid_grant', 'PKCE verification failed');
+  const resource = params.get('resource');
+  if (resource !== null && code.resource !== undefined && resource !== code.resource) return oauthError(res, 400, 'invalid_target', 'resource differs from the authorization request');
+  if (oauth.grants.size >= proxy.limits.maxOAuthGrants) return oauthError(res, 503, 'temporarily_unavailable', 'Too many grants', { 'Retry-After': String(proxy.limits.retryAfterS) });
+  const grant: Grant = {
+    id: newToken(), clientId: client.id, audience: code.audience, accessHash: '', accessExpiresMs: 0,
+    refreshHash: '', previousRefreshHash: null, retiredRefreshHashes: [], refreshExpiresMs: 0, createdAtMs: Date.now(),
+  };
+  code.grantId = grant.id;
+  issueTokens(proxy, oauth, grant, res);
+}
+
+/**
+ * Refresh tokens rotate on every use (OAuth 2.1 §4.3.1). The token just replaced stays valid until its
+ * successor is first used, so a response lost on the way does not log the client out; a token presented
+ * after that was stolen or replayed, and the whole grant is revoked.
+ */
+function refreshGrant(proxy: Proxy, oauth: OAuth, client: OAuthClient, params: TokenParams, res: http.ServerResponse): void {
+  const presented = hashToken(params.get('refresh_token') ?? '');
+  const grant = oauth.byRefresh.get(presented);
+  if (!grant) {
+    const stolen = oauth.byRetired.get(presented);
+    if (stolen) {
+      revokeGrant(oauth, stolen);
+      saveState(oauth);
+      proxy.log.warn('oauth', `a rotated refresh token was used again; revoked the grant of client ${stolen.clientId.slice(0, 8)}…`);
+    }
+    return oauthError(res, 400, 'invalid_grant', 'Unknown, expired or revoked refresh token');
+  }
+  if (grant.clientId !== client.id) return oauthError(res, 400, 'invalid_grant', 'Refresh token of another client');
+  if (grant.refreshExpiresMs < Date.now()) {
+    revokeGrant(oauth, grant);
+    saveState(oauth);
+    return oauthError(res, 400, 'invalid_grant', 'Refresh token expired');
+  }
+  const resource = params.get('resource');
+  if (resource !== null && grant.audience !== '*' && audienceOf(proxy, oauth, resource) !== grant.audience) {
+    return oauthError(res, 400, 'invalid_target', 'resource is not the server this grant is for');
+  }
+  revokeGrant(oauth, grant); // unindex; re-indexed with the new tokens by issueTokens
+  if (presented === grant.refreshHash) {
+    if (grant.previousRefreshHash) grant.retiredRefreshHashes = [...grant.retiredRefreshHashes, grant.previousRefreshHash].slice(-MAX_RETIRED_REFRESH_TOKENS);
+    grant.previousRefreshHash = grant.refreshHash;
+  } else {
+    // The previous token again: the answer carrying the newest was lost. The unused newest is retired.
+    grant.retiredRefreshHashes = [...grant.retiredRefreshHashes, grant.refreshHash].slice(-MAX_RETIRED_REFRESH_TOKENS);
+  }
+  issueTokens(proxy, oauth, grant, res);
+}
+
+function issueTokens(proxy: Proxy, oauth: OAuth, grant: Grant, res: http.ServerResponse): void {
+  const access = newToken();
+  const refresh = newToken();
+  const now = Date.now();
+  grant.accessHash = hashToken(access);
+  grant.accessExpiresMs = now + proxy.limits.accessTokenTtlMs;
+  grant.refreshHash = hashToken(refresh);
+  grant.refreshExpiresMs = now + proxy.limits.refreshTokenTtlMs;
+  indexGrant(oauth, grant);
+  saveState(oauth);
+  sendJson(res, 200, JSON.stringify({
+    access_token: access, token_type: 'Bearer', expires_in: Math.floor(proxy.limits.accessTokenTtlMs / 1000), refresh_token: refresh,
+  }), { 'Cache-Control': 'no-store', Pragma: 'no-cache' });
+}
+
+/** RFC 7009: the grant a token belongs to is revoked; unknown tokens get 200 too (§2.2). */
+async function handleRevoke(proxy: Proxy, oauth: OAuth, req: http.IncomingMessage, res: http.ServerResponse): Promise<void> {
+  if (req.method !== 'POST') return oauthError(res, 405, 'invalid_request', 'POST form-encoded parameters', { Allow: 'POST' });
+  const body = await readFormOrJson(proxy, req, res);
+  if (body === null) return;
+  const params = new URLSearchParams(body);
+  const client = authenticateClient(oauth, req, params);
+  if (!client) return oauthError(res, 401, 'invalid_client', 'Unknown client or wrong secret');
+  const hash = hashToken(params.get('token') ?? '');
+  const grant = oauth.byAccess.get(hash) ?? oauth.byRefresh.get(hash);
+  if (grant && grant.clientId === client.id) {
+    revokeGrant(oauth, grant);
+    saveState(oauth);
+    proxy.log.info('oauth', `client ${client.id.slice(0, 8)}… revoked its grant`);
+  }
+  res.writeHead(200, { 'Cache-Control': 'no-store' }).end();
+}
+
+/** The grant an access token belongs to, while it is valid. */
+function grantOfAccessToken(oauth: OAuth, token: string): Grant | null {
+  const grant = oauth.byAccess.get(hashToken(token));
+  return grant && grant.accessExpiresMs > Date.now() ? grant : null;
+}
+
+function oauthError(res: http.ServerResponse, status: number, error: string, description: string, headers: Record<string, string> = {}): void {
+  sendJson(res, status, JSON.stringify({ error, error_description: description }), { ...headers, 'Cache-Control': 'no-store' });
+}
+
+/** A small body of an OAuth endpoint (form or JSON), bounded by maxOAuthBodyBytes; null when answered. */
+async function readFormOrJson(proxy: Proxy, req: http.IncomingMessage, res: http.ServerResponse): Promise<string | null> {
+  const reserved = { bytes: 0 };
+  try {
+    const body = await readBody(proxy, req, res, reserved, proxy.limits.maxOAuthBodyBytes);
+    return body && body.toString('utf8');
+  } finally {
+    proxy.bodyBytesInFlight -= reserved.bytes;
+  }
+}
+
+/**
+ * The address a request came from, for per-address rate limits. Behind a reverse proxy this is the proxy's
+ * address: all clients then share one budget (forwarding headers are not trusted here).
+ */
+function clientAddress(req: http.IncomingMessage): string {
+  return req.socket.remoteAddress ?? 'unknown';
+}
+
+/** Counts one event in an address's fixed window; false when the window already holds `max`. Bounded map. */
+function countWindow(windows: Map<string, Window>, address: string, max: number, windowMs: number, limits: Limits): boolean {
+  const now = Date.now();
+  let window = windows.get(address);
+  if (!window || now - window.startMs >= windowMs) {
+    if (!window && windows.size >= limits.maxRateLimitedAddresses) windows.delete(windows.keys().next().value!);
+    window = { count: 0, startMs: now };
+    windows.set(address, window);
+  }
+  if (window.count >= max) return false;
+  window.count++;
+  return true;
+}
+
+/** Part of the periodic sweep: expired codes, consents, windows, grants and never-used clients go. */
+function sweepOAuth(oauth: OAuth, limits: Limits, now: number): void {
+  for (const [key, code] of oauth.codes) if (code.expiresMs < now) oauth.codes.delete(key);
+  for (const [key, consent] of oauth.consents) if (consent.expiresMs < now) oauth.consents.delete(key);
+  for (const [key, window] of oauth.failures) if (now - window.startMs >= limits.loginFailureWindowMs) oauth.failures.delete(key);
+  for (const [key, window] of oauth.registrations) if (now - window.startMs >= 60_000) oauth.registrations.delete(key);
+  let changed = false;
+  for (const grant of [...oauth.grants.values()]) {
+    if (grant.refreshExpiresMs < now) {
+      revokeGrant(oauth, grant);
+      changed = true;
+    }
+  }
+  const granted = new Set([...oauth.grants.values()].map((grant) => grant.clientId));
+  for (const client of [...oauth.clients.values()]) {
+    if (!granted.has(client.id) && now - client.createdAtMs > limits.unusedClientMs) {
+      oauth.clients.delete(client.id);
+      changed = true;
+    }
+  }
+  if (changed) saveState(oauth);
+}
+
+/** Routes the authorization server's own endpoints; false when the path is not one of them. */
+function routeOAuth(proxy: Proxy, req: http.IncomingMessage, res: http.ServerResponse, path: string, query: string): Promise<void> | boolean {
+  const oauth = proxy.oauth;
+  if (!oauth) return false;
+  const host = req.headers.host;
+  const prm = '/.well-known/oauth-protected-resource';
+  if (path === prm || path.startsWith(`${prm}/`)) return protectedResourceMetadata(proxy, oauth, host, path.slice(prm.length), res), true;
+  if (path === '/.well-known/oauth-authorization-server' || path === '/.well-known/openid-configuration') return authorizationServerMetadata(oauth, res), true;
+  if (path === '/authorize') return handleAuthorize(proxy, oauth, req, res, query);
+  if (path === '/token') return handleToken(proxy, oauth, req, res);
+  if (path === '/register') return handleRegister(proxy, oauth, req, res);
+  if (path === '/revoke') return handleRevoke(proxy, oauth, req, res);
+  return false;
+}
+
+// ── 9. Lifecycle: start, shutdown ───────────────────────────────────────────────────────────────────────
 
 /** What `startProxy` returns: the running proxy's handle for main() and the tests. */
 export type RunningProxy = {
@@ -2969,23 +3889,34 @@ export async function startProxy(config: Config, start: StartOptions = {}): Prom
   const weak = tokenProblem(options.tokens);
   if (weak) throw new ProxyError('WEAK_TOKEN', weak);
   const loopbackBind = isLoopbackHost(options.host);
-  if (!loopbackBind && options.tokens.length === 0 && !options.allowUnauthenticated) {
+  const log = start.log ?? createLogger(options.logLevel);
+  const oauth = startOAuth(options, log, limits);
+  if (!loopbackBind && options.tokens.length === 0 && !oauth && !options.allowUnauthenticated) {
     throw new ProxyError('UNAUTHENTICATED_PUBLIC_BIND',
       `refusing to serve without authentication on ${options.host}, which is not a loopback address: set a token ` +
       '(--token, --token-file, MCP_PROXY_TOKEN or MCP_PROXY_TOKEN_FILE), bind 127.0.0.1, or accept the risk with ' +
       '--allow-unauthenticated (MCP_PROXY_ALLOW_UNAUTHENTICATED=1)');
   }
-  const secrets = [...new Set([...config.servers.flatMap((server) => server.secrets), ...options.tokens])];
+  const secrets = [...new Set([...config.servers.flatMap((server) => server.secrets), ...options.tokens, ...(options.passphrase ? [options.passphrase] : [])])];
   const proxy: Proxy = {
-    options, limits, log: safeLogger(start.log ?? createLogger(options.logLevel), () => secrets), servers: new Map(),
+    options, limits, log: safeLogger(log, () => secrets), servers: new Map(),
     http: http.createServer({
       requestTimeout: limits.httpRequestTimeoutMs, headersTimeout: limits.headersTimeoutMs,
       keepAliveTimeout: limits.keepAliveTimeoutMs, connectionsCheckingInterval: limits.connectionsCheckIntervalMs,
     }),
     state: 'RUNNING', streams: new Set(), timers: [], startQueue: [], starting: 0,
+<<<<<<< HEAD
     tokens: options.tokens.map(sha256), loopbackBind,
     allowedHosts: new Set([...LOOPBACK_HOSTNAMES, hostnameOf(options.host.includes(':') ? `[${options.host}]` : options.host)]),
     connections: new Set(), backlogged: new Set(), maxConnections: connectionCap(limits.maxConnections), bodyBytesInFlight: 0, heldAnswerBytes: 0,
+=======
+    tokens: options.tokens.map(sha256), oauth, loopbackBind,
+    allowedHosts: new Set([
+      ...LOOPBACK_HOSTNAMES, hostnameOf(options.host.includes(':') ? `[${options.host}]` : options.host),
+      ...(oauth ? [oauth.publicUrl.hostname] : []),
+    ]),
+    connections: new Set(), backlogged: new Set(), maxConnections: connectionCap(limits.maxConnections), bodyBytesInFlight: 0,
+>>>>>>> 89f979e (OAuth 2.1 authorization server (issue 9, in progress): public URL, path/host/root routes, RFC 9728 and RFC 8414 metadata, DCR, consent page with passphrase and CSRF, PKCE S256 codes, audience-bound tokens with rotating refresh tokens, revocation, persisted state (atomic, 0600), hash-password)
     groups: new Map(), closed: null,
   };
   proxy.http.maxHeadersCount = limits.maxHeadersCount;
@@ -3010,6 +3941,21 @@ export async function startProxy(config: Config, start: StartOptions = {}): Prom
     status: () => statusOf(proxy),
     close: () => closeProxy(proxy),
   };
+}
+
+/**
+ * The OAuth server, when the operator set a passphrase. It needs the public URL (never derived from Host or
+ * X-Forwarded-*: a client controls those) and a writable state directory; without them start-up stops.
+ */
+function startOAuth(options: Options, log: Logger, limits: Limits): OAuth | null {
+  if (options.passphrase === undefined) return null;
+  if (!options.publicUrl) {
+    throw new ProxyError('PUBLIC_URL', 'OAuth (MCP_PROXY_PASSWORD is set) needs the public URL clients reach this proxy at: set --public-url https://mcp.example.com (MCP_PROXY_PUBLIC_URL)');
+  }
+  if (!options.passphrase.startsWith(SCRYPT_PREFIX) && options.passphrase.length < MIN_PASSPHRASE_CHARS) {
+    throw new ProxyError('PASSPHRASE', `MCP_PROXY_PASSWORD: a passphrase needs at least ${MIN_PASSPHRASE_CHARS} characters (or an scrypt hash from \`hash-password\`)`);
+  }
+  return createOAuth({ publicUrl: options.publicUrl, baseDomain: options.baseDomain, passphrase: options.passphrase, stateDir: options.stateDir }, safeLogger(log, () => [options.passphrase!]), limits);
 }
 
 /** Every limit is a positive integer: 0 or NaN would disable a bound, or trip it on every request. */
@@ -3065,7 +4011,14 @@ function defaultOptions(): Options {
   return {
     configPath: DEFAULT_CONFIG_PATH, host: DEFAULT_HOST, port: DEFAULT_PORT, tokens: [], allowUnauthenticated: false,
     allowedOrigins: [], corsOrigins: [], logLevel: 'info', packagesDir: undefined,
+    publicUrl: undefined, baseDomain: undefined, passphrase: undefined, stateDir: defaultStateDir(process.env),
   };
+}
+
+/** $XDG_STATE_HOME/remote-mcp-proxy, else ~/.local/state/remote-mcp-proxy (the image sets /data). */
+function defaultStateDir(env: Env): string {
+  if (env.XDG_STATE_HOME) return join(env.XDG_STATE_HOME, PROXY_NAME);
+  return join(env.HOME || homedir(), '.local', 'state', PROXY_NAME);
 }
 
 function stripUndefined(start: StartOptions): Partial<Options> {
@@ -3131,6 +4084,7 @@ function sweep(proxy: Proxy): void {
     }
     for (const up of server.upstreams) expireRequests(up, now);
   }
+  if (proxy.oauth) sweepOAuth(proxy.oauth, proxy.limits, now);
 }
 
 /** A request the child has not answered in requestTimeoutMs: the client gets an error, the child a cancel. */
@@ -3200,9 +4154,9 @@ function closeProxy(proxy: Proxy): Promise<void> {
   return proxy.closed;
 }
 
-// ── 9. CLI and main ─────────────────────────────────────────────────────────────────────────────────────
+// ── 10. CLI and main ────────────────────────────────────────────────────────────────────────────────────
 
-const USAGE = `Usage: node dist/proxy.js [check | healthcheck] [options]
+const USAGE = `Usage: node dist/proxy.js [check | healthcheck | hash-password] [options]
 
 Serves every stdio MCP server of a claude_desktop_config.json-style file at
   http://HOST:PORT/NAME/mcp   (Streamable HTTP)
@@ -3212,6 +4166,7 @@ Commands:
   (none)                     run the proxy
   check                      validate the config and exit (non-zero with the errors)
   healthcheck                GET /healthz on the running proxy; exit 0 if it answers 200
+  hash-password              read a passphrase on stdin, print its scrypt hash for MCP_PROXY_PASSWORD
 
 Options (each also as an environment variable):
   --config PATH              config file                 MCP_PROXY_CONFIG     (default ./config.json)
@@ -3224,24 +4179,33 @@ Options (each also as an environment variable):
   --cors-origin ORIGIN       send CORS headers to ORIGIN, repeatable      MCP_PROXY_CORS_ORIGINS (comma-separated)
   --log-level LEVEL          error | warn | info | debug  MCP_PROXY_LOG_LEVEL  (default info)
   --packages-dir DIR         run \`npx [-y] PKG\` from DIR/node_modules/PKG   MCP_PROXY_PACKAGES_DIR
+
+OAuth for Claude.ai (on when a passphrase is set):
+  MCP_PROXY_PASSWORD         the passphrase the consent page asks for, or its scrypt hash (hash-password)
+  --password-file PATH       the same, from a file                       MCP_PROXY_PASSWORD_FILE
+  --public-url URL           the https origin clients use                MCP_PROXY_PUBLIC_URL
+  --base-domain DOMAIN       also serve NAME.DOMAIN/mcp for each server  MCP_PROXY_BASE_DOMAIN
+  --state-dir DIR            where clients and grants persist            MCP_PROXY_STATE_DIR
+                             (default $XDG_STATE_HOME/remote-mcp-proxy or ~/.local/state/remote-mcp-proxy)
   -h, --help                 show this help
 `;
 
-type CliResult = { command: 'serve' | 'check' | 'help' | 'healthcheck'; options: Options } | { error: string };
+type Command = 'serve' | 'check' | 'help' | 'healthcheck' | 'hash-password';
+type CliResult = { command: Command; options: Options } | { error: string };
 
 const VALUE_FLAGS: ReadonlySet<string> = new Set([
   '--config', '--host', '--port', '--token', '--token-file', '--allow-origin', '--cors-origin', '--log-level',
-  '--packages-dir',
+  '--packages-dir', '--public-url', '--base-domain', '--state-dir', '--password-file',
 ]);
 
 /** Flags win over MCP_PROXY_* variables, which win over the defaults. Pure but for reading a token file. */
 export function parseCli(argv: readonly string[], env: Env, readFile: ReadFile = readUtf8): CliResult {
   const flags = new Map<string, string[]>();
-  let command: 'serve' | 'check' | 'help' | 'healthcheck' = 'serve';
+  let command: Command = 'serve';
   for (let i = 0; i < argv.length; i++) {
     const arg = argv[i];
     if (arg === '-h' || arg === '--help') return { command: 'help', options: defaultOptions() };
-    if (i === 0 && (arg === 'check' || arg === 'healthcheck')) {
+    if (i === 0 && (arg === 'check' || arg === 'healthcheck' || arg === 'hash-password')) {
       command = arg;
       continue;
     }
@@ -3259,7 +4223,7 @@ export function parseCli(argv: readonly string[], env: Env, readFile: ReadFile =
   return buildOptions(command, flags, env, readFile);
 }
 
-function buildOptions(command: 'serve' | 'check' | 'healthcheck', flags: Map<string, string[]>, env: Env, readFile: ReadFile): CliResult {
+function buildOptions(command: Exclude<Command, 'help'>, flags: Map<string, string[]>, env: Env, readFile: ReadFile): CliResult {
   const one = (flag: string, variable: string) => flags.get(flag)?.at(-1) ?? (env[variable] || undefined);
   const list = (flag: string, variable: string) => flags.get(flag) ?? splitList(env[variable]);
   const portText = one('--port', 'MCP_PROXY_PORT') ?? String(DEFAULT_PORT);
@@ -3289,7 +4253,20 @@ function buildOptions(command: 'serve' | 'check' | 'healthcheck', flags: Map<str
     corsOrigins: list('--cors-origin', 'MCP_PROXY_CORS_ORIGINS').map(normalizeOrigin),
     logLevel,
     packagesDir: one('--packages-dir', 'MCP_PROXY_PACKAGES_DIR'),
+    publicUrl: one('--public-url', 'MCP_PROXY_PUBLIC_URL'),
+    baseDomain: one('--base-domain', 'MCP_PROXY_BASE_DOMAIN'),
+    passphrase: undefined,
+    stateDir: one('--state-dir', 'MCP_PROXY_STATE_DIR') ?? defaultStateDir(env),
   };
+  // The passphrase from the environment or a file only: a flag would show it in `ps`.
+  const passphraseFile = one('--password-file', 'MCP_PROXY_PASSWORD_FILE');
+  if (passphraseFile !== undefined) {
+    try {
+      options.passphrase = readFile(passphraseFile, MAX_SECRET_FILE_BYTES).replace(/\r?\n$/, '');
+    } catch (err) {
+      return { error: `--password-file: cannot read ${JSON.stringify(passphraseFile)} (${readFailure(err)})` };
+    }
+  } else if (env.MCP_PROXY_PASSWORD) options.passphrase = env.MCP_PROXY_PASSWORD;
   return { command, options };
 }
 
@@ -3310,6 +4287,7 @@ async function main(): Promise<void> {
   }
   if (cli.command === 'help') return void process.stdout.write(USAGE);
   if (cli.command === 'healthcheck') return healthcheck(cli.options);
+  if (cli.command === 'hash-password') return hashPasswordCommand();
   const log = createLogger(cli.options.logLevel);
   const loaded = loadConfigFile(cli.options.configPath);
   for (const warning of loaded.warnings) log.warn('config', warning);
@@ -3369,10 +4347,15 @@ async function serve(config: Config, options: Options, log: Logger): Promise<voi
     writeStderr(`${PROXY_NAME}: ${err.message}`);
     process.exit(1);
   }
-  const auth = options.tokens.length ? `on (${options.tokens.length} bearer token${options.tokens.length > 1 ? 's' : ''})` : 'OFF';
+  const methods = [
+    ...(options.tokens.length ? [`${options.tokens.length} bearer token${options.tokens.length > 1 ? 's' : ''}`] : []),
+    ...(options.passphrase ? [`OAuth with consent, issuer ${new URL(options.publicUrl!).origin}`] : []),
+  ];
+  const auth = methods.length ? `on (${methods.join(', ')})` : 'OFF';
   log.info('proxy', `listening on ${proxy.url} (${isLoopbackHost(options.host) ? 'loopback only' : 'PUBLIC interface'}), auth ${auth}`);
   for (const server of config.servers) {
-    log.info('proxy', `${server.name}: ${proxy.url}/${server.name}/mcp  ${proxy.url}/${server.name}/sse  (auth ${options.tokens.length ? 'on' : 'off'}${server.sessions === 'per-session' ? ', child per session' : ''})`);
+    const urls = serverUrls(config, options, proxy.url, server.name).join('  ');
+    log.info('proxy', `${server.name}: ${urls}  (auth ${methods.length ? 'on' : 'off'}${server.sessions === 'per-session' ? ', child per session' : ''})`);
   }
   const stop = (signal: NodeJS.Signals) => {
     log.info('proxy', `${signal}: shutting down`);
@@ -3381,6 +4364,33 @@ async function serve(config: Config, options: Options, log: Logger): Promise<voi
   // Every signal whose default would end the process without stopping the children (they lead their own
   // groups, so nothing else would): SIGHUP when the terminal closes, SIGQUIT, SIGUSR2. SIGKILL cannot be caught.
   for (const signal of ['SIGTERM', 'SIGINT', 'SIGHUP', 'SIGQUIT', 'SIGUSR2'] as const) process.once(signal, stop);
+}
+
+/**
+ * Every URL a user may paste for a server: its path route on the public URL (or the listening address), its
+ * host route with a base domain, and the root route when it is the only server.
+ */
+export function serverUrls(config: Config, options: Pick<Options, 'publicUrl' | 'baseDomain'>, listening: string, name: string): string[] {
+  const base = options.publicUrl ? new URL(options.publicUrl).origin : listening;
+  const urls = [`${base}/${name}/mcp`, `${base}/${name}/sse`];
+  if (options.baseDomain && options.publicUrl) {
+    const { protocol, port } = new URL(options.publicUrl);
+    urls.push(`${protocol}//${name}.${options.baseDomain}${port ? `:${port}` : ''}/mcp`);
+  }
+  if (config.servers.length === 1) urls.push(`${base}/mcp`);
+  return urls;
+}
+
+/** Reads a passphrase from stdin (one line) and prints the scrypt form for MCP_PROXY_PASSWORD. */
+async function hashPasswordCommand(): Promise<void> {
+  const chunks: Buffer[] = [];
+  for await (const chunk of process.stdin) chunks.push(chunk as Buffer);
+  const passphrase = Buffer.concat(chunks).toString('utf8').replace(/\r?\n$/, '');
+  if (passphrase.length < MIN_PASSPHRASE_CHARS) {
+    writeStderr(`${PROXY_NAME}: a passphrase needs at least ${MIN_PASSPHRASE_CHARS} characters`);
+    process.exit(2);
+  }
+  process.stdout.write(`${hashPassphrase(passphrase)}\n`);
 }
 
 /** For container HEALTHCHECKs: no shell or curl needed. */
