@@ -33,12 +33,14 @@
 //   2. Types                        7. HTTP: guards, /mcp, /sse, health
 //   3. Small utilities              8. OAuth: metadata, registration, consent, tokens
 //   4. Config: load, validate       9. Lifecycle: start, shutdown
-//   5. Children: spawn, framing, restart, kill    10. CLI and main
+//   5. Children: spawn, framing,   10. Doctor: replay Claude.ai's connect
+//      restart, kill               11. CLI and main
 
 import { spawn, type ChildProcess } from 'node:child_process';
 import { createHash, randomBytes, scryptSync, timingSafeEqual } from 'node:crypto';
 import { closeSync, fsyncSync, mkdirSync, openSync, readSync, realpathSync, renameSync, statSync, writeSync } from 'node:fs';
 import http from 'node:http';
+import https from 'node:https';
 import { isIP, type Socket } from 'node:net';
 import { homedir } from 'node:os';
 import { basename, isAbsolute, join, resolve as resolvePath, sep } from 'node:path';
@@ -4154,9 +4156,268 @@ function closeProxy(proxy: Proxy): Promise<void> {
   return proxy.closed;
 }
 
-// ── 10. CLI and main ────────────────────────────────────────────────────────────────────────────────────
+// ── 10. Doctor: replay Claude.ai's connect ──────────────────────────────────────────────────────────────
+//
+// `doctor [URL]` does against a running proxy what Claude.ai does when a user adds a connector, step by
+// step, and says in plain words which step fails and why: the unauthenticated POST and its 401 challenge,
+// both metadata documents and their exact-match rules, a registration as Claude.ai sends it, the operator's
+// consent (a browser opens the printed URL; the answer comes back to a loopback listener here, RFC 8252), the
+// token, and then initialize and tools/list with it. The grant it made is revoked at the end.
 
-const USAGE = `Usage: node dist/proxy.js [check | healthcheck | hash-password] [options]
+type DoctorOptions = {
+  /** Each HTTP step; Claude.ai allows 10 s for discovery, registration and token requests. */
+  stepTimeoutMs: number;
+  /** How long to wait for the operator to approve in the browser. */
+  consentTimeoutMs: number;
+  out: (line: string) => void;
+};
+
+type HttpAnswer = { status: number; headers: http.IncomingHttpHeaders; text: string };
+
+const DOCTOR_STEP_TIMEOUT_MS = 10_000;
+const DOCTOR_CONSENT_TIMEOUT_MS = 5 * 60_000;
+const DOCTOR_MAX_BODY_BYTES = MIB;
+/** What Claude.ai sends (github.com/anthropics/claude-ai-mcp/issues/76, /473): Accept "*∕*", no version header. */
+const CLAUDE_INITIALIZE = JSON.stringify({
+  jsonrpc: '2.0', id: 0, method: 'initialize',
+  params: { protocolVersion: '2025-11-25', capabilities: {}, clientInfo: { name: 'remote-mcp-proxy doctor', version: PROXY_VERSION } },
+});
+
+/** Runs every step against one endpoint URL; true when all passed. */
+export async function doctor(target: string, options: DoctorOptions): Promise<boolean> {
+  const { out } = options;
+  const pass = (step: string, detail: string) => out(`PASS  ${step}: ${detail}`);
+  const fail = (step: string, why: string) => (out(`FAIL  ${step}: ${why}`), false);
+  let url: URL;
+  try {
+    url = new URL(target);
+  } catch {
+    return fail('URL', `${JSON.stringify(target)} is not a URL`);
+  }
+  if (url.protocol !== 'https:' || (url.port !== '' && url.port !== '443')) {
+    out(`WARN  URL: Claude.ai connects only to https:// on port 443; ${url.origin} will work for other clients only`);
+  }
+  const ask = (method: string, where: string, body?: string, headers: Record<string, string> = {}) =>
+    doctorRequest(method, where, body, headers, options.stepTimeoutMs);
+
+  // 1. The unauthenticated POST, as Claude.ai sends it.
+  const first = await ask('POST', url.href, CLAUDE_INITIALIZE, { 'Content-Type': 'application/json', Accept: '*/*' }).catch(networkError);
+  if (typeof first === 'string') return fail('unauthenticated POST', first);
+  if (first.status === 200) return fail('unauthenticated POST', 'the endpoint answered without any login: anyone who finds the URL can use this server (set MCP_PROXY_PASSWORD and --public-url)');
+  if (first.status !== 401) return fail('unauthenticated POST', `expected 401, got ${first.status}${first.status === 404 ? ' (no MCP endpoint at this URL: check the server name and path)' : ''}`);
+  const challenge = String(first.headers['www-authenticate'] ?? '');
+  const metadataAt = /resource_metadata="([^"]+)"/.exec(challenge)?.[1];
+  if (!metadataAt) {
+    const as = await ask('GET', `${url.origin}/.well-known/oauth-authorization-server`).catch(networkError);
+    const why = typeof as !== 'string' && as.status === 200
+      ? 'OAuth is on, but this path is no MCP endpoint of the proxy (check the server name: /NAME/mcp)'
+      : 'OAuth is off (set MCP_PROXY_PASSWORD and --public-url)';
+    return fail('401 challenge', `WWW-Authenticate is ${JSON.stringify(challenge)}, with no resource_metadata: Claude.ai cannot find how to log in; ${why}`);
+  }
+  if (!/^https?:\/\//.test(metadataAt)) return fail('401 challenge', `resource_metadata ${JSON.stringify(metadataAt)} is not an absolute URL`);
+  if (/error=/.test(challenge)) return fail('401 challenge', 'carries an error although no token was sent (RFC 6750 §3.1)');
+  pass('unauthenticated POST', `401 with resource_metadata ${metadataAt}`);
+
+  // 2. Protected resource metadata: `resource` must be exactly the URL the user pastes.
+  const prm = await askJson(ask, metadataAt);
+  if (typeof prm === 'string') return fail('protected resource metadata', prm);
+  if (prm.resource !== url.href.replace(/\/$/, '') && prm.resource !== url.href) {
+    return fail('protected resource metadata', `resource is ${JSON.stringify(prm.resource)} but you connect to ${url.href}: Claude.ai requires them equal (is --public-url the URL clients use?)`);
+  }
+  const issuer = Array.isArray(prm.authorization_servers) ? prm.authorization_servers[0] : undefined;
+  if (typeof issuer !== 'string') return fail('protected resource metadata', 'authorization_servers names no issuer');
+  const issuerUrl = new URL(issuer);
+  if (issuerUrl.pathname !== '/' && issuerUrl.pathname !== '') return fail('protected resource metadata', `the issuer ${issuer} has a path: Claude.ai looks for metadata only at the origin root`);
+  pass('protected resource metadata', `resource matches; issuer ${issuer}`);
+
+  // 3. Authorization server metadata at the root (RFC 8414 §3).
+  const as = await askJson(ask, `${issuerUrl.origin}/.well-known/oauth-authorization-server`);
+  if (typeof as === 'string') return fail('authorization server metadata', as);
+  const problems = [
+    as.issuer !== issuer.replace(/\/$/, '') && as.issuer !== issuer ? `issuer is ${JSON.stringify(as.issuer)}, not ${issuer}` : '',
+    !(Array.isArray(as.code_challenge_methods_supported) && as.code_challenge_methods_supported.includes('S256')) ? 'S256 PKCE is not advertised' : '',
+    typeof as.registration_endpoint !== 'string' ? 'no registration_endpoint (Claude.ai registers dynamically)' : '',
+    !(Array.isArray(as.token_endpoint_auth_methods_supported) && as.token_endpoint_auth_methods_supported.includes('client_secret_post')) ? 'client_secret_post is not accepted' : '',
+  ].filter(Boolean);
+  if (problems.length) return fail('authorization server metadata', problems.join('; '));
+  pass('authorization server metadata', 'issuer, PKCE S256, registration and client_secret_post as Claude.ai needs');
+
+  // 4–6. Register as Claude.ai does, get the operator's consent, trade the code for a token.
+  const grant = await authorizeInteractively(ask, as, url.href, options);
+  if (typeof grant === 'string') return fail('login', grant);
+  pass('login', 'registered, approved by the operator, token issued');
+
+  // 7. The connect itself, with the token.
+  const auth = { Authorization: `Bearer ${grant.accessToken}`, 'Content-Type': 'application/json', Accept: '*/*' };
+  const init = await ask('POST', url.href, CLAUDE_INITIALIZE, auth).catch(networkError);
+  if (typeof init === 'string' || init.status !== 200) return fail('initialize with the token', typeof init === 'string' ? init : `got ${init.status}`);
+  const session = String(init.headers['mcp-session-id'] ?? '');
+  const withSession = { ...auth, ...(session ? { 'Mcp-Session-Id': session } : {}) };
+  await ask('POST', url.href, '{"jsonrpc":"2.0","method":"notifications/initialized"}', withSession).catch(networkError);
+  const list = await ask('POST', url.href, '{"jsonrpc":"2.0","id":1,"method":"tools/list"}', withSession).catch(networkError);
+  const tools = typeof list === 'string' ? null : toolCount(list);
+  if (tools === null) return fail('tools/list', typeof list === 'string' ? list : `got ${list.status}`);
+  pass('initialize and tools/list', `${tools} tools`);
+  if (session) await ask('DELETE', url.href, undefined, withSession).catch(networkError);
+  await ask('POST', String(as.revocation_endpoint ?? `${issuerUrl.origin}/revoke`), new URLSearchParams({
+    token: grant.refreshToken, client_id: grant.clientId, client_secret: grant.clientSecret,
+  }).toString(), { 'Content-Type': 'application/x-www-form-urlencoded' }).catch(networkError);
+  out(`OK    paste this URL into Claude.ai (Settings → Connectors → Add custom connector): ${url.href}`);
+  return true;
+}
+
+type DoctorGrant = { accessToken: string; refreshToken: string; clientId: string; clientSecret: string };
+
+async function authorizeInteractively(
+  ask: (method: string, where: string, body?: string, headers?: Record<string, string>) => Promise<HttpAnswer>,
+  as: Record<string, unknown>, resource: string, options: DoctorOptions,
+): Promise<DoctorGrant | string> {
+  const callback = await listenForCallback(options.consentTimeoutMs);
+  try {
+    const registered = await ask('POST', String(as.registration_endpoint), JSON.stringify({
+      client_name: 'remote-mcp-proxy doctor', redirect_uris: [callback.uri], token_endpoint_auth_method: 'client_secret_post',
+      grant_types: ['authorization_code', 'refresh_token'], response_types: ['code'],
+    }), { 'Content-Type': 'application/json', Accept: 'application/json' }).catch(networkError);
+    if (typeof registered === 'string') return `registration: ${registered}`;
+    const client = parseJsonObject(registered.text);
+    if (registered.status !== 201 || typeof client?.client_id !== 'string' || typeof client.client_secret !== 'string') {
+      return `registration answered ${registered.status}: ${headOf(registered.text)}`;
+    }
+    const verifier = randomBytes(32).toString('base64url');
+    const state = randomBytes(16).toString('base64url');
+    const authorize = new URL(String(as.authorization_endpoint));
+    for (const [key, value] of Object.entries({
+      response_type: 'code', client_id: client.client_id, redirect_uri: callback.uri, state, resource,
+      code_challenge: createHash('sha256').update(verifier).digest('base64url'), code_challenge_method: 'S256',
+    })) authorize.searchParams.set(key, value);
+    options.out(`ACT   open this URL in a browser on this machine and approve with the proxy's passphrase:\n      ${authorize.href}`);
+    const answer = await callback.result;
+    if (typeof answer === 'string') return answer;
+    if (answer.get('state') !== state) return 'the consent page did not return our state unchanged';
+    const code = answer.get('code');
+    if (!code) return `the consent page answered ${answer.get('error') ?? 'without a code'}${answer.get('error_description') ? `: ${answer.get('error_description')}` : ''}`;
+    const token = await ask('POST', String(as.token_endpoint), new URLSearchParams({
+      grant_type: 'authorization_code', code, code_verifier: verifier, redirect_uri: callback.uri, resource,
+      client_id: client.client_id, client_secret: client.client_secret,
+    }).toString(), { 'Content-Type': 'application/x-www-form-urlencoded', Accept: 'application/json' }).catch(networkError);
+    if (typeof token === 'string') return `token: ${token}`;
+    const tokens = parseJsonObject(token.text);
+    if (token.status !== 200 || typeof tokens?.access_token !== 'string') return `the token endpoint answered ${token.status}: ${headOf(token.text)}`;
+    return { accessToken: tokens.access_token, refreshToken: String(tokens.refresh_token ?? ''), clientId: client.client_id, clientSecret: client.client_secret };
+  } finally {
+    callback.close();
+  }
+}
+
+/** A loopback listener for the authorization response: its redirect URI, and the query it receives (or why not). */
+async function listenForCallback(timeoutMs: number): Promise<{ uri: string; result: Promise<URLSearchParams | string>; close(): void }> {
+  let settle: (value: URLSearchParams | string) => void = () => undefined;
+  const result = new Promise<URLSearchParams | string>((resolve) => (settle = resolve));
+  const server = http.createServer((req, res) => {
+    const url = new URL(req.url ?? '/', 'http://127.0.0.1');
+    if (url.pathname !== '/callback') return void res.writeHead(404).end();
+    res.writeHead(200, { 'Content-Type': 'text/plain; charset=utf-8' }).end('remote-mcp-proxy doctor: done, you can close this tab.');
+    settle(url.searchParams);
+  });
+  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+  const timer = setTimeout(() => settle(`nobody approved within ${Math.round(timeoutMs / 1000)} s`), timeoutMs);
+  const port = (server.address() as { port: number }).port;
+  return {
+    uri: `http://127.0.0.1:${port}/callback`,
+    result,
+    close: () => {
+      clearTimeout(timer);
+      server.close();
+      server.closeAllConnections();
+    },
+  };
+}
+
+async function askJson(ask: (method: string, where: string) => Promise<HttpAnswer>, where: string): Promise<Record<string, unknown> | string> {
+  const answer = await ask('GET', where).catch(networkError);
+  if (typeof answer === 'string') return `${where}: ${answer}`;
+  if (answer.status !== 200) return `${where} answered ${answer.status}`;
+  return parseJsonObject(answer.text) ?? `${where} is not a JSON object`;
+}
+
+function parseJsonObject(text: string): Record<string, any> | null {
+  try {
+    const value = JSON.parse(text);
+    return isObject(value) ? value : null;
+  } catch {
+    return null;
+  }
+}
+
+/** tools/list answered as JSON or as one SSE event. */
+function toolCount(answer: HttpAnswer): number | null {
+  if (answer.status !== 200) return null;
+  const data = String(answer.headers['content-type']).startsWith('text/event-stream')
+    ? answer.text.split('\n').filter((line) => line.startsWith('data:')).map((line) => line.slice(5).trim()).join('')
+    : answer.text;
+  const tools = parseJsonObject(data)?.result?.tools;
+  return Array.isArray(tools) ? tools.length : null;
+}
+
+function networkError(err: unknown): string {
+  const code = (err as NodeJS.ErrnoException).code;
+  if (code === 'ECONNREFUSED') return 'connection refused (is the proxy running, and is this its address?)';
+  if (code === 'ENOTFOUND') return 'the host name does not resolve';
+  if (code === 'TIMEOUT') return 'no answer in time (Claude.ai gives up after 10 s)';
+  return `network error (${code ?? describeError(err)})`;
+}
+
+/** One request with a deadline and a bounded answer; http or https by the URL. */
+function doctorRequest(method: string, where: string, body: string | undefined, headers: Record<string, string>, timeoutMs: number): Promise<HttpAnswer> {
+  return new Promise((resolve, rejectAnswer) => {
+    const url = new URL(where);
+    const request = (url.protocol === 'https:' ? https.request : http.request)(url, { method, headers, timeout: timeoutMs }, (res) => {
+      const chunks: Buffer[] = [];
+      let size = 0;
+      res.on('data', (chunk: Buffer) => {
+        size += chunk.length;
+        if (size <= DOCTOR_MAX_BODY_BYTES) chunks.push(chunk);
+        // An SSE answer stays open: the first complete event is all a step needs.
+        if (String(res.headers['content-type']).startsWith('text/event-stream') && Buffer.concat(chunks).includes('\n\n')) res.destroy();
+      });
+      const done = () => resolve({ status: res.statusCode ?? 0, headers: res.headers, text: Buffer.concat(chunks).toString('utf8') });
+      res.on('end', done);
+      res.on('close', done);
+    });
+    request.on('timeout', () => request.destroy(Object.assign(new Error('timeout'), { code: 'TIMEOUT' })));
+    request.on('error', rejectAnswer);
+    request.end(body);
+  });
+}
+
+/** The endpoints doctor checks without a URL: every server's /mcp on the public URL (or the local address). */
+function doctorTargets(config: Config, options: Options): string[] {
+  const base = options.publicUrl ? new URL(options.publicUrl).origin : `http://${options.host.includes(':') ? `[${options.host}]` : options.host}:${options.port}`;
+  return config.servers.map((server) => `${base}/${server.name}/mcp`);
+}
+
+async function doctorCommand(target: string | undefined, options: Options): Promise<void> {
+  const out = (line: string) => process.stdout.write(`${line}\n`);
+  let targets = target ? [target] : [];
+  if (!target) {
+    const loaded = loadConfigFile(options.configPath);
+    if (!loaded.config) {
+      for (const error of loaded.errors) writeStderr(`error: ${error}`);
+      process.exit(1);
+    }
+    targets = doctorTargets(loaded.config, options);
+  }
+  let ok = true;
+  for (const each of targets) {
+    out(`── ${each}`);
+    ok = (await doctor(each, { stepTimeoutMs: DOCTOR_STEP_TIMEOUT_MS, consentTimeoutMs: DOCTOR_CONSENT_TIMEOUT_MS, out })) && ok;
+  }
+  process.exit(ok ? 0 : 1);
+}
+
+// ── 11. CLI and main ────────────────────────────────────────────────────────────────────────────────────
+
+const USAGE = `Usage: node dist/proxy.js [check | healthcheck | hash-password | doctor [URL]] [options]
 
 Serves every stdio MCP server of a claude_desktop_config.json-style file at
   http://HOST:PORT/NAME/mcp   (Streamable HTTP)
@@ -4167,6 +4428,7 @@ Commands:
   check                      validate the config and exit (non-zero with the errors)
   healthcheck                GET /healthz on the running proxy; exit 0 if it answers 200
   hash-password              read a passphrase on stdin, print its scrypt hash for MCP_PROXY_PASSWORD
+  doctor [URL]               replay Claude.ai's connect against URL (default: every server on --public-url)
 
 Options (each also as an environment variable):
   --config PATH              config file                 MCP_PROXY_CONFIG     (default ./config.json)
@@ -4190,8 +4452,8 @@ OAuth for Claude.ai (on when a passphrase is set):
   -h, --help                 show this help
 `;
 
-type Command = 'serve' | 'check' | 'help' | 'healthcheck' | 'hash-password';
-type CliResult = { command: Command; options: Options } | { error: string };
+type Command = 'serve' | 'check' | 'help' | 'healthcheck' | 'hash-password' | 'doctor';
+type CliResult = { command: Command; options: Options; target?: string } | { error: string };
 
 const VALUE_FLAGS: ReadonlySet<string> = new Set([
   '--config', '--host', '--port', '--token', '--token-file', '--allow-origin', '--cors-origin', '--log-level',
@@ -4202,11 +4464,16 @@ const VALUE_FLAGS: ReadonlySet<string> = new Set([
 export function parseCli(argv: readonly string[], env: Env, readFile: ReadFile = readUtf8): CliResult {
   const flags = new Map<string, string[]>();
   let command: Command = 'serve';
+  let target: string | undefined;
   for (let i = 0; i < argv.length; i++) {
     const arg = argv[i];
     if (arg === '-h' || arg === '--help') return { command: 'help', options: defaultOptions() };
-    if (i === 0 && (arg === 'check' || arg === 'healthcheck' || arg === 'hash-password')) {
+    if (i === 0 && (arg === 'check' || arg === 'healthcheck' || arg === 'hash-password' || arg === 'doctor')) {
       command = arg;
+      continue;
+    }
+    if (i === 1 && command === 'doctor' && !arg.startsWith('-')) {
+      target = arg;
       continue;
     }
     const eq = arg.indexOf('=');
@@ -4220,7 +4487,8 @@ export function parseCli(argv: readonly string[], env: Env, readFile: ReadFile =
     if (value === undefined) return { error: `${name} needs a value` };
     flags.set(name, [...(flags.get(name) ?? []), value]);
   }
-  return buildOptions(command, flags, env, readFile);
+  const built = buildOptions(command, flags, env, readFile);
+  return 'error' in built || target === undefined ? built : { ...built, target };
 }
 
 function buildOptions(command: Exclude<Command, 'help'>, flags: Map<string, string[]>, env: Env, readFile: ReadFile): CliResult {
@@ -4288,6 +4556,7 @@ async function main(): Promise<void> {
   if (cli.command === 'help') return void process.stdout.write(USAGE);
   if (cli.command === 'healthcheck') return healthcheck(cli.options);
   if (cli.command === 'hash-password') return hashPasswordCommand();
+  if (cli.command === 'doctor') return doctorCommand(cli.target, cli.options);
   const log = createLogger(cli.options.logLevel);
   const loaded = loadConfigFile(cli.options.configPath);
   for (const warning of loaded.warnings) log.warn('config', warning);
