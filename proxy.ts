@@ -381,6 +381,8 @@ export type Options = {
   passphrase: string | undefined;
   /** Where OAuth clients and grants persist. */
   stateDir: string;
+  /** A pre-registered OAuth client (id from --oauth-client-id, secret from the environment or a file). */
+  oauthClient: { id: string; secret: string } | undefined;
 };
 
 type ServerState = 'starting' | 'ready' | 'restarting' | 'errored' | 'stopped';
@@ -3058,7 +3060,14 @@ type OAuthClient = {
   redirectUris: string[];
   authMethod: ClientAuthMethod;
   createdAtMs: number;
+  /** Pre-registered by the operator (--oauth-client-id): never evicted, never written to the state file. */
+  preRegistered?: boolean;
 };
+
+/** Where Claude.ai's hosted surfaces send the browser back (Claude's connector docs: auth_callback). */
+const CLAUDE_CALLBACKS: readonly string[] = ['https://claude.ai/api/mcp/auth_callback', 'https://claude.com/api/mcp/auth_callback'];
+/** …and Claude Code (RFC 8252 loopback; any port). */
+const LOOPBACK_CALLBACKS: readonly string[] = ['http://localhost/callback', 'http://127.0.0.1/callback'];
 
 /** What the operator approved: one client, one server (or every server, "*"), with its current tokens. Persisted. */
 type Grant = {
@@ -3114,7 +3123,11 @@ type OAuth = {
   failures: Map<string, Window>;
 };
 
-type OAuthSettings = { publicUrl: string; baseDomain: string | undefined; passphrase: string; stateDir: string };
+type OAuthSettings = {
+  publicUrl: string; baseDomain: string | undefined; passphrase: string; stateDir: string;
+  /** A client the operator registered by hand, for Claude.ai's "OAuth Client ID / Secret" fields. */
+  preRegistered: { id: string; secret: string } | undefined;
+};
 
 /** `scrypt$N$r$p$salt$hash` (base64url), as `hash-password` prints it; anything else is the passphrase itself. */
 const SCRYPT_PREFIX = 'scrypt$';
@@ -3164,6 +3177,14 @@ function createOAuth(settings: OAuthSettings, log: Logger, limits: Limits): OAut
     mkdirSync(settings.stateDir, { recursive: true, mode: 0o700 });
   } catch (err) {
     throw new ProxyError('STATE_DIR', `cannot create the state directory ${JSON.stringify(settings.stateDir)} (${(err as NodeJS.ErrnoException).code ?? 'error'}); set --state-dir (MCP_PROXY_STATE_DIR) to a writable directory`);
+  }
+  // Before loading: grants of the pre-registered client are kept only if their client is known.
+  if (settings.preRegistered) {
+    const { id, secret } = settings.preRegistered;
+    oauth.clients.set(id, {
+      id, secretHash: hashToken(secret), name: `${id} (pre-registered)`, redirectUris: [...CLAUDE_CALLBACKS, ...LOOPBACK_CALLBACKS],
+      authMethod: 'client_secret_post', createdAtMs: Date.now(), preRegistered: true,
+    });
   }
   loadState(oauth, log, limits);
   saveState(oauth); // proves the directory is writable now, not at the first login
@@ -3234,7 +3255,9 @@ function loadState(oauth: OAuth, log: Logger, limits: Limits): void {
   if (!isObject(state) || state.version !== STATE_VERSION || !Array.isArray(state.clients) || !Array.isArray(state.grants)) {
     return moveAside(oauth, log, `not a version ${STATE_VERSION} state file`);
   }
-  for (const client of state.clients as OAuthClient[]) if (isObject(client) && typeof client.id === 'string') oauth.clients.set(client.id, client);
+  for (const client of state.clients as OAuthClient[]) {
+    if (isObject(client) && typeof client.id === 'string' && !oauth.clients.has(client.id)) oauth.clients.set(client.id, client);
+  }
   for (const grant of state.grants as Grant[]) if (isObject(grant) && typeof grant.id === 'string' && oauth.clients.has(grant.clientId)) indexGrant(oauth, grant);
   log.info('oauth', `loaded ${oauth.clients.size} clients and ${oauth.grants.size} grants from ${oauth.statePath}`);
 }
@@ -3251,7 +3274,8 @@ function moveAside(oauth: OAuth, log: Logger, why: string): void {
 
 /** Atomic: a temporary file, fsync'd, renamed over the old one; mode 0600 (it holds token hashes). */
 function saveState(oauth: OAuth): void {
-  const state = { version: STATE_VERSION, clients: [...oauth.clients.values()], grants: [...oauth.grants.values()] };
+  const clients = [...oauth.clients.values()].filter((client) => !client.preRegistered);
+  const state = { version: STATE_VERSION, clients, grants: [...oauth.grants.values()] };
   const temporary = `${oauth.statePath}.${process.pid}.tmp`;
   const fd = openSync(temporary, 'w', 0o600);
   try {
@@ -3484,7 +3508,7 @@ function redirectMatches(client: OAuthClient, uri: string): boolean {
 function evictUnusedClient(oauth: OAuth): boolean {
   const granted = new Set([...oauth.grants.values()].map((grant) => grant.clientId));
   for (const client of oauth.clients.values()) {
-    if (granted.has(client.id)) continue;
+    if (granted.has(client.id) || client.preRegistered) continue;
     oauth.clients.delete(client.id);
     return true;
   }
@@ -3842,7 +3866,7 @@ function sweepOAuth(oauth: OAuth, limits: Limits, now: number): void {
   }
   const granted = new Set([...oauth.grants.values()].map((grant) => grant.clientId));
   for (const client of [...oauth.clients.values()]) {
-    if (!granted.has(client.id) && now - client.createdAtMs > limits.unusedClientMs) {
+    if (!granted.has(client.id) && !client.preRegistered && now - client.createdAtMs > limits.unusedClientMs) {
       oauth.clients.delete(client.id);
       changed = true;
     }
@@ -3899,7 +3923,10 @@ export async function startProxy(config: Config, start: StartOptions = {}): Prom
       '(--token, --token-file, MCP_PROXY_TOKEN or MCP_PROXY_TOKEN_FILE), bind 127.0.0.1, or accept the risk with ' +
       '--allow-unauthenticated (MCP_PROXY_ALLOW_UNAUTHENTICATED=1)');
   }
-  const secrets = [...new Set([...config.servers.flatMap((server) => server.secrets), ...options.tokens, ...(options.passphrase ? [options.passphrase] : [])])];
+  const secrets = [...new Set([
+    ...config.servers.flatMap((server) => server.secrets), ...options.tokens,
+    ...(options.passphrase ? [options.passphrase] : []), ...(options.oauthClient ? [options.oauthClient.secret] : []),
+  ])];
   const proxy: Proxy = {
     options, limits, log: safeLogger(log, () => secrets), servers: new Map(),
     http: http.createServer({
@@ -3957,7 +3984,11 @@ function startOAuth(options: Options, log: Logger, limits: Limits): OAuth | null
   if (!options.passphrase.startsWith(SCRYPT_PREFIX) && options.passphrase.length < MIN_PASSPHRASE_CHARS) {
     throw new ProxyError('PASSPHRASE', `MCP_PROXY_PASSWORD: a passphrase needs at least ${MIN_PASSPHRASE_CHARS} characters (or an scrypt hash from \`hash-password\`)`);
   }
-  return createOAuth({ publicUrl: options.publicUrl, baseDomain: options.baseDomain, passphrase: options.passphrase, stateDir: options.stateDir }, safeLogger(log, () => [options.passphrase!]), limits);
+  if (options.oauthClient && options.oauthClient.secret.length < MIN_TOKEN_CHARS) {
+    throw new ProxyError('WEAK_TOKEN', `MCP_PROXY_OAUTH_CLIENT_SECRET: needs at least ${MIN_TOKEN_CHARS} characters`);
+  }
+  const settings = { publicUrl: options.publicUrl, baseDomain: options.baseDomain, passphrase: options.passphrase, stateDir: options.stateDir, preRegistered: options.oauthClient };
+  return createOAuth(settings, safeLogger(log, () => [options.passphrase!, ...(options.oauthClient ? [options.oauthClient.secret] : [])]), limits);
 }
 
 /** Every limit is a positive integer: 0 or NaN would disable a bound, or trip it on every request. */
@@ -4013,7 +4044,7 @@ function defaultOptions(): Options {
   return {
     configPath: DEFAULT_CONFIG_PATH, host: DEFAULT_HOST, port: DEFAULT_PORT, tokens: [], allowUnauthenticated: false,
     allowedOrigins: [], corsOrigins: [], logLevel: 'info', packagesDir: undefined,
-    publicUrl: undefined, baseDomain: undefined, passphrase: undefined, stateDir: defaultStateDir(process.env),
+    publicUrl: undefined, baseDomain: undefined, passphrase: undefined, stateDir: defaultStateDir(process.env), oauthClient: undefined,
   };
 }
 
@@ -4447,6 +4478,8 @@ OAuth for Claude.ai (on when a passphrase is set):
   --password-file PATH       the same, from a file                       MCP_PROXY_PASSWORD_FILE
   --public-url URL           the https origin clients use                MCP_PROXY_PUBLIC_URL
   --base-domain DOMAIN       also serve NAME.DOMAIN/mcp for each server  MCP_PROXY_BASE_DOMAIN
+  --oauth-client-id ID       a pre-registered client (Claude.ai's Advanced settings); its secret in
+                             MCP_PROXY_OAUTH_CLIENT_SECRET               MCP_PROXY_OAUTH_CLIENT_ID
   --state-dir DIR            where clients and grants persist            MCP_PROXY_STATE_DIR
                              (default $XDG_STATE_HOME/remote-mcp-proxy or ~/.local/state/remote-mcp-proxy)
   -h, --help                 show this help
@@ -4457,7 +4490,7 @@ type CliResult = { command: Command; options: Options; target?: string } | { err
 
 const VALUE_FLAGS: ReadonlySet<string> = new Set([
   '--config', '--host', '--port', '--token', '--token-file', '--allow-origin', '--cors-origin', '--log-level',
-  '--packages-dir', '--public-url', '--base-domain', '--state-dir', '--password-file',
+  '--packages-dir', '--public-url', '--base-domain', '--state-dir', '--password-file', '--oauth-client-id',
 ]);
 
 /** Flags win over MCP_PROXY_* variables, which win over the defaults. Pure but for reading a token file. */
@@ -4525,7 +4558,14 @@ function buildOptions(command: Exclude<Command, 'help'>, flags: Map<string, stri
     baseDomain: one('--base-domain', 'MCP_PROXY_BASE_DOMAIN'),
     passphrase: undefined,
     stateDir: one('--state-dir', 'MCP_PROXY_STATE_DIR') ?? defaultStateDir(env),
+    oauthClient: undefined,
   };
+  const clientId = one('--oauth-client-id', 'MCP_PROXY_OAUTH_CLIENT_ID');
+  if (clientId !== undefined) {
+    const secret = env.MCP_PROXY_OAUTH_CLIENT_SECRET;
+    if (!secret) return { error: '--oauth-client-id: set its secret in MCP_PROXY_OAUTH_CLIENT_SECRET' };
+    options.oauthClient = { id: clientId, secret };
+  }
   // The passphrase from the environment or a file only: a flag would show it in `ps`.
   const passphraseFile = one('--password-file', 'MCP_PROXY_PASSWORD_FILE');
   if (passphraseFile !== undefined) {
