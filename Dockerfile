@@ -71,6 +71,7 @@ COPY --from=builder /src/dist/proxy.js /app/dist/proxy.js
 COPY --from=packages /out/packages /app/packages
 ENV PATH=/opt/venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
     HOME=/data \
+    MCP_PROXY_STATE_DIR=/data \
     MCP_PROXY_HOST=0.0.0.0 \
     MCP_PROXY_PORT=8080 \
     MCP_PROXY_CONFIG=/config/config.json \
@@ -95,6 +96,7 @@ COPY --from=builder --chown=65532:65532 /out/data /data
 # that writes under ~ (HOME is passed to children) does not hit the read-only root.
 ENV PATH=/nodejs/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
     HOME=/data \
+    MCP_PROXY_STATE_DIR=/data \
     MCP_PROXY_HOST=0.0.0.0 \
     MCP_PROXY_PORT=8080 \
     MCP_PROXY_CONFIG=/config/config.json \

@@ -3920,7 +3920,8 @@ export async function startProxy(config: Config, start: StartOptions = {}): Prom
   if (!loopbackBind && options.tokens.length === 0 && !oauth && !options.allowUnauthenticated) {
     throw new ProxyError('UNAUTHENTICATED_PUBLIC_BIND',
       `refusing to serve without authentication on ${options.host}, which is not a loopback address: set a token ` +
-      '(--token, --token-file, MCP_PROXY_TOKEN or MCP_PROXY_TOKEN_FILE), bind 127.0.0.1, or accept the risk with ' +
+      '(--token, --token-file, MCP_PROXY_TOKEN or MCP_PROXY_TOKEN_FILE) or a consent passphrase for OAuth (MCP_PROXY_PASSWORD ' +
+      'with --public-url), bind 127.0.0.1, or accept the risk with ' +
       '--allow-unauthenticated (MCP_PROXY_ALLOW_UNAUTHENTICATED=1)');
   }
   const secrets = [...new Set([
