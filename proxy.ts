@@ -3608,7 +3608,7 @@ function expireOldest(map: Map<string, { expiresMs: number }>): void {
 // The consent page: no scripts, one inline style allowed by its hash, no framing, no caching.
 const CONSENT_CSS = 'body{font:16px/1.5 system-ui,sans-serif;max-width:34em;margin:3em auto;padding:0 1em;color:#111}' +
   'h1{font-size:1.4em}.box{border:1px solid #ccc;border-radius:6px;padding:1em;margin:1em 0}.warn{background:#fff3cd;border-color:#e0b000}' +
-  '.ok{background:#eef7ee}.err{color:#a00;font-weight:bold}code{font-size:1.05em}input[type=password]{width:100%;padding:.4em;font-size:1em}' +
+  '.ok{background:#eef7ee}.err{color:#a00;font-weight:bold}code{font-size:1.05em}input[type=password]{width:100%;box-sizing:border-box;padding:.4em;font-size:1em}' +
   'button{font-size:1em;padding:.4em 1.2em;margin-right:.6em}';
 const CONSENT_CSS_HASH = `'sha256-${createHash('sha256').update(CONSENT_CSS).digest('base64')}'`;
 
@@ -3624,7 +3624,9 @@ function consentPage(res: http.ServerResponse, status: number, body: string, red
     'Content-Security-Policy': `default-src 'none'; style-src ${CONSENT_CSS_HASH}; form-action ${formAction}; frame-ancestors 'none'; base-uri 'none'`,
     'X-Frame-Options': 'DENY',
     'X-Content-Type-Options': 'nosniff',
-    'Referrer-Policy': 'no-referrer',
+    // Not no-referrer: with it the browser sends `Origin: null` on the form's POST, which the Origin check
+    // (rightly) refuses. same-origin sends nothing to other sites.
+    'Referrer-Policy': 'same-origin',
     'Cache-Control': 'no-store',
   });
   res.end(html);
@@ -3648,7 +3650,8 @@ function consentForm(client: OAuthClient, pending: PendingConsent, csrf: string,
     ? '<b>every server</b> of this proxy (the client did not name one)'
     : `the server <b>${escapeHtml(pending.audience)}</b>`;
   return `<h1>Allow ${escapeHtml(client.name)}?</h1>` +
-    `<p>The client <b>${escapeHtml(client.name)}</b> asks to use ${what} on your behalf.</p>${where}` +
+    // The name is the client's own claim; the redirect host below is what identifies it.
+    `<p>A client that calls itself <b>${escapeHtml(client.name)}</b> asks to use ${what} on your behalf.</p>${where}` +
     (error ? `<p class="err">${escapeHtml(error)}</p>` : '') +
     `<form method="post" action="/authorize"><input type="hidden" name="csrf" value="${csrf}">` +
     `<p><label>Passphrase of this proxy<br><input type="password" name="passphrase" autocomplete="current-password" autofocus></label></p>` +
