@@ -41,7 +41,8 @@ import { createHash, randomBytes, scryptSync, timingSafeEqual } from 'node:crypt
 import { closeSync, fsyncSync, mkdirSync, openSync, readSync, realpathSync, renameSync, statSync, writeSync } from 'node:fs';
 import http from 'node:http';
 import https from 'node:https';
-import { isIP, type Socket } from 'node:net';
+import { lookup as dnsLookup } from 'node:dns';
+import { BlockList, isIP, type Socket } from 'node:net';
 import { homedir } from 'node:os';
 import { basename, isAbsolute, join, resolve as resolvePath, sep } from 'node:path';
 import { pathToFileURL } from 'node:url';
@@ -383,6 +384,8 @@ export type Options = {
   stateDir: string;
   /** A pre-registered OAuth client (id from --oauth-client-id, secret from the environment or a file). */
   oauthClient: { id: string; secret: string } | undefined;
+  /** Hosts whose client ID metadata documents may be fetched (off when empty). */
+  clientMetadataHosts: string[];
 };
 
 type ServerState = 'starting' | 'ready' | 'restarting' | 'errored' | 'stopped';
@@ -3062,6 +3065,8 @@ type OAuthClient = {
   createdAtMs: number;
   /** Pre-registered by the operator (--oauth-client-id): never evicted, never written to the state file. */
   preRegistered?: boolean;
+  /** A client ID metadata document's client: when it was fetched (it is fetched again after CIMD_CACHE_MS). */
+  fetchedAtMs?: number;
 };
 
 /** Where Claude.ai's hosted surfaces send the browser back (Claude's connector docs: auth_callback). */
@@ -3111,6 +3116,8 @@ type OAuth = {
   baseDomain: string | undefined;
   checkPassphrase: (candidate: string) => boolean;
   statePath: string;
+  metadataHosts: ReadonlySet<string>;
+  fetchMetadata: MetadataFetcher;
   clients: Map<string, OAuthClient>;
   grants: Map<string, Grant>;
   /** Token hash → grant, for access tokens and live refresh tokens. */
@@ -3123,8 +3130,14 @@ type OAuth = {
   failures: Map<string, Window>;
 };
 
+/** Fetches a client ID metadata document; replaceable only by tests (the real one guards against SSRF). */
+export type MetadataFetcher = (url: URL) => Promise<unknown>;
+
 type OAuthSettings = {
   publicUrl: string; baseDomain: string | undefined; passphrase: string; stateDir: string;
+  /** Hosts whose client ID metadata documents may be fetched; empty: the feature is off. */
+  metadataHosts: readonly string[];
+  fetchMetadata: MetadataFetcher;
   /** A client the operator registered by hand, for Claude.ai's "OAuth Client ID / Secret" fields. */
   preRegistered: { id: string; secret: string } | undefined;
 };
@@ -3170,6 +3183,7 @@ function createOAuth(settings: OAuthSettings, log: Logger, limits: Limits): OAut
   const oauth: OAuth = {
     issuer: publicUrl.origin, publicUrl, baseDomain: settings.baseDomain?.toLowerCase(),
     checkPassphrase: passphraseChecker(settings.passphrase), statePath,
+    metadataHosts: new Set(settings.metadataHosts.map((host) => host.toLowerCase())), fetchMetadata: settings.fetchMetadata,
     clients: new Map(), grants: new Map(), byAccess: new Map(), byRefresh: new Map(), byRetired: new Map(),
     consents: new Map(), codes: new Map(), registrations: new Map(), failures: new Map(),
   };
@@ -3406,6 +3420,7 @@ function authorizationServerMetadata(oauth: OAuth, res: http.ServerResponse): vo
     token_endpoint_auth_methods_supported: CLIENT_AUTH_METHODS,
     revocation_endpoint_auth_methods_supported: CLIENT_AUTH_METHODS,
     authorization_response_iss_parameter_supported: true,
+    ...(oauth.metadataHosts.size ? { client_id_metadata_document_supported: true } : {}),
   }), { 'Cache-Control': 'no-store' });
 }
 
@@ -3530,8 +3545,10 @@ async function handleAuthorize(proxy: Proxy, oauth: OAuth, req: http.IncomingMes
   return answerConsent(proxy, oauth, req, new URLSearchParams(body), res);
 }
 
-function showConsent(proxy: Proxy, oauth: OAuth, params: URLSearchParams, res: http.ServerResponse): void {
-  const client = oauth.clients.get(params.get('client_id') ?? '');
+async function showConsent(proxy: Proxy, oauth: OAuth, params: URLSearchParams, res: http.ServerResponse): Promise<void> {
+  const clientId = params.get('client_id') ?? '';
+  const client = isMetadataUrl(oauth, clientId) ? await metadataClient(proxy, oauth, clientId) : oauth.clients.get(clientId);
+  if (typeof client === 'string') return consentPage(res, 400, errorPage(client));
   if (!client) return consentPage(res, 400, errorPage('This client is not registered with this proxy (it may have expired). Start the connection again from the client.'));
   const redirectUri = params.get('redirect_uri') ?? (client.redirectUris.length === 1 ? client.redirectUris[0] : '');
   if (!redirectMatches(client, redirectUri)) return consentPage(res, 400, errorPage('The redirect URI is not one this client registered.'));
@@ -3553,6 +3570,107 @@ function showConsent(proxy: Proxy, oauth: OAuth, params: URLSearchParams, res: h
   };
   oauth.consents.set(csrf, pending);
   consentPage(res, 200, consentForm(client, pending, csrf, ''), new URL(redirectUri).origin);
+}
+
+// Client ID metadata documents ───────
+//
+// A client may name itself by an https URL whose document lists its name and redirect URIs (spec 2025-11-25
+// basic/authorization §Client ID Metadata Documents). Using one means fetching a URL a stranger chose, so
+// it is off unless the operator names the hosts (--client-metadata-host claude.ai), and the fetch refuses
+// private and loopback addresses (checked on the address actually connected to), redirects, other ports,
+// and answers over CIMD_MAX_BYTES or slower than CIMD_TIMEOUT_MS.
+
+const CIMD_CACHE_MS = 3_600_000;
+const CIMD_TIMEOUT_MS = 5_000;
+const CIMD_MAX_BYTES = 64 * 1024;
+
+/** Addresses a metadata fetch may never reach (RFC 6890 special-purpose ranges). */
+const PRIVATE_ADDRESSES = (() => {
+  const list = new BlockList();
+  for (const [net, prefix] of [['0.0.0.0', 8], ['10.0.0.0', 8], ['100.64.0.0', 10], ['127.0.0.0', 8], ['169.254.0.0', 16], ['172.16.0.0', 12],
+    ['192.0.0.0', 24], ['192.168.0.0', 16], ['198.18.0.0', 15], ['224.0.0.0', 4], ['240.0.0.0', 4]] as const) list.addSubnet(net, prefix, 'ipv4');
+  for (const [net, prefix] of [['::', 127], ['fc00::', 7], ['fe80::', 10], ['ff00::', 8], ['::ffff:0:0', 96], ['64:ff9b::', 96]] as const) list.addSubnet(net, prefix, 'ipv6');
+  return list;
+})();
+
+function isMetadataUrl(oauth: OAuth, clientId: string): boolean {
+  if (oauth.metadataHosts.size === 0 || !clientId.startsWith('https://')) return false;
+  try {
+    const url = new URL(clientId);
+    return url.pathname !== '/' && oauth.metadataHosts.has(url.hostname);
+  } catch {
+    return false;
+  }
+}
+
+/** The client a metadata document describes (fetched, or cached for CIMD_CACHE_MS), or why it cannot be used. */
+async function metadataClient(proxy: Proxy, oauth: OAuth, clientId: string): Promise<OAuthClient | string> {
+  const cached = oauth.clients.get(clientId);
+  if (cached?.fetchedAtMs !== undefined && Date.now() - cached.fetchedAtMs < CIMD_CACHE_MS) return cached;
+  let document: unknown;
+  try {
+    document = await oauth.fetchMetadata(new URL(clientId));
+  } catch (err) {
+    proxy.log.warn('oauth', `client metadata document ${clientId}: ${err instanceof ProxyError ? err.message : describeError(err)}`);
+    return `The client's metadata document could not be fetched: ${err instanceof ProxyError ? err.message : 'network error'}.`;
+  }
+  if (!isObject(document) || document.client_id !== clientId) return "The client's metadata document does not name itself (client_id must equal its URL).";
+  const parsed = parseClientMetadata({ ...document, token_endpoint_auth_method: document.token_endpoint_auth_method ?? 'none' });
+  if (typeof parsed === 'string') return `The client's metadata document is not usable: ${parsed}.`;
+  if (parsed.authMethod !== 'none') return "The client's metadata document asks for a client secret, which a document cannot carry.";
+  if (!cached && oauth.clients.size >= proxy.limits.maxOAuthClients && !evictUnusedClient(oauth)) return 'Too many registered clients; try again later.';
+  const client: OAuthClient = { id: clientId, secretHash: null, createdAtMs: cached?.createdAtMs ?? Date.now(), fetchedAtMs: Date.now(), ...parsed };
+  oauth.clients.set(clientId, client);
+  saveState(oauth);
+  return client;
+}
+
+/** GET over https on port 443 only, to a public address only, no redirects, bounded in time and size. */
+export function fetchClientMetadata(url: URL): Promise<unknown> {
+  return new Promise((resolve, reject) => {
+    if (url.protocol !== 'https:' || (url.port !== '' && url.port !== '443')) return reject(new ProxyError('CIMD', 'not https on port 443'));
+    // An address literal is connected to without a lookup, so it is checked here.
+    const literal = url.hostname.replace(/^\[|\]$/g, '');
+    const family = isIP(literal);
+    if (family !== 0 && PRIVATE_ADDRESSES.check(literal, family === 6 ? 'ipv6' : 'ipv4')) {
+      return reject(new ProxyError('CIMD', `${url.hostname} is a private or loopback address`));
+    }
+    const request = https.request(url, { method: 'GET', headers: { Accept: 'application/json' }, timeout: CIMD_TIMEOUT_MS, lookup: publicOnlyLookup }, (res) => {
+      if (res.statusCode !== 200) {
+        res.resume();
+        return reject(new ProxyError('CIMD', `answered ${res.statusCode}`));
+      }
+      const chunks: Buffer[] = [];
+      let size = 0;
+      res.on('data', (chunk: Buffer) => {
+        size += chunk.length;
+        if (size > CIMD_MAX_BYTES) return request.destroy(new ProxyError('CIMD', `larger than ${CIMD_MAX_BYTES} bytes`));
+        chunks.push(chunk);
+      });
+      res.on('end', () => {
+        try {
+          resolve(JSON.parse(Buffer.concat(chunks).toString('utf8')));
+        } catch {
+          reject(new ProxyError('CIMD', 'not JSON'));
+        }
+      });
+    });
+    request.on('timeout', () => request.destroy(new ProxyError('CIMD', `no answer within ${CIMD_TIMEOUT_MS} ms`)));
+    request.on('error', (err) => reject(err instanceof ProxyError ? err : new ProxyError('CIMD', (err as NodeJS.ErrnoException).code ?? 'network error')));
+    request.end();
+  });
+}
+
+/** dns.lookup that fails for special-purpose addresses: the check holds for the address the socket uses. */
+function publicOnlyLookup(hostname: string, options: object, callback: (...args: any[]) => void): void {
+  dnsLookup(hostname, { ...options, all: true }, (err, addresses) => {
+    if (err) return callback(err);
+    const list = addresses as { address: string; family: number }[];
+    const bad = list.find((entry) => PRIVATE_ADDRESSES.check(entry.address, entry.family === 6 ? 'ipv6' : 'ipv4'));
+    if (bad || list.length === 0) return callback(new ProxyError('CIMD', `${hostname} resolves to a private or loopback address`));
+    if ((options as { all?: boolean }).all) return callback(null, list);
+    callback(null, list[0].address, list[0].family);
+  });
 }
 
 function answerConsent(proxy: Proxy, oauth: OAuth, req: http.IncomingMessage, form: URLSearchParams, res: http.ServerResponse): void {
@@ -3907,7 +4025,12 @@ export type RunningProxy = {
 
 export type ServerStatus = { state: ServerState; pid: number | null; pids: number[]; restarts: number; sessions: number };
 
-export type StartOptions = Partial<Options> & { limits?: Partial<Limits>; log?: Logger };
+export type StartOptions = Partial<Options> & {
+  limits?: Partial<Limits>;
+  log?: Logger;
+  /** Tests only: stands in for the guarded https fetch of client ID metadata documents. */
+  fetchClientMetadata?: MetadataFetcher;
+};
 
 /** Every proxy started and not yet closed, for the crash handler (killAllChildGroups). */
 const LIVE_PROXIES = new Set<Proxy>();
@@ -3919,7 +4042,7 @@ export async function startProxy(config: Config, start: StartOptions = {}): Prom
   if (weak) throw new ProxyError('WEAK_TOKEN', weak);
   const loopbackBind = isLoopbackHost(options.host);
   const log = start.log ?? createLogger(options.logLevel);
-  const oauth = startOAuth(options, log, limits);
+  const oauth = startOAuth(options, log, limits, start.fetchClientMetadata);
   if (!loopbackBind && options.tokens.length === 0 && !oauth && !options.allowUnauthenticated) {
     throw new ProxyError('UNAUTHENTICATED_PUBLIC_BIND',
       `refusing to serve without authentication on ${options.host}, which is not a loopback address: set a token ` +
@@ -3980,7 +4103,7 @@ export async function startProxy(config: Config, start: StartOptions = {}): Prom
  * The OAuth server, when the operator set a passphrase. It needs the public URL (never derived from Host or
  * X-Forwarded-*: a client controls those) and a writable state directory; without them start-up stops.
  */
-function startOAuth(options: Options, log: Logger, limits: Limits): OAuth | null {
+function startOAuth(options: Options, log: Logger, limits: Limits, fetchMetadata?: MetadataFetcher): OAuth | null {
   if (options.passphrase === undefined) return null;
   if (!options.publicUrl) {
     throw new ProxyError('PUBLIC_URL', 'OAuth (MCP_PROXY_PASSWORD is set) needs the public URL clients reach this proxy at: set --public-url https://mcp.example.com (MCP_PROXY_PUBLIC_URL)');
@@ -3991,7 +4114,10 @@ function startOAuth(options: Options, log: Logger, limits: Limits): OAuth | null
   if (options.oauthClient && options.oauthClient.secret.length < MIN_TOKEN_CHARS) {
     throw new ProxyError('WEAK_TOKEN', `MCP_PROXY_OAUTH_CLIENT_SECRET: needs at least ${MIN_TOKEN_CHARS} characters`);
   }
-  const settings = { publicUrl: options.publicUrl, baseDomain: options.baseDomain, passphrase: options.passphrase, stateDir: options.stateDir, preRegistered: options.oauthClient };
+  const settings: OAuthSettings = {
+    publicUrl: options.publicUrl, baseDomain: options.baseDomain, passphrase: options.passphrase, stateDir: options.stateDir,
+    preRegistered: options.oauthClient, metadataHosts: options.clientMetadataHosts, fetchMetadata: fetchMetadata ?? fetchClientMetadata,
+  };
   return createOAuth(settings, safeLogger(log, () => [options.passphrase!, ...(options.oauthClient ? [options.oauthClient.secret] : [])]), limits);
 }
 
@@ -4049,6 +4175,7 @@ function defaultOptions(): Options {
     configPath: DEFAULT_CONFIG_PATH, host: DEFAULT_HOST, port: DEFAULT_PORT, tokens: [], allowUnauthenticated: false,
     allowedOrigins: [], corsOrigins: [], logLevel: 'info', packagesDir: undefined,
     publicUrl: undefined, baseDomain: undefined, passphrase: undefined, stateDir: defaultStateDir(process.env), oauthClient: undefined,
+    clientMetadataHosts: [],
   };
 }
 
@@ -4060,7 +4187,9 @@ function defaultStateDir(env: Env): string {
 
 function stripUndefined(start: StartOptions): Partial<Options> {
   const out: Record<string, unknown> = {};
-  for (const [key, value] of Object.entries(start)) if (value !== undefined && key !== 'limits' && key !== 'log') out[key] = value;
+  for (const [key, value] of Object.entries(start)) {
+    if (value !== undefined && key !== 'limits' && key !== 'log' && key !== 'fetchClientMetadata') out[key] = value;
+  }
   const options = out as Partial<Options>;
   if (options.allowedOrigins) options.allowedOrigins = options.allowedOrigins.map(normalizeOrigin);
   if (options.corsOrigins) options.corsOrigins = options.corsOrigins.map(normalizeOrigin);
@@ -4484,6 +4613,8 @@ OAuth for Claude.ai (on when a passphrase is set):
   --base-domain DOMAIN       also serve NAME.DOMAIN/mcp for each server  MCP_PROXY_BASE_DOMAIN
   --oauth-client-id ID       a pre-registered client (Claude.ai's Advanced settings); its secret in
                              MCP_PROXY_OAUTH_CLIENT_SECRET               MCP_PROXY_OAUTH_CLIENT_ID
+  --client-metadata-host H   accept client ID metadata documents from H (e.g. claude.ai), repeatable;
+                             off by default: it makes the proxy fetch URLs  MCP_PROXY_CLIENT_METADATA_HOSTS
   --state-dir DIR            where clients and grants persist            MCP_PROXY_STATE_DIR
                              (default $XDG_STATE_HOME/remote-mcp-proxy or ~/.local/state/remote-mcp-proxy)
   -h, --help                 show this help
@@ -4494,7 +4625,7 @@ type CliResult = { command: Command; options: Options; target?: string } | { err
 
 const VALUE_FLAGS: ReadonlySet<string> = new Set([
   '--config', '--host', '--port', '--token', '--token-file', '--allow-origin', '--cors-origin', '--log-level',
-  '--packages-dir', '--public-url', '--base-domain', '--state-dir', '--password-file', '--oauth-client-id',
+  '--packages-dir', '--public-url', '--base-domain', '--state-dir', '--password-file', '--oauth-client-id', '--client-metadata-host',
 ]);
 
 /** Flags win over MCP_PROXY_* variables, which win over the defaults. Pure but for reading a token file. */
@@ -4563,6 +4694,7 @@ function buildOptions(command: Exclude<Command, 'help'>, flags: Map<string, stri
     passphrase: undefined,
     stateDir: one('--state-dir', 'MCP_PROXY_STATE_DIR') ?? defaultStateDir(env),
     oauthClient: undefined,
+    clientMetadataHosts: list('--client-metadata-host', 'MCP_PROXY_CLIENT_METADATA_HOSTS').map((host) => host.toLowerCase()),
   };
   const clientId = one('--oauth-client-id', 'MCP_PROXY_OAUTH_CLIENT_ID');
   if (clientId !== undefined) {
