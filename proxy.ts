@@ -4061,18 +4061,12 @@ export async function startProxy(config: Config, start: StartOptions = {}): Prom
       keepAliveTimeout: limits.keepAliveTimeoutMs, connectionsCheckingInterval: limits.connectionsCheckIntervalMs,
     }),
     state: 'RUNNING', streams: new Set(), timers: [], startQueue: [], starting: 0,
-<<<<<<< HEAD
-    tokens: options.tokens.map(sha256), loopbackBind,
-    allowedHosts: new Set([...LOOPBACK_HOSTNAMES, hostnameOf(options.host.includes(':') ? `[${options.host}]` : options.host)]),
-    connections: new Set(), backlogged: new Set(), maxConnections: connectionCap(limits.maxConnections), bodyBytesInFlight: 0, heldAnswerBytes: 0,
-=======
     tokens: options.tokens.map(sha256), oauth, loopbackBind,
     allowedHosts: new Set([
       ...LOOPBACK_HOSTNAMES, hostnameOf(options.host.includes(':') ? `[${options.host}]` : options.host),
       ...(oauth ? [oauth.publicUrl.hostname] : []),
     ]),
-    connections: new Set(), backlogged: new Set(), maxConnections: connectionCap(limits.maxConnections), bodyBytesInFlight: 0,
->>>>>>> 89f979e (OAuth 2.1 authorization server (issue 9, in progress): public URL, path/host/root routes, RFC 9728 and RFC 8414 metadata, DCR, consent page with passphrase and CSRF, PKCE S256 codes, audience-bound tokens with rotating refresh tokens, revocation, persisted state (atomic, 0600), hash-password)
+    connections: new Set(), backlogged: new Set(), maxConnections: connectionCap(limits.maxConnections), bodyBytesInFlight: 0, heldAnswerBytes: 0,
     groups: new Map(), closed: null,
   };
   proxy.http.maxHeadersCount = limits.maxHeadersCount;
