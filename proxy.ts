@@ -3116,6 +3116,8 @@ type OAuth = {
   baseDomain: string | undefined;
   checkPassphrase: (candidate: string) => boolean;
   statePath: string;
+  maxStateBytes: number;
+  log: Logger;
   metadataHosts: ReadonlySet<string>;
   fetchMetadata: MetadataFetcher;
   clients: Map<string, OAuthClient>;
@@ -3152,9 +3154,10 @@ const TOKEN_BYTES = 32;
 /** RFC 7636 §4.1: the verifier's alphabet and length; §4.2: an S256 challenge is 43 base64url characters. */
 const PKCE_VERIFIER_RE = /^[A-Za-z0-9._~-]{43,128}$/;
 const PKCE_CHALLENGE_RE = /^[A-Za-z0-9_-]{43}$/;
+/** A client's stored metadata stays small (about 3 KB at most), so maxOAuthGrants clients fit the state file. */
 const MAX_CLIENT_NAME_CHARS = 100;
-const MAX_REDIRECT_URIS = 10;
-const MAX_REDIRECT_URI_CHARS = 2000;
+const MAX_REDIRECT_URIS = 5;
+const MAX_REDIRECT_URI_CHARS = 512;
 const MAX_RETIRED_REFRESH_TOKENS = 8;
 /** Redirect hosts the consent page names as Claude's (github.com/anthropics/claude-ai-mcp: auth_callback). */
 const CLAUDE_REDIRECT_HOSTS: ReadonlySet<string> = new Set(['claude.ai', 'claude.com']);
@@ -3182,7 +3185,7 @@ function createOAuth(settings: OAuthSettings, log: Logger, limits: Limits): OAut
   const statePath = join(settings.stateDir, STATE_FILE);
   const oauth: OAuth = {
     issuer: publicUrl.origin, publicUrl, baseDomain: settings.baseDomain?.toLowerCase(),
-    checkPassphrase: passphraseChecker(settings.passphrase), statePath,
+    checkPassphrase: passphraseChecker(settings.passphrase), statePath, maxStateBytes: limits.maxStateFileBytes, log,
     metadataHosts: new Set(settings.metadataHosts.map((host) => host.toLowerCase())), fetchMetadata: settings.fetchMetadata,
     clients: new Map(), grants: new Map(), byAccess: new Map(), byRefresh: new Map(), byRetired: new Map(),
     consents: new Map(), codes: new Map(), registrations: new Map(), failures: new Map(),
@@ -3269,11 +3272,28 @@ function loadState(oauth: OAuth, log: Logger, limits: Limits): void {
   if (!isObject(state) || state.version !== STATE_VERSION || !Array.isArray(state.clients) || !Array.isArray(state.grants)) {
     return moveAside(oauth, log, `not a version ${STATE_VERSION} state file`);
   }
-  for (const client of state.clients as OAuthClient[]) {
-    if (isObject(client) && typeof client.id === 'string' && !oauth.clients.has(client.id)) oauth.clients.set(client.id, client);
-  }
-  for (const grant of state.grants as Grant[]) if (isObject(grant) && typeof grant.id === 'string' && oauth.clients.has(grant.clientId)) indexGrant(oauth, grant);
+  const clients = state.clients as unknown[];
+  const grants = state.grants as unknown[];
+  if (!clients.every(isStoredClient) || !grants.every(isStoredGrant)) return moveAside(oauth, log, 'holds a malformed client or grant');
+  for (const client of clients) if (!oauth.clients.has(client.id)) oauth.clients.set(client.id, client);
+  for (const grant of grants) if (oauth.clients.has(grant.clientId)) indexGrant(oauth, grant);
   log.info('oauth', `loaded ${oauth.clients.size} clients and ${oauth.grants.size} grants from ${oauth.statePath}`);
+}
+
+const HASH_RE = /^[0-9a-f]{64}$/;
+
+function isStoredClient(value: unknown): value is OAuthClient {
+  return isObject(value) && typeof value.id === 'string' && (value.secretHash === null || (typeof value.secretHash === 'string' && HASH_RE.test(value.secretHash))) &&
+    typeof value.name === 'string' && Array.isArray(value.redirectUris) && value.redirectUris.every((uri) => typeof uri === 'string') &&
+    CLIENT_AUTH_METHODS.includes(value.authMethod as ClientAuthMethod) && Number.isFinite(value.createdAtMs);
+}
+
+function isStoredGrant(value: unknown): value is Grant {
+  return isObject(value) && typeof value.id === 'string' && typeof value.clientId === 'string' && typeof value.audience === 'string' &&
+    typeof value.accessHash === 'string' && HASH_RE.test(value.accessHash) && typeof value.refreshHash === 'string' && HASH_RE.test(value.refreshHash) &&
+    (value.previousRefreshHash === null || (typeof value.previousRefreshHash === 'string' && HASH_RE.test(value.previousRefreshHash))) &&
+    Array.isArray(value.retiredRefreshHashes) && value.retiredRefreshHashes.every((hash) => typeof hash === 'string' && HASH_RE.test(hash)) &&
+    Number.isFinite(value.accessExpiresMs) && Number.isFinite(value.refreshExpiresMs) && Number.isFinite(value.createdAtMs);
 }
 
 function moveAside(oauth: OAuth, log: Logger, why: string): void {
@@ -3286,14 +3306,24 @@ function moveAside(oauth: OAuth, log: Logger, why: string): void {
   log.error('oauth', `${oauth.statePath}: ${why}; moved it to ${aside} and started with no grants (clients must log in again)`);
 }
 
-/** Atomic: a temporary file, fsync'd, renamed over the old one; mode 0600 (it holds token hashes). */
+/**
+ * Atomic: a temporary file, fsync'd, renamed over the old one; mode 0600 (it holds token hashes). Only clients
+ * that hold a grant are written: a registration alone costs no write (anyone may register, Claude.ai on every
+ * connection), and one lost in a restart just registers again. So the file holds at most maxOAuthGrants
+ * grants and their clients, each a few KB; it is refused rather than written past maxStateFileBytes.
+ */
 function saveState(oauth: OAuth): void {
-  const clients = [...oauth.clients.values()].filter((client) => !client.preRegistered);
-  const state = { version: STATE_VERSION, clients, grants: [...oauth.grants.values()] };
+  const granted = new Set([...oauth.grants.values()].map((grant) => grant.clientId));
+  const clients = [...oauth.clients.values()].filter((client) => !client.preRegistered && granted.has(client.id));
+  const text = JSON.stringify({ version: STATE_VERSION, clients, grants: [...oauth.grants.values()] });
+  if (Buffer.byteLength(text) > oauth.maxStateBytes) {
+    oauth.log.error('oauth', `state not saved: it would be larger than ${oauth.maxStateBytes} bytes (maxStateFileBytes); grants since the last save are lost on restart`);
+    return;
+  }
   const temporary = `${oauth.statePath}.${process.pid}.tmp`;
   const fd = openSync(temporary, 'w', 0o600);
   try {
-    writeSync(fd, JSON.stringify(state));
+    writeSync(fd, text);
     fsyncSync(fd);
   } finally {
     closeSync(fd);
@@ -3369,9 +3399,14 @@ function resourceUrl(oauth: OAuth, route: Route): string {
   return `${routeOrigin(oauth, route)}${route.prefix}/${route.leaf}`;
 }
 
-/** Where the endpoint's protected resource metadata is: the well-known path inserted before its path (§3.1). */
+/**
+ * Where the endpoint's protected resource metadata is: the well-known path inserted before its path (§3.1).
+ * A legacy POST to /messages belongs to its /sse endpoint: its 401 names that one's metadata, or a client
+ * refreshing a token there finds none and starts over with a new consent.
+ */
 function metadataUrl(oauth: OAuth, route: Route): string {
-  return `${routeOrigin(oauth, route)}/.well-known/oauth-protected-resource${route.prefix}/${route.leaf}`;
+  const leaf = route.leaf === 'messages' ? 'sse' : route.leaf;
+  return `${routeOrigin(oauth, route)}/.well-known/oauth-protected-resource${route.prefix}/${leaf}`;
 }
 
 /** The server a `resource` parameter names (exactly one of our endpoint URLs), or null. */
@@ -3456,8 +3491,7 @@ async function handleRegister(proxy: Proxy, oauth: OAuth, req: http.IncomingMess
   }
   const secret = parsed.authMethod === 'none' ? null : newToken();
   const client: OAuthClient = { id: newToken(), secretHash: secret && hashToken(secret), createdAtMs: Date.now(), ...parsed };
-  oauth.clients.set(client.id, client);
-  saveState(oauth);
+  oauth.clients.set(client.id, client); // written to the state file once it holds a grant (saveState)
   proxy.log.info('oauth', `registered client ${client.id.slice(0, 8)}… (${JSON.stringify(client.name)}, ${client.authMethod})`);
   sendJson(res, 201, JSON.stringify({
     client_id: client.id, ...(secret ? { client_secret: secret, client_secret_expires_at: 0 } : {}),
@@ -3621,7 +3655,6 @@ async function metadataClient(proxy: Proxy, oauth: OAuth, clientId: string): Pro
   if (!cached && oauth.clients.size >= proxy.limits.maxOAuthClients && !evictUnusedClient(oauth)) return 'Too many registered clients; try again later.';
   const client: OAuthClient = { id: clientId, secretHash: null, createdAtMs: cached?.createdAtMs ?? Date.now(), fetchedAtMs: Date.now(), ...parsed };
   oauth.clients.set(clientId, client);
-  saveState(oauth);
   return client;
 }
 
@@ -3941,6 +3974,11 @@ function oauthError(res: http.ServerResponse, status: number, error: string, des
 
 /** A small body of an OAuth endpoint (form or JSON), bounded by maxOAuthBodyBytes; null when answered. */
 async function readFormOrJson(proxy: Proxy, req: http.IncomingMessage, res: http.ServerResponse): Promise<string | null> {
+  if (Number(req.headers['content-length']) > proxy.limits.maxOAuthBodyBytes) {
+    oauthError(res, 413, 'invalid_request', 'Request body too large', { Connection: 'close' });
+    req.resume();
+    return null;
+  }
   const reserved = { bytes: 0 };
   try {
     const body = await readBody(proxy, req, res, reserved, proxy.limits.maxOAuthBodyBytes);
