@@ -36,6 +36,7 @@
 //   TIMEOUT_MS=10000 per-request timeout;  MAX_MINUTES=40 watchdog for the whole run
 //   OUT=file.json also write the raw results as JSON
 //   PROXY_JS=path  the proxy build to measure (default dist/proxy.js), for A/B runs of two builds
+//   BENCH_TOKEN=t  start our proxy with --token t and send it on every request (the cost of auth; >= 16 chars)
 //   PROXY_NODE_ARGS="--cpu-prof --cpu-prof-dir=/tmp/prof"   extra node flags for the proxy
 //                 (a profile is written when the proxy exits on the SIGTERM the bench sends)
 //
@@ -190,7 +191,7 @@ async function waitReady(cp, port) {
 }
 
 function spawnServerProcess(kind, port) {
-  if (kind === "ours") return startProcess("proxy", NODE, [...PROXY_NODE_ARGS, PROXY, "--config", CONFIG, "--host", "127.0.0.1", "--port", String(port), "--log-level", "warn"]);
+  if (kind === "ours") return startProcess("proxy", NODE, [...PROXY_NODE_ARGS, PROXY, "--config", CONFIG, "--host", "127.0.0.1", "--port", String(port), "--log-level", "warn", ...(process.env.BENCH_TOKEN ? ["--token", process.env.BENCH_TOKEN] : [])]);
   if (kind === "http") return startProcess("http-floor", NODE, [HTTP_FLOOR, "--port", String(port)]);
   if (kind === "relay") return startProcess("relay", NODE, [HTTP_FLOOR, "--port", String(port), "--relay", ECHO]);
   throw new Error(kind);

@@ -164,6 +164,9 @@ function initializeMsg(id, protocolVersion) {
   };
 }
 
+/** BENCH_TOKEN: a bearer token sent on every request (the proxy is started with it), to measure auth's cost. */
+const AUTH = process.env.BENCH_TOKEN ? { Authorization: `Bearer ${process.env.BENCH_TOKEN}` } : {};
+
 class BaseSession {
   constructor(opts) {
     this.opts = opts;
@@ -223,7 +226,7 @@ export class SseSession extends BaseSession {
           port: u.port,
           path: u.pathname + u.search,
           method: "GET",
-          headers: { Accept: "text/event-stream", "Cache-Control": "no-cache" },
+          headers: { Accept: "text/event-stream", "Cache-Control": "no-cache", ...AUTH },
           agent: false, // long-lived: keep it out of the pool
         },
         (res) => {
@@ -303,7 +306,7 @@ export class SseSession extends BaseSession {
     return httpRequestRetry({
       url: this.postUrl,
       method: "POST",
-      headers: { "Content-Type": "application/json" },
+      headers: { "Content-Type": "application/json", ...AUTH },
       body: JSON.stringify(msg),
       agent: this.agent,
       timeoutMs: this.timeoutMs,
@@ -384,6 +387,7 @@ export class StreamableSession extends BaseSession {
     const h = {
       "Content-Type": "application/json",
       Accept: "application/json, text/event-stream",
+      ...AUTH,
       ...extra,
     };
     if (this.sessionId) h["Mcp-Session-Id"] = this.sessionId;
