@@ -5,8 +5,12 @@
 // One child per server is shared by every client session; request ids and progress tokens are rewritten so
 // each response reaches only the session that asked.
 //
-// Needs: listen on one TCP port, spawn the configured commands, read the config file (and secret files it names).
-// Makes no outbound connections and has no runtime dependencies: only `node:` built-ins.
+// With a consent passphrase it is also an OAuth 2.1 authorization server (section 8), so that Claude.ai's
+// connectors can log in; static bearer tokens work beside it.
+//
+// Needs: listen on one TCP port, spawn the configured commands, read the config file (and secret files it
+// names), write its OAuth state file. Makes no outbound connections (the one exception, client ID metadata
+// documents, is off unless the operator names the hosts) and has no runtime dependencies: only `node:` built-ins.
 //
 // Threat model:
 //   - Clients are untrusted: every body, header and id is validated; every buffer, queue, map, connection and
@@ -29,12 +33,12 @@
 //   - Not handled: descendants of a child that call setsid() leave its process group and escape our kill.
 //
 // Contents
-//   1. Limits and defaults          6. Sessions and id routing
-//   2. Types                        7. HTTP: guards, /mcp, /sse, health
-//   3. Small utilities              8. OAuth: metadata, registration, consent, tokens
-//   4. Config: load, validate       9. Lifecycle: start, shutdown
-//   5. Children: spawn, framing,   10. Doctor: replay Claude.ai's connect
-//      restart, kill               11. CLI and main
+//   1. Limits and defaults                7. HTTP: guards, /mcp, /sse, health
+//   2. Types                              8. OAuth: metadata, registration, consent, tokens
+//   3. Small utilities                    9. Lifecycle: start, shutdown
+//   4. Config: load, validate            10. Doctor: replay Claude.ai's connect
+//   5. Children: spawn, framing, restart, kill
+//   6. Sessions and id routing           11. CLI and main
 
 import { spawn, type ChildProcess } from 'node:child_process';
 import { createHash, randomBytes, scryptSync, timingSafeEqual } from 'node:crypto';
@@ -247,6 +251,12 @@ const TIMER_LIMITS: ReadonlySet<string> = new Set([
 const FEW_CONNECTIONS = 64;
 /** Requests given up on but maybe still running, remembered per child (see Upstream.abandoned). */
 const MAX_ABANDONED_TRACKED = 4096;
+/**
+ * How long a request given up on is presumed to be running still. A child that honours the cancellation stops
+ * at once; one that ignores it and then asks a client something within this time is refused rather than
+ * guessed at. Past it, sampling on a shared child works again (SDK servers never answer a cancelled request).
+ */
+const ABANDONED_GRACE_MS = 30_000;
 /** Static bearer tokens shorter than this are refused: "a" or "" is not a credential. */
 const MIN_TOKEN_CHARS = 16;
 /** The consent passphrase, when given in clear (an scrypt hash has no minimum). */
@@ -485,10 +495,11 @@ type Upstream = {
   lastStderr: string;
   /**
    * Child ids of client requests given up on (cancelled, timed out, their session ended) that the child has
-   * not answered yet: it may still be working for them, so a child→client request could be theirs. Bounded;
-   * past the bound `abandonedOverflow` holds until the child restarts.
+   * not answered yet (child id → when): it may still be working for them, so a child→client request could be
+   * theirs. Each is forgotten when the child answers it late, or after ABANDONED_GRACE_MS (SDK servers never
+   * answer a cancelled request). Bounded; past the bound `abandonedOverflow` holds until the child restarts.
    */
-  abandoned: Set<number>;
+  abandoned: Map<number, number>;
   abandonedOverflow: boolean;
   /** Lines waiting for the end-of-turn write to stdin (non-empty: the write is scheduled), and their size. */
   outQueue: string[];
@@ -1287,7 +1298,7 @@ function newUpstream(server: ServerRuntime): Upstream {
     server, proc: null, state: 'starting', startedAtMs: 0, unstableRestarts: 0, restarts: 0,
     initResult: null, protocolVersion: SUPPORTED_PROTOCOL_VERSIONS[0], nextId: 1,
     pending: new Map(), serverRequests: new Map(), sessions: new Set(), subscriptions: new Map(),
-    restartTimer: null, initTimer: null, waiters: [], owner: null, abandoned: new Set(), abandonedOverflow: false, holdsStartSlot: false, exited: Promise.resolve(), lastStderr: '',
+    restartTimer: null, initTimer: null, waiters: [], owner: null, abandoned: new Map(), abandonedOverflow: false, holdsStartSlot: false, exited: Promise.resolve(), lastStderr: '',
     outQueue: [], outBytes: 0,
   };
 }
@@ -1806,12 +1817,13 @@ function createSession(server: ServerRuntime, transport: Session['transport'], c
   if (!upstream) {
     // One credential cannot hold every child (16 open /sse streams would otherwise keep them all for good):
     // at its share, or at the server's cap, its least recently active session without work gives way.
-    if (childrenHeldBy(server, credential) >= limits.maxChildrenPerCredential && !evictForChild(server, credential)) return null;
-    if (server.upstreams.size >= limits.maxChildrenPerServer && !evictForChild(server, null)) return null;
     // A child given way still runs until it has stopped (up to three kill-grace steps): processes are bounded
-    // at twice the caps, so churning sessions cannot pile up children that ignore their stop.
+    // at twice the caps, so churning sessions cannot pile up children that ignore their stop. Checked first,
+    // so a newcomer that would be refused anyway ends nobody's session.
     if (server.upstreams.size + server.windingDown.size >= 2 * limits.maxChildrenPerServer) return null;
     if (childrenHeldBy(server, credential) + windingDownOf(server, credential) >= 2 * limits.maxChildrenPerCredential) return null;
+    if (childrenHeldBy(server, credential) >= limits.maxChildrenPerCredential && !evictForChild(server, credential)) return null;
+    if (server.upstreams.size >= limits.maxChildrenPerServer && !evictForChild(server, null)) return null;
     upstream = newUpstream(server);
     server.upstreams.add(upstream);
   }
@@ -1917,10 +1929,17 @@ function abortPending(up: Upstream, childId: number, pending: Pending, reason: s
   answerPending(pending, errorText(pending.clientId, code, message));
 }
 
+/** Whether a request given up on may still be running: the ones past ABANDONED_GRACE_MS are forgotten. */
+function stillAbandoned(up: Upstream): boolean {
+  const now = Date.now();
+  for (const [childId, atMs] of up.abandoned) if (now - atMs >= ABANDONED_GRACE_MS) up.abandoned.delete(childId);
+  return up.abandoned.size > 0;
+}
+
 /** Remembers a request given up on while the child may still work on it (see Upstream.abandoned). */
 function noteAbandoned(up: Upstream, childId: number): void {
   if (up.abandoned.size >= MAX_ABANDONED_TRACKED) up.abandonedOverflow = true;
-  else up.abandoned.add(childId);
+  else up.abandoned.set(childId, Date.now());
 }
 
 /** What the client declared that a child→client request needs (its `roots` are never used: see section 2). */
@@ -2233,7 +2252,7 @@ function attributeServerRequest(up: Upstream, method: string): { session: Sessio
       return `${inflight} client requests are in flight on this shared server, so the request's session is not certain; set "sessions": "per-session" for this server to use ${method}`;
     }
     // A request given up on may still be running on the child, and this may be its request.
-    if (up.abandoned.size > 0 || up.abandonedOverflow) {
+    if (stillAbandoned(up) || up.abandonedOverflow) {
       return `a request given up on (cancelled, timed out or of an ended session) may still be running on this shared server, so the request's session is not certain; set "sessions": "per-session" for this server to use ${method}`;
     }
   }
@@ -2392,6 +2411,7 @@ const DETACHED = new WeakMap<Socket, Set<http.ServerResponse>>();
 
 /** False (logged; the caller closes the connection) when it already holds more than its share unread. */
 function roomFor(proxy: Proxy, res: http.ServerResponse): boolean {
+  if (res.req.socket.destroyed) return false; // closed already (logged then): later answers just go nowhere
   const queued = queuedOn(res.req.socket);
   if (queued <= proxy.limits.maxQueuedBytesPerConnection) return true;
   proxy.log.warn('http', `closed a connection with ${queued} bytes unread (maxQueuedBytesPerConnection ${proxy.limits.maxQueuedBytesPerConnection})`);
@@ -2738,6 +2758,7 @@ function onConnection(proxy: Proxy, socket: Socket): void {
   socket.once('close', () => {
     proxy.connections.delete(socket);
     proxy.backlogged.delete(socket);
+    DETACHED.delete(socket);
   });
 }
 
@@ -4816,31 +4837,38 @@ export function installCrashGuard(log: Logger): void {
 }
 
 async function serve(config: Config, options: Options, log: Logger): Promise<void> {
-  let proxy: RunningProxy;
+  // Installed before anything starts: a signal during start-up, with the default action, would end the
+  // process and leave the children already spawned running (they lead their own process groups).
+  let proxy: RunningProxy | null = null;
+  let early: NodeJS.Signals | null = null;
+  const stop = (signal: NodeJS.Signals) => {
+    if (!proxy) return void (early ??= signal);
+    log.info('proxy', `${signal}: shutting down`);
+    proxy.close().then(() => process.exit(0), () => process.exit(1));
+  };
+  // Every signal whose default would end the process without stopping the children: SIGHUP when the
+  // terminal closes, SIGQUIT, SIGUSR2. SIGKILL cannot be caught.
+  for (const signal of ['SIGTERM', 'SIGINT', 'SIGHUP', 'SIGQUIT', 'SIGUSR2'] as const) process.once(signal, stop);
+  let running: RunningProxy;
   try {
-    proxy = await startProxy(config, { ...options, log });
+    running = await startProxy(config, { ...options, log });
   } catch (err) {
     if (!(err instanceof ProxyError)) throw err;
     writeStderr(`${PROXY_NAME}: ${err.message}`);
     process.exit(1);
   }
+  proxy = running;
   const methods = [
     ...(options.tokens.length ? [`${options.tokens.length} bearer token${options.tokens.length > 1 ? 's' : ''}`] : []),
     ...(options.passphrase ? [`OAuth with consent, issuer ${new URL(options.publicUrl!).origin}`] : []),
   ];
   const auth = methods.length ? `on (${methods.join(', ')})` : 'OFF';
-  log.info('proxy', `listening on ${proxy.url} (${isLoopbackHost(options.host) ? 'loopback only' : 'PUBLIC interface'}), auth ${auth}`);
+  log.info('proxy', `listening on ${running.url} (${isLoopbackHost(options.host) ? 'loopback only' : 'PUBLIC interface'}), auth ${auth}`);
   for (const server of config.servers) {
-    const urls = serverUrls(config, options, proxy.url, server.name).join('  ');
+    const urls = serverUrls(config, options, running.url, server.name).join('  ');
     log.info('proxy', `${server.name}: ${urls}  (auth ${methods.length ? 'on' : 'off'}${server.sessions === 'per-session' ? ', child per session' : ''})`);
   }
-  const stop = (signal: NodeJS.Signals) => {
-    log.info('proxy', `${signal}: shutting down`);
-    proxy.close().then(() => process.exit(0), () => process.exit(1));
-  };
-  // Every signal whose default would end the process without stopping the children (they lead their own
-  // groups, so nothing else would): SIGHUP when the terminal closes, SIGQUIT, SIGUSR2. SIGKILL cannot be caught.
-  for (const signal of ['SIGTERM', 'SIGINT', 'SIGHUP', 'SIGQUIT', 'SIGUSR2'] as const) process.once(signal, stop);
+  if (early) stop(early);
 }
 
 /**
