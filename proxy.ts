@@ -155,6 +155,10 @@ export type Limits = {
   registrationsPerMinute: number;
   /** Wrong passphrases per client address per window; past it the consent page answers 429. */
   loginFailuresPerWindow: number;
+  /** …and from all addresses together; past it only addresses with no wrong one may still try. */
+  loginFailuresTotalPerWindow: number;
+  /** Consent pages one client address may open per minute (each holds an entry until answered or expired). */
+  consentPagesPerMinute: number;
   loginFailureWindowMs: number;
   /** Addresses tracked by the two rate limits above. */
   maxRateLimitedAddresses: number;
@@ -211,6 +215,8 @@ export const DEFAULT_LIMITS: Readonly<Limits> = Object.freeze({
   maxOAuthBodyBytes: 16 * 1024,
   registrationsPerMinute: 30,
   loginFailuresPerWindow: 5,
+  loginFailuresTotalPerWindow: 50,
+  consentPagesPerMinute: 30,
   loginFailureWindowMs: 15 * 60_000,
   maxRateLimitedAddresses: 10_000,
   maxStateFileBytes: 8 * MIB,
@@ -396,6 +402,8 @@ export type Options = {
   oauthClient: { id: string; secret: string } | undefined;
   /** Hosts whose client ID metadata documents may be fetched (off when empty). */
   clientMetadataHosts: string[];
+  /** Addresses or CIDR ranges of reverse proxies whose X-Forwarded-For names the client (rate limits). */
+  trustProxy: string[];
 };
 
 type ServerState = 'starting' | 'ready' | 'restarting' | 'errored' | 'stopped';
@@ -425,6 +433,8 @@ type Proxy = {
   tokens: readonly Buffer[];
   /** The OAuth authorization server (section 8), or null when it is off. */
   oauth: OAuth | null;
+  /** Reverse proxies whose X-Forwarded-For is believed (--trust-proxy), or null. */
+  trustedProxies: BlockList | null;
   loopbackBind: boolean;
   /** Hostnames a Host header may name on a loopback bind: the loopback names and the bound address. */
   allowedHosts: ReadonlySet<string>;
@@ -3100,10 +3110,14 @@ type Grant = {
   id: string;
   clientId: string;
   audience: string;
-  accessHash: string;
-  accessExpiresMs: number;
-  /** The newest refresh token, and the one before it: valid until the newest is first used (a lost response). */
-  refreshHash: string;
+  /** Access tokens still valid, the newest few, each until its own expiry: a refresh cuts off no request. */
+  access: { hash: string; expiresMs: number }[];
+  /**
+   * Refresh tokens issued and not yet used: one, or a few when the previous token was presented again (an
+   * answer lost on the way, or two refreshes at once). The first of them to be used retires the others.
+   */
+  refreshHashes: string[];
+  /** The token they were issued for: valid until one of them is first used. */
   previousRefreshHash: string | null;
   /** Refresh tokens rotated out: presenting one again means it leaked, and the grant is revoked. */
   retiredRefreshHashes: string[];
@@ -3141,6 +3155,8 @@ type OAuth = {
   log: Logger;
   metadataHosts: ReadonlySet<string>;
   fetchMetadata: MetadataFetcher;
+  metadataFetches: number;
+  metadataFailures: Map<string, { atMs: number; why: string }>;
   clients: Map<string, OAuthClient>;
   grants: Map<string, Grant>;
   /** Token hash → grant, for access tokens and live refresh tokens. */
@@ -3150,6 +3166,7 @@ type OAuth = {
   consents: Map<string, PendingConsent>;
   codes: Map<string, AuthCode>;
   registrations: Map<string, Window>;
+  consentPages: Map<string, Window>;
   failures: Map<string, Window>;
 };
 
@@ -3170,7 +3187,7 @@ const SCRYPT_PREFIX = 'scrypt$';
 const SCRYPT_PARAMS = { N: 16384, r: 8, p: 1 } as const;
 const SCRYPT_KEY_BYTES = 32;
 const STATE_FILE = 'oauth-state.json';
-const STATE_VERSION = 1;
+const STATE_VERSION = 2;
 const TOKEN_BYTES = 32;
 /** RFC 7636 §4.1: the verifier's alphabet and length; §4.2: an S256 challenge is 43 base64url characters. */
 const PKCE_VERIFIER_RE = /^[A-Za-z0-9._~-]{43,128}$/;
@@ -3180,8 +3197,10 @@ const MAX_CLIENT_NAME_CHARS = 100;
 const MAX_REDIRECT_URIS = 5;
 const MAX_REDIRECT_URI_CHARS = 512;
 const MAX_RETIRED_REFRESH_TOKENS = 8;
-/** Redirect hosts the consent page names as Claude's (github.com/anthropics/claude-ai-mcp: auth_callback). */
-const CLAUDE_REDIRECT_HOSTS: ReadonlySet<string> = new Set(['claude.ai', 'claude.com']);
+/** Successors one refresh token may get before one of them is used (lost answers, concurrent refreshes). */
+const MAX_REFRESH_SUCCESSORS = 4;
+/** Access tokens of one grant valid at once (each refresh adds one; each expires on its own). */
+const MAX_ACCESS_TOKENS = 4;
 
 function hashToken(token: string): string {
   return createHash('sha256').update(token).digest('hex');
@@ -3208,8 +3227,9 @@ function createOAuth(settings: OAuthSettings, log: Logger, limits: Limits): OAut
     issuer: publicUrl.origin, publicUrl, baseDomain: settings.baseDomain?.toLowerCase(),
     checkPassphrase: passphraseChecker(settings.passphrase), statePath, maxStateBytes: limits.maxStateFileBytes, log,
     metadataHosts: new Set(settings.metadataHosts.map((host) => host.toLowerCase())), fetchMetadata: settings.fetchMetadata,
+    metadataFetches: 0, metadataFailures: new Map(),
     clients: new Map(), grants: new Map(), byAccess: new Map(), byRefresh: new Map(), byRetired: new Map(),
-    consents: new Map(), codes: new Map(), registrations: new Map(), failures: new Map(),
+    consents: new Map(), codes: new Map(), registrations: new Map(), consentPages: new Map(), failures: new Map(),
   };
   try {
     mkdirSync(settings.stateDir, { recursive: true, mode: 0o700 });
@@ -3226,6 +3246,9 @@ function createOAuth(settings: OAuthSettings, log: Logger, limits: Limits): OAut
   }
   loadState(oauth, log, limits);
   saveState(oauth); // proves the directory is writable now, not at the first login
+  if ((statSync(settings.stateDir).mode & 0o022) !== 0) {
+    log.warn('oauth', `the state directory ${settings.stateDir} is writable by other users; make it 0700 (it holds token hashes)`);
+  }
   return oauth;
 }
 
@@ -3310,11 +3333,12 @@ function isStoredClient(value: unknown): value is OAuthClient {
 }
 
 function isStoredGrant(value: unknown): value is Grant {
+  const hashes = (list: unknown) => Array.isArray(list) && list.every((hash) => typeof hash === 'string' && HASH_RE.test(hash));
   return isObject(value) && typeof value.id === 'string' && typeof value.clientId === 'string' && typeof value.audience === 'string' &&
-    typeof value.accessHash === 'string' && HASH_RE.test(value.accessHash) && typeof value.refreshHash === 'string' && HASH_RE.test(value.refreshHash) &&
+    Array.isArray(value.access) && value.access.every((a) => isObject(a) && typeof a.hash === 'string' && HASH_RE.test(a.hash) && Number.isFinite(a.expiresMs)) &&
+    hashes(value.refreshHashes) && hashes(value.retiredRefreshHashes) &&
     (value.previousRefreshHash === null || (typeof value.previousRefreshHash === 'string' && HASH_RE.test(value.previousRefreshHash))) &&
-    Array.isArray(value.retiredRefreshHashes) && value.retiredRefreshHashes.every((hash) => typeof hash === 'string' && HASH_RE.test(hash)) &&
-    Number.isFinite(value.accessExpiresMs) && Number.isFinite(value.refreshExpiresMs) && Number.isFinite(value.createdAtMs);
+    Number.isFinite(value.refreshExpiresMs) && Number.isFinite(value.createdAtMs);
 }
 
 function moveAside(oauth: OAuth, log: Logger, why: string): void {
@@ -3341,8 +3365,10 @@ function saveState(oauth: OAuth): void {
     oauth.log.error('oauth', `state not saved: it would be larger than ${oauth.maxStateBytes} bytes (maxStateFileBytes); grants since the last save are lost on restart`);
     return;
   }
-  const temporary = `${oauth.statePath}.${process.pid}.tmp`;
-  const fd = openSync(temporary, 'w', 0o600);
+  // A fresh name, created exclusively ('wx' fails on anything already there, a symlink included) with mode
+  // 0600 from the start: nothing planted in the directory can redirect or widen the write.
+  const temporary = `${oauth.statePath}.${randomBytes(8).toString('hex')}.tmp`;
+  const fd = openSync(temporary, 'wx', 0o600);
   try {
     writeSync(fd, text);
     fsyncSync(fd);
@@ -3354,18 +3380,23 @@ function saveState(oauth: OAuth): void {
 
 function indexGrant(oauth: OAuth, grant: Grant): void {
   oauth.grants.set(grant.id, grant);
-  oauth.byAccess.set(grant.accessHash, grant);
-  oauth.byRefresh.set(grant.refreshHash, grant);
+  for (const access of grant.access) oauth.byAccess.set(access.hash, grant);
+  for (const hash of grant.refreshHashes) oauth.byRefresh.set(hash, grant);
   if (grant.previousRefreshHash) oauth.byRefresh.set(grant.previousRefreshHash, grant);
   for (const retired of grant.retiredRefreshHashes) oauth.byRetired.set(retired, grant);
 }
 
-function revokeGrant(oauth: OAuth, grant: Grant): void {
-  oauth.grants.delete(grant.id);
-  oauth.byAccess.delete(grant.accessHash);
-  oauth.byRefresh.delete(grant.refreshHash);
+/** Removes a grant's tokens from the lookups (to change them, or to revoke it). */
+function unindexGrant(oauth: OAuth, grant: Grant): void {
+  for (const access of grant.access) oauth.byAccess.delete(access.hash);
+  for (const hash of grant.refreshHashes) oauth.byRefresh.delete(hash);
   if (grant.previousRefreshHash) oauth.byRefresh.delete(grant.previousRefreshHash);
   for (const retired of grant.retiredRefreshHashes) oauth.byRetired.delete(retired);
+}
+
+function revokeGrant(oauth: OAuth, grant: Grant): void {
+  oauth.grants.delete(grant.id);
+  unindexGrant(oauth, grant);
 }
 
 // Routes and metadata ───────
@@ -3438,24 +3469,28 @@ function audienceOf(proxy: Proxy, oauth: OAuth, resource: string): string | null
   } catch {
     return null;
   }
-  // RFC 8707 §2: no fragment; scheme and host compare case-insensitively (URL lowercases them).
-  if (url.hash || url.search) return null;
   const route = routeOf(proxy, url.host, url.pathname);
   if (!route || !MCP_LEAVES.has(route.leaf)) return null;
-  return resourceUrl(oauth, route) === `${url.origin}${url.pathname}` ? route.server.config.name : null;
+  // Exactly the endpoint's URL, as written (RFC 8707 §2): only the scheme and host may differ in case. The
+  // URL parser would also accept backslashes, userinfo, dot segments and a query; the text comparison does not.
+  const pathAt = resource.indexOf('/', resource.indexOf('//') + 2);
+  const written = pathAt === -1 ? resource.toLowerCase() : resource.slice(0, pathAt).toLowerCase() + resource.slice(pathAt);
+  return written === resourceUrl(oauth, route) ? route.server.config.name : null;
 }
 
 const MCP_LEAVES: ReadonlySet<string> = new Set(['mcp', 'sse']);
 
 /** RFC 9728 documents, at /.well-known/oauth-protected-resource{endpoint path}, and at the root. */
 function protectedResourceMetadata(proxy: Proxy, oauth: OAuth, host: string | undefined, rest: string, res: http.ServerResponse): void {
+  // The root document names the root route's endpoint (one server, or a host route); with several servers at
+  // the root there is no one resource to name, and clients use the endpoint's own document anyway.
   const route = rest === '' ? routeOf(proxy, host, '/mcp') : routeOf(proxy, host, rest);
-  if (rest !== '' && (!route || !MCP_LEAVES.has(route.leaf))) return reject(res, 404, SERVER_ERROR, 'Not Found');
+  if (!route || !MCP_LEAVES.has(route.leaf)) return reject(res, 404, SERVER_ERROR, 'Not Found');
   const body = {
-    resource: route ? resourceUrl(oauth, route) : oauth.issuer,
+    resource: resourceUrl(oauth, route),
     authorization_servers: [oauth.issuer],
     bearer_methods_supported: ['header'],
-    ...(route ? { resource_name: route.server.config.name } : {}),
+    resource_name: route.server.config.name,
   };
   sendJson(res, 200, JSON.stringify(body), { 'Cache-Control': 'no-store' });
 }
@@ -3494,7 +3529,7 @@ function bearerChallenge(proxy: Proxy, route: Route | null, failure: 'missing' |
 
 async function handleRegister(proxy: Proxy, oauth: OAuth, req: http.IncomingMessage, res: http.ServerResponse): Promise<void> {
   if (req.method !== 'POST') return oauthError(res, 405, 'invalid_request', 'POST a JSON client metadata document', { Allow: 'POST' });
-  if (!countWindow(oauth.registrations, clientAddress(req), proxy.limits.registrationsPerMinute, 60_000, proxy.limits)) {
+  if (!countWindow(oauth.registrations, clientAddress(proxy, req), proxy.limits.registrationsPerMinute, 60_000, proxy.limits)) {
     return oauthError(res, 429, 'slow_down', 'Too many registrations; retry later', { 'Retry-After': '60' });
   }
   const body = await readFormOrJson(proxy, req, res);
@@ -3576,9 +3611,10 @@ function redirectMatches(client: OAuthClient, uri: string): boolean {
 
 /** At the cap, the oldest client that holds no grant gives way (Claude.ai registers on every connection). */
 function evictUnusedClient(oauth: OAuth): boolean {
-  const granted = new Set([...oauth.grants.values()].map((grant) => grant.clientId));
+  // Never one with a grant, an approval form open or a code to exchange: that is someone mid-login.
+  const busy = new Set([...oauth.grants.values(), ...oauth.consents.values(), ...oauth.codes.values()].map((entry) => entry.clientId));
   for (const client of oauth.clients.values()) {
-    if (granted.has(client.id) || client.preRegistered) continue;
+    if (busy.has(client.id) || client.preRegistered) continue;
     oauth.clients.delete(client.id);
     return true;
   }
@@ -3593,7 +3629,12 @@ function evictUnusedClient(oauth: OAuth): boolean {
  * attacker must not be able to bounce the browser anywhere through us.
  */
 async function handleAuthorize(proxy: Proxy, oauth: OAuth, req: http.IncomingMessage, res: http.ServerResponse, query: string): Promise<void> {
-  if (req.method === 'GET') return showConsent(proxy, oauth, new URLSearchParams(query), res);
+  if (req.method === 'GET') {
+    if (!countWindow(oauth.consentPages, clientAddress(proxy, req), proxy.limits.consentPagesPerMinute, 60_000, proxy.limits)) {
+      return consentPage(res, 429, errorPage('Too many authorization requests from your address. Wait a minute.'), undefined, { 'Retry-After': '60' });
+    }
+    return showConsent(proxy, oauth, new URLSearchParams(query), res);
+  }
   if (req.method !== 'POST') return consentPage(res, 405, errorPage('This page takes GET and POST only.'));
   const body = await readFormOrJson(proxy, req, res);
   if (body === null) return;
@@ -3608,7 +3649,9 @@ async function showConsent(proxy: Proxy, oauth: OAuth, params: URLSearchParams, 
   const redirectUri = params.get('redirect_uri') ?? (client.redirectUris.length === 1 ? client.redirectUris[0] : '');
   if (!redirectMatches(client, redirectUri)) return consentPage(res, 400, errorPage('The redirect URI is not one this client registered.'));
   const state = params.get('state');
-  const fail = (error: string, description: string) => redirectWith(res, redirectUri, { error, error_description: description, ...(state ? { state } : {}), iss: oauth.issuer });
+  // Errors are shown here, never redirected: anyone can register a client, so a redirect to its URI would
+  // make this proxy an open redirector (spec basic/authorization: redirect only to trusted URIs).
+  const fail = (error: string, description: string) => consentPage(res, 400, errorPage(`The client's request is invalid (${error}): ${description}.`));
   if (params.get('response_type') !== 'code') return fail('unsupported_response_type', 'response_type must be code');
   if (params.get('code_challenge_method') !== 'S256' || !PKCE_CHALLENGE_RE.test(params.get('code_challenge') ?? '')) {
     return fail('invalid_request', 'PKCE with code_challenge_method S256 is required');
@@ -3617,7 +3660,10 @@ async function showConsent(proxy: Proxy, oauth: OAuth, params: URLSearchParams, 
   const resource = params.get('resource') ?? undefined;
   const audience = resource === undefined ? '*' : audienceOf(proxy, oauth, resource);
   if (audience === null) return fail('invalid_target', 'resource is not an endpoint of this proxy');
-  if (oauth.consents.size >= proxy.limits.maxPendingConsents) expireOldest(oauth.consents);
+  // Full: newcomers wait, and the forms already open (the operator's among them) stay valid.
+  if (oauth.consents.size >= proxy.limits.maxPendingConsents) {
+    return consentPage(res, 503, errorPage('Too many approvals are waiting. Try again in a few minutes.'), undefined, { 'Retry-After': String(proxy.limits.retryAfterS) });
+  }
   const csrf = newToken();
   const pending: PendingConsent = {
     clientId: client.id, redirectUri, state, codeChallenge: params.get('code_challenge')!, audience, resource,
@@ -3636,6 +3682,10 @@ async function showConsent(proxy: Proxy, oauth: OAuth, params: URLSearchParams, 
 // and answers over CIMD_MAX_BYTES or slower than CIMD_TIMEOUT_MS.
 
 const CIMD_CACHE_MS = 3_600_000;
+/** A document that could not be fetched is not tried again for this long. */
+const CIMD_FAILURE_CACHE_MS = 60_000;
+/** Metadata documents fetched at once. */
+const CIMD_MAX_FETCHES = 4;
 const CIMD_TIMEOUT_MS = 5_000;
 const CIMD_MAX_BYTES = 64 * 1024;
 
@@ -3644,7 +3694,8 @@ const PRIVATE_ADDRESSES = (() => {
   const list = new BlockList();
   for (const [net, prefix] of [['0.0.0.0', 8], ['10.0.0.0', 8], ['100.64.0.0', 10], ['127.0.0.0', 8], ['169.254.0.0', 16], ['172.16.0.0', 12],
     ['192.0.0.0', 24], ['192.168.0.0', 16], ['198.18.0.0', 15], ['224.0.0.0', 4], ['240.0.0.0', 4]] as const) list.addSubnet(net, prefix, 'ipv4');
-  for (const [net, prefix] of [['::', 127], ['fc00::', 7], ['fe80::', 10], ['ff00::', 8], ['::ffff:0:0', 96], ['64:ff9b::', 96]] as const) list.addSubnet(net, prefix, 'ipv6');
+  for (const [net, prefix] of [['::', 127], ['fc00::', 7], ['fe80::', 10], ['fec0::', 10], ['ff00::', 8], ['::ffff:0:0', 96],
+    ['64:ff9b::', 96], ['100::', 64], ['2001::', 32], ['2001:db8::', 32], ['2002::', 16]] as const) list.addSubnet(net, prefix, 'ipv6');
   return list;
 })();
 
@@ -3658,16 +3709,29 @@ function isMetadataUrl(oauth: OAuth, clientId: string): boolean {
   }
 }
 
-/** The client a metadata document describes (fetched, or cached for CIMD_CACHE_MS), or why it cannot be used. */
+/**
+ * The client a metadata document describes (fetched, or cached for CIMD_CACHE_MS), or why it cannot be used.
+ * Strangers choose these URLs, so fetches are few at once and a failure is remembered for a while: the proxy
+ * must not become a way to hammer the named host.
+ */
 async function metadataClient(proxy: Proxy, oauth: OAuth, clientId: string): Promise<OAuthClient | string> {
   const cached = oauth.clients.get(clientId);
   if (cached?.fetchedAtMs !== undefined && Date.now() - cached.fetchedAtMs < CIMD_CACHE_MS) return cached;
+  const failed = oauth.metadataFailures.get(clientId);
+  if (failed && Date.now() - failed.atMs < CIMD_FAILURE_CACHE_MS) return failed.why;
+  if (oauth.metadataFetches >= CIMD_MAX_FETCHES) return 'Too many client metadata documents are being fetched; try again shortly.';
   let document: unknown;
+  oauth.metadataFetches++;
   try {
     document = await oauth.fetchMetadata(new URL(clientId));
   } catch (err) {
     proxy.log.warn('oauth', `client metadata document ${clientId}: ${err instanceof ProxyError ? err.message : describeError(err)}`);
-    return `The client's metadata document could not be fetched: ${err instanceof ProxyError ? err.message : 'network error'}.`;
+    const why = `The client's metadata document could not be fetched: ${err instanceof ProxyError ? err.message : 'network error'}.`;
+    if (oauth.metadataFailures.size >= proxy.limits.maxOAuthClients) oauth.metadataFailures.delete(oauth.metadataFailures.keys().next().value!);
+    oauth.metadataFailures.set(clientId, { atMs: Date.now(), why });
+    return why;
+  } finally {
+    oauth.metadataFetches--;
   }
   if (!isObject(document) || document.client_id !== clientId) return "The client's metadata document does not name itself (client_id must equal its URL).";
   const parsed = parseClientMetadata({ ...document, token_endpoint_auth_method: document.token_endpoint_auth_method ?? 'none' });
@@ -3709,6 +3773,9 @@ export function fetchClientMetadata(url: URL): Promise<unknown> {
         }
       });
     });
+    // Node's `timeout` is idle time; a document trickled a byte at a time needs a deadline of its own.
+    const deadline = setTimeout(() => request.destroy(new ProxyError('CIMD', `no answer within ${CIMD_TIMEOUT_MS} ms`)), CIMD_TIMEOUT_MS);
+    request.on('close', () => clearTimeout(deadline));
     request.on('timeout', () => request.destroy(new ProxyError('CIMD', `no answer within ${CIMD_TIMEOUT_MS} ms`)));
     request.on('error', (err) => reject(err instanceof ProxyError ? err : new ProxyError('CIMD', (err as NodeJS.ErrnoException).code ?? 'network error')));
     request.end();
@@ -3737,14 +3804,14 @@ function answerConsent(proxy: Proxy, oauth: OAuth, req: http.IncomingMessage, fo
   if (!client) return consentPage(res, 400, errorPage('This client is no longer registered. Start the connection again from the client.'));
   const done = (params: Record<string, string>) => redirectWith(res, pending.redirectUri, { ...params, state: pending.state, iss: oauth.issuer });
   if (form.get('action') === 'deny') return done({ error: 'access_denied', error_description: 'The operator denied access' });
-  const address = clientAddress(req);
-  const failures = oauth.failures.get(address);
-  if (failures && failures.count >= proxy.limits.loginFailuresPerWindow && Date.now() - failures.startMs < proxy.limits.loginFailureWindowMs) {
+  const address = clientAddress(proxy, req);
+  if (passphraseRefused(proxy, oauth, address)) {
     proxy.log.warn('oauth', `refused a passphrase attempt from ${address}: too many wrong ones`);
     return consentPage(res, 429, errorPage('Too many wrong passphrases. Wait a few minutes, then start again from the client.'), undefined, { 'Retry-After': String(Math.ceil(proxy.limits.loginFailureWindowMs / 1000)) });
   }
   if (!oauth.checkPassphrase(form.get('passphrase') ?? '')) {
     countWindow(oauth.failures, address, Infinity, proxy.limits.loginFailureWindowMs, proxy.limits);
+    countWindow(oauth.failures, ALL_ADDRESSES, Infinity, proxy.limits.loginFailureWindowMs, proxy.limits);
     proxy.log.warn('oauth', `wrong passphrase on the consent page from ${address}`);
     const retry = newToken();
     oauth.consents.set(retry, { ...pending, expiresMs: Date.now() + proxy.limits.consentTtlMs });
@@ -3761,6 +3828,23 @@ function answerConsent(proxy: Proxy, oauth: OAuth, req: http.IncomingMessage, fo
   proxy.log.info('oauth', `operator approved client ${client.id.slice(0, 8)}… (${JSON.stringify(client.name)}) for ${audience === '*' ? 'every server' : audience}`);
   done({ code });
 }
+
+/**
+ * Whether an address may not try the passphrase now: past its own budget of wrong ones, or, once wrong ones
+ * from everywhere pass the proxy-wide budget, any address that has failed at all. An address with no failure
+ * may always try, so strangers guessing cannot lock the operator out; each of their addresses gets only a
+ * few guesses, and with a passphrase of 12+ characters that buys them nothing.
+ */
+function passphraseRefused(proxy: Proxy, oauth: OAuth, address: string): boolean {
+  const { loginFailuresPerWindow, loginFailuresTotalPerWindow, loginFailureWindowMs } = proxy.limits;
+  const live = (window: Window | undefined) => window && Date.now() - window.startMs < loginFailureWindowMs ? window.count : 0;
+  const mine = live(oauth.failures.get(address));
+  if (mine >= loginFailuresPerWindow) return true;
+  return mine > 0 && live(oauth.failures.get(ALL_ADDRESSES)) >= loginFailuresTotalPerWindow;
+}
+
+/** The key of the proxy-wide counter in oauth.failures (no address looks like it). */
+const ALL_ADDRESSES = '*';
 
 function redirectWith(res: http.ServerResponse, uri: string, params: Record<string, string>): void {
   const url = new URL(uri);
@@ -3811,7 +3895,7 @@ function errorPage(message: string): string {
 function consentForm(client: OAuthClient, pending: PendingConsent, csrf: string, error: string): string {
   const redirect = new URL(pending.redirectUri);
   const host = redirect.host;
-  const claude = redirect.protocol === 'https:' && CLAUDE_REDIRECT_HOSTS.has(redirect.hostname);
+  const claude = CLAUDE_CALLBACKS.includes(redirect.href);
   const loopback = LOOPBACK_HOSTNAMES.has(redirect.hostname);
   const where = claude
     ? `<div class="box ok">Sends you back to <b>${escapeHtml(host)}</b>: Claude.</div>`
@@ -3824,6 +3908,7 @@ function consentForm(client: OAuthClient, pending: PendingConsent, csrf: string,
   return `<h1>Allow ${escapeHtml(client.name)}?</h1>` +
     // The name is the client's own claim; the redirect host below is what identifies it.
     `<p>A client that calls itself <b>${escapeHtml(client.name)}</b> asks to use ${what} on your behalf.</p>${where}` +
+    '<p>Approve only if you started this connection yourself, just now.</p>' +
     (error ? `<p class="err">${escapeHtml(error)}</p>` : '') +
     `<form method="post" action="/authorize"><input type="hidden" name="csrf" value="${csrf}">` +
     `<p><label>Passphrase of this proxy<br><input type="password" name="passphrase" autocomplete="current-password" autofocus></label></p>` +
@@ -3905,17 +3990,18 @@ function exchangeCode(proxy: Proxy, oauth: OAuth, client: OAuthClient, params: T
   if (resource !== null && code.resource !== undefined && resource !== code.resource) return oauthError(res, 400, 'invalid_target', 'resource differs from the authorization request');
   if (oauth.grants.size >= proxy.limits.maxOAuthGrants) return oauthError(res, 503, 'temporarily_unavailable', 'Too many grants', { 'Retry-After': String(proxy.limits.retryAfterS) });
   const grant: Grant = {
-    id: newToken(), clientId: client.id, audience: code.audience, accessHash: '', accessExpiresMs: 0,
-    refreshHash: '', previousRefreshHash: null, retiredRefreshHashes: [], refreshExpiresMs: 0, createdAtMs: Date.now(),
+    id: newToken(), clientId: client.id, audience: code.audience, access: [],
+    refreshHashes: [], previousRefreshHash: null, retiredRefreshHashes: [], refreshExpiresMs: 0, createdAtMs: Date.now(),
   };
   code.grantId = grant.id;
   issueTokens(proxy, oauth, grant, res);
 }
 
 /**
- * Refresh tokens rotate on every use (OAuth 2.1 §4.3.1). The token just replaced stays valid until its
- * successor is first used, so a response lost on the way does not log the client out; a token presented
- * after that was stolen or replayed, and the whole grant is revoked.
+ * Refresh tokens rotate on every use (OAuth 2.1 §4.3.1). The token just replaced stays valid until a successor
+ * is first used, so an answer lost on the way, or two refreshes at once (Claude refreshes both ahead of expiry
+ * and on a 401), do not log the client out: each gets a successor, and the first successor used retires the
+ * rest. A token presented after it was retired was stolen or replayed, and the whole grant is revoked.
  */
 function refreshGrant(proxy: Proxy, oauth: OAuth, client: OAuthClient, params: TokenParams, res: http.ServerResponse): void {
   const presented = hashToken(params.get('refresh_token') ?? '');
@@ -3939,14 +4025,15 @@ function refreshGrant(proxy: Proxy, oauth: OAuth, client: OAuthClient, params: T
   if (resource !== null && grant.audience !== '*' && audienceOf(proxy, oauth, resource) !== grant.audience) {
     return oauthError(res, 400, 'invalid_target', 'resource is not the server this grant is for');
   }
-  revokeGrant(oauth, grant); // unindex; re-indexed with the new tokens by issueTokens
-  if (presented === grant.refreshHash) {
-    if (grant.previousRefreshHash) grant.retiredRefreshHashes = [...grant.retiredRefreshHashes, grant.previousRefreshHash].slice(-MAX_RETIRED_REFRESH_TOKENS);
-    grant.previousRefreshHash = grant.refreshHash;
-  } else {
-    // The previous token again: the answer carrying the newest was lost. The unused newest is retired.
-    grant.retiredRefreshHashes = [...grant.retiredRefreshHashes, grant.refreshHash].slice(-MAX_RETIRED_REFRESH_TOKENS);
-  }
+  if (grant.refreshHashes.includes(presented)) {
+    unindexGrant(oauth, grant); // re-indexed with the new tokens by issueTokens
+    const retire = [...grant.refreshHashes.filter((hash) => hash !== presented), ...(grant.previousRefreshHash ? [grant.previousRefreshHash] : [])];
+    grant.retiredRefreshHashes = [...grant.retiredRefreshHashes, ...retire].slice(-MAX_RETIRED_REFRESH_TOKENS);
+    grant.previousRefreshHash = presented;
+    grant.refreshHashes = [];
+  } else if (grant.refreshHashes.length >= MAX_REFRESH_SUCCESSORS) {
+    return oauthError(res, 400, 'invalid_grant', 'This refresh token was replaced; use the newest one');
+  } else unindexGrant(oauth, grant); // the previous token again: one more successor, none retired
   issueTokens(proxy, oauth, grant, res);
 }
 
@@ -3954,9 +4041,9 @@ function issueTokens(proxy: Proxy, oauth: OAuth, grant: Grant, res: http.ServerR
   const access = newToken();
   const refresh = newToken();
   const now = Date.now();
-  grant.accessHash = hashToken(access);
-  grant.accessExpiresMs = now + proxy.limits.accessTokenTtlMs;
-  grant.refreshHash = hashToken(refresh);
+  const issued = { hash: hashToken(access), expiresMs: now + proxy.limits.accessTokenTtlMs };
+  grant.access = [...grant.access.filter((old) => old.expiresMs > now), issued].slice(-MAX_ACCESS_TOKENS);
+  grant.refreshHashes.push(hashToken(refresh));
   grant.refreshExpiresMs = now + proxy.limits.refreshTokenTtlMs;
   indexGrant(oauth, grant);
   saveState(oauth);
@@ -3985,8 +4072,10 @@ async function handleRevoke(proxy: Proxy, oauth: OAuth, req: http.IncomingMessag
 
 /** The grant an access token belongs to, while it is valid. */
 function grantOfAccessToken(oauth: OAuth, token: string): Grant | null {
-  const grant = oauth.byAccess.get(hashToken(token));
-  return grant && grant.accessExpiresMs > Date.now() ? grant : null;
+  const hash = hashToken(token);
+  const grant = oauth.byAccess.get(hash);
+  const access = grant?.access.find((entry) => entry.hash === hash);
+  return grant && access && access.expiresMs > Date.now() ? grant : null;
 }
 
 function oauthError(res: http.ServerResponse, status: number, error: string, description: string, headers: Record<string, string> = {}): void {
@@ -4010,11 +4099,42 @@ async function readFormOrJson(proxy: Proxy, req: http.IncomingMessage, res: http
 }
 
 /**
- * The address a request came from, for per-address rate limits. Behind a reverse proxy this is the proxy's
- * address: all clients then share one budget (forwarding headers are not trusted here).
+ * Who a request came from, for per-address rate limits. X-Forwarded-For is believed only when the connection
+ * comes from a proxy the operator named (--trust-proxy): its rightmost address not itself a trusted proxy.
+ * Without that, behind a reverse proxy every client shares the proxy's address, and one budget. IPv6
+ * addresses count by their /64, which one host usually holds whole.
  */
-function clientAddress(req: http.IncomingMessage): string {
-  return req.socket.remoteAddress ?? 'unknown';
+function clientAddress(proxy: Proxy, req: http.IncomingMessage): string {
+  let address = req.socket.remoteAddress ?? 'unknown';
+  const forwarded = req.headers['x-forwarded-for'];
+  if (proxy.trustedProxies && typeof forwarded === 'string' && isTrusted(proxy.trustedProxies, address)) {
+    const hops = forwarded.split(',').map((hop) => hop.trim()).filter((hop) => isIP(hop) !== 0);
+    while (hops.length > 1 && isTrusted(proxy.trustedProxies, hops[hops.length - 1])) hops.pop();
+    if (hops.length) address = hops[hops.length - 1];
+  }
+  return addressKey(address);
+}
+
+function isTrusted(list: BlockList, address: string): boolean {
+  const family = isIP(address);
+  return family !== 0 && list.check(address, family === 6 ? 'ipv6' : 'ipv4');
+}
+
+function addressKey(address: string): string {
+  const mapped = /^::ffff:(\d+\.\d+\.\d+\.\d+)$/i.exec(address);
+  if (mapped) return mapped[1];
+  if (isIP(address) !== 6) return address;
+  const groups = expandIpv6(address);
+  return groups ? `${groups.slice(0, 4).join(':')}::/64` : address;
+}
+
+/** The eight groups of an IPv6 address (no embedded IPv4), or null. */
+function expandIpv6(address: string): string[] | null {
+  const [head, tail] = address.split('::');
+  const left = head ? head.split(':') : [];
+  const right = tail ? tail.split(':') : [];
+  if (address.includes('.') || (tail === undefined && left.length !== 8)) return null;
+  return [...left, ...Array(8 - left.length - right.length).fill('0'), ...right];
 }
 
 /** Counts one event in an address's fixed window; false when the window already holds `max`. Bounded map. */
@@ -4037,6 +4157,7 @@ function sweepOAuth(oauth: OAuth, limits: Limits, now: number): void {
   for (const [key, consent] of oauth.consents) if (consent.expiresMs < now) oauth.consents.delete(key);
   for (const [key, window] of oauth.failures) if (now - window.startMs >= limits.loginFailureWindowMs) oauth.failures.delete(key);
   for (const [key, window] of oauth.registrations) if (now - window.startMs >= 60_000) oauth.registrations.delete(key);
+  for (const [key, window] of oauth.consentPages) if (now - window.startMs >= 60_000) oauth.consentPages.delete(key);
   let changed = false;
   for (const grant of [...oauth.grants.values()]) {
     if (grant.refreshExpiresMs < now) {
@@ -4066,6 +4187,8 @@ function routeOAuth(proxy: Proxy, req: http.IncomingMessage, res: http.ServerRes
   if (path === '/token') return handleToken(proxy, oauth, req, res);
   if (path === '/register') return handleRegister(proxy, oauth, req, res);
   if (path === '/revoke') return handleRevoke(proxy, oauth, req, res);
+  // Other well-known documents (path-suffixed AS metadata, …) do not exist: 404, not a bearer challenge.
+  if (path.startsWith('/.well-known/')) return reject(res, 404, SERVER_ERROR, 'Not Found'), true;
   return false;
 }
 
@@ -4120,7 +4243,7 @@ export async function startProxy(config: Config, start: StartOptions = {}): Prom
       keepAliveTimeout: limits.keepAliveTimeoutMs, connectionsCheckingInterval: limits.connectionsCheckIntervalMs,
     }),
     state: 'RUNNING', streams: new Set(), timers: [], startQueue: [], starting: 0,
-    tokens: options.tokens.map(sha256), oauth, loopbackBind,
+    tokens: options.tokens.map(sha256), oauth, trustedProxies: trustList(options.trustProxy), loopbackBind,
     allowedHosts: new Set([
       ...LOOPBACK_HOSTNAMES, hostnameOf(options.host.includes(':') ? `[${options.host}]` : options.host),
       ...(oauth ? [oauth.publicUrl.hostname] : []),
@@ -4194,6 +4317,22 @@ function validateLimits(limits: Limits): Limits {
   return limits;
 }
 
+/** --trust-proxy entries (an address, or a CIDR range) as a BlockList; an invalid one stops start-up. */
+function trustList(entries: readonly string[]): BlockList | null {
+  if (entries.length === 0) return null;
+  const list = new BlockList();
+  for (const entry of entries) {
+    const [address, bits] = entry.split('/');
+    const family = isIP(address);
+    const prefix = bits === undefined ? (family === 6 ? 128 : 32) : Number(bits);
+    if (family === 0 || !Number.isInteger(prefix) || prefix < 0 || prefix > (family === 6 ? 128 : 32)) {
+      throw new ProxyError('TRUST_PROXY', `--trust-proxy: got ${JSON.stringify(entry)}, expected an IP address or a CIDR range such as 172.16.0.0/12`);
+    }
+    list.addSubnet(address, prefix, family === 6 ? 'ipv6' : 'ipv4');
+  }
+  return list;
+}
+
 /** Why the static tokens cannot be used, or null. Never quotes a token. */
 function tokenProblem(tokens: readonly string[]): string | null {
   const short = tokens.filter((token) => token.length < MIN_TOKEN_CHARS).length;
@@ -4228,7 +4367,7 @@ function defaultOptions(): Options {
     configPath: DEFAULT_CONFIG_PATH, host: DEFAULT_HOST, port: DEFAULT_PORT, tokens: [], allowUnauthenticated: false,
     allowedOrigins: [], corsOrigins: [], logLevel: 'info', packagesDir: undefined,
     publicUrl: undefined, baseDomain: undefined, passphrase: undefined, stateDir: defaultStateDir(process.env), oauthClient: undefined,
-    clientMetadataHosts: [],
+    clientMetadataHosts: [], trustProxy: [],
   };
 }
 
@@ -4402,7 +4541,8 @@ const CLAUDE_INITIALIZE = JSON.stringify({
 
 /** Runs every step against one endpoint URL; true when all passed. */
 export async function doctor(target: string, options: DoctorOptions): Promise<boolean> {
-  const { out } = options;
+  // Everything printed may come from the server being checked: control characters are escaped.
+  const out = (line: string) => options.out(escapeControl(line));
   const pass = (step: string, detail: string) => out(`PASS  ${step}: ${detail}`);
   const fail = (step: string, why: string) => (out(`FAIL  ${step}: ${why}`), false);
   let url: URL;
@@ -4442,16 +4582,22 @@ export async function doctor(target: string, options: DoctorOptions): Promise<bo
     return fail('protected resource metadata', `resource is ${JSON.stringify(prm.resource)} but you connect to ${url.href}: Claude.ai requires them equal (is --public-url the URL clients use?)`);
   }
   const issuer = Array.isArray(prm.authorization_servers) ? prm.authorization_servers[0] : undefined;
-  if (typeof issuer !== 'string') return fail('protected resource metadata', 'authorization_servers names no issuer');
-  const issuerUrl = new URL(issuer);
+  const issuerUrl = typeof issuer === 'string' ? parseUrl(issuer) : null;
+  if (!issuerUrl) return fail('protected resource metadata', 'authorization_servers names no issuer URL');
   if (issuerUrl.pathname !== '/' && issuerUrl.pathname !== '') return fail('protected resource metadata', `the issuer ${issuer} has a path: Claude.ai looks for metadata only at the origin root`);
+  // The passphrase is typed into the issuer's page: it must be this proxy's own origin (or, for a host route
+  // {name}.{domain}, the public origin {domain}), never a site the checked server merely names.
+  if (!sameSite(issuerUrl, url)) return fail('protected resource metadata', `the issuer ${issuerUrl.origin} is another site than ${url.origin}: not this proxy's login`);
   pass('protected resource metadata', `resource matches; issuer ${issuer}`);
 
   // 3. Authorization server metadata at the root (RFC 8414 §3).
   const as = await askJson(ask, `${issuerUrl.origin}/.well-known/oauth-authorization-server`);
   if (typeof as === 'string') return fail('authorization server metadata', as);
+  const offSite = ['authorization_endpoint', 'token_endpoint', 'registration_endpoint', 'revocation_endpoint']
+    .filter((field) => as[field] !== undefined && parseUrl(String(as[field]))?.origin !== issuerUrl.origin);
   const problems = [
-    as.issuer !== issuer.replace(/\/$/, '') && as.issuer !== issuer ? `issuer is ${JSON.stringify(as.issuer)}, not ${issuer}` : '',
+    as.issuer !== String(issuer).replace(/\/$/, '') && as.issuer !== issuer ? `issuer is ${JSON.stringify(as.issuer)}, not ${issuer}` : '',
+    offSite.length ? `${offSite.join(', ')} not on the issuer's origin ${issuerUrl.origin}` : '',
     !(Array.isArray(as.code_challenge_methods_supported) && as.code_challenge_methods_supported.includes('S256')) ? 'S256 PKCE is not advertised' : '',
     typeof as.registration_endpoint !== 'string' ? 'no registration_endpoint (Claude.ai registers dynamically)' : '',
     !(Array.isArray(as.token_endpoint_auth_methods_supported) && as.token_endpoint_auth_methods_supported.includes('client_secret_post')) ? 'client_secret_post is not accepted' : '',
@@ -4484,6 +4630,21 @@ export async function doctor(target: string, options: DoctorOptions): Promise<bo
 }
 
 type DoctorGrant = { accessToken: string; refreshToken: string; clientId: string; clientSecret: string };
+
+function parseUrl(text: string): URL | null {
+  try {
+    const url = new URL(text);
+    return url.protocol === 'https:' || url.protocol === 'http:' ? url : null;
+  } catch {
+    return null;
+  }
+}
+
+/** The same origin, or the target on a subdomain of the issuer's host (host routes), same scheme. */
+function sameSite(issuer: URL, target: URL): boolean {
+  if (issuer.origin === target.origin) return true;
+  return issuer.protocol === target.protocol && target.hostname.endsWith(`.${issuer.hostname}`);
+}
 
 async function authorizeInteractively(
   ask: (method: string, where: string, body?: string, headers?: Record<string, string>) => Promise<HttpAnswer>,
@@ -4601,6 +4762,9 @@ function doctorRequest(method: string, where: string, body: string | undefined, 
       res.on('end', done);
       res.on('close', done);
     });
+    // `timeout` is idle time only: a server trickling its answer gets a deadline for the whole step.
+    const deadline = setTimeout(() => request.destroy(Object.assign(new Error('timeout'), { code: 'TIMEOUT' })), timeoutMs);
+    request.on('close', () => clearTimeout(deadline));
     request.on('timeout', () => request.destroy(Object.assign(new Error('timeout'), { code: 'TIMEOUT' })));
     request.on('error', rejectAnswer);
     request.end(body);
@@ -4668,6 +4832,8 @@ OAuth for Claude.ai (on when a passphrase is set):
                              MCP_PROXY_OAUTH_CLIENT_SECRET               MCP_PROXY_OAUTH_CLIENT_ID
   --client-metadata-host H   accept client ID metadata documents from H (e.g. claude.ai), repeatable;
                              off by default: it makes the proxy fetch URLs  MCP_PROXY_CLIENT_METADATA_HOSTS
+  --trust-proxy ADDR         believe X-Forwarded-For from this reverse proxy (address or CIDR), for
+                             per-client rate limits; repeatable           MCP_PROXY_TRUST_PROXY
   --state-dir DIR            where clients and grants persist            MCP_PROXY_STATE_DIR
                              (default $XDG_STATE_HOME/remote-mcp-proxy or ~/.local/state/remote-mcp-proxy)
   -h, --help                 show this help
@@ -4678,7 +4844,7 @@ type CliResult = { command: Command; options: Options; target?: string } | { err
 
 const VALUE_FLAGS: ReadonlySet<string> = new Set([
   '--config', '--host', '--port', '--token', '--token-file', '--allow-origin', '--cors-origin', '--log-level',
-  '--packages-dir', '--public-url', '--base-domain', '--state-dir', '--password-file', '--oauth-client-id', '--client-metadata-host',
+  '--packages-dir', '--public-url', '--base-domain', '--state-dir', '--password-file', '--oauth-client-id', '--client-metadata-host', '--trust-proxy',
 ]);
 
 /** Flags win over MCP_PROXY_* variables, which win over the defaults. Pure but for reading a token file. */
@@ -4748,6 +4914,7 @@ function buildOptions(command: Exclude<Command, 'help'>, flags: Map<string, stri
     stateDir: one('--state-dir', 'MCP_PROXY_STATE_DIR') ?? defaultStateDir(env),
     oauthClient: undefined,
     clientMetadataHosts: list('--client-metadata-host', 'MCP_PROXY_CLIENT_METADATA_HOSTS').map((host) => host.toLowerCase()),
+    trustProxy: list('--trust-proxy', 'MCP_PROXY_TRUST_PROXY'),
   };
   const clientId = one('--oauth-client-id', 'MCP_PROXY_OAUTH_CLIENT_ID');
   if (clientId !== undefined) {
