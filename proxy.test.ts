@@ -10,17 +10,21 @@
 import { after, before, describe, it, type TestContext } from 'node:test';
 import assert from 'node:assert/strict';
 import childProcess, { execFile, spawn, type ChildProcess } from 'node:child_process';
+import { createHash, randomBytes } from 'node:crypto';
 import fs from 'node:fs';
 import http from 'node:http';
 import { syncBuiltinESMExports } from 'node:module';
 import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
+import { Readable } from 'node:stream';
 import { fileURLToPath, pathToFileURL } from 'node:url';
 import { Client } from '@modelcontextprotocol/sdk/client/index.js';
 import { StreamableHTTPClientTransport } from '@modelcontextprotocol/sdk/client/streamableHttp.js';
 import { SSEClientTransport } from '@modelcontextprotocol/sdk/client/sse.js';
 import { StdioClientTransport } from '@modelcontextprotocol/sdk/client/stdio.js';
+import { UnauthorizedError, type OAuthClientProvider } from '@modelcontextprotocol/sdk/client/auth.js';
+import type { OAuthClientInformationMixed, OAuthClientMetadata, OAuthTokens } from '@modelcontextprotocol/sdk/shared/auth.js';
 import {
   CreateMessageRequestSchema,
   ElicitRequestSchema,
@@ -28,8 +32,10 @@ import {
   ResourceUpdatedNotificationSchema,
 } from '@modelcontextprotocol/sdk/types.js';
 import fc from 'fast-check';
+import { chromium } from 'playwright-core';
 import {
   DEFAULT_LIMITS,
+  ProxyError,
   SUPPORTED_PROTOCOL_VERSIONS,
   createIdScanner,
   createLineFramer,
@@ -145,7 +151,7 @@ function pidAlive(pid: number): boolean {
  * Asserts that every process group (and extra pid) is gone, polling with a bound. On failure it SIGKILLs the
  * leftovers itself so one failing test does not leak into the next, then fails with the survivors listed.
  * Verified red (on a mutated copy of proxy.ts in /tmp): with signalGroup() signalling only the leader
- * (kill(pid) instead of kill(-pid)), the three grandchild tests in section 8 fail here with the survivors listed.
+ * (kill(pid) instead of kill(-pid)), the three grandchild tests in section 9 fail here with the survivors listed.
  */
 async function assertAllGone(groups: Iterable<number>, pids: Iterable<number> = [], boundMs = GONE_BOUND_MS): Promise<void> {
   const groupList = [...groups];
@@ -746,6 +752,212 @@ async function legacySession(
   return { stream, endpoint, send, answer };
 }
 
+// ── Hostile review helpers (issue 8: tests F1–F12) ─────────────────────────────────────────────────────
+
+const KIB = 1024;
+const MIB = 1024 * KIB;
+
+/** The environment without MCP_PROXY_* variables, for dist/proxy.js runs. */
+function cleanEnv(): Record<string, string | undefined> {
+  const env: Record<string, string | undefined> = { ...process.env };
+  for (const k of Object.keys(env)) if (k.startsWith('MCP_PROXY_')) delete env[k];
+  return env;
+}
+
+/**
+ * Cleanups of one test, run newest first in a single after hook: node:test skips the remaining after hooks once
+ * one throws, so a leak found by one check must not stop the next one from killing its own processes.
+ */
+const CLEANUPS = new WeakMap<TestContext, (() => unknown)[]>();
+function onCleanup(t: TestContext, fn: () => unknown): void {
+  let list = CLEANUPS.get(t);
+  if (!list) {
+    const fns: (() => unknown)[] = [];
+    CLEANUPS.set(t, (list = fns));
+    t.after(async () => {
+      const errors: unknown[] = [];
+      for (const f of fns.reverse()) {
+        try {
+          await f();
+        } catch (err) {
+          errors.push(err);
+        }
+      }
+      if (errors.length > 0) throw errors[0];
+    });
+  }
+  list.push(fn);
+}
+
+/**
+ * Starts a proxy for one test whose children write their pid to `pidFile`; on cleanup it is closed and every
+ * child in the pid file (per-session children status() may never have shown) is checked gone with the rest.
+ */
+async function reviewHarness(t: TestContext, config: Config, options: StartOptions, pidFile: string): Promise<Harness> {
+  const h = await startHarness(config, options);
+  onCleanup(t, async () => {
+    for (const line of fileLines(pidFile)) h.groups.add(Number(line));
+    await h.stop();
+  });
+  return h;
+}
+
+// A minimal stdio MCP server for the review findings. argv[1] picks a mode: 'ok'; 'noeof' (ignores stdin EOF);
+// 'stubborn' (ignores stdin EOF and SIGTERM). tools/call {what} picks a behaviour. FIXTURE_PIDFILE gets its pid;
+// FIXTURE_LOG gets "hang ID", "cancelled ID" and "response ID OUTCOME" lines (IDs as the child saw them).
+const REVIEW_FIXTURE = String.raw`
+'use strict';
+const fs = require('node:fs');
+const mode = process.argv[1] || 'ok';
+if (process.env.FIXTURE_PIDFILE) fs.appendFileSync(process.env.FIXTURE_PIDFILE, process.pid + '\n');
+if (mode === 'stubborn') process.on('SIGTERM', () => {});
+if (mode === 'stubborn' || mode === 'noeof') setInterval(() => {}, 1 << 30);
+const logLine = (s) => { if (process.env.FIXTURE_LOG) fs.appendFileSync(process.env.FIXTURE_LOG, s + '\n'); };
+const send = (m) => process.stdout.write(JSON.stringify(m) + '\n');
+const reply = (id, result) => send({ jsonrpc: '2.0', id, result });
+const text = (id, t) => reply(id, { content: [{ type: 'text', text: String(t) }] });
+const hung = [];
+const asks = new Map();
+let askSeq = 0;
+let buf = '';
+process.stdin.setEncoding('utf8');
+process.stdin.on('data', (chunk) => {
+  buf += chunk;
+  let i;
+  while ((i = buf.indexOf('\n')) >= 0) {
+    const line = buf.slice(0, i);
+    buf = buf.slice(i + 1);
+    if (!line.trim()) continue;
+    let msg;
+    try { msg = JSON.parse(line); } catch { continue; }
+    for (const m of Array.isArray(msg) ? msg : [msg]) onMessage(m);
+  }
+});
+process.stdin.on('end', () => { if (mode === 'ok') process.exit(0); });
+function onMessage(msg) {
+  if (msg.method === 'initialize') {
+    return reply(msg.id, { protocolVersion: msg.params.protocolVersion, capabilities: { tools: {}, logging: {} }, serverInfo: { name: 'fixture', version: '1.0.0' } });
+  }
+  if (msg.method === 'notifications/cancelled') return logLine('cancelled ' + JSON.stringify(msg.params.requestId));
+  if (msg.method === undefined && msg.id !== undefined && msg.id !== null) {
+    const outcome = msg.error ? { error: msg.error } : { result: msg.result };
+    logLine('response ' + JSON.stringify(msg.id) + ' ' + JSON.stringify(outcome));
+    const waiting = asks.get(msg.id);
+    if (waiting !== undefined) { asks.delete(msg.id); text(waiting, JSON.stringify(outcome)); }
+    return;
+  }
+  if (msg.id === undefined || msg.method === undefined) return;
+  if (msg.method === 'ping') return reply(msg.id, {});
+  if (msg.method !== 'tools/call') return send({ jsonrpc: '2.0', id: msg.id, error: { code: -32601, message: 'Method not found' } });
+  const a = (msg.params && msg.params.arguments) || {};
+  switch (a.what) {
+    case 'echo': return text(msg.id, a.text);
+    case 'pid': return text(msg.id, process.pid);
+    case 'hang': hung.push(msg.id); return logLine('hang ' + JSON.stringify(msg.id));
+    case 'release':
+      // Answers every request left hanging (late, perhaps after a cancel), then this one.
+      for (const id of hung.splice(0)) text(id, 'late');
+      return text(msg.id, 'released');
+    case 'line': {
+      // An answer of exactly a.bytes bytes (without the newline).
+      const base = JSON.stringify({ jsonrpc: '2.0', id: msg.id, result: { content: [{ type: 'text', text: '' }] } });
+      return text(msg.id, 'x'.repeat(a.bytes - Buffer.byteLength(base)));
+    }
+    case 'ask': {
+      // A request to the client; this call is answered with the client's answer ({result} or {error}).
+      const id = 'ask-' + (++askSeq);
+      asks.set(id, msg.id);
+      return send({ jsonrpc: '2.0', id, method: a.method, params: a.params || {} });
+    }
+    case 'floodsame':
+      // a.count requests to the client, all under the id a.id; a notification marks the end; then the answer.
+      for (let i = 0; i < a.count; i++) send({ jsonrpc: '2.0', id: a.id, method: a.method, params: a.params || {} });
+      send({ jsonrpc: '2.0', method: 'notifications/message', params: { level: 'info', data: 'flood-done' } });
+      return text(msg.id, 'sent ' + a.count);
+    case 'deepreq':
+      // A request of the child's own under the number a.id, nested a.depth arrays deep.
+      process.stdout.write('{"jsonrpc":"2.0","id":' + a.id + ',"method":"elicitation/create","params":{"message":"q","x":' + '['.repeat(a.depth) + ']'.repeat(a.depth) + '}}\n');
+      return text(msg.id, 'sent');
+    case 'bigreq':
+      // A request of the child's own under the number a.id, a.bytes long.
+      process.stdout.write('{"jsonrpc":"2.0","id":' + a.id + ',"method":"elicitation/create","params":{"message":"' + 'q'.repeat(a.bytes) + '"}}\n');
+      return text(msg.id, 'sent');
+    case 'sayenc': {
+      // The value of $Q on stderr in the forms other programs write it, one line each, then a line of bidi marks.
+      const v = process.env.Q;
+      const json = JSON.stringify(v).slice(1, -1);
+      const ascii = json.replace(/[\u0080-\uffff]/g, (c) => '\\u' + c.charCodeAt(0).toString(16).padStart(4, '0'));
+      const forms = [ascii, ascii.replace(/\\u([0-9a-f]{4})/g, (m, h) => '\\u' + h.toUpperCase()), json.replace(/\//g, '\\/'),
+        ascii.replace(/\//g, '\\/'), encodeURIComponent(v), encodeURIComponent(v).replace(/%20/g, '+')];
+      forms.forEach((f, i) => process.stderr.write('form-' + i + ': ' + f + '\n'));
+      process.stderr.write('bidi \u202e evil \u2028 ls \u2029 ps \u200f rlm \u2066 iso end\n');
+      return text(msg.id, 'said');
+    }
+    default: return send({ jsonrpc: '2.0', id: msg.id, error: { code: -32602, message: 'unknown what' } });
+  }
+}
+`;
+
+function reviewFixture(name: string, mode: string, env: Record<string, string>, extra: Partial<ServerConfig> & Record<string, unknown> = {}): ServerConfig {
+  return srv(name, ['-e', REVIEW_FIXTURE, mode], { env, ...extra });
+}
+
+/** Fixture files of one test: pid file and fixture log. */
+function reviewFiles(prefix: string): { pidFile: string; log: string } {
+  const dir = tmpDir(prefix);
+  return { pidFile: path.join(dir, 'pids'), log: path.join(dir, 'fixture.log') };
+}
+
+/** initialize (with `caps`, at `version`) + notifications/initialized; returns the session id. */
+async function reviewSession(base: string, name: string, opts: { version?: string; caps?: Json } = {}): Promise<string> {
+  const init = initMsg(0, opts.version);
+  init.params.capabilities = opts.caps ?? {};
+  const res = await post(`${base}/${name}/mcp`, init, { accept: 'application/json' });
+  assert.equal(res.status, 200, res.text);
+  const sid = String(res.headers['mcp-session-id']);
+  const note = await post(`${base}/${name}/mcp`, { jsonrpc: '2.0', method: 'notifications/initialized' }, { 'mcp-session-id': sid });
+  assert.equal(note.status, 202, note.text);
+  return sid;
+}
+
+/** Session headers without MCP-Protocol-Version (sessionHeaders() sends 2025-06-18; F1 negotiates 2025-03-26). */
+function reviewHeaders(sid: string): Record<string, string> {
+  return { accept: 'application/json', 'mcp-session-id': sid };
+}
+
+/** The text of a tools/call answer sent as application/json. */
+const answerText = (res: RawResponse): string => textOf(JSON.parse(res.text).result);
+
+/** An event stream opened by GET, or by a POST answered as text/event-stream. */
+function openRpcStream(url: string, opts: { method?: string; headers?: Record<string, string>; body?: string } = {}): Promise<SseStream> {
+  return new Promise((resolve, reject) => {
+    const req = http.request(url, { method: opts.method ?? 'GET', headers: { accept: 'text/event-stream', ...opts.headers }, agent: false }, (res) => {
+      resolve(new SseStream(res, req));
+    });
+    req.on('error', reject);
+    if (opts.body !== undefined) req.write(opts.body);
+    req.end();
+  });
+}
+
+/** The JSON-RPC messages a stream has carried so far. */
+function streamMessages(stream: SseStream): Json[] {
+  return stream.events.filter((e) => e.event === 'message').map((e) => JSON.parse(e.data));
+}
+
+/** The first JSON-RPC message on a stream that `pred` accepts (bounded wait). */
+function nextMessage(stream: SseStream, pred: (m: Json) => boolean, timeoutMs: number, what: string): Promise<Json> {
+  return waitFor(() => streamMessages(stream).find(pred), timeoutMs, what);
+}
+
+const rawPost = (sid: string, body: string, extra = ''): string =>
+  `POST /fix/mcp HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nAccept: application/json\r\nMcp-Session-Id: ${sid}\r\n${extra}Content-Length: ${Buffer.byteLength(body)}\r\n\r\n${body}`;
+
+/** Rejects with the error of a request the server cut off (no response): ECONNRESET "socket hang up". */
+const isHangUp = (err: unknown): boolean => {
+  assert.equal((err as NodeJS.ErrnoException).code, 'ECONNRESET', String(err));
+  return true;
+};
 // ── 0. Layout ───────────────────────────────────────────────────────────────────────────────────────────
 
 describe('0. proxy.ts layout', () => {
@@ -1256,6 +1468,19 @@ describe('4. Config: load, validate', () => {
     assert.ok(res.errors[0]!.startsWith(`${over}: `), res.errors[0]);
     assert.match(res.errors[0]!, /larger than 1048576 bytes/);
   });
+
+  // F5. maxLineBytes up to 1 GiB was accepted, past the longest string V8 can make of it.
+  it('F5 "maxLineBytes" above 256 MiB is a config error: 268435456 is accepted, 268435457 → "expected an integer from 1 to 268435456"', () => {
+    const parse = (n: number) => parseConfig(JSON.stringify({ mcpServers: { big: { command: 'x', maxLineBytes: n } } }), 'config.json', {});
+    const at = parse(256 * MIB);
+    assert.deepEqual(at.errors, []);
+    assert.equal((at.config!.servers[0] as Json).maxLineBytes, 256 * MIB);
+    for (const n of [256 * MIB + 1, 1024 * MIB]) {
+      const over = parse(n);
+      assert.equal(over.config, null, String(n));
+      assert.deepEqual(over.errors, ['config.json: mcpServers.big.maxLineBytes: got number, expected an integer from 1 to 268435456']);
+    }
+  });
 });
 
 // ── 5. Children: spawn, framing, restart, kill ──────────────────────────────────────────────────────────
@@ -1716,6 +1941,60 @@ describe('5. Children: spawn, framing, restart, kill', () => {
     await assert.rejects(assertAllGone([pid], [], 300), /leaked processes/);
     // assertAllGone SIGKILLed the survivor on its way out, so the group is now gone.
     await assertAllGone([pid]);
+  });
+
+  // F9. The id scanner did not tell answers from requests: a child's own bad request failed our request of that number.
+  it('F9 a child\'s own request nested too deep, or over maxLineBytes, under the number of our request in flight is skipped (warn "skipped a stdout line") and our request still gets its answer', { timeout: 20_000 }, async (t) => {
+    const lines: string[] = [];
+    const f = reviewFiles('f9');
+    const h = await reviewHarness(t, { servers: [reviewFixture('fix', 'ok', { FIXTURE_PIDFILE: f.pidFile, FIXTURE_LOG: f.log }, { maxLineBytes: 4096 })] },
+      { log: captureLog(lines), limits: FAST }, f.pidFile);
+    await h.proxy.ready(10_000);
+    const mcp = `${h.url}/fix/mcp`;
+    const a = await reviewSession(h.url, 'fix');
+    const b = await reviewSession(h.url, 'fix');
+    const hangs = () => fileLines(f.log).filter((l) => l.startsWith('hang ')).map((l) => Number(l.slice(5)));
+    const cases = [
+      { args: { what: 'deepreq', depth: 200 }, log: /^warn \[fix\] skipped a stdout line \(nested deeper than 128 levels, \d+ bytes\) starting "\{\\"jsonrpc\\":\\"2\.0\\",\\"id\\":(\d+),\\"method\\":\\"elicitation\/create\\"/ },
+      { args: { what: 'bigreq', bytes: 8 * KIB }, log: /^warn \[fix\] skipped a stdout line of \d+ bytes over the 4096-byte limit \(maxLineBytes\), starting "\{\\"jsonrpc\\":\\"2\.0\\",\\"id\\":(\d+),\\"method\\":\\"elicitation\/create\\"/ },
+    ];
+    for (const [i, c] of cases.entries()) {
+      let settled = false;
+      const aCall = post(mcp, call(`a${i}`, { what: 'hang' }), reviewHeaders(a)).finally(() => (settled = true));
+      await waitFor(() => hangs().length === i + 1, 5_000, 'A\'s request running');
+      const childId = hangs()[i]!;
+      const from = lines.length;
+      assert.equal(answerText(await post(mcp, call(`b${i}`, { ...c.args, id: childId }), reviewHeaders(b))), 'sent');
+      const skipped = lines.slice(from).filter((l) => l.startsWith('warn [fix]'));
+      assert.equal(skipped.length, 1, skipped.join('\n'));
+      assert.match(skipped[0]!, c.log);
+      assert.equal(Number(c.log.exec(skipped[0]!)![1]), childId, 'the skipped line named A\'s number');
+      assert.equal(answerText(await post(mcp, call(`r${i}`, { what: 'release' }), reviewHeaders(b))), 'released');
+      const res = await within(aCall, 5_000, 'A\'s answer');
+      assert.ok(settled);
+      assert.deepEqual(JSON.parse(res.text), { jsonrpc: '2.0', id: `a${i}`, result: { content: [{ type: 'text', text: 'late' }] } });
+    }
+  });
+
+  // F10. Masking missed \uXXXX, \/ and URL-encoded forms of a secret; escaping missed bidi and line-separator marks.
+  it('F10 a child\'s stderr (logged at debug level and up) masks a secret written \\u00f6-escaped (either case), with \\/ and URL-encoded (%20 and +), and escapes U+202E, U+2028, U+2029, U+200F and U+2066 as \\uNNNN', { timeout: 20_000 }, async (t) => {
+    const lines: string[] = [];
+    const f = reviewFiles('f10');
+    const secret = 'pa"ss\\wörd Zz9/x';
+    const parsed = parseConfig(JSON.stringify({ mcpServers: { fix: { command: NODE, args: ['-e', REVIEW_FIXTURE, 'ok'], env: { Q: '${QSECRET}', FIXTURE_PIDFILE: f.pidFile } } } }), 'config.json', { QSECRET: secret });
+    assert.deepEqual(parsed.errors, []);
+    const h = await reviewHarness(t, parsed.config!, { log: captureLog(lines), logLevel: 'debug', limits: FAST }, f.pidFile);
+    await h.proxy.ready(10_000);
+    const sid = await reviewSession(h.url, 'fix');
+    assert.equal(answerText(await post(`${h.url}/fix/mcp`, call(1, { what: 'sayenc' }), reviewHeaders(sid))), 'said');
+    await waitFor(() => lines.some((l) => l.includes('bidi')), 5_000, 'the stderr lines logged');
+    const stderr = lines.filter((l) => l.startsWith('info [fix] stderr: '));
+    assert.deepEqual(stderr, [
+      ...[0, 1, 2, 3, 4, 5].map((i) => `info [fix] stderr: form-${i}: ***`),
+      'info [fix] stderr: bidi \\u202e evil \\u2028 ls \\u2029 ps \\u200f rlm \\u2066 iso end',
+    ]);
+    assert.ok(!lines.some((l) => l.includes('Zz9')), 'a piece of the secret in the log');
+    assert.ok(!lines.some((l) => /[\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]/.test(l)), 'a raw bidi or separator mark in the log');
   });
 });
 
@@ -2290,6 +2569,84 @@ describe('6. Sessions and id routing', () => {
     } finally {
       s.stream.close();
     }
+  });
+
+  // F3. A shared child's sampling request was pinned on the one session in flight, though it could come from
+  // the work of a request given up on (another user's). Since 459e62d that presumption lasts ABANDONED_GRACE_MS
+  // (30 s) at most: this test ends well within it.
+  it('F3 shared child with "clientCapabilities": after B cancels (or DELETEs its session) while the child still works for it, sampling/createMessage with only A in flight goes to nobody: the child gets -32601, warn "given up on"; once the child answers B\'s request, A gets it again', { timeout: 20_000 }, async (t) => {
+    const lines: string[] = [];
+    const f = reviewFiles('f3');
+    const h = await reviewHarness(t, { servers: [reviewFixture('fix', 'ok', { FIXTURE_PIDFILE: f.pidFile, FIXTURE_LOG: f.log }, { clientCapabilities: ['sampling'] })] },
+      { log: captureLog(lines), limits: FAST }, f.pidFile);
+    await h.proxy.ready(10_000);
+    const mcp = `${h.url}/fix/mcp`;
+    const caps = { sampling: {} };
+    const a = await reviewSession(h.url, 'fix', { caps });
+    const hangs = () => fileLines(f.log).filter((l) => l.startsWith('hang ')).length;
+    const ask = (id: string) => openRpcStream(mcp, {
+      method: 'POST',
+      headers: { 'content-type': 'application/json', accept: 'text/event-stream', 'mcp-session-id': a },
+      body: JSON.stringify(call(id, { what: 'ask', method: 'sampling/createMessage', params: { messages: [{ role: 'user', content: { type: 'text', text: 'B\'s prompt' } }], maxTokens: 5 } })),
+    });
+    const REFUSED = 'warn [fix] refused sampling/createMessage from the server: a request given up on (cancelled, timed out or of an ended session) may still be running on this shared server, so the request\'s session is not certain; set "sessions": "per-session" for this server to use sampling/createMessage';
+
+    for (const variant of ['cancel', 'delete'] as const) {
+      const b = await reviewSession(h.url, 'fix', { caps });
+      const before = hangs();
+      const bCall = post(mcp, call(7, { what: 'hang' }), reviewHeaders(b));
+      await waitFor(() => hangs() > before, 5_000, 'B\'s request running on the child');
+      if (variant === 'cancel') {
+        const note = await post(mcp, { jsonrpc: '2.0', method: 'notifications/cancelled', params: { requestId: 7, reason: 'stop' } }, reviewHeaders(b));
+        assert.equal(note.status, 202);
+        assert.deepEqual(JSON.parse((await bCall).text), { jsonrpc: '2.0', id: 7, error: { code: -32800, message: 'Request cancelled' } });
+      } else {
+        assert.equal((await request(mcp, { method: 'DELETE', headers: { 'mcp-session-id': b } })).status, 200);
+        assert.deepEqual(JSON.parse((await bCall).text), { jsonrpc: '2.0', id: 7, error: { code: -32004, message: 'Session ended' } });
+      }
+      // A's call is the only one in flight; the child asks for sampling (it may be for B's work).
+      const from = lines.length;
+      const s1 = await ask(`a-${variant}-1`);
+      const first = await nextMessage(s1, (m) => m.method === 'sampling/createMessage' || m.id === `a-${variant}-1`, 5_000, `${variant}: A's answer or a sampling request`);
+      assert.equal(first.method, undefined, `${variant}: A was handed a sampling request: ${JSON.stringify(first)}`);
+      assert.deepEqual(JSON.parse(first.result.content[0].text), { error: { code: -32601, message: 'Client cannot take sampling/createMessage: not routable through this proxy' } });
+      assert.deepEqual(lines.slice(from).filter((l) => l.startsWith('warn [fix] refused')), [REFUSED]);
+      // The child answers B's request late: nothing is left running for anyone else, so A is certain again.
+      assert.equal(answerText(await post(mcp, call(`rel-${variant}`, { what: 'release' }), reviewHeaders(a))), 'released');
+      const s2 = await ask(`a-${variant}-2`);
+      const req = await nextMessage(s2, (m) => m.method === 'sampling/createMessage', 5_000, `${variant}: the sampling request on A's stream`);
+      assert.match(String(req.id), /^proxy-\d+$/);
+      const back = await post(mcp, { jsonrpc: '2.0', id: req.id, result: { model: 'm', role: 'assistant', content: { type: 'text', text: 'from A' } } }, reviewHeaders(a));
+      assert.equal(back.status, 202);
+      const done = await nextMessage(s2, (m) => m.id === `a-${variant}-2`, 5_000, `${variant}: A's answer`);
+      assert.deepEqual(JSON.parse(done.result.content[0].text), { result: { model: 'm', role: 'assistant', content: { type: 'text', text: 'from A' } } });
+    }
+  });
+
+  // F6. A child reusing one id for its requests overwrote their routing and got around maxServerRequestsPerChild.
+  it('F6 a child sending requests under an id still waiting for a client: only the first is delivered; each other one gets -32600 "Duplicate request id" (warn "its id is that of a request still waiting")', { timeout: 20_000 }, async (t) => {
+    const lines: string[] = [];
+    const f = reviewFiles('f6');
+    const h = await reviewHarness(t, { servers: [reviewFixture('fix', 'ok', { FIXTURE_PIDFILE: f.pidFile, FIXTURE_LOG: f.log }, { sessions: 'per-session' })] },
+      { log: captureLog(lines), limits: FAST }, f.pidFile);
+    const mcp = `${h.url}/fix/mcp`;
+    const sid = await reviewSession(h.url, 'fix', { caps: { sampling: {} } });
+    const stream = await openRpcStream(mcp, { headers: { 'mcp-session-id': sid } });
+    onCleanup(t, () => stream.close());
+    assert.equal(stream.res.statusCode, 200);
+    const res = await post(mcp, call('flood', { what: 'floodsame', count: 5, id: 'dup', method: 'sampling/createMessage', params: { messages: [], maxTokens: 1 } }), reviewHeaders(sid));
+    assert.equal(answerText(res), 'sent 5');
+    // The stream is in order: when the end marker is there, every request the proxy delivered is before it.
+    await nextMessage(stream, (m) => m.method === 'notifications/message' && m.params.data === 'flood-done', 5_000, 'the end marker');
+    const delivered = streamMessages(stream).filter((m) => m.method === 'sampling/createMessage');
+    assert.equal(delivered.length, 1, `delivered ${delivered.length} requests under one id`);
+    const DUP = 'response "dup" {"error":{"code":-32600,"message":"Duplicate request id"}}';
+    await waitFor(() => fileLines(f.log).filter((l) => l === DUP).length === 4, 5_000, 'four -32600 answers on the child');
+    assert.deepEqual(lines.filter((l) => l.startsWith('warn [fix]')), Array(4).fill('warn [fix] refused sampling/createMessage: its id is that of a request still waiting for a client'));
+    // The first one still reaches the child with the client's answer.
+    const back = await post(mcp, { jsonrpc: '2.0', id: delivered[0].id, result: { model: 'm', role: 'assistant', content: { type: 'text', text: 'ok' } } }, reviewHeaders(sid));
+    assert.equal(back.status, 202);
+    await waitFor(() => fileLines(f.log).some((l) => l.startsWith('response "dup" {"result"')), 5_000, 'the answer to the first one');
   });
 });
 
@@ -3461,6 +3818,56 @@ describe('7. HTTP: guards, /mcp, /sse, health', () => {
       assert.equal(b.status, 200, b.text);
       assert.equal(h.proxy.status().solo!.sessions, 3);
     });
+
+    // F7. Evicted per-session children winding down (EOF, TERM, KILL: killGraceMs each) counted against no cap.
+    it('F7 per-session children that ignore stdin EOF and SIGTERM, sessions churning: live children never exceed 2 × maxChildrenPerCredential nor 2 × maxChildrenPerServer; a newcomer refused there (503) ends no other session', { timeout: 30_000 }, async (t) => {
+      // Stopping one of these children takes two kill-grace steps (EOF, then TERM, then KILL): 2 s each.
+      const churn = async (limits: { maxChildrenPerCredential: number; maxChildrenPerServer: number }, cap: number) => {
+        const f = reviewFiles('f7');
+        const h = await reviewHarness(t, { servers: [reviewFixture('fix', 'stubborn', { FIXTURE_PIDFILE: f.pidFile }, { sessions: 'per-session' })] },
+          { limits: { killGraceMs: 1_000, ...limits } }, f.pidFile);
+        let max = 0;
+        const sample = () => (max = Math.max(max, fileLines(f.pidFile).map(Number).filter(pidAlive).length));
+        const sampler = setInterval(sample, 5);
+        const statuses: number[] = [];
+        // The newest session opened, and how many times it still answered right after a newcomer was refused: the
+        // twice-the-cap check comes before eviction, so a 503 must not have ended it (459e62d).
+        let newest: string | null = null;
+        let keptAfter503 = 0;
+        const deadline = Date.now() + 1_500;
+        try {
+          while (Date.now() < deadline) {
+            const rs = await Promise.all(Array.from({ length: cap }, () => post(`${h.url}/fix/mcp`, initMsg(), { accept: 'application/json' })));
+            for (const r of rs) {
+              statuses.push(r.status);
+              if (r.status === 200) {
+                newest = String(r.headers['mcp-session-id']);
+                continue;
+              }
+              assert.equal(r.status, 503, r.text);
+              assert.equal(assertRpcError(r, 503, -32000).error.message, 'Too many sessions; retry later');
+              assert.equal(r.headers['retry-after'], String(DEFAULT_LIMITS.retryAfterS));
+              if (newest === null) continue;
+              const still = await post(`${h.url}/fix/mcp`, call(`still-${statuses.length}`, { what: 'echo', text: 'still here' }), reviewHeaders(newest));
+              assert.equal(still.status, 200, `the session opened before a refused newcomer: ${still.text}`);
+              assert.equal(answerText(still), 'still here');
+              keptAfter503++;
+            }
+            sample();
+          }
+        } finally {
+          clearInterval(sampler);
+        }
+        return { limits, cap, max, opened: statuses.filter((s) => s === 200).length, spawned: fileLines(f.pidFile).length, refused: statuses.filter((s) => s === 503).length, keptAfter503 };
+      };
+      // One credential (no tokens) churning, once against each cap; both at once to keep the test short.
+      const runs = await Promise.all([churn({ maxChildrenPerCredential: 1, maxChildrenPerServer: 16 }, 1), churn({ maxChildrenPerCredential: 16, maxChildrenPerServer: 1 }, 1)]);
+      for (const r of runs) {
+        assert.ok(r.spawned >= 2 * r.cap, `children reached the bound: ${JSON.stringify(r)}`);
+        assert.ok(r.max <= 2 * r.cap, `live children over 2 × ${r.cap}: ${JSON.stringify(r)}`);
+        assert.ok(r.refused > 0 && r.keptAfter503 > 0, `newcomers were refused at twice the cap, and the session before them kept: ${JSON.stringify(r)}`);
+      }
+    });
   });
 
   // Regression: a proxy bound to 127.0.0.2 answered its own Host with 403.
@@ -3474,11 +3881,1740 @@ describe('7. HTTP: guards, /mcp, /sse, health', () => {
     assert.equal((await post(mcp, initMsg(), { accept: 'application/json', host: `localhost:${h.proxy.port}` })).status, 200);
     assertRpcError(await post(mcp, initMsg(), { accept: 'application/json', host: `evil.example:${h.proxy.port}` }), 403, -32000);
   });
+
+  // F1. A batch whose last request never finishes held every other answer without bound.
+  it('F1 maxBatchAnswerBytes and maxQueuedBytesTotal bound the answers a batch holds: over either the connection is closed (warn "gave up on a batch"), its other requests are cancelled on the child; a JSON POST whose client went away frees what it held', { timeout: 20_000 }, async (t) => {
+    const lines: string[] = [];
+    const f = reviewFiles('f1');
+    const h = await reviewHarness(t, { servers: [reviewFixture('fix', 'ok', { FIXTURE_PIDFILE: f.pidFile, FIXTURE_LOG: f.log })] },
+      { log: captureLog(lines), limits: { ...FAST, maxBatchAnswerBytes: 64 * KIB, maxQueuedBytesTotal: 100 * KIB, requestTimeoutMs: 60_000 } }, f.pidFile);
+    await h.proxy.ready(10_000);
+    const mcp = `${h.url}/fix/mcp`;
+    const sid = await reviewSession(h.url, 'fix', { version: '2025-03-26' }); // batches are 2025-03-26 only
+    const hangs = () => fileLines(f.log).filter((l) => l.startsWith('hang ')).map((l) => l.slice(5));
+    const cancels = () => fileLines(f.log).filter((l) => l.startsWith('cancelled ')).map((l) => l.slice(10));
+    const GAVE_UP = (which: string) => `warn [http] gave up on a batch: its answers would hold more than ${which} allows; closed its connection`;
+
+    // Per batch: 40 + 40 KiB held > 64 KiB.
+    const overBatch = post(mcp, [call('b1', { what: 'line', bytes: 40 * KIB }), call('b2', { what: 'line', bytes: 40 * KIB }), call('b3', { what: 'hang' })], reviewHeaders(sid));
+    await within(assert.rejects(overBatch, isHangUp), 5_000, 'the over-limit batch closed');
+    assert.deepEqual(lines.filter((l) => l.includes('gave up on a batch')), [GAVE_UP('maxBatchAnswerBytes')]);
+    await waitFor(() => cancels().length === 1 && hangs().length === 1, 5_000, 'the batch\'s hanging request cancelled on the child');
+    assert.deepEqual(cancels(), hangs(), 'the cancel names the request left running');
+
+    // Across batches: A holds 60 KiB (its second request hangs); B's 60 KiB more would pass the 100 KiB total.
+    const clientA = http.request(mcp, { method: 'POST', headers: { ...JSON_HEADERS, ...reviewHeaders(sid) }, agent: false });
+    clientA.on('error', () => {});
+    clientA.end(JSON.stringify([call('a1', { what: 'line', bytes: 60 * KIB }), call('a2', { what: 'hang' })]));
+    await waitFor(() => hangs().length === 2, 5_000, 'A\'s second request hanging');
+    // The child answers in order: once this is answered, A's 60 KiB answer is held.
+    assert.equal(answerText(await post(mcp, call('sync', { what: 'echo', text: 'in order' }), reviewHeaders(sid))), 'in order');
+    const overTotal = post(mcp, [call('c1', { what: 'line', bytes: 60 * KIB }), call('c2', { what: 'hang' })], reviewHeaders(sid));
+    await within(assert.rejects(overTotal, isHangUp), 5_000, 'the batch over the total closed');
+    assert.deepEqual(lines.filter((l) => l.includes('gave up on a batch')), [GAVE_UP('maxBatchAnswerBytes'), GAVE_UP('maxQueuedBytesTotal')]);
+    await waitFor(() => cancels().length === 2 && hangs().length === 3, 5_000, 'B\'s hanging request cancelled');
+    assert.equal(cancels()[1], hangs()[2]);
+
+    // A's client goes away: its 60 KiB are freed, so another 60 KiB batch is answered whole.
+    clientA.destroy();
+    const res = await within(post(mcp, [call('d1', { what: 'line', bytes: 60 * KIB }), call('d2', { what: 'echo', text: 'last' })], reviewHeaders(sid)), 5_000, 'a batch after A left');
+    assert.equal(res.status, 200, res.text.slice(0, 200));
+    const body = JSON.parse(res.text);
+    assert.deepEqual(body.map((m: Json) => m.id), ['d1', 'd2']);
+    assert.ok(body[0].result.content[0].text.length > 60 * KIB - 200, 'd1 whole');
+    assert.equal(body[1].result.content[0].text, 'last');
+    assert.equal(lines.filter((l) => l.includes('gave up on a batch')).length, 2);
+  });
+
+  // F2. Answers to pipelined requests sit in responses with no socket yet: they were counted nowhere.
+  it('F2 pipelined POSTs on one socket that never reads: the connection closes past maxQueuedBytesPerConnection (warn "closed a connection with N bytes unread (maxQueuedBytesPerConnection 1048576)") and past maxQueuedBytesTotal', { timeout: 30_000 }, async (t) => {
+    const COUNT = 24;
+    const BYTES = 512 * KIB; // 12 MiB in all: far more than loopback socket buffers take
+    for (const [limits, expected] of [
+      [{ maxQueuedBytesPerConnection: MIB }, /^warn \[http\] closed a connection with (\d+) bytes unread \(maxQueuedBytesPerConnection 1048576\)$/],
+      [{ maxQueuedBytesPerConnection: 64 * MIB, maxQueuedBytesTotal: 2 * MIB }, /^warn \[http\] closed a connection with (\d+) bytes unread: all connections together held more than 2097152 \(maxQueuedBytesTotal\)$/],
+    ] as const) {
+      const lines: string[] = [];
+      const f = reviewFiles('f2');
+      const h = await reviewHarness(t, { servers: [reviewFixture('fix', 'ok', { FIXTURE_PIDFILE: f.pidFile })] }, { log: captureLog(lines), limits: { ...FAST, ...limits } }, f.pidFile);
+      await h.proxy.ready(10_000);
+      const sid = await reviewSession(h.url, 'fix');
+      const socket = await idleConnection(h.proxy.port);
+      onCleanup(t, () => socket.destroy());
+      socket.pause();
+      let raw = '';
+      for (let i = 0; i < COUNT; i++) raw += rawPost(sid, JSON.stringify(call(`p${i}`, { what: 'line', bytes: BYTES })));
+      socket.write(raw);
+      const line = await waitFor(() => lines.find((l) => / bytes unread/.test(l)), 10_000, `the pipelined connection closed (${JSON.stringify(limits)})`);
+      assert.match(line, expected);
+      const unread = Number(expected.exec(line)![1]);
+      assert.ok(unread > ('maxQueuedBytesTotal' in limits ? 2 * MIB : MIB), line);
+      // What the client then reads ends early: the connection was closed, not drained.
+      let received = 0;
+      socket.on('data', (c: Buffer) => (received += c.length));
+      const closed = new Promise((resolve) => socket.on('close', resolve));
+      socket.resume();
+      await within(closed, 5_000, 'the client sees the connection end');
+      assert.ok(received < COUNT * BYTES, `received ${received} of ${COUNT * BYTES}`);
+      // (d0335cb logs the close once per answer still arriving for the closed connection; not asserted.)
+      assert.equal((await request(`${h.url}/healthz`)).status, 200);
+    }
+  });
+
+  // F4. The body budget was reserved from the declared Content-Length: four sockets declaring the maximum and
+  // sending nothing refused everyone else with 503 until their request timeout.
+  it('F4 sockets that declare maxBodyBytes and send nothing do not use up maxBodyBytesInFlight: other POSTs are answered 200, not 503', { timeout: 20_000 }, async (t) => {
+    const f = reviewFiles('f4');
+    const h = await reviewHarness(t, { servers: [reviewFixture('fix', 'ok', { FIXTURE_PIDFILE: f.pidFile })] },
+      { limits: { ...FAST, maxBodyBytes: 64 * KIB, maxBodyBytesInFlight: 256 * KIB } }, f.pidFile);
+    await h.proxy.ready(10_000);
+    const sid = await reviewSession(h.url, 'fix');
+    const hogs = await Promise.all([0, 1, 2, 3].map(() => idleConnection(h.proxy.port)));
+    onCleanup(t, () => hogs.forEach((s) => s.destroy()));
+    // Expect: 100-continue: Node answers "100 Continue" as it hands the request to the proxy, so once it is
+    // back the proxy has seen the declared length (the old code reserved it right then).
+    await Promise.all(hogs.map((s) => {
+      let got = '';
+      s.on('data', (c: Buffer) => (got += c.toString('latin1')));
+      s.write(`POST /fix/mcp HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nAccept: application/json\r\nMcp-Session-Id: ${sid}\r\nExpect: 100-continue\r\nContent-Length: ${64 * KIB}\r\n\r\n`);
+      return waitFor(() => got.startsWith('HTTP/1.1 100 Continue'), 5_000, '100 Continue');
+    }));
+    for (let i = 0; i < 3; i++) {
+      const res = await post(`${h.url}/fix/mcp`, call(`v${i}`, { what: 'echo', text: 'p'.repeat(8 * KIB) }), reviewHeaders(sid));
+      assert.equal(res.status, 200, `POST ${i} while 4 × 64 KiB are declared: ${res.status} ${res.text.slice(0, 120)}`);
+      assert.equal(JSON.parse(res.text).id, `v${i}`);
+    }
+  });
 });
 
-// ── 8. Lifecycle: start, shutdown ───────────────────────────────────────────────────────────────────────
+// ── 8. OAuth helpers ────────────────────────────────────────────────────────────────────────────────────
 
-describe('8. Lifecycle: start, shutdown', () => {
+const PASSPHRASE = 'correct horse battery staple';
+/** A redirect URI nobody listens on (the discard port): raw flows read the code from the 303's Location. */
+const OAUTH_CALLBACK = 'http://127.0.0.1:9/callback';
+const CLAUDE_CALLBACK = 'https://claude.ai/api/mcp/auth_callback';
+const FORM = { 'content-type': 'application/x-www-form-urlencoded' };
+const STATE_FILE_NAME = 'oauth-state.json';
+
+/** A proxy with OAuth on: its public URL is http://127.0.0.1:PORT, known before it listens. */
+type OAuthProxy = {
+  h: Harness;
+  port: number;
+  base: string;
+  stateDir: string;
+  /** Every log line, at every level. */
+  lines: string[];
+  /** SDK clients to close before the proxy. */
+  clients: Client[];
+  options: OAuthProxyOptions;
+  stop(): Promise<void>;
+};
+
+type OAuthProxyOptions = {
+  limits?: Partial<Limits>;
+  stateDir?: string;
+  port?: number;
+  baseDomain?: string;
+  tokens?: string[];
+  /** Extra startProxy options (e.g. a pre-registered client). */
+  extra?: Partial<NonNullable<StartOptions>>;
+};
+
+async function oauthProxy(t: TestContext, config: Config, o: OAuthProxyOptions = {}): Promise<OAuthProxy> {
+  const port = o.port ?? (await freePort());
+  const stateDir = o.stateDir ?? tmpDir('oauth');
+  const lines: string[] = [];
+  const h = await startHarness(config, {
+    port,
+    publicUrl: `http://127.0.0.1:${port}`,
+    passphrase: PASSPHRASE,
+    stateDir,
+    logLevel: 'error',
+    log: captureLog(lines),
+    baseDomain: o.baseDomain,
+    tokens: o.tokens,
+    limits: { ...FAST, ...o.limits },
+    ...o.extra,
+  });
+  let stopped: Promise<void> | null = null;
+  const op: OAuthProxy = {
+    h, port, base: `http://127.0.0.1:${port}`, stateDir, lines, clients: [], options: { ...o, port, stateDir },
+    stop: () =>
+      (stopped ??= (async () => {
+        await Promise.allSettled(op.clients.map((c) => c.close()));
+        await h.stop();
+      })()),
+  };
+  t.after(() => op.stop());
+  return op;
+}
+
+/** Stops a proxy and starts it again on the same port with the same state directory and options. */
+async function oauthRestart(t: TestContext, op: OAuthProxy, config: Config): Promise<OAuthProxy> {
+  await op.stop();
+  return oauthProxy(t, config, op.options);
+}
+
+type OAuthResponse = RawResponse & { json: Json };
+
+function withJson(res: RawResponse): OAuthResponse {
+  let json: Json;
+  try {
+    json = JSON.parse(res.text);
+  } catch {
+    json = undefined;
+  }
+  return { ...res, json };
+}
+
+function postForm(url: string, params: Record<string, string>, headers: Record<string, string> = {}): Promise<RawResponse> {
+  return request(url, { method: 'POST', headers: { ...FORM, ...headers }, body: new URLSearchParams(params).toString() });
+}
+
+/** Asserts an RFC 6749 §5.2 error answer: status, `error`, no-store, and no token in it. */
+function assertOAuthError(res: OAuthResponse, status: number, error: string): void {
+  assert.equal(res.status, status, `status (body: ${res.text})`);
+  assert.equal(res.json?.error, error, `OAuth error (body: ${res.text})`);
+  assert.equal(typeof res.json.error_description, 'string');
+  assert.equal(res.json.access_token, undefined);
+  assert.equal(res.headers['cache-control'], 'no-store');
+}
+
+function oauthPkce(): { verifier: string; challenge: string } {
+  const verifier = randomBytes(32).toString('base64url');
+  return { verifier, challenge: createHash('sha256').update(verifier).digest('base64url') };
+}
+
+const OAUTH_CLIENT_DEFAULTS = {
+  client_name: 'oauth test',
+  redirect_uris: [OAUTH_CALLBACK],
+  token_endpoint_auth_method: 'client_secret_post',
+  grant_types: ['authorization_code', 'refresh_token'],
+  response_types: ['code'],
+};
+
+/** POST /register with JSON metadata (defaults: a confidential client_secret_post client on OAUTH_CALLBACK). */
+async function oauthRegister(base: string, metadata: Json = {}, headers: Record<string, string> = {}): Promise<OAuthResponse> {
+  const body = typeof metadata === 'string' ? metadata : JSON.stringify({ ...OAUTH_CLIENT_DEFAULTS, ...metadata });
+  return withJson(await request(`${base}/register`, { method: 'POST', headers: { 'content-type': 'application/json', ...headers }, body }));
+}
+
+async function oauthClient(base: string, metadata: Json = {}): Promise<Json> {
+  const res = await oauthRegister(base, metadata);
+  assert.equal(res.status, 201, res.text);
+  return res.json;
+}
+
+/** Authorization request parameters; null leaves one out. */
+type AuthorizeOptions = {
+  server?: string;
+  resource?: string | null;
+  redirectUri?: string | null;
+  state?: string | null;
+  challenge?: string | null;
+  method?: string | null;
+  responseType?: string | null;
+};
+
+function oauthAuthorizeUrl(base: string, clientId: string, challenge: string, o: AuthorizeOptions = {}): string {
+  const params: Record<string, string | null> = {
+    response_type: o.responseType === undefined ? 'code' : o.responseType,
+    client_id: clientId,
+    redirect_uri: o.redirectUri === undefined ? OAUTH_CALLBACK : o.redirectUri,
+    code_challenge: o.challenge === undefined ? challenge : o.challenge,
+    code_challenge_method: o.method === undefined ? 'S256' : o.method,
+    state: o.state === undefined ? 'st-123' : o.state,
+    resource: o.resource === undefined ? `${base}/${o.server ?? 'alpha'}/mcp` : o.resource,
+  };
+  const url = new URL(`${base}/authorize`);
+  for (const [key, value] of Object.entries(params)) if (value !== null) url.searchParams.set(key, value);
+  return url.href;
+}
+
+/** The hidden csrf field of a consent page, or null. */
+function consentCsrf(page: RawResponse): string | null {
+  return /<input type="hidden" name="csrf" value="([^"]+)">/.exec(page.text)?.[1] ?? null;
+}
+
+/** POSTs the consent form as the browser would (same origin, form-encoded). */
+function consentSubmit(base: string, csrf: string, passphrase = PASSPHRASE, extra: Record<string, string> = {}): Promise<RawResponse> {
+  return postForm(`${base}/authorize`, { csrf, passphrase, action: 'approve', ...extra }, { origin: base });
+}
+
+/** What a person does: opens the consent page, types the passphrase, approves. Returns the 303's Location. */
+async function consentApprove(base: string, authorizeUrl: string, passphrase = PASSPHRASE, extra: Record<string, string> = {}): Promise<{ page: RawResponse; answer: RawResponse; location: URL; csrf: string }> {
+  const page = await request(authorizeUrl);
+  assert.equal(page.status, 200, `consent page (body: ${page.text})`);
+  const csrf = consentCsrf(page);
+  assert.ok(csrf, 'the consent page carries a csrf field');
+  const answer = await consentSubmit(base, csrf, passphrase, extra);
+  assert.equal(answer.status, 303, `consent answer (body: ${answer.text})`);
+  return { page, answer, location: new URL(String(answer.headers.location)), csrf };
+}
+
+type OAuthCode = { code: string; verifier: string; challenge: string; resource: string; location: URL };
+
+/** A code for `client`, approved by the operator (resource: the server's /mcp endpoint unless given). */
+async function oauthCode(base: string, client: Json, o: AuthorizeOptions & { all?: boolean } = {}): Promise<OAuthCode> {
+  const { verifier, challenge } = oauthPkce();
+  const url = oauthAuthorizeUrl(base, client.client_id, challenge, o);
+  const { location } = await consentApprove(base, url, PASSPHRASE, o.all ? { all: 'on' } : {});
+  const code = location.searchParams.get('code');
+  assert.ok(code, `a code in ${location.href}`);
+  return { code, verifier, challenge, resource: new URL(url).searchParams.get('resource') ?? '', location };
+}
+
+type ClientAuth = 'post' | 'basic' | 'none';
+
+/** POST /token (form-encoded) authenticated as `client` with client_secret_post, _basic or only its id. */
+async function oauthToken(base: string, client: Json, params: Record<string, string>, how: ClientAuth = 'post'): Promise<OAuthResponse> {
+  const form = { ...params };
+  const headers: Record<string, string> = {};
+  if (how === 'basic') {
+    const pair = `${encodeURIComponent(client.client_id)}:${encodeURIComponent(client.client_secret ?? '')}`;
+    headers.authorization = `Basic ${Buffer.from(pair).toString('base64')}`;
+  } else {
+    form.client_id = client.client_id;
+    if (how === 'post' && client.client_secret !== undefined) form.client_secret = client.client_secret;
+  }
+  return withJson(await postForm(`${base}/token`, form, headers));
+}
+
+function oauthExchange(base: string, client: Json, c: OAuthCode, extra: Record<string, string> = {}, how: ClientAuth = 'post'): Promise<OAuthResponse> {
+  return oauthToken(base, client, {
+    grant_type: 'authorization_code', code: c.code, code_verifier: c.verifier, redirect_uri: OAUTH_CALLBACK,
+    ...(c.resource ? { resource: c.resource } : {}), ...extra,
+  }, how);
+}
+
+function oauthRefresh(base: string, client: Json, refreshToken: string, extra: Record<string, string> = {}): Promise<OAuthResponse> {
+  return oauthToken(base, client, { grant_type: 'refresh_token', refresh_token: refreshToken, ...extra });
+}
+
+type OAuthGrant = { client: Json; code: OAuthCode; access: string; refresh: string; tokens: Json };
+
+/** Register, consent, token: a live grant for `server` (fixture servers are called alpha and beta). */
+async function oauthGrant(base: string, server = 'alpha', o: { register?: Json; all?: boolean; resource?: string | null } = {}): Promise<OAuthGrant> {
+  const client = await oauthClient(base, o.register);
+  const code = await oauthCode(base, client, { server, all: o.all, resource: o.resource });
+  const res = await oauthExchange(base, client, code);
+  assert.equal(res.status, 200, res.text);
+  return { client, code, access: res.json.access_token, refresh: res.json.refresh_token, tokens: res.json };
+}
+
+function bearer(token: string): Record<string, string> {
+  return { authorization: `Bearer ${token}` };
+}
+
+/**
+ * What an endpoint makes of a token, without opening a session: a ping naming an unknown session is 404 with
+ * a valid token, 401 with an invalid one, 403 with a token for another server.
+ */
+async function oauthProbe(base: string, token: string, server = 'alpha'): Promise<number> {
+  const res = await post(`${base}/${server}/mcp`, ping(1), { ...bearer(token), 'mcp-session-id': 'no-such-session' });
+  return res.status;
+}
+
+function oauthState(op: { stateDir: string }): Json {
+  return JSON.parse(fs.readFileSync(path.join(op.stateDir, STATE_FILE_NAME), 'utf8'));
+}
+
+/** initialize with a bearer token over raw HTTP; returns the session id. */
+async function oauthSession(base: string, server: string, token: string): Promise<string> {
+  const res = await post(`${base}/${server}/mcp`, initMsg(0), { accept: 'application/json', ...bearer(token) });
+  assert.equal(res.status, 200, res.text);
+  const sid = res.headers['mcp-session-id'];
+  assert.equal(typeof sid, 'string');
+  return sid as string;
+}
+
+/** The parameters of a `WWW-Authenticate: Bearer k="v", …` header. */
+function bearerParams(header: string | undefined): Record<string, string> {
+  assert.ok(header, 'a WWW-Authenticate header');
+  assert.match(header, /^Bearer /);
+  const out: Record<string, string> = {};
+  for (const m of header.matchAll(/([a-z_]+)="([^"]*)"/g)) out[m[1]] = m[2];
+  return out;
+}
+
+/** An OAuthClientProvider that keeps everything in memory and counts what the SDK does with it. */
+class SdkProvider implements OAuthClientProvider {
+  info: OAuthClientInformationMixed | undefined;
+  saved: OAuthTokens | undefined;
+  readonly allTokens: OAuthTokens[] = [];
+  readonly clientIds = new Set<string>();
+  verifier = '';
+  authUrl: URL | null = null;
+  redirects = 0;
+  lastState = '';
+
+  constructor(
+    readonly redirectUrl: string,
+    readonly authMethod = 'client_secret_post',
+  ) {}
+
+  get clientMetadata(): OAuthClientMetadata {
+    return {
+      client_name: 'sdk oauth test', redirect_uris: [this.redirectUrl], grant_types: ['authorization_code', 'refresh_token'],
+      response_types: ['code'], token_endpoint_auth_method: this.authMethod,
+    };
+  }
+
+  state(): string {
+    this.lastState = `st-${randomBytes(8).toString('hex')}`;
+    return this.lastState;
+  }
+
+  clientInformation(): OAuthClientInformationMixed | undefined {
+    return this.info;
+  }
+
+  saveClientInformation(info: OAuthClientInformationMixed): void {
+    this.info = info;
+    this.clientIds.add(info.client_id);
+  }
+
+  tokens(): OAuthTokens | undefined {
+    return this.saved;
+  }
+
+  saveTokens(tokens: OAuthTokens): void {
+    this.saved = tokens;
+    this.allTokens.push(tokens);
+  }
+
+  redirectToAuthorization(url: URL): void {
+    this.authUrl = url;
+    this.redirects++;
+  }
+
+  saveCodeVerifier(verifier: string): void {
+    this.verifier = verifier;
+  }
+
+  codeVerifier(): string {
+    return this.verifier;
+  }
+
+  invalidateCredentials(scope: 'all' | 'client' | 'tokens' | 'verifier' | 'discovery'): void {
+    if (scope === 'all' || scope === 'client') this.info = undefined;
+    if (scope === 'all' || scope === 'tokens') this.saved = undefined;
+  }
+}
+
+/** A loopback listener standing in for a native client's redirect URI (RFC 8252): records what the browser brings. */
+async function sdkCallback(t: TestContext): Promise<{ url: string; hits: URL[] }> {
+  const hits: URL[] = [];
+  const server = http.createServer((req, res) => {
+    hits.push(new URL(req.url ?? '/', 'http://127.0.0.1'));
+    res.writeHead(200, { 'content-type': 'text/plain' }).end('done, you can close this tab');
+  });
+  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+  t.after(() => new Promise<void>((resolve) => {
+    server.closeAllConnections();
+    server.close(() => resolve());
+  }));
+  return { url: `http://127.0.0.1:${(server.address() as net.AddressInfo).port}/callback`, hits };
+}
+
+type FetchFn = (input: string | URL | Request, init?: RequestInit) => Promise<Response>;
+
+/**
+ * A fetch for host routes: requests to *.mcp.test go to 127.0.0.1 on the same port with the Host header kept
+ * (undici's fetch drops a Host header, so this goes through node:http). Streams bodies, honours abort.
+ */
+function hostRouteFetch(seen: string[]): FetchFn {
+  return async (input, init = {}) => {
+    const url = new URL(input instanceof Request ? input.url : String(input));
+    if (!url.hostname.endsWith('.mcp.test')) return fetch(input, init);
+    seen.push(`${init.method ?? 'GET'} ${url.host}${url.pathname}`);
+    const headers: Record<string, string> = {};
+    new Headers(init.headers).forEach((value, key) => {
+      headers[key] = value;
+    });
+    headers.host = url.host;
+    let body: string | Buffer | undefined;
+    if (typeof init.body === 'string') body = init.body;
+    else if (init.body instanceof URLSearchParams) {
+      body = init.body.toString();
+      headers['content-type'] ??= 'application/x-www-form-urlencoded';
+    } else if (init.body != null) body = Buffer.from(init.body as ArrayBuffer);
+    return new Promise<Response>((resolve, reject) => {
+      const req = http.request({ host: '127.0.0.1', port: url.port, path: `${url.pathname}${url.search}`, method: init.method ?? 'GET', headers, agent: false }, (res) => {
+        const pairs: [string, string][] = [];
+        for (let i = 0; i < res.rawHeaders.length; i += 2) pairs.push([res.rawHeaders[i], res.rawHeaders[i + 1]]);
+        const status = res.statusCode ?? 0;
+        const empty = status === 204 || status === 304;
+        if (empty) res.resume();
+        resolve(new Response(empty ? null : (Readable.toWeb(res) as ReadableStream<Uint8Array>), { status, headers: pairs }));
+      });
+      req.on('error', reject);
+      const signal = init.signal;
+      if (signal) {
+        const abort = () => {
+          req.destroy();
+          reject(new DOMException('This operation was aborted', 'AbortError'));
+        };
+        if (signal.aborted) return abort();
+        signal.addEventListener('abort', abort, { once: true });
+      }
+      if (body !== undefined) req.write(body);
+      req.end();
+    });
+  };
+}
+
+function sdkTransport(kind: 'mcp' | 'sse', url: URL, provider: SdkProvider, fetchFn?: FetchFn): StreamableHTTPClientTransport | SSEClientTransport {
+  return kind === 'mcp'
+    ? new StreamableHTTPClientTransport(url, { authProvider: provider, fetch: fetchFn })
+    : new SSEClientTransport(url, { authProvider: provider, fetch: fetchFn });
+}
+
+/**
+ * The SDK's client-side flow: connect → 401 → discovery → registration → redirect; a person approves on the
+ * consent page and the browser follows the 303 to the loopback callback; finishAuth(code) → token; connect.
+ */
+async function sdkLogin(
+  op: OAuthProxy, url: URL, kind: 'mcp' | 'sse', provider: SdkProvider, callback: { hits: URL[] }, fetchFn?: FetchFn,
+): Promise<Client> {
+  const refused = new Client({ name: 'oauth-test', version: '1.0.0' });
+  const first = sdkTransport(kind, url, provider, fetchFn);
+  await assert.rejects(refused.connect(first), UnauthorizedError);
+  await first.close().catch(() => undefined);
+  assert.ok(provider.authUrl, 'the SDK sent the user to the authorization endpoint');
+  assert.equal(`${provider.authUrl.origin}${provider.authUrl.pathname}`, `${op.base}/authorize`);
+  const { location } = await consentApprove(op.base, provider.authUrl.href);
+  assert.ok(location.href.startsWith(provider.redirectUrl), `redirected to the registered URI, got ${location.href}`);
+  const landed = await request(location.href); // the browser follows the 303
+  assert.equal(landed.status, 200);
+  const hit = callback.hits.at(-1);
+  assert.ok(hit);
+  assert.equal(hit.searchParams.get('state'), provider.lastState, 'state comes back unchanged');
+  assert.equal(hit.searchParams.get('iss'), op.base, 'RFC 9207 iss is the issuer');
+  const code = hit.searchParams.get('code');
+  assert.ok(code);
+  const transport = sdkTransport(kind, url, provider, fetchFn);
+  await transport.finishAuth(code);
+  const client = new Client({ name: 'oauth-test', version: '1.0.0' });
+  op.clients.push(client);
+  await client.connect(transport);
+  return client;
+}
+
+/** Awaits one step of a flow; a failure names the step. */
+async function sdkStep<T>(what: string, p: Promise<T>): Promise<T> {
+  try {
+    return await p;
+  } catch (err) {
+    throw new Error(`${what} failed: ${(err as Error).message}`, { cause: err });
+  }
+}
+
+/** The URL a route kind serves server "everything" at, for a transport. */
+function sdkEndpoint(op: OAuthProxy, route: 'path' | 'host' | 'root', kind: 'mcp' | 'sse'): URL {
+  if (route === 'path') return new URL(`${op.base}/everything/${kind}`);
+  if (route === 'host') return new URL(`http://everything.mcp.test:${op.port}/${kind}`);
+  return new URL(`${op.base}/${kind}`);
+}
+
+/** Claude.ai's connect, as mcp-protocol.md §7 reports it: raw HTTP, Accept "*∕*", no MCP-Protocol-Version. */
+async function claudeConnect(base: string, endpoint: string): Promise<{ clientId: string; clientSecret: string; access: string; refresh: string; consent: RawResponse }> {
+  const claudeHeaders = { 'content-type': 'application/json', accept: '*/*', origin: 'https://claude.ai', 'user-agent': 'Claude-User' };
+  const init = JSON.stringify(initMsg(0, '2025-11-25'));
+  // 1. The unauthenticated POST and its challenge.
+  const first = await request(endpoint, { method: 'POST', headers: claudeHeaders, body: init });
+  assert.equal(first.status, 401, first.text);
+  const challenge = bearerParams(first.headers['www-authenticate'] as string);
+  assert.equal(challenge.error, undefined);
+  // 2. Protected resource metadata; `resource` must be exactly the pasted URL. 3. AS metadata at the root.
+  const prm = withJson(await request(challenge.resource_metadata, { headers: { accept: 'application/json' } }));
+  assert.equal(prm.status, 200);
+  assert.equal(prm.json.resource, endpoint);
+  const issuer = prm.json.authorization_servers[0];
+  const as = withJson(await request(`${issuer}/.well-known/oauth-authorization-server`));
+  assert.equal(as.status, 200);
+  assert.equal(as.json.issuer, issuer);
+  // 4. DCR from python-httpx, client_secret_post, Claude's callback.
+  const reg = withJson(await request(as.json.registration_endpoint, {
+    method: 'POST', headers: { 'content-type': 'application/json', 'user-agent': 'python-httpx/0.28.1' },
+    body: JSON.stringify({ client_name: 'Claude', redirect_uris: [CLAUDE_CALLBACK], grant_types: ['authorization_code', 'refresh_token'], response_types: ['code'], token_endpoint_auth_method: 'client_secret_post' }),
+  }));
+  assert.equal(reg.status, 201, reg.text);
+  // 5. Authorization with PKCE and resource; the operator approves.
+  const { verifier, challenge: codeChallenge } = oauthPkce();
+  const authorize = new URL(as.json.authorization_endpoint);
+  for (const [k, v] of Object.entries({ response_type: 'code', client_id: reg.json.client_id, redirect_uri: CLAUDE_CALLBACK, code_challenge: codeChallenge, code_challenge_method: 'S256', state: 'claude-state', resource: endpoint })) {
+    authorize.searchParams.set(k, v);
+  }
+  const { page, location } = await consentApprove(issuer, authorize.href);
+  assert.equal(`${location.origin}${location.pathname}`, CLAUDE_CALLBACK);
+  assert.equal(location.searchParams.get('state'), 'claude-state');
+  // 6. The token, form-encoded, client_secret_post.
+  const token = withJson(await postForm(as.json.token_endpoint, {
+    grant_type: 'authorization_code', code: location.searchParams.get('code')!, code_verifier: verifier, redirect_uri: CLAUDE_CALLBACK,
+    resource: endpoint, client_id: reg.json.client_id, client_secret: reg.json.client_secret,
+  }));
+  assert.equal(token.status, 200, token.text);
+  assert.equal(token.json.token_type, 'Bearer');
+  return { clientId: reg.json.client_id, clientSecret: reg.json.client_secret, access: token.json.access_token, refresh: token.json.refresh_token, consent: page };
+}
+
+/** One Claude.ai exchange: a fresh session (initialize, re-POSTed once), then one request in it. */
+async function claudeExchange(endpoint: string, access: string, message: Json): Promise<{ answer: Json; sessions: string[] }> {
+  const headers = { 'content-type': 'application/json', accept: '*/*', origin: 'https://claude.ai', ...bearer(access) };
+  const sessions: string[] = [];
+  for (let i = 0; i < 2; i++) {
+    const init = await request(endpoint, { method: 'POST', headers, body: JSON.stringify(initMsg(0, '2025-11-25')) });
+    assert.equal(init.status, 200, init.text);
+    assert.match(String(init.headers['content-type']), /^application\/json/);
+    sessions.push(String(init.headers['mcp-session-id']));
+  }
+  // notifications/initialized has arrived without a session id (claude-ai-mcp#99).
+  const note = await request(endpoint, { method: 'POST', headers, body: JSON.stringify({ jsonrpc: '2.0', method: 'notifications/initialized' }) });
+  assert.equal(note.status, 202);
+  const res = await request(endpoint, { method: 'POST', headers: { ...headers, 'mcp-session-id': sessions[1] }, body: JSON.stringify(message) });
+  assert.equal(res.status, 200, res.text);
+  return { answer: JSON.parse(res.text), sessions };
+}
+
+/** Fixture servers for the tests that need no real server. */
+const TWO_FIXTURES = (): Config => ({ servers: [fixture('alpha'), fixture('beta')] });
+const REAL_TWO = (): Config => ({ servers: [everything(), srv('memory', [MEMORY])] });
+
+/**
+ * Whether the proxy knows a client, told by behaviour (registrations are not written to the state file): its
+ * consent page opens (200), or says it is not registered (400). `redirectUri` must be one the client registered.
+ */
+async function oauthIsRegistered(base: string, clientId: string, redirectUri = OAUTH_CALLBACK): Promise<boolean> {
+  const res = await request(oauthAuthorizeUrl(base, clientId, oauthPkce().challenge, { redirectUri }));
+  if (res.status === 200) return true;
+  assert.equal(res.status, 400, res.text);
+  assert.match(res.text, /This client is not registered with this proxy \(it may have expired\)\. Start the connection again from the client\./);
+  return false;
+}
+
+/** How many registrations a proxy accepted: its "registered client" log lines (info level). */
+function oauthRegisteredCount(op: { lines: string[] }): number {
+  return op.lines.filter((l) => l.startsWith('info [oauth] registered client ')).length;
+}
+
+/** An https redirect URI of exactly `length` characters, padded with `fill` (then one letter, so nothing trails). */
+function oauthLongUri(length: number, tag = 'cb', fill = 'x'): string {
+  const head = `https://example.com/${tag}/`;
+  const uri = head + fill.repeat(length - head.length - 1) + 'z';
+  assert.equal(uri.length, length);
+  return uri;
+}
+
+/** Debian's chromium (apt-get install chromium; .ci/run installs it): the consent page is tried in a real browser. */
+const CHROMIUM = '/usr/bin/chromium';
+const CHROMIUM_ARGS = ['--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run', '--disable-background-networking', '--disable-component-update', '--disable-sync'];
+
+// ── 8. OAuth: metadata, registration, consent, tokens ──────────────────────────────────────────────────
+
+describe('8. OAuth: metadata, registration, consent, tokens', () => {
+  // Metadata and the 401 challenge ───────
+
+  it('protected resource metadata: one document per endpoint (/mcp and /sse of each server), resource exactly that URL, the issuer at the origin root', { timeout: 20_000 }, async (t) => {
+    const op = await oauthProxy(t, TWO_FIXTURES());
+    for (const server of ['alpha', 'beta']) {
+      for (const leaf of ['mcp', 'sse']) {
+        const res = withJson(await request(`${op.base}/.well-known/oauth-protected-resource/${server}/${leaf}`));
+        assert.equal(res.status, 200, res.text);
+        assert.equal(res.headers['cache-control'], 'no-store');
+        assert.deepEqual(res.json, {
+          resource: `${op.base}/${server}/${leaf}`,
+          authorization_servers: [op.base],
+          bearer_methods_supported: ['header'],
+          resource_name: server,
+        });
+      }
+    }
+    // At the root with two servers there is no single endpoint: the resource is the origin.
+    const root = withJson(await request(`${op.base}/.well-known/oauth-protected-resource`));
+    assert.equal(root.status, 200);
+    assert.deepEqual(root.json, { resource: op.base, authorization_servers: [op.base], bearer_methods_supported: ['header'] });
+    // No document for what is not an endpoint.
+    for (const p of ['/nope/mcp', '/alpha/other', '/alpha/mcp/x', '/mcp']) {
+      assert.equal((await request(`${op.base}/.well-known/oauth-protected-resource${p}`)).status, 404, p);
+    }
+  });
+
+  it('authorization server metadata: exactly what is implemented, at the RFC 8414 and the OpenID discovery paths', { timeout: 20_000 }, async (t) => {
+    const op = await oauthProxy(t, TWO_FIXTURES());
+    const expected = {
+      issuer: op.base,
+      authorization_endpoint: `${op.base}/authorize`,
+      token_endpoint: `${op.base}/token`,
+      registration_endpoint: `${op.base}/register`,
+      revocation_endpoint: `${op.base}/revoke`,
+      response_types_supported: ['code'],
+      response_modes_supported: ['query'],
+      grant_types_supported: ['authorization_code', 'refresh_token'],
+      code_challenge_methods_supported: ['S256'],
+      token_endpoint_auth_methods_supported: ['client_secret_post', 'client_secret_basic', 'none'],
+      revocation_endpoint_auth_methods_supported: ['client_secret_post', 'client_secret_basic', 'none'],
+      authorization_response_iss_parameter_supported: true,
+    };
+    for (const p of ['/.well-known/oauth-authorization-server', '/.well-known/openid-configuration']) {
+      const res = withJson(await request(`${op.base}${p}`, { headers: { 'mcp-protocol-version': '2025-11-25' } }));
+      assert.equal(res.status, 200, p);
+      assert.deepEqual(res.json, expected, p);
+      assert.equal(res.headers['cache-control'], 'no-store');
+    }
+  });
+
+  it('401 challenge: absolute resource_metadata naming a document that exists, no error without a token, error="invalid_token" for a bad one', { timeout: 20_000 }, async (t) => {
+    const op = await oauthProxy(t, TWO_FIXTURES());
+    for (const leaf of ['mcp', 'sse']) {
+      const endpoint = `${op.base}/alpha/${leaf}`;
+      const noToken = leaf === 'mcp' ? await post(endpoint, initMsg(0)) : await request(endpoint, { headers: { accept: 'text/event-stream' } });
+      assertRpcError(noToken, 401, -32000);
+      assert.equal(noToken.headers['www-authenticate'], `Bearer resource_metadata="${op.base}/.well-known/oauth-protected-resource/alpha/${leaf}"`);
+      const prm = withJson(await request(bearerParams(noToken.headers['www-authenticate'] as string).resource_metadata));
+      assert.equal(prm.status, 200);
+      assert.equal(prm.json.resource, endpoint);
+      for (const authorization of ['Bearer not-a-token-we-issued', 'Basic dXNlcjpwYXNz', 'Bearer']) {
+        const bad = leaf === 'mcp'
+          ? await post(endpoint, initMsg(0), { authorization })
+          : await request(endpoint, { headers: { accept: 'text/event-stream', authorization } });
+        assertRpcError(bad, 401, -32000);
+        assert.equal(bad.headers['www-authenticate'], `Bearer resource_metadata="${op.base}/.well-known/oauth-protected-resource/alpha/${leaf}", error="invalid_token"`, authorization);
+      }
+    }
+  });
+
+  it('401 on the legacy POST endpoint (/{name}/messages) names protected resource metadata that exists', { timeout: 20_000 }, async (t) => {
+    // An SSE client whose token expired learns where to log in again from this 401 (the SDK's SSEClientTransport
+    // runs auth() with it); on a host route a missing document sends the SDK to the wrong issuer (see below).
+    const op = await oauthProxy(t, TWO_FIXTURES());
+    const res = await post(`${op.base}/alpha/messages?sessionId=whatever`, ping(1));
+    assertRpcError(res, 401, -32000);
+    const { resource_metadata: at } = bearerParams(res.headers['www-authenticate'] as string);
+    const prm = withJson(await request(at));
+    assert.equal(prm.status, 200, `resource_metadata ${at} answered ${prm.status}`);
+    assert.equal(prm.json.resource, `${op.base}/alpha/sse`);
+  });
+
+  it('single-server root route: /mcp and /sse at the root, their metadata, and the root document naming /mcp', { timeout: 20_000 }, async (t) => {
+    const op = await oauthProxy(t, { servers: [fixture('alpha')] });
+    for (const leaf of ['mcp', 'sse']) {
+      const prm = withJson(await request(`${op.base}/.well-known/oauth-protected-resource/${leaf}`));
+      assert.equal(prm.status, 200);
+      assert.deepEqual(prm.json, { resource: `${op.base}/${leaf}`, authorization_servers: [op.base], bearer_methods_supported: ['header'], resource_name: 'alpha' });
+    }
+    const root = withJson(await request(`${op.base}/.well-known/oauth-protected-resource`));
+    assert.equal(root.json.resource, `${op.base}/mcp`);
+    const challenge = await post(`${op.base}/mcp`, initMsg(0));
+    assert.equal(challenge.status, 401);
+    assert.equal(challenge.headers['www-authenticate'], `Bearer resource_metadata="${op.base}/.well-known/oauth-protected-resource/mcp"`);
+    // The path route still works beside it, with its own resource.
+    const named = await post(`${op.base}/alpha/mcp`, initMsg(0));
+    assert.equal(named.headers['www-authenticate'], `Bearer resource_metadata="${op.base}/.well-known/oauth-protected-resource/alpha/mcp"`);
+  });
+
+  it('host routes ({name}.{baseDomain}): the challenge, metadata and resource are on the server\'s own origin; the issuer stays the public URL', { timeout: 20_000 }, async (t) => {
+    const op = await oauthProxy(t, TWO_FIXTURES(), { baseDomain: 'mcp.test' });
+    for (const server of ['alpha', 'beta']) {
+      const host = `${server}.mcp.test:${op.port}`;
+      const origin = `http://${host}`;
+      const challenge = await post(`${op.base}/mcp`, initMsg(0), { host });
+      assertRpcError(challenge, 401, -32000);
+      assert.equal(challenge.headers['www-authenticate'], `Bearer resource_metadata="${origin}/.well-known/oauth-protected-resource/mcp"`);
+      for (const leaf of ['mcp', 'sse']) {
+        const prm = withJson(await request(`${op.base}/.well-known/oauth-protected-resource/${leaf}`, { headers: { host } }));
+        assert.equal(prm.status, 200);
+        assert.deepEqual(prm.json, { resource: `${origin}/${leaf}`, authorization_servers: [op.base], bearer_methods_supported: ['header'], resource_name: server });
+      }
+      const root = withJson(await request(`${op.base}/.well-known/oauth-protected-resource`, { headers: { host } }));
+      assert.equal(root.json.resource, `${origin}/mcp`);
+    }
+    // An unknown subdomain is no server, and two servers mean no root route on the public host.
+    assert.equal((await request(`${op.base}/.well-known/oauth-protected-resource/mcp`, { headers: { host: `nope.mcp.test:${op.port}` } })).status, 404);
+    assert.equal((await request(`${op.base}/.well-known/oauth-protected-resource/mcp`)).status, 404);
+  });
+
+  // The whole flow with the SDK's client-side OAuth ───────
+
+  for (const route of ['path', 'host', 'root'] as const) {
+    for (const kind of ['mcp', 'sse'] as const) {
+      const transportName = kind === 'mcp' ? 'StreamableHTTPClientTransport' : 'SSEClientTransport';
+      it(`SDK auth() through ${transportName} on the ${route} route: 401 → discovery → registration → consent → token → tool calls → refresh after expiry → restart without new consent`, { timeout: 60_000 }, async (t) => {
+        const config: Config = route === 'root' ? { servers: [everything()] } : REAL_TWO();
+        const limits = { accessTokenTtlMs: 1_500 };
+        let op = await oauthProxy(t, config, { limits, baseDomain: route === 'host' ? 'mcp.test' : undefined });
+        await op.h.proxy.ready();
+        const callback = await sdkCallback(t);
+        const provider = new SdkProvider(callback.url);
+        const seen: string[] = [];
+        const fetchFn = route === 'host' ? hostRouteFetch(seen) : undefined;
+        const url = sdkEndpoint(op, route, kind);
+
+        const client = await sdkLogin(op, url, kind, provider, callback, fetchFn);
+        assert.equal(provider.authUrl!.searchParams.get('resource'), url.href, 'the SDK took resource from the endpoint\'s metadata');
+        assert.equal(provider.authUrl!.searchParams.get('code_challenge_method'), 'S256');
+        assert.equal(provider.clientIds.size, 1, 'registered once');
+        assert.equal(textOf(await client.callTool({ name: 'echo', arguments: { message: 'one' } })), 'Echo: one');
+        if (route === 'host') assert.ok(seen.some((s) => s.startsWith(`POST everything.mcp.test:${op.port}/${kind === 'mcp' ? 'mcp' : 'messages'}`)), `requests went to the host route: ${seen.join(', ')}`);
+
+        // Refresh after expiry, on the same connection.
+        const before = provider.saved!;
+        await waitFor(async () => (await oauthProbe(op.base, before.access_token, 'everything')) === 401, 10_000, 'the access token to expire');
+        assert.equal(textOf(await sdkStep('the tool call after the access token expired (refresh)', client.callTool({ name: 'echo', arguments: { message: 'two' } }))), 'Echo: two');
+        assert.notEqual(provider.saved!.access_token, before.access_token, 'a new access token');
+        assert.notEqual(provider.saved!.refresh_token, before.refresh_token, 'the refresh token rotated');
+        assert.equal(provider.redirects, 1, 'no new consent for the refresh');
+        await client.close();
+
+        // A restart with the same state directory: the grant is still there, no new consent, no new registration.
+        op = await oauthRestart(t, op, config);
+        await op.h.proxy.ready();
+        const again = new Client({ name: 'oauth-test', version: '1.0.0' });
+        op.clients.push(again);
+        await sdkStep('connect after the restart', again.connect(sdkTransport(kind, url, provider, fetchFn)));
+        assert.equal(textOf(await again.callTool({ name: 'echo', arguments: { message: 'three' } })), 'Echo: three');
+        const afterRestart = provider.saved!;
+        await waitFor(async () => (await oauthProbe(op.base, afterRestart.access_token, 'everything')) === 401, 10_000, 'the access token to expire after the restart');
+        assert.equal(textOf(await sdkStep('the tool call after the restart and expiry (refresh)', again.callTool({ name: 'echo', arguments: { message: 'four' } }))), 'Echo: four');
+        assert.equal(provider.redirects, 1, 'still only the first consent');
+        assert.equal(provider.clientIds.size, 1, 'still only the first registration');
+        assert.equal(oauthState(op).grants.length, 1);
+      });
+    }
+  }
+
+  it('a client that behaves as Claude.ai (Accept */*, no protocol header, DCR with client_secret_post per connection, initialize re-POSTed, a new session per exchange, form-encoded /token) connects and calls a tool', { timeout: 60_000 }, async (t) => {
+    const op = await oauthProxy(t, REAL_TWO());
+    await op.h.proxy.ready();
+    const endpoint = `${op.base}/everything/mcp`;
+    const first = await claudeConnect(op.base, endpoint);
+    // The consent page says where the browser goes back to: Claude.
+    assert.match(first.consent.text, /Sends you back to <b>claude\.ai<\/b>: Claude\./);
+    assert.match(first.consent.text, /the server <b>everything<\/b>/);
+    assert.match(first.consent.text, /Allow Claude\?/);
+    const list = await claudeExchange(endpoint, first.access, { jsonrpc: '2.0', id: 1, method: 'tools/list' });
+    assert.ok(list.answer.result.tools.some((tool: Json) => tool.name === 'echo'));
+    assert.notEqual(list.sessions[0], list.sessions[1], 're-POSTed initialize opens a new session');
+    const called = await claudeExchange(endpoint, first.access, { jsonrpc: '2.0', id: 2, method: 'tools/call', params: { name: 'echo', arguments: { message: 'from claude' } } });
+    assert.equal(textOf(called.answer.result), 'Echo: from claude');
+    assert.ok(!list.sessions.includes(called.sessions[0]), 'a new session per exchange');
+
+    // A new connection registers a new client; both grants work side by side.
+    const second = await claudeConnect(op.base, endpoint);
+    assert.notEqual(second.clientId, first.clientId);
+    for (const access of [first.access, second.access]) {
+      const again = await claudeExchange(endpoint, access, { jsonrpc: '2.0', id: 3, method: 'tools/call', params: { name: 'echo', arguments: { message: 'again' } } });
+      assert.equal(textOf(again.answer.result), 'Echo: again');
+    }
+    assert.equal(oauthState(op).grants.length, 2);
+    // Claude.ai refreshes form-encoded with client_secret_post and the resource.
+    const refreshed = withJson(await postForm(`${op.base}/token`, { grant_type: 'refresh_token', refresh_token: first.refresh, resource: endpoint, client_id: first.clientId, client_secret: first.clientSecret }));
+    assert.equal(refreshed.status, 200, refreshed.text);
+    const after = await claudeExchange(endpoint, refreshed.json.access_token, { jsonrpc: '2.0', id: 4, method: 'tools/list' });
+    assert.ok(Array.isArray(after.answer.result.tools));
+  });
+
+  // Registration (RFC 7591) ───────
+
+  it('registration: 201 with the client\'s metadata; an omitted auth method means client_secret_basic; "none" gets no secret', { timeout: 20_000 }, async (t) => {
+    const op = await oauthProxy(t, TWO_FIXTURES());
+    const reg = await oauthRegister(op.base);
+    assert.equal(reg.status, 201, reg.text);
+    assert.equal(reg.headers['cache-control'], 'no-store');
+    assert.deepEqual(Object.keys(reg.json).sort(), ['client_id', 'client_id_issued_at', 'client_name', 'client_secret', 'client_secret_expires_at', 'grant_types', 'redirect_uris', 'response_types', 'token_endpoint_auth_method']);
+    assert.equal(reg.json.token_endpoint_auth_method, 'client_secret_post');
+    assert.equal(reg.json.client_secret_expires_at, 0);
+    assert.deepEqual(reg.json.redirect_uris, [OAUTH_CALLBACK]);
+    assert.ok(reg.json.client_secret.length >= 32);
+    const basic = await oauthRegister(op.base, { token_endpoint_auth_method: undefined });
+    assert.equal(basic.json.token_endpoint_auth_method, 'client_secret_basic');
+    assert.equal(typeof basic.json.client_secret, 'string');
+    const pub = await oauthRegister(op.base, { token_endpoint_auth_method: 'none' });
+    assert.equal(pub.status, 201);
+    assert.equal(pub.json.client_secret, undefined);
+    // Malformed metadata.
+    assertOAuthError(await oauthRegister(op.base, '{not json'), 400, 'invalid_client_metadata');
+    assertOAuthError(await oauthRegister(op.base, '[]'), 400, 'invalid_client_metadata');
+    assertOAuthError(await oauthRegister(op.base, { token_endpoint_auth_method: 'private_key_jwt' }), 400, 'invalid_client_metadata');
+    assertOAuthError(await oauthRegister(op.base, { grant_types: ['implicit'] }), 400, 'invalid_client_metadata');
+    assertOAuthError(await oauthRegister(op.base, { response_types: ['token'] }), 400, 'invalid_client_metadata');
+    const get = withJson(await request(`${op.base}/register`));
+    assertOAuthError(get, 405, 'invalid_request');
+    assert.equal(get.headers.allow, 'POST');
+    // Registrations are not written to the state file (only clients holding a grant are): registered means
+    // usable, so each valid client's consent page opens, and only the three valid ones were registered.
+    for (const c of [reg.json, basic.json, pub.json]) assert.equal(await oauthIsRegistered(op.base, c.client_id), true, c.token_endpoint_auth_method);
+    assert.equal(oauthRegisteredCount(op), 3, 'only the valid registrations are kept');
+    assert.deepEqual(oauthState(op).clients, [], 'a registration alone is not written to the state file');
+  });
+
+  it('registration: invalid redirect_uris are refused with invalid_redirect_uri (http off loopback, a fragment, credentials, not a URL, none, more than 5, one over 512 characters); 5 URIs of 512 characters are accepted', { timeout: 20_000 }, async (t) => {
+    const op = await oauthProxy(t, TWO_FIXTURES());
+    const bad: Json[] = [
+      ['http://example.com/callback'],
+      ['http://192.168.1.10/callback'],
+      ['https://claude.ai/api/mcp/auth_callback#frag'],
+      ['http://127.0.0.1:9/callback#x'],
+      ['https://user:pw@example.com/cb'],
+      ['javascript:alert(1)'],
+      ['not a url'],
+      [42],
+      [],
+      'https://example.com/cb',
+      Array.from({ length: 6 }, (_, i) => `https://example.com/cb${i}`),
+      [oauthLongUri(513)],
+      [CLAUDE_CALLBACK, oauthLongUri(513)],
+    ];
+    for (const uris of bad) {
+      const res = await oauthRegister(op.base, { redirect_uris: uris });
+      assertOAuthError(res, 400, 'invalid_redirect_uri');
+      assert.equal(res.json.client_id, undefined);
+    }
+    assert.equal(oauthRegisteredCount(op), 0, 'nothing registered');
+    // Accepted: https anywhere; http on loopback names with any port (RFC 8252 §7.3); five URIs of 512 characters.
+    const accepted = [[CLAUDE_CALLBACK], ['http://localhost/callback', 'http://127.0.0.1:33418/callback', 'http://[::1]:8080/cb'], Array.from({ length: 5 }, (_, i) => oauthLongUri(512, `cb${i}`))];
+    for (const uris of accepted) {
+      const res = await oauthRegister(op.base, { redirect_uris: uris });
+      assert.equal(res.status, 201, `${JSON.stringify(uris)}: ${res.text}`);
+      assert.deepEqual(res.json.redirect_uris, uris);
+      assert.equal(await oauthIsRegistered(op.base, res.json.client_id, uris[0]), true);
+    }
+    assert.equal(oauthRegisteredCount(op), 3);
+  });
+
+  it('registrationsPerMinute: under and at the limit register, one over → 429 slow_down with Retry-After, and nothing is registered', { timeout: 20_000 }, async (t) => {
+    const op = await oauthProxy(t, TWO_FIXTURES(), { limits: { registrationsPerMinute: 3 } });
+    for (let i = 0; i < 3; i++) assert.equal((await oauthRegister(op.base)).status, 201, `registration ${i + 1}`);
+    const over = await oauthRegister(op.base);
+    assertOAuthError(over, 429, 'slow_down');
+    assert.equal(over.headers['retry-after'], '60');
+    assert.equal(over.json.client_id, undefined);
+    assert.equal(oauthRegisteredCount(op), 3);
+  });
+
+  it('maxOAuthBodyBytes: a registration body of limit - 1 and limit bytes is read, limit + 1 → OAuth 413 invalid_request (Content-Length) and nothing registered; the same bound on /token, /authorize and /revoke', { timeout: 20_000 }, async (t) => {
+    const limit = 2048;
+    const op = await oauthProxy(t, TWO_FIXTURES(), { limits: { maxOAuthBodyBytes: limit } });
+    const sized = (bytes: number) => {
+      const base = JSON.stringify({ ...OAUTH_CLIENT_DEFAULTS, client_name: '' });
+      const text = JSON.stringify({ ...OAUTH_CLIENT_DEFAULTS, client_name: 'n'.repeat(bytes - Buffer.byteLength(base)) });
+      assert.equal(Buffer.byteLength(text), bytes);
+      return text;
+    };
+    assert.equal((await oauthRegister(op.base, sized(limit - 1))).status, 201);
+    assert.equal((await oauthRegister(op.base, sized(limit))).status, 201);
+    // Content-Length says the body is over the limit: an OAuth error, before any of it is read.
+    const declared = async (endpoint: string, contentType: string, body: string) => {
+      const res = withJson(await request(`${op.base}${endpoint}`, { method: 'POST', headers: { 'content-type': contentType, 'content-length': String(Buffer.byteLength(body)) }, body }));
+      assertOAuthError(res, 413, 'invalid_request');
+      assert.deepEqual(res.json, { error: 'invalid_request', error_description: 'Request body too large' }, endpoint);
+      assert.equal(res.headers.connection, 'close', endpoint);
+    };
+    await declared('/register', 'application/json', sized(limit + 1));
+    assert.equal(oauthRegisteredCount(op), 2, 'the body over the limit registered nothing');
+    const big = 'x'.repeat(limit + 1);
+    for (const endpoint of ['/token', '/authorize', '/revoke']) await declared(endpoint, FORM['content-type'], big);
+    // Without a Content-Length (request() sends chunked) the body is cut off as it arrives, by readBody(): its
+    // JSON-RPC 413.
+    const chunked = await oauthRegister(op.base, sized(limit + 1));
+    assert.equal(chunked.status, 413, chunked.text);
+    assert.deepEqual(chunked.json, { jsonrpc: '2.0', id: null, error: { code: -32600, message: 'Request body too large' } });
+    assert.equal(oauthRegisteredCount(op), 2);
+  });
+
+  // Consent (/authorize) ───────
+
+  it('consent page: CSP with default-src \'none\' and frame-ancestors \'none\', X-Frame-Options DENY, no scripts, no caching; it names the client (escaped), the redirect host and the server', { timeout: 20_000 }, async (t) => {
+    const op = await oauthProxy(t, TWO_FIXTURES());
+    const client = await oauthClient(op.base, { client_name: '<script>alert(1)</script> & "friends"', redirect_uris: ['https://evil.example/cb'] });
+    const { challenge } = oauthPkce();
+    const page = await request(oauthAuthorizeUrl(op.base, client.client_id, challenge, { redirectUri: 'https://evil.example/cb', server: 'beta' }));
+    assert.equal(page.status, 200);
+    const checkHeaders = (res: RawResponse, what: string) => {
+      const csp = String(res.headers['content-security-policy']);
+      assert.match(csp, /(^|; )default-src 'none'(;|$)/, what);
+      assert.match(csp, /(^|; )frame-ancestors 'none'(;|$)/, what);
+      assert.match(csp, /(^|; )base-uri 'none'(;|$)/, what);
+      assert.doesNotMatch(csp, /script-src/, what);
+      assert.equal(res.headers['x-frame-options'], 'DENY', what);
+      assert.equal(res.headers['x-content-type-options'], 'nosniff', what);
+      assert.equal(res.headers['cache-control'], 'no-store', what);
+      // same-origin, not no-referrer: with no-referrer browsers send `Origin: null` on the form's POST.
+      assert.equal(res.headers['referrer-policy'], 'same-origin', what);
+      assert.match(String(res.headers['content-type']), /^text\/html/, what);
+      assert.doesNotMatch(res.text, /<script/i, what);
+      assert.doesNotMatch(res.text, /\son[a-z]+=/i, `${what}: no event handler attributes`);
+    };
+    checkHeaders(page, 'consent page');
+    assert.match(page.text, /&#60;script&#62;alert\(1\)&#60;\/script&#62; &#38; &#34;friends&#34;/);
+    assert.match(page.text, /Sends you back to <b>evil\.example<\/b>\. This is not Claude/);
+    assert.match(page.text, /the server <b>beta<\/b>/);
+    assert.match(page.text, /<form method="post" action="\/authorize">/);
+    // form-action allows the redirect's origin (browsers apply it to the redirect after the POST).
+    assert.match(String(page.headers['content-security-policy']), /form-action 'self' https:\/\/evil\.example/);
+    // The error page and the wrong-passphrase page carry the same headers.
+    checkHeaders(await request(`${op.base}/authorize?client_id=nope`), 'error page');
+    const wrong = await consentSubmit(op.base, consentCsrf(page)!, 'wrong passphrase!!');
+    assert.equal(wrong.status, 401);
+    checkHeaders(wrong, 'wrong-passphrase page');
+    // The 303 that carries the code sends no Referer to the client and is not cached.
+    const approved = await consentSubmit(op.base, consentCsrf(wrong)!);
+    assert.equal(approved.status, 303);
+    assert.equal(approved.headers['referrer-policy'], 'no-referrer');
+    assert.equal(approved.headers['cache-control'], 'no-store');
+    // Without a resource the page says the grant covers every server; a loopback redirect is named as such.
+    const local = await oauthClient(op.base);
+    const all = await request(oauthAuthorizeUrl(op.base, local.client_id, challenge, { resource: null }));
+    assert.match(all.text, /<b>every server<\/b> of this proxy/);
+    assert.match(all.text, /a program on the computer where your browser runs/);
+  });
+
+  it('consent errors before the redirect URI is known good are shown on the page, never redirected: unknown client, unregistered redirect URI, none given with several registered', { timeout: 20_000 }, async (t) => {
+    const op = await oauthProxy(t, TWO_FIXTURES());
+    const client = await oauthClient(op.base, { redirect_uris: [OAUTH_CALLBACK, 'https://app.example/cb'] });
+    const { challenge } = oauthPkce();
+    const cases: [string, RegExp][] = [
+      [oauthAuthorizeUrl(op.base, 'no-such-client', challenge), /not registered/],
+      [oauthAuthorizeUrl(op.base, client.client_id, challenge, { redirectUri: 'https://attacker.example/cb' }), /not one this client registered/],
+      [oauthAuthorizeUrl(op.base, client.client_id, challenge, { redirectUri: 'https://app.example/cb/extra' }), /not one this client registered/],
+      [oauthAuthorizeUrl(op.base, client.client_id, challenge, { redirectUri: 'http://127.0.0.1:9/other' }), /not one this client registered/],
+      [oauthAuthorizeUrl(op.base, client.client_id, challenge, { redirectUri: 'http://localhost:9/callback' }), /not one this client registered/],
+      [oauthAuthorizeUrl(op.base, client.client_id, challenge, { redirectUri: null }), /not one this client registered/],
+      // Even with every other parameter wrong too: the redirect URI is checked first.
+      [oauthAuthorizeUrl(op.base, client.client_id, challenge, { redirectUri: 'https://attacker.example/cb', state: null, method: 'plain', responseType: 'token' }), /not one this client registered/],
+    ];
+    for (const [url, text] of cases) {
+      const res = await request(url);
+      assert.equal(res.status, 400, url);
+      assert.equal(res.headers.location, undefined, `${url}: not redirected`);
+      assert.match(res.text, text, url);
+      assert.equal(consentCsrf(res), null, 'no form to approve');
+    }
+    // A loopback redirect may use another port (RFC 8252 §7.3), and the code goes back to that port.
+    const c = await oauthCode(op.base, client, { redirectUri: 'http://127.0.0.1:45678/callback' });
+    assert.equal(c.location.port, '45678');
+    assert.equal(oauthState(op).grants.length, 0);
+  });
+
+  it('consent errors after the redirect URI is known good go back to it: missing state, no PKCE, plain PKCE, another response_type, a resource that is not ours; no code in any', { timeout: 20_000 }, async (t) => {
+    const op = await oauthProxy(t, TWO_FIXTURES());
+    const client = await oauthClient(op.base);
+    const { challenge } = oauthPkce();
+    const cases: [AuthorizeOptions, string][] = [
+      [{ state: null }, 'invalid_request'],
+      [{ state: '' }, 'invalid_request'],
+      [{ challenge: null }, 'invalid_request'],
+      [{ method: null }, 'invalid_request'],
+      [{ method: 'plain' }, 'invalid_request'],
+      [{ challenge: 'short' }, 'invalid_request'],
+      [{ responseType: 'token' }, 'unsupported_response_type'],
+      [{ resource: 'https://evil.example/alpha/mcp' }, 'invalid_target'],
+      [{ resource: `${op.base}/nope/mcp` }, 'invalid_target'],
+      [{ resource: `${op.base}/alpha/messages` }, 'invalid_target'],
+      [{ resource: `${op.base}/alpha/mcp#frag` }, 'invalid_target'],
+      [{ resource: `${op.base}/alpha/mcp?x=1` }, 'invalid_target'],
+      [{ resource: 'not a url' }, 'invalid_target'],
+    ];
+    for (const [o, error] of cases) {
+      const res = await request(oauthAuthorizeUrl(op.base, client.client_id, challenge, o));
+      assert.equal(res.status, 303, `${JSON.stringify(o)}: ${res.text}`);
+      const location = new URL(String(res.headers.location));
+      assert.equal(`${location.origin}${location.pathname}`, OAUTH_CALLBACK);
+      assert.equal(location.searchParams.get('error'), error, JSON.stringify(o));
+      assert.equal(location.searchParams.get('code'), null);
+      assert.equal(location.searchParams.get('iss'), op.base);
+      assert.equal(location.searchParams.get('state'), o.state === undefined ? 'st-123' : null, 'state returned when sent');
+    }
+    // State comes back unchanged, whatever it holds; the operator's denial is an error too.
+    const odd = 'a b&c=d/é+%';
+    const approved = await oauthCode(op.base, client, { state: odd });
+    assert.equal(approved.location.searchParams.get('state'), odd);
+    const page = await request(oauthAuthorizeUrl(op.base, client.client_id, challenge, { state: 's2' }));
+    const denied = await postForm(`${op.base}/authorize`, { csrf: consentCsrf(page)!, action: 'deny' }, { origin: op.base });
+    assert.equal(denied.status, 303);
+    const deniedAt = new URL(String(denied.headers.location));
+    assert.equal(deniedAt.searchParams.get('error'), 'access_denied');
+    assert.equal(deniedAt.searchParams.get('state'), 's2');
+    assert.equal(deniedAt.searchParams.get('code'), null);
+    assert.equal(oauthState(op).grants.length, 0);
+  });
+
+  it('wrong passphrase: 401 page with a new form, no redirect and no code; the old form is dead; the right passphrase then works', { timeout: 20_000 }, async (t) => {
+    const op = await oauthProxy(t, TWO_FIXTURES());
+    const client = await oauthClient(op.base);
+    const { challenge } = oauthPkce();
+    const page = await request(oauthAuthorizeUrl(op.base, client.client_id, challenge));
+    const csrf = consentCsrf(page)!;
+    const res = await consentSubmit(op.base, csrf, 'wrong passphrase, typed in a hurry');
+    assert.equal(res.status, 401, res.text);
+    assert.equal(res.headers.location, undefined);
+    assert.match(res.text, /Wrong passphrase\./);
+    const retry = consentCsrf(res);
+    assert.ok(retry && retry !== csrf, 'a new csrf token');
+    // The form that was answered is single-use.
+    const replay = await consentSubmit(op.base, csrf);
+    assert.equal(replay.status, 400);
+    assert.equal(replay.headers.location, undefined);
+    assert.match(replay.text, /expired or was already used/);
+    assert.equal(oauthState(op).grants.length, 0);
+    const ok = await consentSubmit(op.base, retry);
+    assert.equal(ok.status, 303);
+    assert.ok(new URL(String(ok.headers.location)).searchParams.get('code'));
+    // Near misses, each on a fresh form.
+    for (const wrong of ['', 'correct horse battery stapl', 'correct horse battery staple ', 'CORRECT HORSE BATTERY STAPLE']) {
+      const fresh = consentCsrf(await request(oauthAuthorizeUrl(op.base, client.client_id, challenge)))!;
+      const res = await consentSubmit(op.base, fresh, wrong);
+      assert.equal(res.status, 401, JSON.stringify(wrong));
+      assert.equal(res.headers.location, undefined);
+    }
+    assert.equal(oauthState(op).grants.length, 0);
+  });
+
+  it('loginFailuresPerWindow: wrong passphrases under and at the limit get 401; the next attempt, even right, gets 429 with Retry-After and no code; a right one under the limit resets the count', { timeout: 20_000 }, async (t) => {
+    const op = await oauthProxy(t, TWO_FIXTURES(), { limits: { loginFailuresPerWindow: 3, loginFailureWindowMs: 60_000 } });
+    const client = await oauthClient(op.base);
+    const { challenge } = oauthPkce();
+    const form = async () => consentCsrf(await request(oauthAuthorizeUrl(op.base, client.client_id, challenge)))!;
+    // Under: two wrong, then the right one works and resets the count.
+    for (let i = 0; i < 2; i++) assert.equal((await consentSubmit(op.base, await form(), `wrong-${i}-passphrase`)).status, 401);
+    assert.equal((await consentSubmit(op.base, await form())).status, 303);
+    // At: three wrong in a row are each a 401 ...
+    for (let i = 0; i < 3; i++) assert.equal((await consentSubmit(op.base, await form(), `wrong-${i}-passphrase`)).status, 401, `wrong ${i + 1}`);
+    // ... over: the fourth attempt is refused before the passphrase is checked.
+    const over = await consentSubmit(op.base, await form());
+    assert.equal(over.status, 429, over.text);
+    assert.equal(over.headers.location, undefined);
+    assert.equal(over.headers['retry-after'], '60');
+    assert.match(over.text, /Too many wrong passphrases/);
+    assert.equal(consentCsrf(over), null);
+    assert.equal(over.headers['x-frame-options'], 'DENY');
+  });
+
+  it('maxPendingConsents: consent pages up to the limit can all be answered; one over drops the oldest, whose form then fails', { timeout: 20_000 }, async (t) => {
+    const op = await oauthProxy(t, TWO_FIXTURES(), { limits: { maxPendingConsents: 2 } });
+    const client = await oauthClient(op.base);
+    const { challenge } = oauthPkce();
+    const open = async () => consentCsrf(await request(oauthAuthorizeUrl(op.base, client.client_id, challenge)))!;
+    // Under and at.
+    const atLimit = [await open(), await open()];
+    for (const csrf of atLimit) assert.equal((await consentSubmit(op.base, csrf)).status, 303);
+    // Over.
+    const [oldest, second, third] = [await open(), await open(), await open()];
+    const dropped = await consentSubmit(op.base, oldest);
+    assert.equal(dropped.status, 400);
+    assert.equal(dropped.headers.location, undefined);
+    assert.match(dropped.text, /expired or was already used/);
+    assert.equal((await consentSubmit(op.base, second)).status, 303);
+    assert.equal((await consentSubmit(op.base, third)).status, 303);
+  });
+
+  it('consentTtlMs: a consent form answered after it expired is refused on the page', { timeout: 20_000 }, async (t) => {
+    const op = await oauthProxy(t, TWO_FIXTURES(), { limits: { consentTtlMs: 200 } });
+    const client = await oauthClient(op.base);
+    const { challenge } = oauthPkce();
+    const csrf = consentCsrf(await request(oauthAuthorizeUrl(op.base, client.client_id, challenge)))!;
+    const shownAt = Date.now(); // the page's expiry was set before its answer left the proxy
+    await waitFor(() => Date.now() > shownAt + 250, 2_000, 'the consent form to expire');
+    const late = await consentSubmit(op.base, csrf);
+    assert.equal(late.status, 400);
+    assert.equal(late.headers.location, undefined);
+  });
+
+  // Tokens (/token) ───────
+
+  it('code exchange: tokens bound to the server; wrong PKCE verifier → invalid_grant and nothing granted; the code still works with the right one', { timeout: 20_000 }, async (t) => {
+    const op = await oauthProxy(t, TWO_FIXTURES());
+    const client = await oauthClient(op.base);
+    const c = await oauthCode(op.base, client);
+    for (const verifier of [oauthPkce().verifier, '', 'short', `${c.verifier}x`, c.verifier.toUpperCase()]) {
+      assertOAuthError(await oauthExchange(op.base, client, c, { code_verifier: verifier }), 400, 'invalid_grant');
+    }
+    // The challenge itself is no verifier.
+    assertOAuthError(await oauthExchange(op.base, client, c, { code_verifier: c.challenge }), 400, 'invalid_grant');
+    assert.equal(oauthState(op).grants.length, 0, 'nothing granted');
+    const ok = await oauthExchange(op.base, client, c);
+    assert.equal(ok.status, 200, ok.text);
+    assert.equal(ok.headers['cache-control'], 'no-store');
+    assert.deepEqual(Object.keys(ok.json).sort(), ['access_token', 'expires_in', 'refresh_token', 'token_type']);
+    assert.equal(ok.json.token_type, 'Bearer');
+    assert.equal(ok.json.expires_in, DEFAULT_LIMITS.accessTokenTtlMs / 1000);
+    assert.equal(await oauthProbe(op.base, ok.json.access_token, 'alpha'), 404, 'valid on alpha');
+    assert.equal(await oauthProbe(op.base, ok.json.access_token, 'beta'), 403, 'refused on beta');
+  });
+
+  it('code exchange: a reused code → invalid_grant, and the grant of its first use is revoked (access and refresh tokens dead)', { timeout: 20_000 }, async (t) => {
+    const op = await oauthProxy(t, TWO_FIXTURES());
+    const client = await oauthClient(op.base);
+    const c = await oauthCode(op.base, client);
+    const first = await oauthExchange(op.base, client, c);
+    assert.equal(first.status, 200);
+    assert.equal(await oauthProbe(op.base, first.json.access_token), 404);
+    const again = await oauthExchange(op.base, client, c);
+    assertOAuthError(again, 400, 'invalid_grant');
+    assert.equal(await oauthProbe(op.base, first.json.access_token), 401, 'the access token of the first use is revoked');
+    assertOAuthError(await oauthRefresh(op.base, client, first.json.refresh_token), 400, 'invalid_grant');
+    assert.equal(oauthState(op).grants.length, 0);
+  });
+
+  it('authCodeTtlMs: an expired code → invalid_grant, nothing granted', { timeout: 20_000 }, async (t) => {
+    const op = await oauthProxy(t, TWO_FIXTURES(), { limits: { authCodeTtlMs: 200 } });
+    const client = await oauthClient(op.base);
+    const c = await oauthCode(op.base, client);
+    const issuedAt = Date.now(); // the code's expiry was set before the 303 left the proxy
+    await waitFor(() => Date.now() > issuedAt + 250, 2_000, 'the code to expire');
+    assertOAuthError(await oauthExchange(op.base, client, c), 400, 'invalid_grant');
+    assert.equal(oauthState(op).grants.length, 0);
+  });
+
+  it('code exchange: another client, another redirect_uri, another resource, an unknown code, an unknown grant_type → the right error, nothing granted', { timeout: 20_000 }, async (t) => {
+    const op = await oauthProxy(t, TWO_FIXTURES());
+    const client = await oauthClient(op.base);
+    const other = await oauthClient(op.base);
+    const c = await oauthCode(op.base, client);
+    assertOAuthError(await oauthExchange(op.base, other, c), 400, 'invalid_grant');
+    assertOAuthError(await oauthExchange(op.base, client, c, { redirect_uri: 'http://127.0.0.1:10/callback' }), 400, 'invalid_grant');
+    assertOAuthError(await oauthExchange(op.base, client, c, { resource: `${op.base}/beta/mcp` }), 400, 'invalid_target');
+    assertOAuthError(await oauthExchange(op.base, client, c, { code: 'not-a-code' }), 400, 'invalid_grant');
+    assertOAuthError(await oauthToken(op.base, client, { grant_type: 'password', username: 'a', password: 'b' }), 400, 'unsupported_grant_type');
+    assertOAuthError(await oauthToken(op.base, client, {}), 400, 'unsupported_grant_type');
+    assert.equal((await request(`${op.base}/token`)).status, 405);
+    assert.equal(oauthState(op).grants.length, 0);
+    // The code was not used up by any of these.
+    assert.equal((await oauthExchange(op.base, client, c)).status, 200);
+  });
+
+  it('resource of another server: a token for memory gets 403 insufficient_scope on everything (both transports); "allow every server" and a request without resource cover both', { timeout: 30_000 }, async (t) => {
+    const op = await oauthProxy(t, REAL_TWO());
+    await op.h.proxy.ready();
+    const memory = await oauthGrant(op.base, 'memory');
+    for (const leaf of ['mcp', 'sse']) {
+      const res = leaf === 'mcp'
+        ? await post(`${op.base}/everything/mcp`, initMsg(0), bearer(memory.access))
+        : await request(`${op.base}/everything/sse`, { headers: { accept: 'text/event-stream', ...bearer(memory.access) } });
+      assertRpcError(res, 403, -32000);
+      assert.equal(res.headers['www-authenticate'], `Bearer error="insufficient_scope", resource_metadata="${op.base}/.well-known/oauth-protected-resource/everything/${leaf}"`);
+    }
+    const sid = await oauthSession(op.base, 'memory', memory.access);
+    assert.ok(sid, 'the memory token works on memory');
+    // Refreshing it for another server's resource is refused, and the grant keeps working for its own.
+    assertOAuthError(await oauthRefresh(op.base, memory.client, memory.refresh, { resource: `${op.base}/everything/mcp` }), 400, 'invalid_target');
+    const own = await oauthRefresh(op.base, memory.client, memory.refresh, { resource: `${op.base}/memory/sse` });
+    assert.equal(own.status, 200, own.text);
+    assert.equal(await oauthProbe(op.base, own.json.access_token, 'everything'), 403);
+    // Approved for every server: the checkbox, or a request that named no resource.
+    const all = await oauthGrant(op.base, 'memory', { all: true });
+    const none = await oauthGrant(op.base, 'memory', { resource: null });
+    for (const g of [all, none]) {
+      assert.equal(await oauthProbe(op.base, g.access, 'everything'), 404);
+      assert.equal(await oauthProbe(op.base, g.access, 'memory'), 404);
+    }
+  });
+
+  it('tampered and expired access tokens → 401 with error="invalid_token"', { timeout: 20_000 }, async (t) => {
+    const op = await oauthProxy(t, TWO_FIXTURES(), { limits: { accessTokenTtlMs: 1_000 } });
+    const g = await oauthGrant(op.base);
+    const flip = (s: string, i: number) => s.slice(0, i) + (s[i] === 'A' ? 'B' : 'A') + s.slice(i + 1);
+    for (const tampered of [flip(g.access, 0), flip(g.access, g.access.length - 1), `${g.access}x`, g.access.slice(0, -1), g.refresh, g.client.client_secret]) {
+      const res = await post(`${op.base}/alpha/mcp`, initMsg(0), bearer(tampered));
+      assertRpcError(res, 401, -32000);
+      assert.equal(bearerParams(res.headers['www-authenticate'] as string).error, 'invalid_token');
+    }
+    await waitFor(async () => (await oauthProbe(op.base, g.access)) === 401, 5_000, 'the access token to expire');
+    const expired = await post(`${op.base}/alpha/mcp`, initMsg(0), bearer(g.access));
+    assertRpcError(expired, 401, -32000);
+    assert.equal(expired.headers['www-authenticate'], `Bearer resource_metadata="${op.base}/.well-known/oauth-protected-resource/alpha/mcp", error="invalid_token"`);
+    // The refresh token still gives a working one.
+    const refreshed = await oauthRefresh(op.base, g.client, g.refresh);
+    assert.equal(refreshed.status, 200);
+    assert.equal(await oauthProbe(op.base, refreshed.json.access_token), 404);
+  });
+
+  it('refresh rotation: each refresh gives new tokens and the old access token dies; a rotated refresh token used again → invalid_grant and the grant is revoked', { timeout: 20_000 }, async (t) => {
+    const op = await oauthProxy(t, TWO_FIXTURES());
+    const g = await oauthGrant(op.base);
+    const r1 = g.refresh;
+    const second = await oauthRefresh(op.base, g.client, r1);
+    assert.equal(second.status, 200);
+    assert.notEqual(second.json.refresh_token, r1);
+    assert.equal(await oauthProbe(op.base, g.access), 401, 'the replaced access token is dead');
+    const r2 = second.json.refresh_token;
+    const third = await oauthRefresh(op.base, g.client, r2); // r2 used: r1 is now retired
+    assert.equal(third.status, 200);
+    const r3 = third.json.refresh_token;
+    assertOAuthError(await oauthRefresh(op.base, g.client, r1), 400, 'invalid_grant');
+    assert.equal(await oauthProbe(op.base, third.json.access_token), 401, 'the whole grant is revoked');
+    assertOAuthError(await oauthRefresh(op.base, g.client, r3), 400, 'invalid_grant');
+    assertOAuthError(await oauthRefresh(op.base, g.client, r2), 400, 'invalid_grant');
+    assert.equal(oauthState(op).grants.length, 0);
+  });
+
+  it('refresh rotation tolerates a lost response: the previous refresh token works until the new one is first used; after that it revokes the grant', { timeout: 20_000 }, async (t) => {
+    const op = await oauthProxy(t, TWO_FIXTURES());
+    const g = await oauthGrant(op.base);
+    const r1 = g.refresh;
+    const lost = await oauthRefresh(op.base, g.client, r1); // this answer never reaches the client
+    assert.equal(lost.status, 200);
+    const retried = await oauthRefresh(op.base, g.client, r1);
+    assert.equal(retried.status, 200, `the previous token works again: ${retried.text}`);
+    assert.equal(await oauthProbe(op.base, retried.json.access_token), 404);
+    assert.equal(await oauthProbe(op.base, lost.json.access_token), 401, 'the lost access token is replaced');
+    const next = await oauthRefresh(op.base, g.client, retried.json.refresh_token); // the new one is used
+    assert.equal(next.status, 200);
+    assertOAuthError(await oauthRefresh(op.base, g.client, r1), 400, 'invalid_grant');
+    assert.equal(await oauthProbe(op.base, next.json.access_token), 401, 'reuse after that revokes the grant');
+    assert.equal(oauthState(op).grants.length, 0);
+  });
+
+  it('refresh: another client\'s refresh token, an unknown one, and one past refreshTokenTtlMs → invalid_grant', { timeout: 20_000 }, async (t) => {
+    const op = await oauthProxy(t, TWO_FIXTURES(), { limits: { refreshTokenTtlMs: 300 } });
+    const g = await oauthGrant(op.base);
+    const other = await oauthClient(op.base);
+    assertOAuthError(await oauthRefresh(op.base, other, g.refresh), 400, 'invalid_grant');
+    assertOAuthError(await oauthRefresh(op.base, g.client, 'not-a-refresh-token'), 400, 'invalid_grant');
+    assertOAuthError(await oauthRefresh(op.base, g.client, ''), 400, 'invalid_grant');
+    const issuedAt = Date.now();
+    await waitFor(() => Date.now() > issuedAt + 350, 2_000, 'the refresh token to expire');
+    assertOAuthError(await oauthRefresh(op.base, g.client, g.refresh), 400, 'invalid_grant');
+    assert.equal(oauthState(op).grants.length, 0);
+  });
+
+  it('client authentication at /token: client_secret_post and client_secret_basic (form-encoded id and secret) both work; unknown client, wrong secret or no secret → 401 invalid_client', { timeout: 20_000 }, async (t) => {
+    const op = await oauthProxy(t, TWO_FIXTURES());
+    const basicClient = await oauthClient(op.base, { token_endpoint_auth_method: 'client_secret_basic' });
+    const viaBasic = await oauthExchange(op.base, basicClient, await oauthCode(op.base, basicClient), {}, 'basic');
+    assert.equal(viaBasic.status, 200, viaBasic.text);
+    // Claude.ai sends client_secret_post even when registered for basic (claude-ai-mcp#667).
+    const viaPost = await oauthExchange(op.base, basicClient, await oauthCode(op.base, basicClient), {}, 'post');
+    assert.equal(viaPost.status, 200, viaPost.text);
+    // A public client authenticates with its id alone.
+    const pub = await oauthClient(op.base, { token_endpoint_auth_method: 'none' });
+    const viaNone = await oauthExchange(op.base, pub, await oauthCode(op.base, pub), {}, 'none');
+    assert.equal(viaNone.status, 200, viaNone.text);
+    const other = await oauthClient(op.base);
+    const c = await oauthCode(op.base, basicClient);
+    const failures: [string, () => Promise<OAuthResponse>][] = [
+      ['unknown client', () => oauthExchange(op.base, { client_id: 'no-such-client', client_secret: 'x' }, c)],
+      ['wrong secret (post)', () => oauthExchange(op.base, { ...basicClient, client_secret: `${basicClient.client_secret}x` }, c)],
+      ['wrong secret (basic)', () => oauthExchange(op.base, { ...basicClient, client_secret: 'nope' }, c, {}, 'basic')],
+      ['no secret', () => oauthExchange(op.base, basicClient, c, {}, 'none')],
+      ['another client\'s secret', () => oauthExchange(op.base, { ...basicClient, client_secret: other.client_secret }, c)],
+      ['Basic without a colon', async () => withJson(await postForm(`${op.base}/token`, { grant_type: 'authorization_code', code: c.code }, { authorization: `Basic ${Buffer.from(basicClient.client_id).toString('base64')}` }))],
+    ];
+    for (const [what, attempt] of failures) {
+      const res = await attempt();
+      assertOAuthError(res, 401, 'invalid_client');
+      assert.match(String(res.headers['www-authenticate']), /^Basic /, what);
+    }
+    assert.equal((await oauthExchange(op.base, basicClient, c)).status, 200, 'the code survived the failed attempts');
+  });
+
+  it('revocation (RFC 7009): an access or refresh token revokes its grant; unknown tokens and other clients\' tokens get 200 and change nothing; an unauthenticated client gets 401', { timeout: 20_000 }, async (t) => {
+    const op = await oauthProxy(t, TWO_FIXTURES());
+    const revoke = (client: Json, token: string, how: ClientAuth = 'post') => {
+      const form: Record<string, string> = { token };
+      const headers: Record<string, string> = {};
+      if (how === 'basic') headers.authorization = `Basic ${Buffer.from(`${client.client_id}:${client.client_secret}`).toString('base64')}`;
+      else Object.assign(form, { client_id: client.client_id, client_secret: client.client_secret });
+      return postForm(`${op.base}/revoke`, form, headers);
+    };
+    const a = await oauthGrant(op.base);
+    assert.equal((await revoke(a.client, a.access)).status, 200);
+    assert.equal(await oauthProbe(op.base, a.access), 401);
+    assertOAuthError(await oauthRefresh(op.base, a.client, a.refresh), 400, 'invalid_grant');
+    const b = await oauthGrant(op.base);
+    assert.equal((await revoke(b.client, b.refresh, 'basic')).status, 200);
+    assert.equal(await oauthProbe(op.base, b.access), 401);
+    const c = await oauthGrant(op.base);
+    const d = await oauthGrant(op.base);
+    assert.equal((await revoke(d.client, c.access)).status, 200, 'another client\'s token: 200 ...');
+    assert.equal(await oauthProbe(op.base, c.access), 404, '... and it still works');
+    assert.equal((await revoke(c.client, 'no-such-token')).status, 200);
+    const unauthenticated = withJson(await revoke({ client_id: 'nope', client_secret: 'nope' }, c.access));
+    assertOAuthError(unauthenticated, 401, 'invalid_client');
+    assert.equal(await oauthProbe(op.base, c.access), 404);
+    assert.equal((await request(`${op.base}/revoke`)).status, 405);
+    assert.equal(oauthState(op).grants.length, 2);
+  });
+
+  // Token use on the MCP endpoints ───────
+
+  it('a token in the query string is not accepted: 401 without error, on /mcp, /sse and /messages', { timeout: 20_000 }, async (t) => {
+    const op = await oauthProxy(t, TWO_FIXTURES());
+    const g = await oauthGrant(op.base);
+    for (const param of ['access_token', 'token', 'auth']) {
+      const q = `${param}=${encodeURIComponent(g.access)}`;
+      const viaPost = await post(`${op.base}/alpha/mcp?${q}`, initMsg(0));
+      assertRpcError(viaPost, 401, -32000);
+      assert.equal(bearerParams(viaPost.headers['www-authenticate'] as string).error, undefined);
+      assertRpcError(await request(`${op.base}/alpha/sse?${q}`, { headers: { accept: 'text/event-stream' } }), 401, -32000);
+      assertRpcError(await post(`${op.base}/alpha/messages?sessionId=x&${q}`, ping(1)), 401, -32000);
+    }
+    // A form-encoded body token (RFC 6750 §2.2) is not accepted either.
+    const viaBody = await request(`${op.base}/alpha/mcp`, { method: 'POST', headers: { ...FORM, accept: 'application/json' }, body: `access_token=${g.access}` });
+    assert.equal(viaBody.status, 401);
+  });
+
+  it('a session belongs to the credential that opened it: another OAuth grant, a static token or no token with its id → 404 (Streamable and SSE); the owner keeps it across a refresh', { timeout: 20_000 }, async (t) => {
+    const staticToken = 'static-token-0123456789abcdef';
+    const op = await oauthProxy(t, TWO_FIXTURES(), { tokens: [staticToken] });
+    await op.h.proxy.ready();
+    const a = await oauthGrant(op.base);
+    const b = await oauthGrant(op.base);
+    const sid = await oauthSession(op.base, 'alpha', a.access);
+    const withSid = (token: string) => post(`${op.base}/alpha/mcp`, ping(7), { accept: 'application/json', 'mcp-session-id': sid, ...bearer(token) });
+    assertRpcError(await withSid(b.access), 404, -32001);
+    assertRpcError(await withSid(staticToken), 404, -32001);
+    assert.equal((await post(`${op.base}/alpha/mcp`, ping(7), { accept: 'application/json', 'mcp-session-id': sid })).status, 401);
+    assert.equal((await withSid(a.access)).status, 200);
+    // A session opened with the static token refuses the OAuth token.
+    const staticSid = await oauthSession(op.base, 'alpha', staticToken);
+    assertRpcError(await post(`${op.base}/alpha/mcp`, ping(8), { accept: 'application/json', 'mcp-session-id': staticSid, ...bearer(a.access) }), 404, -32001);
+    assert.equal((await post(`${op.base}/alpha/mcp`, ping(8), { accept: 'application/json', 'mcp-session-id': staticSid, ...bearer(staticToken) })).status, 200);
+    // After a refresh the grant, and so the session, is the same.
+    const refreshed = await oauthRefresh(op.base, a.client, a.refresh);
+    assert.equal((await withSid(refreshed.json.access_token)).status, 200);
+    // Legacy SSE: the /messages POST of a stream opened with A refuses B.
+    const stream = await openSse(`${op.base}/alpha/sse`, bearer(b.access));
+    t.after(() => stream.close());
+    const endpoint = await stream.next((e) => e.event === 'endpoint', 5_000, 'the endpoint event');
+    const messages = `${op.base}${endpoint.data}`;
+    assertRpcError(await post(messages, initMsg(0), bearer(refreshed.json.access_token)), 404, -32001);
+    assertRpcError(await post(messages, initMsg(0), bearer(staticToken)), 404, -32001);
+    assert.equal((await post(messages, initMsg(0), bearer(b.access))).status, 202);
+    await stream.next((e) => e.event === 'message' && JSON.parse(e.data).id === 0, 5_000, 'the initialize answer');
+  });
+
+  it('a client pre-registered by the operator (Claude.ai\'s Advanced settings): client_secret_post on Claude\'s callback works, its secret is never persisted or logged, it is never evicted, and its grant survives a restart', { timeout: 30_000 }, async (t) => {
+    const pre = { id: 'claude-connector', secret: 'pre-registered-secret-0123456789' };
+    const client = { client_id: pre.id, client_secret: pre.secret };
+    let op = await oauthProxy(t, TWO_FIXTURES(), { limits: { maxOAuthClients: 2 }, extra: { oauthClient: pre } });
+    const { verifier, challenge } = oauthPkce();
+    const resource = `${op.base}/alpha/mcp`;
+    const { location } = await consentApprove(op.base, oauthAuthorizeUrl(op.base, pre.id, challenge, { redirectUri: CLAUDE_CALLBACK }));
+    assert.equal(`${location.origin}${location.pathname}`, CLAUDE_CALLBACK);
+    const code = location.searchParams.get('code')!;
+    const params = { grant_type: 'authorization_code', code, code_verifier: verifier, redirect_uri: CLAUDE_CALLBACK, resource };
+    assertOAuthError(await oauthToken(op.base, { ...client, client_secret: 'wrong-secret-0123456789' }, params), 401, 'invalid_client');
+    const tokens = await oauthToken(op.base, client, params);
+    assert.equal(tokens.status, 200, tokens.text);
+    // Registrations past maxOAuthClients evict dynamic clients, never this one.
+    for (let i = 0; i < 3; i++) assert.equal((await oauthRegister(op.base)).status, 201);
+    assert.equal(await oauthProbe(op.base, tokens.json.access_token), 404);
+    const state = fs.readFileSync(path.join(op.stateDir, STATE_FILE_NAME), 'utf8');
+    assert.ok(!state.includes(pre.secret));
+    assert.ok(!JSON.parse(state).clients.some((c: Json) => c.id === pre.id), 'not written to the state file');
+    op = await oauthRestart(t, op, TWO_FIXTURES());
+    assert.equal(await oauthProbe(op.base, tokens.json.access_token), 404, 'its grant survives a restart');
+    const refreshed = await oauthRefresh(op.base, client, tokens.json.refresh_token, { resource });
+    assert.equal(refreshed.status, 200, refreshed.text);
+    for (const line of op.lines) assert.ok(!line.includes(pre.secret), line);
+  });
+
+  // Bounded maps ───────
+
+  it('maxOAuthClients: clients up to the limit are kept; one over evicts the oldest client without a grant; with every client granted → 503 temporarily_unavailable', { timeout: 30_000 }, async (t) => {
+    const op = await oauthProxy(t, TWO_FIXTURES(), { limits: { maxOAuthClients: 3 } });
+    const granted = await oauthGrant(op.base); // the oldest, but it holds a grant
+    const c2 = await oauthClient(op.base);
+    const c3 = await oauthClient(op.base); // at the limit: nobody evicted
+    const { challenge } = oauthPkce();
+    for (const c of [granted.client, c2, c3]) assert.equal(await oauthIsRegistered(op.base, c.client_id), true);
+    // Only a client holding a grant is written to the state file; the others are registered in memory.
+    assert.deepEqual(oauthState(op).clients.map((c: Json) => c.id), [granted.client.client_id]);
+    const c4 = await oauthClient(op.base); // over: c2, the oldest unused, gives way
+    const gone = await request(oauthAuthorizeUrl(op.base, c2.client_id, challenge));
+    assert.equal(gone.status, 400);
+    assert.match(gone.text, /not registered/);
+    assertOAuthError(await oauthRefresh(op.base, c2, 'x'), 401, 'invalid_client');
+    assert.equal(await oauthProbe(op.base, granted.access), 404, 'the granted client is kept');
+    assert.equal((await oauthRefresh(op.base, granted.client, granted.refresh)).status, 200);
+    for (const c of [granted.client, c3, c4]) assert.equal(await oauthIsRegistered(op.base, c.client_id), true);
+    // Grant the other two: now no client can give way.
+    for (const c of [c3, c4]) assert.equal((await oauthExchange(op.base, c, await oauthCode(op.base, c))).status, 200);
+    const refused = await oauthRegister(op.base);
+    assertOAuthError(refused, 503, 'temporarily_unavailable');
+    assert.equal(refused.headers['retry-after'], String(DEFAULT_LIMITS.retryAfterS));
+    assert.equal(refused.json.client_id, undefined);
+    assert.deepEqual(oauthState(op).clients.map((c: Json) => c.id).sort(), [granted.client.client_id, c3.client_id, c4.client_id].sort());
+    for (const c of [granted.client, c3, c4]) assert.equal(await oauthIsRegistered(op.base, c.client_id), true);
+  });
+
+  it('maxOAuthGrants: grants up to the limit are issued; one over → 503 temporarily_unavailable with nothing granted, and its code works once a grant is revoked', { timeout: 20_000 }, async (t) => {
+    const op = await oauthProxy(t, TWO_FIXTURES(), { limits: { maxOAuthGrants: 2 } });
+    const first = await oauthGrant(op.base);
+    await oauthGrant(op.base); // at the limit
+    const client = await oauthClient(op.base);
+    const c = await oauthCode(op.base, client);
+    const over = await oauthExchange(op.base, client, c);
+    assertOAuthError(over, 503, 'temporarily_unavailable');
+    assert.ok(over.headers['retry-after']);
+    assert.equal(oauthState(op).grants.length, 2);
+    // A refresh is no new grant: it still works at the limit.
+    const refreshed = await oauthRefresh(op.base, first.client, first.refresh);
+    assert.equal(refreshed.status, 200);
+    assert.equal((await postForm(`${op.base}/revoke`, { token: refreshed.json.access_token, client_id: first.client.client_id, client_secret: first.client.client_secret })).status, 200);
+    const now = await oauthExchange(op.base, client, c);
+    assert.equal(now.status, 200, now.text);
+    assert.equal(oauthState(op).grants.length, 2);
+  });
+
+  it('maxAuthCodes: codes up to the limit can all be exchanged; one over drops the oldest, which then → invalid_grant', { timeout: 20_000 }, async (t) => {
+    const op = await oauthProxy(t, TWO_FIXTURES(), { limits: { maxAuthCodes: 2 } });
+    const client = await oauthClient(op.base);
+    // Under and at.
+    const atLimit = [await oauthCode(op.base, client), await oauthCode(op.base, client)];
+    for (const c of atLimit) assert.equal((await oauthExchange(op.base, client, c)).status, 200);
+    // Over (the used codes above are dropped first, then the oldest unused one).
+    const [oldest, second, third] = [await oauthCode(op.base, client), await oauthCode(op.base, client), await oauthCode(op.base, client)];
+    assertOAuthError(await oauthExchange(op.base, client, oldest), 400, 'invalid_grant');
+    assert.equal((await oauthExchange(op.base, client, second)).status, 200);
+    assert.equal((await oauthExchange(op.base, client, third)).status, 200);
+    assert.equal(oauthState(op).grants.length, 4);
+  });
+
+  // The state file ───────
+
+  it('state file: mode 0600, written atomically, holds hashes only (no token, code, or client secret), and grants survive a restart', { timeout: 30_000 }, async (t) => {
+    let op = await oauthProxy(t, TWO_FIXTURES());
+    const file = path.join(op.stateDir, STATE_FILE_NAME);
+    assert.equal(fs.statSync(file).mode & 0o777, 0o600, 'created 0600 at start');
+    const g = await oauthGrant(op.base);
+    const refreshed = await oauthRefresh(op.base, g.client, g.refresh);
+    assert.equal(fs.statSync(file).mode & 0o777, 0o600, 'still 0600 after writes');
+    assert.deepEqual(fs.readdirSync(op.stateDir), [STATE_FILE_NAME], 'no temporary file left behind');
+    const text = fs.readFileSync(file, 'utf8');
+    for (const secret of [g.access, g.refresh, g.client.client_secret, g.code.code, g.code.verifier, refreshed.json.access_token, refreshed.json.refresh_token, PASSPHRASE]) {
+      assert.ok(!text.includes(secret), 'a secret in the state file');
+    }
+    const state = JSON.parse(text);
+    assert.equal(state.version, 1);
+    assert.equal(state.clients.length, 1);
+    assert.equal(state.grants.length, 1);
+    op = await oauthRestart(t, op, TWO_FIXTURES());
+    assert.equal(await oauthProbe(op.base, refreshed.json.access_token), 404, 'the access token survives the restart');
+    assert.equal((await oauthRefresh(op.base, g.client, refreshed.json.refresh_token)).status, 200, 'so does the refresh token');
+    assertOAuthError(await oauthRefresh(op.base, g.client, g.refresh), 400, 'invalid_grant'); // retired before the restart: reuse detected
+    assert.equal(oauthState(op).grants.length, 0, 'and reuse still revokes after a restart');
+  });
+
+  it('a corrupt state file is moved aside and reported at error level, never silently emptied; the proxy starts with no grants', { timeout: 30_000 }, async (t) => {
+    for (const [content, why] of [['{"version": 1, "clients": [', /not valid JSON/], ['{"version": 2, "clients": [], "grants": []}', /not a version 1 state file/], ['[]', /not a version 1 state file/]] as const) {
+      const stateDir = tmpDir('oauth-corrupt');
+      fs.writeFileSync(path.join(stateDir, STATE_FILE_NAME), content, { mode: 0o600 });
+      const op = await oauthProxy(t, TWO_FIXTURES(), { stateDir });
+      const aside = fs.readdirSync(stateDir).filter((f) => f.startsWith(`${STATE_FILE_NAME}.corrupt-`));
+      assert.equal(aside.length, 1, `moved aside: ${fs.readdirSync(stateDir).join(', ')}`);
+      assert.equal(fs.readFileSync(path.join(stateDir, aside[0]), 'utf8'), content, 'kept as it was');
+      const reported = op.lines.filter((l) => l.startsWith('error ') && l.includes(STATE_FILE_NAME));
+      assert.equal(reported.length, 1, op.lines.join('\n'));
+      assert.match(reported[0], why);
+      assert.match(reported[0], /moved it to/);
+      const fresh = oauthState(op);
+      assert.equal(fresh.version, 1);
+      assert.deepEqual([fresh.clients, fresh.grants], [[], []]);
+      assert.ok((await oauthGrant(op.base)).access, 'and it works');
+      await op.stop();
+    }
+  });
+
+  it('a state file larger than maxStateFileBytes is moved aside and reported', { timeout: 20_000 }, async (t) => {
+    const stateDir = tmpDir('oauth-big');
+    const big = JSON.stringify({ version: 1, clients: [], grants: [], pad: 'x'.repeat(4096) });
+    fs.writeFileSync(path.join(stateDir, STATE_FILE_NAME), big, { mode: 0o600 });
+    const op = await oauthProxy(t, TWO_FIXTURES(), { stateDir, limits: { maxStateFileBytes: 4096 } });
+    assert.equal(fs.readdirSync(stateDir).filter((f) => f.includes('.corrupt-')).length, 1);
+    assert.ok(op.lines.some((l) => l.startsWith('error ') && /larger than 4096 bytes/.test(l)), op.lines.join('\n'));
+  });
+
+  it('a state file that parses but holds a malformed grant is reported and moved aside; start-up does not crash', { timeout: 20_000 }, async (t) => {
+    const stateDir = tmpDir('oauth-malformed');
+    const malformed = JSON.stringify({
+      version: 1,
+      clients: [{ id: 'c1', secretHash: null, name: 'x', redirectUris: [OAUTH_CALLBACK], authMethod: 'none', createdAtMs: 0 }],
+      grants: [{ id: 'g1', clientId: 'c1', audience: 'alpha', accessHash: 'aa' }], // no retiredRefreshHashes, no refreshHash
+    });
+    fs.writeFileSync(path.join(stateDir, STATE_FILE_NAME), malformed, { mode: 0o600 });
+    const op = await oauthProxy(t, TWO_FIXTURES(), { stateDir });
+    assert.ok(op.lines.some((l) => l.startsWith('error ') && l.includes(STATE_FILE_NAME)), op.lines.join('\n'));
+    assert.equal(fs.readdirSync(stateDir).filter((f) => f.includes('.corrupt-')).length, 1);
+  });
+
+  // Was "registrations up to maxOAuthClients of maxOAuthBodyBytes each": registrations are no longer written
+  // (8267da8), so what can grow the file is grants, each with its own client of bounded metadata.
+  it('what the limits let clients leave in the state file, it holds: maxOAuthGrants grants, each of its own client with the largest ASCII metadata registration accepts and every retired refresh token kept, fit the defaults\' per-grant share of maxStateFileBytes; registrations without a grant add nothing; all survive a restart', { timeout: 30_000 }, async (t) => {
+    // Defaults: 8 MiB for 1,000 grants, so about 8.4 KB per grant with its client. Scaled down: 3 grants, 3 shares.
+    const grants = 3;
+    const share = Math.floor(DEFAULT_LIMITS.maxStateFileBytes / DEFAULT_LIMITS.maxOAuthGrants);
+    const limits = { maxOAuthGrants: grants, maxStateFileBytes: grants * share, registrationsPerMinute: 100 };
+    let op = await oauthProxy(t, TWO_FIXTURES(), { limits });
+    const file = path.join(op.stateDir, STATE_FILE_NAME);
+    // '"' is written as two bytes in JSON: a 100-character name (longer ones are cut) and five 512-character URIs.
+    const largest = (i: number) => ({
+      client_name: '"'.repeat(150),
+      redirect_uris: [OAUTH_CALLBACK, ...Array.from({ length: 4 }, (_, j) => oauthLongUri(512, `c${i}-${j}`, '"'))],
+    });
+    const live: { client: Json; access: string; refresh: string }[] = [];
+    for (let i = 0; i < grants; i++) {
+      const g = await oauthGrant(op.base, 'alpha', { register: largest(i) });
+      let { access, refresh } = g;
+      for (let r = 0; r < 9; r++) { // one more rotation than the retired refresh tokens a grant keeps (8)
+        const next = await oauthRefresh(op.base, g.client, refresh);
+        assert.equal(next.status, 200, next.text);
+        ({ access_token: access, refresh_token: refresh } = next.json);
+      }
+      live.push({ client: g.client, access, refresh });
+    }
+    const size = fs.statSync(file).size;
+    assert.ok(size <= limits.maxStateFileBytes, `${size} bytes for ${grants} grants, over ${limits.maxStateFileBytes}`);
+    assert.equal(oauthState(op).grants.length, grants);
+    for (let i = 0; i < 20; i++) assert.equal((await oauthRegister(op.base, largest(grants + i))).status, 201);
+    assert.equal(fs.statSync(file).size, size, 'registrations without a grant add nothing to the state file');
+    assert.deepEqual(op.lines.filter((l) => l.startsWith('error ')), []);
+    op = await oauthRestart(t, op, TWO_FIXTURES());
+    assert.deepEqual(op.lines.filter((l) => l.startsWith('error ')), []);
+    assert.ok(op.lines.includes(`info [oauth] loaded ${grants} clients and ${grants} grants from ${file}`), op.lines.join('\n'));
+    for (const g of live) {
+      assert.equal(await oauthProbe(op.base, g.access), 404, 'the access token survives the restart');
+      assert.equal((await oauthRefresh(op.base, g.client, g.refresh)).status, 200, 'so does the refresh token');
+    }
+  });
+
+  // Logs ───────
+
+  it('no passphrase, client secret, code, verifier, csrf token, access or refresh token appears in any log line of a full flow (every level)', { timeout: 60_000 }, async (t) => {
+    // A corrupt state file at start: an error-level line (the flow below logs at info, warn and debug).
+    const stateDir = tmpDir('oauth-logs');
+    fs.writeFileSync(path.join(stateDir, STATE_FILE_NAME), '{"version": 1, "clients": [', { mode: 0o600 });
+    const op = await oauthProxy(t, REAL_TWO(), { stateDir, limits: { accessTokenTtlMs: 1_000, loginFailuresPerWindow: 2 } });
+    await op.h.proxy.ready();
+    const secrets = new Set<string>([PASSPHRASE]);
+    // The SDK's flow, with a refresh.
+    const callback = await sdkCallback(t);
+    const provider = new SdkProvider(callback.url);
+    const client = await sdkLogin(op, new URL(`${op.base}/everything/mcp`), 'mcp', provider, callback);
+    await client.callTool({ name: 'echo', arguments: { message: 'x' } });
+    const first = provider.saved!;
+    await waitFor(async () => (await oauthProbe(op.base, first.access_token, 'everything')) === 401, 10_000, 'expiry');
+    await client.callTool({ name: 'echo', arguments: { message: 'y' } });
+    for (const tokens of provider.allTokens) [tokens.access_token, tokens.refresh_token ?? ''].forEach((s) => secrets.add(s));
+    secrets.add(provider.verifier);
+    secrets.add((provider.info as Json).client_secret);
+    for (const hit of callback.hits) secrets.add(hit.searchParams.get('code') ?? '');
+    // Raw: wrong passphrases (one a near miss) up to the 429, a reused code, a reused refresh token, a revocation.
+    const raw = await oauthClient(op.base, { client_name: 'raw' });
+    secrets.add(raw.client_secret);
+    const { challenge } = oauthPkce();
+    for (const attempt of ['correct horse battery stapler', 'hunter2-wrong-passphrase', PASSPHRASE]) {
+      const csrf = consentCsrf(await request(oauthAuthorizeUrl(op.base, raw.client_id, challenge, { server: 'everything' })))!;
+      secrets.add(csrf);
+      secrets.add(attempt);
+      await consentSubmit(op.base, csrf, attempt);
+    }
+    await op.stop(); // a fresh proxy for the rest: the failures above hit the 429
+    const op2 = await oauthRestart(t, op, REAL_TWO());
+    await op2.h.proxy.ready();
+    // `raw` held no grant, so it was not written to the state file: it registers again after the restart.
+    assert.equal(await oauthIsRegistered(op2.base, raw.client_id), false);
+    const raw2 = await oauthClient(op2.base, { client_name: 'raw' });
+    secrets.add(raw2.client_secret);
+    const c = await oauthCode(op2.base, raw2, { server: 'everything' });
+    [c.code, c.verifier].forEach((s) => secrets.add(s));
+    const tok = await oauthExchange(op2.base, raw2, c);
+    await oauthExchange(op2.base, raw2, c); // reuse: logged as a warning
+    const g = await oauthGrant(op2.base, 'memory');
+    [g.access, g.refresh, g.client.client_secret, g.code.code, g.code.verifier].forEach((s) => secrets.add(s));
+    [tok.json.access_token, tok.json.refresh_token].forEach((s) => secrets.add(s));
+    const r2 = await oauthRefresh(op2.base, g.client, g.refresh);
+    const r3 = await oauthRefresh(op2.base, g.client, r2.json.refresh_token);
+    await oauthRefresh(op2.base, g.client, g.refresh); // reuse: revokes, logged
+    [r2.json.access_token, r2.json.refresh_token, r3.json.access_token, r3.json.refresh_token].forEach((s) => secrets.add(s));
+    const h = await oauthGrant(op2.base, 'memory');
+    [h.access, h.refresh, h.client.client_secret].forEach((s) => secrets.add(s));
+    // A stray JSON-RPC response in a session opened with the token: a debug-level line.
+    const sid = await oauthSession(op2.base, 'memory', h.access);
+    assert.equal((await post(`${op2.base}/memory/mcp`, { jsonrpc: '2.0', id: 'stray', result: {} }, { 'mcp-session-id': sid, ...bearer(h.access) })).status, 202);
+    await postForm(`${op2.base}/revoke`, { token: h.refresh, client_id: h.client.client_id, client_secret: h.client.client_secret });
+    await post(`${op2.base}/memory/mcp?access_token=${h.access}`, initMsg(0));
+    const lines = [...op.lines, ...op2.lines];
+    // Every level is read: captureLog keeps every level (startProxy's logLevel filters only its own stderr logger).
+    for (const level of ['debug', 'info', 'warn', 'error']) assert.ok(lines.some((l) => l.startsWith(`${level} [`)), `a ${level} line among:\n${lines.join('\n')}`);
+    assert.ok(lines.some((l) => /registered client/.test(l)) && lines.some((l) => /wrong passphrase/.test(l)) && lines.some((l) => /used twice/.test(l)), `the flow was logged:\n${lines.join('\n')}`);
+    secrets.delete('');
+    for (const secret of secrets) {
+      for (const line of lines) {
+        assert.ok(!line.includes(secret), `a secret (${secret.slice(0, 4)}…) in the log line: ${line}`);
+        if (secret.length >= 24) assert.ok(!line.includes(secret.slice(0, 16)), `the first 16 characters of a secret in: ${line}`);
+      }
+    }
+  });
+
+  // In a browser ───────
+
+  it('the consent page in headless Chromium: it names the client, the redirect host and the server, runs no script, cannot be framed, refuses a wrong passphrase and approves with the right one; the browser lands on the callback with state, code and iss', { timeout: 60_000 }, async (t) => {
+    assert.ok(fs.existsSync(CHROMIUM), `${CHROMIUM} is missing: this test needs Debian's chromium package (apt-get install chromium; .ci/run installs it)`);
+    const op = await oauthProxy(t, TWO_FIXTURES());
+    const callback = await sdkCallback(t);
+    const received = () => callback.hits.filter((u) => u.pathname === '/callback'); // not the browser's /favicon.ico
+    const client = await oauthClient(op.base, { client_name: 'Claude', redirect_uris: [callback.url] });
+    const { verifier, challenge } = oauthPkce();
+    const authorize = oauthAuthorizeUrl(op.base, client.client_id, challenge, { redirectUri: callback.url, state: 'state-42', server: 'alpha' });
+
+    const browser = await chromium.launch({ executablePath: CHROMIUM, headless: true, args: CHROMIUM_ARGS });
+    onCleanup(t, () => browser.close());
+    const page = await browser.newPage();
+    const consoleMessages: string[] = [];
+    page.on('console', (m) => consoleMessages.push(m.text()));
+    const response = await page.goto(authorize);
+    assert.equal(response?.status(), 200);
+    assert.match(response!.headers()['content-security-policy']!, /(^|; )frame-ancestors 'none'(;|$)/);
+    assert.equal(await page.locator('script').count(), 0);
+    assert.equal(await page.locator('h1').innerText(), 'Allow Claude?');
+    const body = await page.locator('body').innerText();
+    assert.ok(body.includes(`Sends you back to 127.0.0.1:${new URL(callback.url).port}`), body);
+    assert.match(body, /a program on the computer where your browser runs/);
+    assert.match(body, /the server alpha/);
+
+    // Claude's own callback is named as Claude's (the README's screenshot is this page: CONSENT_SCREENSHOT=file.png).
+    const claude = await oauthClient(op.base, { client_name: 'Claude', redirect_uris: [CLAUDE_CALLBACK] });
+    const claudePage = await browser.newPage({ viewport: { width: 760, height: 460 } });
+    assert.equal((await claudePage.goto(oauthAuthorizeUrl(op.base, claude.client_id, challenge, { redirectUri: CLAUDE_CALLBACK, server: 'alpha' })))?.status(), 200);
+    assert.match(await claudePage.locator('.ok').innerText(), /Sends you back to claude\.ai: Claude\./);
+    if (process.env.CONSENT_SCREENSHOT) await claudePage.screenshot({ path: process.env.CONSENT_SCREENSHOT });
+
+    // Framed by another origin: the browser does not render it (frame-ancestors 'none'). setContent waits for
+    // the load event, which waits for the frame's navigation to end (here in Chromium's error page).
+    const framer = await browser.newPage();
+    await framer.setContent(`<iframe src="${authorize}" width="600" height="400"></iframe>`);
+    const frame = framer.frames().find((f) => f !== framer.mainFrame());
+    assert.ok(frame, 'the iframe is there');
+    assert.equal(await frame.locator('form').count(), 0, 'the consent form must not render inside a frame');
+
+    // A wrong passphrase first: the page says so and nothing reaches the client.
+    await page.fill('input[name=passphrase]', 'wrong passphrase!!');
+    await Promise.all([page.waitForNavigation(), page.click('button[value=approve]')]);
+    assert.equal(await page.locator('.err').innerText(), 'Wrong passphrase.');
+    assert.equal(received().length, 0);
+    await page.fill('input[name=passphrase]', PASSPHRASE);
+    await Promise.all([page.waitForURL(/\/callback\?/), page.click('button[value=approve]')]);
+    assert.equal(received().length, 1);
+    const landed = received()[0]!;
+    assert.equal(landed.searchParams.get('state'), 'state-42');
+    assert.match(landed.searchParams.get('code') ?? '', /^[A-Za-z0-9_-]{43}$/);
+    assert.equal(landed.searchParams.get('iss'), op.base);
+    assert.equal(await page.locator('body').innerText(), 'done, you can close this tab');
+    // The one inline style is allowed by its hash; anything the CSP blocked would be reported here.
+    assert.deepEqual(consoleMessages.filter((m) => /Content Security Policy/i.test(m)), []);
+    // The code it carried is good for a token.
+    const token = await oauthToken(op.base, client, {
+      grant_type: 'authorization_code', code: landed.searchParams.get('code')!, code_verifier: verifier, redirect_uri: callback.url, resource: `${op.base}/alpha/mcp`,
+    });
+    assert.equal(token.status, 200, token.text);
+  });
+});
+
+// ── 9. Lifecycle: start, shutdown ───────────────────────────────────────────────────────────────────────
+
+describe('9. Lifecycle: start, shutdown', () => {
   it('startProxy() listens on an ephemeral port and ready() waits for initialize', { timeout: 20_000 }, async (t) => {
     const h = await harness(t, { servers: [fixture('fix')] }, { limits: FAST });
     assert.ok(h.proxy.port > 0);
@@ -3729,16 +5865,151 @@ describe('8. Lifecycle: start, shutdown', () => {
     const ok = await startProxy({ servers: [] }, { host: '127.0.0.1', port: 0, logLevel: 'error', tokens: ['y'.repeat(16)] });
     await ok.close();
   });
+
+  // F11. Timer limits past 2^31 - 1 ms became 1 ms; limits that contradict each other were accepted or hit Node's ERR_OUT_OF_RANGE.
+  it('F11 startProxy() refuses with INVALID_LIMIT: a timer limit over 2147483647 ms, maxBodyBytes > maxBodyBytesInFlight, headersTimeoutMs > httpRequestTimeoutMs; at the bounds it starts', { timeout: 20_000 }, async () => {
+    const outcome = (limits: Record<string, number>) => startProxy({ servers: [] }, { host: '127.0.0.1', port: 0, logLevel: 'error', limits }).then(
+      async (proxy) => {
+        await proxy.close();
+        return 'started' as const;
+      },
+      (err: unknown) => err as ProxyError,
+    );
+    const cases: [Record<string, number>, string][] = [
+      [{ sseKeepaliveMs: 2 ** 31 }, 'limits.sseKeepaliveMs: got 2147483648, expected at most 2147483647 ms'],
+      [{ killGraceMs: 2 ** 40 }, 'limits.killGraceMs: got 1099511627776, expected at most 2147483647 ms'],
+      [{ maxBodyBytes: 32 * MIB }, 'limits.maxBodyBytes (33554432) is larger than limits.maxBodyBytesInFlight (16777216): such a body could never be read'],
+      [{ headersTimeoutMs: 120_000 }, 'limits.headersTimeoutMs (120000) is longer than limits.httpRequestTimeoutMs (60000)'],
+    ];
+    for (const [limits, message] of cases) {
+      const err = await outcome(limits);
+      assert.notEqual(err, 'started', `${JSON.stringify(limits)} accepted`);
+      assert.ok(err instanceof ProxyError, `${JSON.stringify(limits)}: ${String(err)} (${(err as { code?: string }).code})`);
+      assert.equal(err.code, 'INVALID_LIMIT');
+      assert.equal(err.message, message);
+    }
+    const atBounds: Record<string, number>[] = [{ sseKeepaliveMs: 2 ** 31 - 1, killGraceMs: 2 ** 31 - 1 }, { maxBodyBytes: 16 * MIB }, { headersTimeoutMs: 60_000 }];
+    for (const limits of atBounds) {
+      assert.equal(await outcome(limits), 'started', JSON.stringify(limits));
+    }
+  });
 });
 
-// ── 9. CLI and main ─────────────────────────────────────────────────────────────────────────────────────
+// ── 10. Doctor: replay Claude.ai's connect ──────────────────────────────────────────────────────────────
 
-describe('9. CLI and main', () => {
-  const cleanEnv = (): Record<string, string | undefined> => {
-    const env: Record<string, string | undefined> = { ...process.env };
-    for (const k of Object.keys(env)) if (k.startsWith('MCP_PROXY_')) delete env[k];
-    return env;
-  };
+describe('10. Doctor: replay Claude.ai\'s connect', () => {
+  before(async () => {
+    await new Promise<void>((resolve, reject) => execFile(NODE, ['build.mjs'], { cwd: HERE }, (err) => (err ? reject(err) : resolve())));
+  });
+
+  type DoctorRun = { stdout(): string; stderr(): string; exited: Promise<{ code: number | null; signal: NodeJS.Signals | null }> };
+
+  /** `node dist/proxy.js doctor URL` as a subprocess; killed (and waited for) when the test ends. */
+  function startDoctor(t: TestContext, url: string): DoctorRun {
+    const child = spawn(NODE, [DIST, 'doctor', url], { cwd: HERE, env: cleanEnv(), stdio: ['ignore', 'pipe', 'pipe'] });
+    let stdout = '';
+    let stderr = '';
+    child.stdout!.on('data', (d: Buffer) => (stdout += d.toString()));
+    child.stderr!.on('data', (d: Buffer) => (stderr += d.toString()));
+    const exited = new Promise<{ code: number | null; signal: NodeJS.Signals | null }>((resolve) => child.on('exit', (code, signal) => resolve({ code, signal })));
+    onCleanup(t, async () => {
+      if (child.exitCode === null && child.signalCode === null) child.kill('SIGKILL');
+      await exited;
+      await assertAllGone([], [child.pid!]);
+    });
+    return { stdout: () => stdout, stderr: () => stderr, exited };
+  }
+
+  const httpWarning = (origin: string) => `WARN  URL: Claude.ai connects only to https:// on port 443; ${origin} will work for other clients only`;
+
+  /** Runs doctor against a URL where it must fail: exit 1, and stdout exactly `lines` (after the "── URL" heading). */
+  async function doctorFails(t: TestContext, url: string, lines: string[]): Promise<void> {
+    const d = startDoctor(t, url);
+    const exit = await within(d.exited, 30_000, 'doctor');
+    assert.deepEqual(exit, { code: 1, signal: null }, `${d.stdout()}${d.stderr()}`);
+    assert.equal(d.stdout(), [`── ${url}`, httpWarning(new URL(url).origin), ...lines].map((l) => `${l}\n`).join(''));
+    assert.equal(d.stderr(), '');
+  }
+
+  it('a proxy with OAuth on, reached at its public URL: every step PASS, the printed URL approved as a person would (page, csrf, passphrase, the 303 to doctor\'s loopback callback), "OK    paste this URL", exit 0; its grant is revoked at the end', { timeout: 60_000 }, async (t) => {
+    const op = await oauthProxy(t, TWO_FIXTURES());
+    await op.h.proxy.ready(10_000);
+    const endpoint = `${op.base}/alpha/mcp`;
+    const d = startDoctor(t, endpoint);
+    const ACT = "ACT   open this URL in a browser on this machine and approve with the proxy's passphrase:";
+    const printed = await waitFor(() => new RegExp(`^${ACT}\\n      (\\S+)\\n`, 'm').exec(d.stdout())?.[1], 15_000, `the authorization URL (stdout: ${d.stdout()})`);
+    const authorize = new URL(printed);
+    assert.equal(`${authorize.origin}${authorize.pathname}`, `${op.base}/authorize`);
+    assert.equal(authorize.searchParams.get('resource'), endpoint);
+    const { page, location } = await consentApprove(op.base, printed);
+    assert.match(page.text, /the server <b>alpha<\/b>/);
+    assert.equal(location.origin, `http://127.0.0.1:${location.port}`, 'doctor listens on loopback');
+    assert.equal(location.pathname, '/callback');
+    assert.ok(location.searchParams.get('code'));
+    assert.equal(location.searchParams.get('iss'), op.base);
+    // The browser follows the 303 to doctor's listener.
+    const landed = await request(location.href);
+    assert.equal(landed.status, 200);
+    assert.equal(landed.text, 'remote-mcp-proxy doctor: done, you can close this tab.');
+    const exit = await within(d.exited, 30_000, 'doctor');
+    assert.deepEqual(exit, { code: 0, signal: null }, `${d.stdout()}${d.stderr()}`);
+    assert.equal(d.stdout(), [
+      `── ${endpoint}`,
+      httpWarning(op.base),
+      `PASS  unauthenticated POST: 401 with resource_metadata ${op.base}/.well-known/oauth-protected-resource/alpha/mcp`,
+      `PASS  protected resource metadata: resource matches; issuer ${op.base}`,
+      'PASS  authorization server metadata: issuer, PKCE S256, registration and client_secret_post as Claude.ai needs',
+      `${ACT}\n      ${printed}`,
+      'PASS  login: registered, approved by the operator, token issued',
+      'PASS  initialize and tools/list: 1 tools',
+      `OK    paste this URL into Claude.ai (Settings → Connectors → Add custom connector): ${endpoint}`,
+    ].map((l) => `${l}\n`).join(''));
+    assert.equal(d.stderr(), '');
+    // What it granted is gone: revoked by doctor itself, so the state file holds no grant and no client.
+    const approvedLine = op.lines.find((l) => l.startsWith('info [oauth] operator approved client '));
+    assert.match(approvedLine ?? '', /^info \[oauth\] operator approved client (.{8})… \("remote-mcp-proxy doctor"\) for alpha$/, op.lines.join('\n'));
+    const clientPrefix = approvedLine!.slice('info [oauth] operator approved client '.length, 'info [oauth] operator approved client '.length + 8);
+    assert.ok(op.lines.includes(`info [oauth] client ${clientPrefix}… revoked its grant`), op.lines.join('\n'));
+    const state = oauthState(op);
+    assert.deepEqual([state.clients, state.grants], [[], []]);
+  });
+
+  it('a proxy with static tokens only: FAIL at "401 challenge", naming that OAuth is off; exit 1', { timeout: 30_000 }, async (t) => {
+    const h = await harness(t, { servers: [fixture('alpha')] }, { tokens: ['static-token-0123456789abcdef'], limits: FAST });
+    await doctorFails(t, `${h.url}/alpha/mcp`, [
+      'FAIL  401 challenge: WWW-Authenticate is "Bearer realm=\\"remote-mcp-proxy\\"", with no resource_metadata: Claude.ai cannot find how to log in; OAuth is off (set MCP_PROXY_PASSWORD and --public-url)',
+    ]);
+  });
+
+  it('a proxy whose public URL is not the URL used: FAIL at "protected resource metadata", "resource is … but you connect to …"; exit 1', { timeout: 30_000 }, async (t) => {
+    const op = await oauthProxy(t, TWO_FIXTURES());
+    const used = `http://localhost:${op.port}/alpha/mcp`;
+    await doctorFails(t, used, [
+      `PASS  unauthenticated POST: 401 with resource_metadata ${op.base}/.well-known/oauth-protected-resource/alpha/mcp`,
+      `FAIL  protected resource metadata: resource is "${op.base}/alpha/mcp" but you connect to ${used}: Claude.ai requires them equal (is --public-url the URL clients use?)`,
+    ]);
+    assert.equal(oauthRegisteredCount(op), 0, 'doctor stopped before registering');
+  });
+
+  it('a server name the proxy does not serve, with OAuth on: FAIL at "401 challenge", naming "no MCP endpoint"; exit 1', { timeout: 30_000 }, async (t) => {
+    const op = await oauthProxy(t, TWO_FIXTURES());
+    // An unknown path is refused before routing (401, no resource_metadata: there is no such resource); the
+    // authorization server metadata at the root tells doctor that OAuth itself is on.
+    await doctorFails(t, `${op.base}/nope/mcp`, [
+      'FAIL  401 challenge: WWW-Authenticate is "Bearer realm=\\"remote-mcp-proxy\\"", with no resource_metadata: Claude.ai cannot find how to log in; OAuth is on, but this path is no MCP endpoint of the proxy (check the server name: /NAME/mcp)',
+    ]);
+  });
+
+  it('nothing listening at the URL: FAIL at "unauthenticated POST", "connection refused"; exit 1', { timeout: 30_000 }, async (t) => {
+    const port = await freePort();
+    await doctorFails(t, `http://127.0.0.1:${port}/alpha/mcp`, [
+      'FAIL  unauthenticated POST: connection refused (is the proxy running, and is this its address?)',
+    ]);
+  });
+});
+// ── 11. CLI and main ────────────────────────────────────────────────────────────────────────────────────
+
+describe('11. CLI and main', () => {
 
   it('parseCli() defaults: serve ./config.json on 127.0.0.1:8080 with no tokens', () => {
     const r = parseCli([], {});
@@ -4233,6 +6504,96 @@ describe('9. CLI and main', () => {
         assert.match(forged[0]!, /forged\\x0d2099-01-01T00:00:00\.000Z error \[other\] FORGED \\x1b\[2K\\x85\\x7f end/i);
         assert.ok(!out.split('\n').some((l) => l.startsWith('2099-01-01')), 'a forged line start');
       });
+    });
+
+    // F8. dist/proxy.js died on SIGHUP, SIGQUIT and SIGUSR2 without stopping its children (they lead their own groups).
+    it('F8 dist/proxy.js on SIGHUP, SIGQUIT and SIGUSR2 logs "SIGNAL: shutting down", exits 0 and leaves no child (one that ignores stdin EOF)', { timeout: 30_000 }, async (t) => {
+      const run = async (signal: NodeJS.Signals) => {
+        const dir = tmpDir('f8');
+        const pidFile = path.join(dir, 'pids');
+        const cfg = path.join(dir, 'config.json');
+        fs.writeFileSync(cfg, JSON.stringify({ mcpServers: { fix: { command: NODE, args: ['-e', REVIEW_FIXTURE, 'noeof'], env: { FIXTURE_PIDFILE: pidFile } } } }));
+        const port = await freePort();
+        const child: ChildProcess = spawn(NODE, [DIST, '--config', cfg, '--port', String(port)], { cwd: dir, env: cleanEnv(), stdio: ['ignore', 'pipe', 'pipe'] });
+        let out = '';
+        child.stdout!.on('data', (d: Buffer) => (out += d.toString()));
+        child.stderr!.on('data', (d: Buffer) => (out += d.toString()));
+        const exited = new Promise<{ code: number | null; signal: NodeJS.Signals | null }>((resolve) => child.on('exit', (code, sig) => resolve({ code, signal: sig })));
+        const pids = () => fileLines(pidFile).map(Number);
+        onCleanup(t, async () => {
+          if (child.exitCode === null && child.signalCode === null) child.kill('SIGKILL');
+          await exited;
+          await assertAllGone(pids());
+        });
+        await waitFor(() => out.includes('listening on') && pids().length > 0, 10_000, `start-up (${out})`);
+        await waitFor(async () => (await request(`http://127.0.0.1:${port}/readyz`)).status === 200, 10_000, 'ready');
+        child.kill(signal);
+        const exit = await within(exited, 10_000, `exit after ${signal}`);
+        assert.deepEqual(exit, { code: 0, signal: null }, `${signal}: ${out}`);
+        assert.match(out, new RegExp(`info  \\[proxy\\] ${signal}: shutting down`));
+        // The child ignores EOF, so only the proxy's TERM stops it: it is gone by the time the proxy has exited.
+        assert.deepEqual(pids().filter(pidAlive), [], `${signal}: children left running`);
+      };
+      // allSettled: each run reaches its own end (pid file written) before any after hook kills and checks it.
+      const outcomes = await Promise.allSettled((['SIGHUP', 'SIGQUIT', 'SIGUSR2'] as const).map(run));
+      for (const o of outcomes) if (o.status === 'rejected') throw o.reason;
+    });
+
+    // F12. A token with a space could never be sent; loopback binds other than 127.0.0.1 refused their own Origin;
+    // a low descriptor limit capped connections silently.
+    it('F12 a token with a space → WEAK_TOKEN (CLI: exit 2); bound to 127.0.0.2 without tokens, Origin http://127.0.0.2:PORT → 200; under a 400-descriptor limit dist/proxy.js warns "file-descriptor limit"', { timeout: 30_000 }, async (t) => {
+      const spaced = 'has a space 0123456789';
+      const WHY = '1 of 1 bearer tokens hold spaces or characters outside visible ASCII, so no client could send them';
+      const err = await startProxy({ servers: [] }, { host: '127.0.0.1', port: 0, logLevel: 'error', tokens: [spaced] }).then(
+        async (proxy) => (await proxy.close(), 'started'),
+        (e: unknown) => e as ProxyError,
+      );
+      assert.ok(err instanceof ProxyError, `a token with a space: ${String(err)}`);
+      assert.equal(err.code, 'WEAK_TOKEN');
+      assert.equal(err.message, WHY);
+      assert.deepEqual(parseCli(['--token', spaced], {}), { error: `--token: ${WHY}` });
+      const dir = tmpDir('f12');
+      const pidFile = path.join(dir, 'pids');
+      const cfg = path.join(dir, 'config.json');
+      fs.writeFileSync(cfg, JSON.stringify({ mcpServers: { fix: { command: NODE, args: ['-e', REVIEW_FIXTURE, 'ok'], env: { FIXTURE_PIDFILE: pidFile } } } }));
+      const cli = await new Promise<{ code: number | null; stderr: string }>((resolve) => {
+        execFile(NODE, [DIST, '--config', cfg, '--port', '0', '--token', spaced], { cwd: dir, env: cleanEnv(), timeout: 5_000 }, (e, _stdout, stderr) =>
+          resolve({ code: e ? ((e as { code?: number }).code ?? null) : 0, stderr }));
+      });
+      await assertAllGone(fileLines(pidFile).map(Number));
+      assert.equal(cli.code, 2, cli.stderr);
+      assert.equal(cli.stderr, `remote-mcp-proxy: --token: ${WHY}\nRun with --help for usage.\n`);
+
+      // Loopback bind other than 127.0.0.1, no tokens: its own origin is a loopback one.
+      const f = reviewFiles('f12');
+      const h = await reviewHarness(t, { servers: [reviewFixture('fix', 'ok', { FIXTURE_PIDFILE: f.pidFile })] }, { host: '127.0.0.2', limits: FAST }, f.pidFile);
+      await h.proxy.ready(10_000);
+      const own = `http://127.0.0.2:${h.proxy.port}`;
+      const res = await post(`${own}/fix/mcp`, initMsg(), { accept: 'application/json', origin: own });
+      assert.equal(res.status, 200, res.text);
+      assert.equal(JSON.parse(res.text).result.serverInfo !== undefined, true);
+      const evil = await post(`${own}/fix/mcp`, initMsg(), { accept: 'application/json', origin: 'http://evil.example' });
+      assert.equal(evil.status, 403);
+      assert.deepEqual(JSON.parse(evil.text), { jsonrpc: '2.0', error: { code: -32000, message: 'Forbidden: Origin not allowed' }, id: null });
+
+      // A low descriptor limit (prlimit) leaves room for one connection: said at start.
+      const port = await freePort();
+      const low = spawn('prlimit', ['--nofile=400:400', NODE, DIST, '--config', cfg, '--port', String(port)], { cwd: dir, env: cleanEnv(), stdio: ['ignore', 'pipe', 'pipe'] });
+      let out = '';
+      low.stdout!.on('data', (d: Buffer) => (out += d.toString()));
+      low.stderr!.on('data', (d: Buffer) => (out += d.toString()));
+      const exited = new Promise<number | null>((resolve) => low.on('exit', (code) => resolve(code)));
+      onCleanup(t, async () => {
+        if (low.exitCode === null && low.signalCode === null) low.kill('SIGKILL');
+        await exited;
+        await assertAllGone(fileLines(pidFile).map(Number));
+      });
+      await waitFor(() => out.includes('listening on') || low.exitCode !== null, 10_000, `start-up under prlimit (${out})`);
+      assert.match(out, /warn  \[proxy\] only 1 client connections fit under this process's file-descriptor limit; raise it \(ulimit -n\)\n/);
+      // Signal handlers are installed just after "listening on" is written: an answer means they are in place.
+      assert.equal((await request(`http://127.0.0.1:${port}/healthz`)).status, 200);
+      low.kill('SIGTERM');
+      assert.equal(await within(exited, 10_000, 'exit after SIGTERM'), 0);
     });
   });
 });
