@@ -3313,6 +3313,7 @@ function loadState(oauth: OAuth, log: Logger, limits: Limits): void {
   } catch {
     return moveAside(oauth, log, 'not valid JSON');
   }
+  if (isObject(state) && state.version === 1 && Array.isArray(state.grants)) state = { ...state, version: 2, grants: state.grants.map(grantFromVersion1) };
   if (!isObject(state) || state.version !== STATE_VERSION || !Array.isArray(state.clients) || !Array.isArray(state.grants)) {
     return moveAside(oauth, log, `not a version ${STATE_VERSION} state file`);
   }
@@ -3325,6 +3326,13 @@ function loadState(oauth: OAuth, log: Logger, limits: Limits): void {
 }
 
 const HASH_RE = /^[0-9a-f]{64}$/;
+
+/** Version 1 kept one access token and one newest refresh token per grant; version 2 keeps lists of them. */
+function grantFromVersion1(grant: unknown): unknown {
+  if (!isObject(grant) || typeof grant.accessHash !== 'string' || typeof grant.refreshHash !== 'string') return grant;
+  const { accessHash, accessExpiresMs, refreshHash, ...rest } = grant;
+  return { ...rest, access: [{ hash: accessHash, expiresMs: accessExpiresMs }], refreshHashes: [refreshHash] };
+}
 
 function isStoredClient(value: unknown): value is OAuthClient {
   return isObject(value) && typeof value.id === 'string' && (value.secretHash === null || (typeof value.secretHash === 'string' && HASH_RE.test(value.secretHash))) &&
@@ -4108,9 +4116,12 @@ function clientAddress(proxy: Proxy, req: http.IncomingMessage): string {
   let address = req.socket.remoteAddress ?? 'unknown';
   const forwarded = req.headers['x-forwarded-for'];
   if (proxy.trustedProxies && typeof forwarded === 'string' && isTrusted(proxy.trustedProxies, address)) {
-    const hops = forwarded.split(',').map((hop) => hop.trim()).filter((hop) => isIP(hop) !== 0);
+    const hops = forwarded.split(',').map((hop) => hop.trim());
     while (hops.length > 1 && isTrusted(proxy.trustedProxies, hops[hops.length - 1])) hops.pop();
-    if (hops.length) address = hops[hops.length - 1];
+    // The entry our trusted proxy wrote; anything but a bare address (a port, "unknown") is not believed, and
+    // nothing left of it is either: those entries come from the client.
+    const nearest = hops[hops.length - 1];
+    if (isIP(nearest) !== 0) address = nearest;
   }
   return addressKey(address);
 }
@@ -4640,10 +4651,12 @@ function parseUrl(text: string): URL | null {
   }
 }
 
-/** The same origin, or the target on a subdomain of the issuer's host (host routes), same scheme. */
+/** The same origin, or the target one label below the issuer's host ({name}.{domain}: host routes), same scheme. */
 function sameSite(issuer: URL, target: URL): boolean {
   if (issuer.origin === target.origin) return true;
-  return issuer.protocol === target.protocol && target.hostname.endsWith(`.${issuer.hostname}`);
+  const suffix = `.${issuer.hostname}`;
+  return issuer.protocol === target.protocol && issuer.hostname.includes('.') && target.hostname.endsWith(suffix) &&
+    !target.hostname.slice(0, -suffix.length).includes('.');
 }
 
 async function authorizeInteractively(
