@@ -3988,6 +3988,11 @@ describe('7. HTTP: guards, /mcp, /sse, health', () => {
 });
 
 // ── 8. OAuth helpers ────────────────────────────────────────────────────────────────────────────────────
+//
+// A real proxy on a port picked before listening (the public URL must be known first), the official SDK's
+// client-side OAuth (auth() through an OAuthClientProvider, in both client transports), and a raw client that
+// behaves as Claude.ai is reported to. The consent form is submitted as a person would: GET the page, read the
+// hidden csrf field, POST the passphrase, follow the 303.
 
 const PASSPHRASE = 'correct horse battery staple';
 /** A redirect URI nobody listens on (the discard port): raw flows read the code from the 303's Location. */
@@ -3995,6 +4000,8 @@ const OAUTH_CALLBACK = 'http://127.0.0.1:9/callback';
 const CLAUDE_CALLBACK = 'https://claude.ai/api/mcp/auth_callback';
 const FORM = { 'content-type': 'application/x-www-form-urlencoded' };
 const STATE_FILE_NAME = 'oauth-state.json';
+/** The state file's format (2 since e28b5de: several access and refresh tokens per grant). */
+const STATE_FILE_VERSION = 2;
 
 /** A proxy with OAuth on: its public URL is http://127.0.0.1:PORT, known before it listens. */
 type OAuthProxy = {
@@ -4493,6 +4500,20 @@ async function oauthIsRegistered(base: string, clientId: string, redirectUri = O
   return false;
 }
 
+/**
+ * Whether the proxy knows a client, asked at /token (which opens no approval form): a refresh with a token that
+ * does not exist is invalid_grant (400) for a known client, invalid_client (401) for one it does not know.
+ */
+async function oauthKnownAtToken(base: string, client: Json): Promise<boolean> {
+  const res = await oauthRefresh(base, client, 'not-a-refresh-token');
+  if (res.status === 400) {
+    assertOAuthError(res, 400, 'invalid_grant');
+    return true;
+  }
+  assertOAuthError(res, 401, 'invalid_client');
+  return false;
+}
+
 /** How many registrations a proxy accepted: its "registered client" log lines (info level). */
 function oauthRegisteredCount(op: { lines: string[] }): number {
   return op.lines.filter((l) => l.startsWith('info [oauth] registered client ')).length;
@@ -4515,7 +4536,7 @@ const CHROMIUM_ARGS = ['--no-sandbox', '--disable-gpu', '--disable-quic', '--no-
 describe('8. OAuth: metadata, registration, consent, tokens', () => {
   // Metadata and the 401 challenge ───────
 
-  it('protected resource metadata: one document per endpoint (/mcp and /sse of each server), resource exactly that URL, the issuer at the origin root', { timeout: 20_000 }, async (t) => {
+  it('protected resource metadata: one document per endpoint (/mcp and /sse of each server), resource exactly that URL, the issuer at the origin root; none at the root with two servers', { timeout: 20_000 }, async (t) => {
     const op = await oauthProxy(t, TWO_FIXTURES());
     for (const server of ['alpha', 'beta']) {
       for (const leaf of ['mcp', 'sse']) {
@@ -4530,13 +4551,10 @@ describe('8. OAuth: metadata, registration, consent, tokens', () => {
         });
       }
     }
-    // At the root with two servers there is no single endpoint: the resource is the origin.
-    const root = withJson(await request(`${op.base}/.well-known/oauth-protected-resource`));
-    assert.equal(root.status, 200);
-    assert.deepEqual(root.json, { resource: op.base, authorization_servers: [op.base], bearer_methods_supported: ['header'] });
-    // No document for what is not an endpoint.
-    for (const p of ['/nope/mcp', '/alpha/other', '/alpha/mcp/x', '/mcp']) {
-      assert.equal((await request(`${op.base}/.well-known/oauth-protected-resource${p}`)).status, 404, p);
+    // At the root with two servers there is no one resource to name (e28b5de): 404, as for anything that is not
+    // an endpoint.
+    for (const p of ['', '/nope/mcp', '/alpha/other', '/alpha/mcp/x', '/mcp']) {
+      assertRpcError(await request(`${op.base}/.well-known/oauth-protected-resource${p}`), 404, -32000);
     }
   });
 
@@ -4896,34 +4914,35 @@ describe('8. OAuth: metadata, registration, consent, tokens', () => {
     assert.equal(oauthState(op).grants.length, 0);
   });
 
-  it('consent errors after the redirect URI is known good go back to it: missing state, no PKCE, plain PKCE, another response_type, a resource that is not ours; no code in any', { timeout: 20_000 }, async (t) => {
+  // Since e28b5de these are shown on the page too: anyone can register a redirect URI, so redirecting errors to
+  // it would make the proxy an open redirector.
+  it('consent errors after the redirect URI is known good are shown on the page too, never redirected: missing state, no PKCE, plain PKCE, another response_type, a resource that is not ours; the operator\'s denial goes back with access_denied', { timeout: 20_000 }, async (t) => {
     const op = await oauthProxy(t, TWO_FIXTURES());
     const client = await oauthClient(op.base);
     const { challenge } = oauthPkce();
-    const cases: [AuthorizeOptions, string][] = [
-      [{ state: null }, 'invalid_request'],
-      [{ state: '' }, 'invalid_request'],
-      [{ challenge: null }, 'invalid_request'],
-      [{ method: null }, 'invalid_request'],
-      [{ method: 'plain' }, 'invalid_request'],
-      [{ challenge: 'short' }, 'invalid_request'],
-      [{ responseType: 'token' }, 'unsupported_response_type'],
-      [{ resource: 'https://evil.example/alpha/mcp' }, 'invalid_target'],
-      [{ resource: `${op.base}/nope/mcp` }, 'invalid_target'],
-      [{ resource: `${op.base}/alpha/messages` }, 'invalid_target'],
-      [{ resource: `${op.base}/alpha/mcp#frag` }, 'invalid_target'],
-      [{ resource: `${op.base}/alpha/mcp?x=1` }, 'invalid_target'],
-      [{ resource: 'not a url' }, 'invalid_target'],
+    const PKCE = ['invalid_request', 'PKCE with code_challenge_method S256 is required'];
+    const TARGET = ['invalid_target', 'resource is not an endpoint of this proxy'];
+    const cases: [AuthorizeOptions, string[]][] = [
+      [{ state: null }, ['invalid_request', 'state is required']],
+      [{ state: '' }, ['invalid_request', 'state is required']],
+      [{ challenge: null }, PKCE],
+      [{ method: null }, PKCE],
+      [{ method: 'plain' }, PKCE],
+      [{ challenge: 'short' }, PKCE],
+      [{ responseType: 'token' }, ['unsupported_response_type', 'response_type must be code']],
+      [{ resource: 'https://evil.example/alpha/mcp' }, TARGET],
+      [{ resource: `${op.base}/nope/mcp` }, TARGET],
+      [{ resource: `${op.base}/alpha/messages` }, TARGET],
+      [{ resource: `${op.base}/alpha/mcp#frag` }, TARGET],
+      [{ resource: `${op.base}/alpha/mcp?x=1` }, TARGET],
+      [{ resource: 'not a url' }, TARGET],
     ];
-    for (const [o, error] of cases) {
+    for (const [o, [error, description]] of cases) {
       const res = await request(oauthAuthorizeUrl(op.base, client.client_id, challenge, o));
-      assert.equal(res.status, 303, `${JSON.stringify(o)}: ${res.text}`);
-      const location = new URL(String(res.headers.location));
-      assert.equal(`${location.origin}${location.pathname}`, OAUTH_CALLBACK);
-      assert.equal(location.searchParams.get('error'), error, JSON.stringify(o));
-      assert.equal(location.searchParams.get('code'), null);
-      assert.equal(location.searchParams.get('iss'), op.base);
-      assert.equal(location.searchParams.get('state'), o.state === undefined ? 'st-123' : null, 'state returned when sent');
+      assert.equal(res.status, 400, `${JSON.stringify(o)}: ${res.text}`);
+      assert.equal(res.headers.location, undefined, `${JSON.stringify(o)}: not redirected`);
+      assert.ok(res.text.includes(`<p class="err">The client&#39;s request is invalid (${error}): ${description}.</p>`), `${JSON.stringify(o)}: ${res.text}`);
+      assert.equal(consentCsrf(res), null, 'no form to approve');
     }
     // State comes back unchanged, whatever it holds; the operator's denial is an error too.
     const odd = 'a b&c=d/é+%';
@@ -4933,8 +4952,11 @@ describe('8. OAuth: metadata, registration, consent, tokens', () => {
     const denied = await postForm(`${op.base}/authorize`, { csrf: consentCsrf(page)!, action: 'deny' }, { origin: op.base });
     assert.equal(denied.status, 303);
     const deniedAt = new URL(String(denied.headers.location));
+    assert.equal(`${deniedAt.origin}${deniedAt.pathname}`, OAUTH_CALLBACK);
     assert.equal(deniedAt.searchParams.get('error'), 'access_denied');
+    assert.equal(deniedAt.searchParams.get('error_description'), 'The operator denied access');
     assert.equal(deniedAt.searchParams.get('state'), 's2');
+    assert.equal(deniedAt.searchParams.get('iss'), op.base);
     assert.equal(deniedAt.searchParams.get('code'), null);
     assert.equal(oauthState(op).grants.length, 0);
   });
@@ -4990,22 +5012,31 @@ describe('8. OAuth: metadata, registration, consent, tokens', () => {
     assert.equal(over.headers['x-frame-options'], 'DENY');
   });
 
-  it('maxPendingConsents: consent pages up to the limit can all be answered; one over drops the oldest, whose form then fails', { timeout: 20_000 }, async (t) => {
+  // Since e28b5de a full table refuses newcomers instead of dropping the oldest form (a flood dropped the
+  // operator's open form).
+  it('maxPendingConsents: consent pages up to the limit can all be answered; one over → 503 page with Retry-After, and the forms already open stay valid', { timeout: 20_000 }, async (t) => {
     const op = await oauthProxy(t, TWO_FIXTURES(), { limits: { maxPendingConsents: 2 } });
     const client = await oauthClient(op.base);
     const { challenge } = oauthPkce();
-    const open = async () => consentCsrf(await request(oauthAuthorizeUrl(op.base, client.client_id, challenge)))!;
+    const page = () => request(oauthAuthorizeUrl(op.base, client.client_id, challenge));
+    const open = async () => {
+      const res = await page();
+      assert.equal(res.status, 200, res.text);
+      return consentCsrf(res)!;
+    };
     // Under and at.
     const atLimit = [await open(), await open()];
     for (const csrf of atLimit) assert.equal((await consentSubmit(op.base, csrf)).status, 303);
     // Over.
-    const [oldest, second, third] = [await open(), await open(), await open()];
-    const dropped = await consentSubmit(op.base, oldest);
-    assert.equal(dropped.status, 400);
-    assert.equal(dropped.headers.location, undefined);
-    assert.match(dropped.text, /expired or was already used/);
-    assert.equal((await consentSubmit(op.base, second)).status, 303);
-    assert.equal((await consentSubmit(op.base, third)).status, 303);
+    const [first, second] = [await open(), await open()];
+    const over = await page();
+    assert.equal(over.status, 503, over.text);
+    assert.equal(over.headers['retry-after'], String(DEFAULT_LIMITS.retryAfterS));
+    assert.ok(over.text.includes('<p class="err">Too many approvals are waiting. Try again in a few minutes.</p>'), over.text);
+    assert.equal(consentCsrf(over), null);
+    assert.equal((await consentSubmit(op.base, first)).status, 303, 'the oldest open form still works');
+    const third = await open(); // answering one made room
+    for (const csrf of [second, third]) assert.equal((await consentSubmit(op.base, csrf)).status, 303);
   });
 
   it('consentTtlMs: a consent form answered after it expired is refused on the page', { timeout: 20_000 }, async (t) => {
@@ -5129,26 +5160,31 @@ describe('8. OAuth: metadata, registration, consent, tokens', () => {
     assert.equal(await oauthProbe(op.base, refreshed.json.access_token), 404);
   });
 
-  it('refresh rotation: each refresh gives new tokens and the old access token dies; a rotated refresh token used again → invalid_grant and the grant is revoked', { timeout: 20_000 }, async (t) => {
+  // Since e28b5de earlier access tokens stay valid until they expire (a refresh cut off requests in flight, and
+  // concurrent refreshes revoked the grant), four at most per grant; lost answers get successors, four at most.
+  it('refresh rotation: each refresh gives new tokens; the access tokens issued before stay valid until they expire, the newest four at most; a rotated refresh token used again → invalid_grant and the grant is revoked', { timeout: 20_000 }, async (t) => {
     const op = await oauthProxy(t, TWO_FIXTURES());
     const g = await oauthGrant(op.base);
-    const r1 = g.refresh;
-    const second = await oauthRefresh(op.base, g.client, r1);
-    assert.equal(second.status, 200);
-    assert.notEqual(second.json.refresh_token, r1);
-    assert.equal(await oauthProbe(op.base, g.access), 401, 'the replaced access token is dead');
-    const r2 = second.json.refresh_token;
-    const third = await oauthRefresh(op.base, g.client, r2); // r2 used: r1 is now retired
-    assert.equal(third.status, 200);
-    const r3 = third.json.refresh_token;
-    assertOAuthError(await oauthRefresh(op.base, g.client, r1), 400, 'invalid_grant');
-    assert.equal(await oauthProbe(op.base, third.json.access_token), 401, 'the whole grant is revoked');
-    assertOAuthError(await oauthRefresh(op.base, g.client, r3), 400, 'invalid_grant');
-    assertOAuthError(await oauthRefresh(op.base, g.client, r2), 400, 'invalid_grant');
+    const access = [g.access];
+    const refresh = [g.refresh];
+    for (let i = 1; i <= 4; i++) {
+      const next = await oauthRefresh(op.base, g.client, refresh.at(-1)!);
+      assert.equal(next.status, 200, next.text);
+      assert.ok(!access.includes(next.json.access_token) && !refresh.includes(next.json.refresh_token), 'new tokens');
+      access.push(next.json.access_token);
+      refresh.push(next.json.refresh_token);
+      // Under and at four: every access token issued still works; over: the oldest is refused.
+      const expected = access.map((_, j) => (j < access.length - 4 ? 401 : 404));
+      assert.deepEqual(await Promise.all(access.map((a) => oauthProbe(op.base, a))), expected, `after refresh ${i}`);
+    }
+    // refresh[0] was rotated out when its successor was used: presenting it again revokes the whole grant.
+    assertOAuthError(await oauthRefresh(op.base, g.client, refresh[0]!), 400, 'invalid_grant');
+    assert.deepEqual(await Promise.all(access.map((a) => oauthProbe(op.base, a))), access.map(() => 401), 'the whole grant is revoked');
+    for (const r of refresh.slice(1)) assertOAuthError(await oauthRefresh(op.base, g.client, r), 400, 'invalid_grant');
     assert.equal(oauthState(op).grants.length, 0);
   });
 
-  it('refresh rotation tolerates a lost response: the previous refresh token works until the new one is first used; after that it revokes the grant', { timeout: 20_000 }, async (t) => {
+  it('refresh rotation tolerates lost answers and concurrent refreshes: the previous refresh token gets up to four successors until one is first used, then it revokes the grant', { timeout: 20_000 }, async (t) => {
     const op = await oauthProxy(t, TWO_FIXTURES());
     const g = await oauthGrant(op.base);
     const r1 = g.refresh;
@@ -5156,13 +5192,29 @@ describe('8. OAuth: metadata, registration, consent, tokens', () => {
     assert.equal(lost.status, 200);
     const retried = await oauthRefresh(op.base, g.client, r1);
     assert.equal(retried.status, 200, `the previous token works again: ${retried.text}`);
+    assert.notEqual(retried.json.refresh_token, lost.json.refresh_token);
     assert.equal(await oauthProbe(op.base, retried.json.access_token), 404);
-    assert.equal(await oauthProbe(op.base, lost.json.access_token), 401, 'the lost access token is replaced');
-    const next = await oauthRefresh(op.base, g.client, retried.json.refresh_token); // the new one is used
+    assert.equal(await oauthProbe(op.base, lost.json.access_token), 404, 'the lost access token stays valid until it expires');
+    const next = await oauthRefresh(op.base, g.client, retried.json.refresh_token); // a successor is used
     assert.equal(next.status, 200);
     assertOAuthError(await oauthRefresh(op.base, g.client, r1), 400, 'invalid_grant');
     assert.equal(await oauthProbe(op.base, next.json.access_token), 401, 'reuse after that revokes the grant');
     assert.equal(oauthState(op).grants.length, 0);
+    // Successors of one token: under and at four, each refresh works; over → invalid_grant, and the grant lives.
+    const h = await oauthGrant(op.base);
+    const successors: string[] = [];
+    for (let i = 0; i < 4; i++) {
+      const again = await oauthRefresh(op.base, h.client, h.refresh);
+      assert.equal(again.status, 200, `successor ${i + 1}: ${again.text}`);
+      successors.push(again.json.refresh_token);
+    }
+    const fifth = await oauthRefresh(op.base, h.client, h.refresh);
+    assertOAuthError(fifth, 400, 'invalid_grant');
+    assert.equal(fifth.json.error_description, 'This refresh token was replaced; use the newest one');
+    const used = await oauthRefresh(op.base, h.client, successors[2]!);
+    assert.equal(used.status, 200, 'the grant was not revoked');
+    for (const other of [successors[0]!, h.refresh]) assertOAuthError(await oauthRefresh(op.base, h.client, other), 400, 'invalid_grant');
+    assert.equal(await oauthProbe(op.base, used.json.access_token), 401, 'a retired successor used again revokes the grant');
   });
 
   it('refresh: another client\'s refresh token, an unknown one, and one past refreshTokenTtlMs → invalid_grant', { timeout: 20_000 }, async (t) => {
@@ -5312,31 +5364,43 @@ describe('8. OAuth: metadata, registration, consent, tokens', () => {
 
   // Bounded maps ───────
 
-  it('maxOAuthClients: clients up to the limit are kept; one over evicts the oldest client without a grant; with every client granted → 503 temporarily_unavailable', { timeout: 30_000 }, async (t) => {
+  // Since e28b5de a client mid-login (an approval form open, or a code not yet exchanged) is never evicted either.
+  it('maxOAuthClients: clients up to the limit are kept; one over evicts the oldest client holding no grant and not mid-login (no approval form open); with every client granted or mid-login → 503 temporarily_unavailable', { timeout: 30_000 }, async (t) => {
     const op = await oauthProxy(t, TWO_FIXTURES(), { limits: { maxOAuthClients: 3 } });
     const granted = await oauthGrant(op.base); // the oldest, but it holds a grant
     const c2 = await oauthClient(op.base);
     const c3 = await oauthClient(op.base); // at the limit: nobody evicted
-    const { challenge } = oauthPkce();
-    for (const c of [granted.client, c2, c3]) assert.equal(await oauthIsRegistered(op.base, c.client_id), true);
+    // Asked at /token, which opens no approval form (a consent page would make the client mid-login).
+    for (const c of [granted.client, c2, c3]) assert.equal(await oauthKnownAtToken(op.base, c), true);
     // Only a client holding a grant is written to the state file; the others are registered in memory.
     assert.deepEqual(oauthState(op).clients.map((c: Json) => c.id), [granted.client.client_id]);
     const c4 = await oauthClient(op.base); // over: c2, the oldest unused, gives way
-    const gone = await request(oauthAuthorizeUrl(op.base, c2.client_id, challenge));
-    assert.equal(gone.status, 400);
-    assert.match(gone.text, /not registered/);
-    assertOAuthError(await oauthRefresh(op.base, c2, 'x'), 401, 'invalid_client');
+    assert.equal(await oauthKnownAtToken(op.base, c2), false);
+    assert.equal(await oauthIsRegistered(op.base, c2.client_id), false);
     assert.equal(await oauthProbe(op.base, granted.access), 404, 'the granted client is kept');
     assert.equal((await oauthRefresh(op.base, granted.client, granted.refresh)).status, 200);
-    for (const c of [granted.client, c3, c4]) assert.equal(await oauthIsRegistered(op.base, c.client_id), true);
-    // Grant the other two: now no client can give way.
-    for (const c of [c3, c4]) assert.equal((await oauthExchange(op.base, c, await oauthCode(op.base, c))).status, 200);
+    for (const c of [c3, c4]) assert.equal(await oauthKnownAtToken(op.base, c), true);
+    // c3 opens its approval form: mid-login, so the next registration evicts c4 instead, and c3 finishes.
+    const { verifier, challenge } = oauthPkce();
+    const page = await request(oauthAuthorizeUrl(op.base, c3.client_id, challenge));
+    assert.equal(page.status, 200);
+    const c5 = await oauthClient(op.base);
+    assert.equal(await oauthKnownAtToken(op.base, c4), false, 'c4 gave way');
+    assert.equal(await oauthKnownAtToken(op.base, c3), true, 'c3, mid-login, was kept');
+    const approved = await consentSubmit(op.base, consentCsrf(page)!);
+    assert.equal(approved.status, 303);
+    const code = new URL(String(approved.headers.location)).searchParams.get('code')!;
+    const c3Tokens = await oauthExchange(op.base, c3, { code, verifier, challenge, resource: `${op.base}/alpha/mcp`, location: new URL(String(approved.headers.location)) });
+    assert.equal(c3Tokens.status, 200, c3Tokens.text);
+    // c5 opens its form too: every client is granted or mid-login, so no one can give way.
+    assert.equal((await request(oauthAuthorizeUrl(op.base, c5.client_id, challenge))).status, 200);
     const refused = await oauthRegister(op.base);
     assertOAuthError(refused, 503, 'temporarily_unavailable');
+    assert.equal(refused.json.error_description, 'Too many registered clients');
     assert.equal(refused.headers['retry-after'], String(DEFAULT_LIMITS.retryAfterS));
     assert.equal(refused.json.client_id, undefined);
-    assert.deepEqual(oauthState(op).clients.map((c: Json) => c.id).sort(), [granted.client.client_id, c3.client_id, c4.client_id].sort());
-    for (const c of [granted.client, c3, c4]) assert.equal(await oauthIsRegistered(op.base, c.client_id), true);
+    for (const c of [granted.client, c3, c5]) assert.equal(await oauthKnownAtToken(op.base, c), true);
+    assert.deepEqual(oauthState(op).clients.map((c: Json) => c.id).sort(), [granted.client.client_id, c3.client_id].sort());
   });
 
   it('maxOAuthGrants: grants up to the limit are issued; one over → 503 temporarily_unavailable with nothing granted, and its code works once a grant is revoked', { timeout: 20_000 }, async (t) => {
@@ -5387,7 +5451,7 @@ describe('8. OAuth: metadata, registration, consent, tokens', () => {
       assert.ok(!text.includes(secret), 'a secret in the state file');
     }
     const state = JSON.parse(text);
-    assert.equal(state.version, 1);
+    assert.equal(state.version, STATE_FILE_VERSION);
     assert.equal(state.clients.length, 1);
     assert.equal(state.grants.length, 1);
     op = await oauthRestart(t, op, TWO_FIXTURES());
@@ -5398,7 +5462,12 @@ describe('8. OAuth: metadata, registration, consent, tokens', () => {
   });
 
   it('a corrupt state file is moved aside and reported at error level, never silently emptied; the proxy starts with no grants', { timeout: 30_000 }, async (t) => {
-    for (const [content, why] of [['{"version": 1, "clients": [', /not valid JSON/], ['{"version": 2, "clients": [], "grants": []}', /not a version 1 state file/], ['[]', /not a version 1 state file/]] as const) {
+    const other = `not a version ${STATE_FILE_VERSION} state file`;
+    for (const [content, why] of [
+      ['{"version": 1, "clients": [', 'not valid JSON'],
+      [JSON.stringify({ version: STATE_FILE_VERSION + 1, clients: [], grants: [] }), other],
+      ['[]', other],
+    ] as const) {
       const stateDir = tmpDir('oauth-corrupt');
       fs.writeFileSync(path.join(stateDir, STATE_FILE_NAME), content, { mode: 0o600 });
       const op = await oauthProxy(t, TWO_FIXTURES(), { stateDir });
@@ -5407,10 +5476,9 @@ describe('8. OAuth: metadata, registration, consent, tokens', () => {
       assert.equal(fs.readFileSync(path.join(stateDir, aside[0]), 'utf8'), content, 'kept as it was');
       const reported = op.lines.filter((l) => l.startsWith('error ') && l.includes(STATE_FILE_NAME));
       assert.equal(reported.length, 1, op.lines.join('\n'));
-      assert.match(reported[0], why);
-      assert.match(reported[0], /moved it to/);
+      assert.ok(reported[0]!.includes(`${path.join(stateDir, STATE_FILE_NAME)}: ${why}; moved it to ${path.join(stateDir, aside[0]!)} and started with no grants`), reported[0]);
       const fresh = oauthState(op);
-      assert.equal(fresh.version, 1);
+      assert.equal(fresh.version, STATE_FILE_VERSION);
       assert.deepEqual([fresh.clients, fresh.grants], [[], []]);
       assert.ok((await oauthGrant(op.base)).access, 'and it works');
       await op.stop();
@@ -5429,19 +5497,23 @@ describe('8. OAuth: metadata, registration, consent, tokens', () => {
   it('a state file that parses but holds a malformed grant is reported and moved aside; start-up does not crash', { timeout: 20_000 }, async (t) => {
     const stateDir = tmpDir('oauth-malformed');
     const malformed = JSON.stringify({
-      version: 1,
+      version: STATE_FILE_VERSION,
       clients: [{ id: 'c1', secretHash: null, name: 'x', redirectUris: [OAUTH_CALLBACK], authMethod: 'none', createdAtMs: 0 }],
-      grants: [{ id: 'g1', clientId: 'c1', audience: 'alpha', accessHash: 'aa' }], // no retiredRefreshHashes, no refreshHash
+      grants: [{ id: 'g1', clientId: 'c1', audience: 'alpha', access: [{ hash: 'aa' }] }], // a short hash, no refresh hashes
     });
-    fs.writeFileSync(path.join(stateDir, STATE_FILE_NAME), malformed, { mode: 0o600 });
+    const file = path.join(stateDir, STATE_FILE_NAME);
+    fs.writeFileSync(file, malformed, { mode: 0o600 });
     const op = await oauthProxy(t, TWO_FIXTURES(), { stateDir });
-    assert.ok(op.lines.some((l) => l.startsWith('error ') && l.includes(STATE_FILE_NAME)), op.lines.join('\n'));
-    assert.equal(fs.readdirSync(stateDir).filter((f) => f.includes('.corrupt-')).length, 1);
+    const aside = fs.readdirSync(stateDir).filter((f) => f.includes('.corrupt-'));
+    assert.equal(aside.length, 1);
+    assert.deepEqual(op.lines.filter((l) => l.startsWith('error ')), [
+      `error [oauth] ${file}: holds a malformed client or grant; moved it to ${path.join(stateDir, aside[0]!)} and started with no grants (clients must log in again)`,
+    ]);
   });
 
   // Was "registrations up to maxOAuthClients of maxOAuthBodyBytes each": registrations are no longer written
   // (8267da8), so what can grow the file is grants, each with its own client of bounded metadata.
-  it('what the limits let clients leave in the state file, it holds: maxOAuthGrants grants, each of its own client with the largest ASCII metadata registration accepts and every retired refresh token kept, fit the defaults\' per-grant share of maxStateFileBytes; registrations without a grant add nothing; all survive a restart', { timeout: 30_000 }, async (t) => {
+  it('what the limits let clients leave in the state file, it holds: maxOAuthGrants grants, each of its own client with the largest printable-ASCII metadata registration accepts and every retired refresh token kept, fit the defaults\' per-grant share of maxStateFileBytes; registrations without a grant add nothing; all survive a restart', { timeout: 30_000 }, async (t) => {
     // Defaults: 8 MiB for 1,000 grants, so about 8.4 KB per grant with its client. Scaled down: 3 grants, 3 shares.
     const grants = 3;
     const share = Math.floor(DEFAULT_LIMITS.maxStateFileBytes / DEFAULT_LIMITS.maxOAuthGrants);
