@@ -3585,7 +3585,9 @@ function parseClientMetadata(metadata: unknown): ClientMetadata | string {
 
 /** https anywhere, or http on a loopback address (RFC 8252 §7.3: native apps); never a fragment. */
 function validRedirectUri(uri: unknown): boolean {
-  if (typeof uri !== 'string' || uri.length > MAX_REDIRECT_URI_CHARS) return false;
+  // Visible ASCII only (anything else must be percent-encoded, RFC 3986): a control character would pass the
+  // URL parser mid-path and take six bytes in the state file, past the per-client bound.
+  if (typeof uri !== 'string' || uri.length > MAX_REDIRECT_URI_CHARS || !/^[\x21-\x7e]+$/.test(uri)) return false;
   let url: URL;
   try {
     url = new URL(uri);
