@@ -11,6 +11,7 @@ import { after, before, describe, it, type TestContext } from 'node:test';
 import assert from 'node:assert/strict';
 import childProcess, { execFile, spawn, type ChildProcess } from 'node:child_process';
 import { createHash, randomBytes } from 'node:crypto';
+import dns from 'node:dns';
 import fs from 'node:fs';
 import http from 'node:http';
 import { syncBuiltinESMExports } from 'node:module';
@@ -39,6 +40,8 @@ import {
   SUPPORTED_PROTOCOL_VERSIONS,
   createIdScanner,
   createLineFramer,
+  doctor,
+  fetchClientMetadata,
   jsonDepthExceeds,
   loadConfigFile,
   negotiateVersion,
@@ -464,12 +467,13 @@ function fixture(name: string, mode = 'ok', extra: Partial<ServerConfig> & Recor
 
 type RawResponse = { status: number; headers: http.IncomingHttpHeaders; text: string };
 
+/** One request on its own connection; `localAddress` picks the source address (any of 127.0.0.0/8 works on lo). */
 function request(
   url: string,
-  opts: { method?: string; headers?: Record<string, string>; body?: string | Buffer } = {},
+  opts: { method?: string; headers?: Record<string, string>; body?: string | Buffer; localAddress?: string } = {},
 ): Promise<RawResponse> {
   return new Promise((resolve, reject) => {
-    const req = http.request(url, { method: opts.method ?? 'GET', headers: opts.headers, agent: false }, (res) => {
+    const req = http.request(url, { method: opts.method ?? 'GET', headers: opts.headers, agent: false, localAddress: opts.localAddress }, (res) => {
       const chunks: Buffer[] = [];
       res.on('data', (c: Buffer) => chunks.push(c));
       res.on('end', () => resolve({ status: res.statusCode ?? 0, headers: res.headers, text: Buffer.concat(chunks).toString('utf8') }));
@@ -4074,8 +4078,8 @@ function withJson(res: RawResponse): OAuthResponse {
   return { ...res, json };
 }
 
-function postForm(url: string, params: Record<string, string>, headers: Record<string, string> = {}): Promise<RawResponse> {
-  return request(url, { method: 'POST', headers: { ...FORM, ...headers }, body: new URLSearchParams(params).toString() });
+function postForm(url: string, params: Record<string, string>, headers: Record<string, string> = {}, localAddress?: string): Promise<RawResponse> {
+  return request(url, { method: 'POST', headers: { ...FORM, ...headers }, body: new URLSearchParams(params).toString(), localAddress });
 }
 
 /** Asserts an RFC 6749 §5.2 error answer: status, `error`, no-store, and no token in it. */
@@ -4143,9 +4147,38 @@ function consentCsrf(page: RawResponse): string | null {
   return /<input type="hidden" name="csrf" value="([^"]+)">/.exec(page.text)?.[1] ?? null;
 }
 
-/** POSTs the consent form as the browser would (same origin, form-encoded). */
-function consentSubmit(base: string, csrf: string, passphrase = PASSPHRASE, extra: Record<string, string> = {}): Promise<RawResponse> {
-  return postForm(`${base}/authorize`, { csrf, passphrase, action: 'approve', ...extra }, { origin: base });
+/** POSTs the consent form as the browser would (same origin, form-encoded), from `localAddress` if given. */
+function consentSubmit(base: string, csrf: string, passphrase = PASSPHRASE, extra: Record<string, string> = {}, headers: Record<string, string> = {}, localAddress?: string): Promise<RawResponse> {
+  return postForm(`${base}/authorize`, { csrf, passphrase, action: 'approve', ...extra }, { origin: base, ...headers }, localAddress);
+}
+
+/** Opens a consent page (from `localAddress` if given) that must show the form; returns its csrf token. */
+async function consentOpen(url: string, localAddress?: string): Promise<string> {
+  const page = await request(url, { localAddress });
+  assert.equal(page.status, 200, `consent page (body: ${page.text})`);
+  const csrf = consentCsrf(page);
+  assert.ok(csrf, 'the consent page carries a csrf field');
+  return csrf;
+}
+
+/** The code in a consent answer: a 303 to OAUTH_CALLBACK. */
+function consentCode(answer: RawResponse): string {
+  assert.equal(answer.status, 303, `consent answer (body: ${answer.text})`);
+  const location = new URL(String(answer.headers.location));
+  assert.equal(`${location.origin}${location.pathname}`, OAUTH_CALLBACK);
+  const code = location.searchParams.get('code');
+  assert.ok(code, `a code in ${location.href}`);
+  return code;
+}
+
+/** An HTML error page of the consent endpoint: status, no redirect, the message (HTML-escaped) in it, no form. */
+function assertConsentErrorPage(res: RawResponse, status: number, message: string): void {
+  assert.equal(res.status, status, `status (location: ${res.headers.location}; body: ${res.text.slice(0, 300)})`);
+  assert.equal(res.headers.location, undefined);
+  assert.match(String(res.headers['content-type']), /^text\/html/);
+  const escaped = message.replace(/&/g, '&amp;').replace(/</g, '&lt;').replace(/>/g, '&gt;').replace(/"/g, '&quot;').replace(/'/g, '&#39;');
+  assert.ok(res.text.includes(`<p class="err">${escaped}</p>`), `page says ${JSON.stringify(message)} (body: ${res.text.slice(-400)})`);
+  assert.equal(consentCsrf(res), null);
 }
 
 /** What a person does: opens the consent page, types the passphrase, approves. Returns the 303's Location. */
@@ -4800,6 +4833,34 @@ describe('8. OAuth: metadata, registration, consent, tokens', () => {
     assert.equal(oauthRegisteredCount(op), 3);
   });
 
+  // Since f8c09fd: a control character passed the URL parser mid-path and took six bytes ("\u0001") in the
+  // state file, past the per-client bound; anything but visible ASCII must come percent-encoded (RFC 3986).
+  it('registration: a redirect URI with anything but visible ASCII (U+0001, a space, a tab, DEL, U+2028, non-ASCII in the path or the host, a space before or after) is refused with invalid_redirect_uri, alone or next to a good one, and nothing is registered; the percent-encoded forms and ! and ~ are accepted as written', { timeout: 20_000 }, async (t) => {
+    const op = await oauthProxy(t, TWO_FIXTURES(), { limits: { registrationsPerMinute: 100 } });
+    const bad = [
+      'https://example.com/cb\u0001x', 'http://127.0.0.1:9/callback\u0001', 'https://example.com/c b', 'https://example.com/c\tb',
+      'https://example.com/cb\x7f', 'https://example.com/cb?x=\u2028', 'https://example.com/caf\u00e9', 'https://ex\u00e4mple.com/cb',
+      'https://example.com/cb/\u{1f600}', ' https://example.com/cb', 'https://example.com/cb ',
+    ];
+    for (const uri of bad) {
+      for (const uris of [[uri], [CLAUDE_CALLBACK, uri]]) {
+        const res = await oauthRegister(op.base, { redirect_uris: uris });
+        assertOAuthError(res, 400, 'invalid_redirect_uri');
+        assert.equal(res.json.error_description, 'redirect_uris: each must be https, or http on a loopback address, with no fragment', JSON.stringify(uris));
+        assert.equal(res.json.client_id, undefined);
+      }
+    }
+    assert.equal(oauthRegisteredCount(op), 0, 'nothing registered');
+    const good = ['https://example.com/cb%01x', 'http://127.0.0.1:9/callback%01', 'https://example.com/c%20b', 'https://example.com/caf%C3%A9', 'https://xn--exmple-cua.com/cb', 'https://example.com/!~'];
+    for (const uri of good) {
+      const res = await oauthRegister(op.base, { redirect_uris: [uri] });
+      assert.equal(res.status, 201, `${uri}: ${res.text}`);
+      assert.deepEqual(res.json.redirect_uris, [uri]);
+      assert.equal(await oauthIsRegistered(op.base, res.json.client_id, uri), true, uri);
+    }
+    assert.equal(oauthRegisteredCount(op), good.length);
+  });
+
   it('registrationsPerMinute: under and at the limit register, one over → 429 slow_down with Retry-After, and nothing is registered', { timeout: 20_000 }, async (t) => {
     const op = await oauthProxy(t, TWO_FIXTURES(), { limits: { registrationsPerMinute: 3 } });
     for (let i = 0; i < 3; i++) assert.equal((await oauthRegister(op.base)).status, 201, `registration ${i + 1}`);
@@ -4838,6 +4899,59 @@ describe('8. OAuth: metadata, registration, consent, tokens', () => {
     assert.equal(chunked.status, 413, chunked.text);
     assert.deepEqual(chunked.json, { jsonrpc: '2.0', id: null, error: { code: -32600, message: 'Request body too large' } });
     assert.equal(oauthRegisteredCount(op), 2);
+  });
+
+  // Hostile review (fixed in e28b5de): client metadata document fetches were unbounded and failures refetched.
+  it('CIMD: at most 4 metadata fetches at once (the 5th gets "Too many client metadata documents"), a failed fetch is not repeated within 60 s, and fetchClientMetadata refuses fec0::/10, 2002::/16 and 2001::/32 literals (ProxyError CIMD)', { timeout: 15_000 }, async (t) => {
+    let calls = 0;
+    let inflight = 0;
+    let release!: () => void;
+    const gate = new Promise<void>((resolve) => (release = resolve));
+    t.after(() => release());
+    const op = await oauthProxy(t, TWO_FIXTURES(), {
+      extra: {
+        clientMetadataHosts: ['claude.ai'],
+        fetchClientMetadata: async (url: URL) => {
+          calls++;
+          inflight++;
+          try {
+            if (url.pathname.startsWith('/slow/')) await gate;
+            throw new Error('404');
+          } finally {
+            inflight--;
+          }
+        },
+      },
+    });
+    const page = (id: string) => request(oauthAuthorizeUrl(op.base, `https://claude.ai/${id}`, oauthPkce().challenge, { redirectUri: CLAUDE_CALLBACK }));
+    const FAILED = "The client's metadata document could not be fetched: network error.";
+    const slow = [1, 2, 3, 4].map((i) => page(`slow/${i}`));
+    await waitFor(() => inflight === 4, 3_000, '4 fetches in flight');
+    try {
+      // The 5th answers at once with a page; before e28b5de it joined the others in the fetcher (and waited).
+      let answered = false;
+      const fifth = page('slow/5').finally(() => (answered = true));
+      await waitFor(() => answered || inflight > 4, 3_000, 'the 5th authorize to be answered or fetched');
+      assert.equal(inflight, 4, 'no 5th fetch at once');
+      const first = await fifth;
+      assertConsentErrorPage(first, 400, 'Too many client metadata documents are being fetched; try again shortly.');
+    } finally {
+      release();
+    }
+    for (const res of await Promise.all(slow)) assertConsentErrorPage(res, 400, FAILED);
+    assert.equal(calls, 4);
+    // A failure is remembered: the same client_id again is answered without a fetch.
+    assertConsentErrorPage(await page('fails'), 400, FAILED);
+    assertConsentErrorPage(await page('fails'), 400, FAILED);
+    assert.equal(calls, 5);
+    assert.equal(op.lines.filter((l) => l.startsWith('warn [oauth] client metadata document https://claude.ai/fails: ')).length, 1, op.lines.join('\n'));
+    // The real fetcher refuses these literals before connecting.
+    for (const host of ['[fec0::1]', '[2002:7f00:1::1]', '[2001::1]', '[2001:0:4136:e378:8000:63bf:3fff:fdd2]']) {
+      const refused = await within(fetchClientMetadata(new URL(`https://${host}/client.json`)).then(() => null, (err: unknown) => err), 2_000, host);
+      assert.ok(refused instanceof Error, `${host} refused`);
+      assert.equal((refused as Error & { code?: string }).code, 'CIMD');
+      assert.equal(refused.message, `${host} is a private or loopback address`);
+    }
   });
 
   // Consent (/authorize) ───────
@@ -4885,6 +4999,29 @@ describe('8. OAuth: metadata, registration, consent, tokens', () => {
     const all = await request(oauthAuthorizeUrl(op.base, local.client_id, challenge, { resource: null }));
     assert.match(all.text, /<b>every server<\/b> of this proxy/);
     assert.match(all.text, /a program on the computer where your browser runs/);
+  });
+
+  // Hostile review (fixed in e28b5de): any redirect URI on claude.ai was marked as Claude.
+  it('consent page: "Sends you back to claude.ai: Claude." only for exactly https://claude.ai or https://claude.com /api/mcp/auth_callback; https://claude.ai:8443/x and https://claude.ai/share/x get the warning; every form says "Approve only if you started this connection yourself"', { timeout: 15_000 }, async (t) => {
+    const op = await oauthProxy(t, TWO_FIXTURES());
+    const show = async (redirect: string) => {
+      const c = await oauthClient(op.base, { client_name: 'Claude', redirect_uris: [redirect] });
+      const res = await request(oauthAuthorizeUrl(op.base, c.client_id, oauthPkce().challenge, { redirectUri: redirect }));
+      assert.equal(res.status, 200, res.text);
+      return res.text;
+    };
+    const APPROVE_ONLY = '<p>Approve only if you started this connection yourself, just now.</p>';
+    for (const [redirect, host] of [['https://claude.ai:8443/x', 'claude.ai:8443'], ['https://claude.ai/share/x', 'claude.ai'], ['https://claude.com/api/mcp/auth_callback/x', 'claude.com']]) {
+      const text = await show(redirect);
+      assert.ok(!text.includes(': Claude.'), `${redirect} is not marked as Claude`);
+      assert.ok(text.includes(`<div class="box warn">Sends you back to <b>${host}</b>. This is not Claude: approve only if you know this site.</div>`), text);
+      assert.ok(text.includes(APPROVE_ONLY), text);
+    }
+    for (const [redirect, host] of [['https://claude.ai/api/mcp/auth_callback', 'claude.ai'], ['https://claude.com/api/mcp/auth_callback', 'claude.com']]) {
+      const text = await show(redirect);
+      assert.ok(text.includes(`<div class="box ok">Sends you back to <b>${host}</b>: Claude.</div>`), text);
+      assert.ok(text.includes(APPROVE_ONLY), text);
+    }
   });
 
   it('consent errors before the redirect URI is known good are shown on the page, never redirected: unknown client, unregistered redirect URI, none given with several registered', { timeout: 20_000 }, async (t) => {
@@ -4961,6 +5098,51 @@ describe('8. OAuth: metadata, registration, consent, tokens', () => {
     assert.equal(oauthState(op).grants.length, 0);
   });
 
+  // Hostile review (fixed in e28b5de): errors were redirected to any registered URI (an open redirector).
+  it('open redirect: an invalid authorization request (response_type=token, plain PKCE, a resource that is no endpoint, no state) for a client registered with https://evil.example/phish → 400 HTML page naming the error, never a 303 to evil.example', { timeout: 15_000 }, async (t) => {
+    const op = await oauthProxy(t, TWO_FIXTURES());
+    const EVIL = 'https://evil.example/phish';
+    const evil = await oauthClient(op.base, { redirect_uris: [EVIL] });
+    const cases: [AuthorizeOptions, string][] = [
+      [{ responseType: 'token' }, "The client's request is invalid (unsupported_response_type): response_type must be code."],
+      [{ method: 'plain' }, "The client's request is invalid (invalid_request): PKCE with code_challenge_method S256 is required."],
+      [{ resource: `${op.base}/nothing/mcp` }, "The client's request is invalid (invalid_target): resource is not an endpoint of this proxy."],
+      [{ state: null }, "The client's request is invalid (invalid_request): state is required."],
+    ];
+    for (const [params, message] of cases) {
+      const res = await request(oauthAuthorizeUrl(op.base, evil.client_id, oauthPkce().challenge, { redirectUri: EVIL, ...params }));
+      assertConsentErrorPage(res, 400, message);
+    }
+    // The same client's valid request still gets the form (and only that warns about the site).
+    await consentOpen(oauthAuthorizeUrl(op.base, evil.client_id, oauthPkce().challenge, { redirectUri: EVIL }));
+  });
+
+  // Hostile review (fixed in e28b5de): resource was compared after URL parsing, and the metadata paths answered
+  // for what they do not serve.
+  it('resource exactness: a resource with backslashes, userinfo, dot segments or a query → 400 page (invalid_target); upper-case scheme and host accepted; root protected resource metadata with two servers → 404; /.well-known/oauth-authorization-server/alpha/mcp → 404', { timeout: 15_000 }, async (t) => {
+    const P = await freePort();
+    const op = await oauthProxy(t, TWO_FIXTURES(), { port: P, extra: { publicUrl: `http://localhost:${P}` } });
+    const c = await oauthClient(op.base);
+    for (const resource of [`http://localhost:${P}\\alpha\\mcp`, `http://u@localhost:${P}/alpha/mcp`, `http://localhost:${P}/x/../alpha/mcp`,
+      `http://localhost:${P}/alpha/./mcp`, `http://localhost:${P}/alpha/mcp?x=1`, `http://localhost:${P}/alpha/mcp?`]) {
+      const res = await request(oauthAuthorizeUrl(op.base, c.client_id, oauthPkce().challenge, { resource }));
+      assertConsentErrorPage(res, 400, "The client's request is invalid (invalid_target): resource is not an endpoint of this proxy.");
+    }
+    for (const resource of [`HTTP://LOCALHOST:${P}/alpha/mcp`, `http://localhost:${P}/alpha/mcp`]) {
+      const res = await request(oauthAuthorizeUrl(op.base, c.client_id, oauthPkce().challenge, { resource }));
+      assert.equal(res.status, 200, `${resource}: ${res.text.slice(-300)}`);
+      assert.ok(res.text.includes('asks to use the server <b>alpha</b> on your behalf'), res.text);
+    }
+    const root = await request(`${op.base}/.well-known/oauth-protected-resource`);
+    assert.equal(root.status, 404, root.text);
+    const pathAs = await request(`${op.base}/.well-known/oauth-authorization-server/alpha/mcp`);
+    assert.equal(pathAs.status, 404, pathAs.text);
+    assert.equal(pathAs.headers['www-authenticate'], undefined);
+    // The documents that do exist still answer.
+    assert.equal((await request(`${op.base}/.well-known/oauth-protected-resource/alpha/mcp`)).status, 200);
+    assert.equal((await request(`${op.base}/.well-known/oauth-authorization-server`)).status, 200);
+  });
+
   it('wrong passphrase: 401 page with a new form, no redirect and no code; the old form is dead; the right passphrase then works', { timeout: 20_000 }, async (t) => {
     const op = await oauthProxy(t, TWO_FIXTURES());
     const client = await oauthClient(op.base);
@@ -5012,6 +5194,91 @@ describe('8. OAuth: metadata, registration, consent, tokens', () => {
     assert.equal(over.headers['x-frame-options'], 'DENY');
   });
 
+  // Hostile review (fixed in e28b5de): one budget for everyone let strangers lock the operator out, and behind a
+  // reverse proxy every client had the proxy's address.
+  it('passphrase budget: per address loginFailuresPerWindow then 429; past loginFailuresTotalPerWindow only addresses that failed are refused and one with no failure approves; trustProxy makes X-Forwarded-For the client (separate budgets, also for registrations), without it all share the proxy\'s address', { timeout: 15_000 }, async (t) => {
+    const limits = { loginFailuresPerWindow: 2, loginFailuresTotalPerWindow: 3, consentPagesPerMinute: 1_000, registrationsPerMinute: 2 };
+    const TOO_MANY = 'Too many wrong passphrases. Wait a few minutes, then start again from the client.';
+    // Direct connections from several loopback addresses: per-address and proxy-wide budgets.
+    {
+      const op = await oauthProxy(t, TWO_FIXTURES(), { limits });
+      const c = await oauthClient(op.base);
+      const url = () => oauthAuthorizeUrl(op.base, c.client_id, oauthPkce().challenge);
+      const attempt = async (from: string, passphrase: string) => consentSubmit(op.base, await consentOpen(url()), passphrase, {}, {}, from);
+      assert.equal((await attempt('127.0.0.2', 'wrong one')).status, 401);
+      assert.equal((await attempt('127.0.0.2', 'wrong two')).status, 401);
+      const refused = await attempt('127.0.0.2', PASSPHRASE); // its own budget is spent: even the right one is refused
+      assertConsentErrorPage(refused, 429, TOO_MANY);
+      assert.equal(refused.headers['retry-after'], String(DEFAULT_LIMITS.loginFailureWindowMs / 1000));
+      assert.ok(op.lines.includes('warn [oauth] refused a passphrase attempt from 127.0.0.2: too many wrong ones'), op.lines.join('\n'));
+      // 127.0.0.3 fails once: 3 wrong ones in all, the proxy-wide budget. It has failed, so it is refused now.
+      assert.equal((await attempt('127.0.0.3', 'wrong three')).status, 401);
+      assert.ok(op.lines.includes('warn [oauth] wrong passphrase on the consent page from 127.0.0.3'), op.lines.join('\n'));
+      assertConsentErrorPage(await attempt('127.0.0.3', PASSPHRASE), 429, TOO_MANY);
+      assert.ok(op.lines.includes('warn [oauth] refused a passphrase attempt from 127.0.0.3: too many wrong ones'), op.lines.join('\n'));
+      // The operator, from an address with no failure, still gets in.
+      consentCode(await attempt('127.0.0.4', PASSPHRASE));
+    }
+    // Behind a reverse proxy on 127.0.0.1 that is trusted: each X-Forwarded-For client has its own budget.
+    {
+      const op = await oauthProxy(t, TWO_FIXTURES(), { limits, extra: { trustProxy: ['127.0.0.1'] } });
+      const c = await oauthClient(op.base);
+      const attempt = async (xff: string, passphrase: string, from?: string) =>
+        consentSubmit(op.base, await consentOpen(oauthAuthorizeUrl(op.base, c.client_id, oauthPkce().challenge)), passphrase, {}, { 'x-forwarded-for': xff }, from);
+      assert.equal((await attempt('198.51.100.9, 203.0.113.7', 'wrong one')).status, 401); // rightmost untrusted hop
+      assert.equal((await attempt('203.0.113.7', 'wrong two')).status, 401);
+      assertConsentErrorPage(await attempt('203.0.113.7', PASSPHRASE), 429, TOO_MANY);
+      assert.ok(op.lines.includes('warn [oauth] refused a passphrase attempt from 203.0.113.7: too many wrong ones'), op.lines.join('\n'));
+      consentCode(await attempt('203.0.113.8', PASSPHRASE)); // another client behind the same proxy
+      // A connection from an address that is not a trusted proxy: its X-Forwarded-For is not believed.
+      assert.equal((await attempt('198.51.100.1', 'wrong', '127.0.0.2')).status, 401);
+      assert.ok(op.lines.includes('warn [oauth] wrong passphrase on the consent page from 127.0.0.2'), op.lines.join('\n'));
+      // Registrations (2 per minute) are counted per forwarded address too.
+      const xff = (a: string) => ({ 'x-forwarded-for': a });
+      assert.equal((await oauthRegister(op.base, {}, xff('203.0.113.20'))).status, 201);
+      assert.equal((await oauthRegister(op.base, {}, xff('203.0.113.20'))).status, 201);
+      assertOAuthError(await oauthRegister(op.base, {}, xff('203.0.113.20')), 429, 'slow_down');
+      assert.equal((await oauthRegister(op.base, {}, xff('203.0.113.21'))).status, 201);
+    }
+    // The same reverse proxy, not trusted: every client shares 127.0.0.1.
+    {
+      const op = await oauthProxy(t, TWO_FIXTURES(), { limits });
+      const c = await oauthClient(op.base); // registration 1 of 127.0.0.1
+      const attempt = async (xff: string, passphrase: string) =>
+        consentSubmit(op.base, await consentOpen(oauthAuthorizeUrl(op.base, c.client_id, oauthPkce().challenge)), passphrase, {}, { 'x-forwarded-for': xff });
+      assert.equal((await attempt('203.0.113.7', 'wrong one')).status, 401);
+      assert.equal((await attempt('203.0.113.7', 'wrong two')).status, 401);
+      assertConsentErrorPage(await attempt('203.0.113.8', PASSPHRASE), 429, TOO_MANY);
+      assert.ok(op.lines.includes('warn [oauth] refused a passphrase attempt from 127.0.0.1: too many wrong ones'), op.lines.join('\n'));
+      assert.equal((await oauthRegister(op.base, {}, { 'x-forwarded-for': '203.0.113.20' })).status, 201);
+      assertOAuthError(await oauthRegister(op.base, {}, { 'x-forwarded-for': '203.0.113.21' }), 429, 'slow_down');
+    }
+  });
+
+  // Since fba7c1f only the entry the trusted proxy wrote (the rightmost one not itself a trusted proxy) is
+  // believed, and only if it is a bare address: anything left of it, or a port or "unknown" in it, came from the
+  // client, which could otherwise pick whose budget its failures are charged to.
+  it('trustProxy: an X-Forwarded-For whose nearest entry is not a bare address ("1.2.3.4, unknown", "1.2.3.4, 5.6.7.8:99") counts against the connecting proxy\'s own budget (127.0.0.1), not 1.2.3.4\'s; 1.2.3.4 itself still approves', { timeout: 15_000 }, async (t) => {
+    const limits = { loginFailuresPerWindow: 2, loginFailuresTotalPerWindow: 100, consentPagesPerMinute: 1_000, registrationsPerMinute: 100 };
+    const TOO_MANY = 'Too many wrong passphrases. Wait a few minutes, then start again from the client.';
+    const op = await oauthProxy(t, TWO_FIXTURES(), { limits, extra: { trustProxy: ['127.0.0.1'] } });
+    const c = await oauthClient(op.base);
+    const attempt = async (passphrase: string, headers: Record<string, string>) =>
+      consentSubmit(op.base, await consentOpen(oauthAuthorizeUrl(op.base, c.client_id, oauthPkce().challenge)), passphrase, {}, headers);
+    const WRONG_FROM_PROXY = 'warn [oauth] wrong passphrase on the consent page from 127.0.0.1';
+    assert.equal((await attempt('wrong one', { 'x-forwarded-for': '1.2.3.4, unknown' })).status, 401);
+    assert.equal((await attempt('wrong two', { 'x-forwarded-for': '1.2.3.4, 5.6.7.8:99' })).status, 401);
+    assert.equal(op.lines.filter((l) => l === WRONG_FROM_PROXY).length, 2, op.lines.join('\n'));
+    // 127.0.0.1's budget is spent: the same headers, and a request with none, are refused even with the right one.
+    for (const headers of [{ 'x-forwarded-for': '1.2.3.4, unknown' }, { 'x-forwarded-for': '1.2.3.4, 5.6.7.8:99' }, {}] as Record<string, string>[]) {
+      assertConsentErrorPage(await attempt(PASSPHRASE, headers), 429, TOO_MANY);
+    }
+    assert.equal(op.lines.filter((l) => l === 'warn [oauth] refused a passphrase attempt from 127.0.0.1: too many wrong ones').length, 3, op.lines.join('\n'));
+    // 1.2.3.4 (and 5.6.7.8) were never charged: forwarded as a bare address, 1.2.3.4 approves.
+    assert.deepEqual(op.lines.filter((l) => /1\.2\.3\.4|5\.6\.7\.8/.test(l)), []);
+    consentCode(await attempt(PASSPHRASE, { 'x-forwarded-for': '1.2.3.4' }));
+  });
+
   // Since e28b5de a full table refuses newcomers instead of dropping the oldest form (a flood dropped the
   // operator's open form).
   it('maxPendingConsents: consent pages up to the limit can all be answered; one over → 503 page with Retry-After, and the forms already open stay valid', { timeout: 20_000 }, async (t) => {
@@ -5037,6 +5304,41 @@ describe('8. OAuth: metadata, registration, consent, tokens', () => {
     assert.equal((await consentSubmit(op.base, first)).status, 303, 'the oldest open form still works');
     const third = await open(); // answering one made room
     for (const csrf of [second, third]) assert.equal((await consentSubmit(op.base, csrf)).status, 303);
+  });
+
+  // Hostile review (fixed in e28b5de): a flood of consent pages dropped the operator's open form, and a flood of
+  // registrations evicted clients mid-login.
+  it('consent flood: GET /authorize past consentPagesPerMinute → 429 page for that address only; with maxPendingConsents full newcomers get 503 and the open forms still approve; registering past maxOAuthClients never evicts a client with an open form or an unexchanged code', { timeout: 15_000 }, async (t) => {
+    {
+      const op = await oauthProxy(t, TWO_FIXTURES(), { limits: { consentPagesPerMinute: 3, maxPendingConsents: 3 } });
+      const operator = await oauthClient(op.base);
+      const attacker = await oauthClient(op.base, { redirect_uris: ['https://evil.example/'] });
+      const mine = await consentOpen(oauthAuthorizeUrl(op.base, operator.client_id, oauthPkce().challenge));
+      const theirs = oauthAuthorizeUrl(op.base, attacker.client_id, oauthPkce().challenge, { redirectUri: 'https://evil.example/' });
+      await consentOpen(theirs, '127.0.0.5');
+      await consentOpen(theirs, '127.0.0.5'); // 3 forms open: the limit
+      const full = await request(theirs, { localAddress: '127.0.0.5' });
+      assertConsentErrorPage(full, 503, 'Too many approvals are waiting. Try again in a few minutes.');
+      assert.equal(full.headers['retry-after'], String(DEFAULT_LIMITS.retryAfterS));
+      const limited = await request(theirs, { localAddress: '127.0.0.5' }); // 4th page of 127.0.0.5 this minute
+      assertConsentErrorPage(limited, 429, 'Too many authorization requests from your address. Wait a minute.');
+      assert.equal(limited.headers['retry-after'], '60');
+      assertConsentErrorPage(await request(theirs, { localAddress: '127.0.0.6' }), 503, 'Too many approvals are waiting. Try again in a few minutes.');
+      consentCode(await consentSubmit(op.base, mine)); // the operator's form survived the flood
+    }
+    {
+      const op = await oauthProxy(t, TWO_FIXTURES(), { limits: { maxOAuthClients: 3, registrationsPerMinute: 100 } });
+      const operator = await oauthClient(op.base); // oldest: an open form
+      const mine = await consentOpen(oauthAuthorizeUrl(op.base, operator.client_id, oauthPkce().challenge));
+      const other = await oauthClient(op.base); // a code not yet exchanged
+      const { verifier, challenge } = oauthPkce();
+      const code = consentCode(await consentSubmit(op.base, await consentOpen(oauthAuthorizeUrl(op.base, other.client_id, challenge))));
+      for (let i = 0; i < 5; i++) assert.equal((await oauthRegister(op.base, { client_name: `flood ${i}` })).status, 201);
+      consentCode(await consentSubmit(op.base, mine));
+      const tokens = await oauthToken(op.base, other, { grant_type: 'authorization_code', code, code_verifier: verifier, redirect_uri: OAUTH_CALLBACK });
+      assert.equal(tokens.status, 200, tokens.text);
+      assert.equal(await oauthProbe(op.base, tokens.json.access_token), 404);
+    }
   });
 
   it('consentTtlMs: a consent form answered after it expired is refused on the page', { timeout: 20_000 }, async (t) => {
@@ -5215,6 +5517,38 @@ describe('8. OAuth: metadata, registration, consent, tokens', () => {
     assert.equal(used.status, 200, 'the grant was not revoked');
     for (const other of [successors[0]!, h.refresh]) assertOAuthError(await oauthRefresh(op.base, h.client, other), 400, 'invalid_grant');
     assert.equal(await oauthProbe(op.base, used.json.access_token), 401, 'a retired successor used again revokes the grant');
+  });
+
+  // Hostile review (fixed in e28b5de): two refreshes at once revoked the grant.
+  it('two concurrent refreshes with one refresh token: both 200, both access tokens work, the earlier access token stays valid until its own expiry, whichever refresh token the client keeps works next; a retired refresh token used later revokes the grant', { timeout: 15_000 }, async (t) => {
+    const op = await oauthProxy(t, TWO_FIXTURES(), { limits: { accessTokenTtlMs: 1_500 } });
+    const refresh = (g: OAuthGrant, refreshToken: string) => oauthRefresh(op.base, g.client, refreshToken);
+    for (const keep of [0, 1]) {
+      const g = await oauthGrant(op.base);
+      const issuedMs = Date.now();
+      const answers = await Promise.all([refresh(g, g.refresh), refresh(g, g.refresh)]);
+      for (const a of answers) assert.equal(a.status, 200, a.text);
+      assert.notEqual(answers[0].json.access_token, answers[1].json.access_token);
+      assert.equal(await oauthProbe(op.base, answers[0].json.access_token), 404, 'the first answer\'s access token works');
+      assert.equal(await oauthProbe(op.base, answers[1].json.access_token), 404, 'the second answer\'s access token works');
+      assert.equal(await oauthProbe(op.base, g.access), 404, 'the access token from before the refresh still works');
+      const next = await refresh(g, answers[keep].json.refresh_token);
+      assert.equal(next.status, 200, `refresh with the kept token of answer ${keep}: ${next.text}`);
+      assert.equal(await oauthProbe(op.base, next.json.access_token), 404);
+      if (keep === 0) {
+        // The first access token expires on its own clock (accessTokenTtlMs), not at a refresh.
+        await waitFor(async () => (await oauthProbe(op.base, g.access)) === 401, 4_000, 'the first access token to expire');
+        assert.ok(Date.now() - issuedMs >= 1_400, 'not before its expiry');
+      } else {
+        // The refresh token the client did not keep was retired when the kept one was used: using it now
+        // means it leaked, and the whole grant goes.
+        assertOAuthError(await refresh(g, answers[0].json.refresh_token), 400, 'invalid_grant');
+        assert.ok(op.lines.some((l) => /^warn \[oauth\] a rotated refresh token was used again; revoked the grant of client /.test(l)), op.lines.join('\n'));
+        assertOAuthError(await refresh(g, next.json.refresh_token), 400, 'invalid_grant');
+        assert.equal(await oauthProbe(op.base, next.json.access_token), 401);
+        assert.equal(await oauthProbe(op.base, answers[1].json.access_token), 401);
+      }
+    }
   });
 
   it('refresh: another client\'s refresh token, an unknown one, and one past refreshTokenTtlMs → invalid_grant', { timeout: 20_000 }, async (t) => {
@@ -5511,45 +5845,150 @@ describe('8. OAuth: metadata, registration, consent, tokens', () => {
     ]);
   });
 
-  // Was "registrations up to maxOAuthClients of maxOAuthBodyBytes each": registrations are no longer written
-  // (8267da8), so what can grow the file is grants, each with its own client of bounded metadata.
-  it('what the limits let clients leave in the state file, it holds: maxOAuthGrants grants, each of its own client with the largest printable-ASCII metadata registration accepts and every retired refresh token kept, fit the defaults\' per-grant share of maxStateFileBytes; registrations without a grant add nothing; all survive a restart', { timeout: 30_000 }, async (t) => {
-    // Defaults: 8 MiB for 1,000 grants, so about 8.4 KB per grant with its client. Scaled down: 3 grants, 3 shares.
-    const grants = 3;
-    const share = Math.floor(DEFAULT_LIMITS.maxStateFileBytes / DEFAULT_LIMITS.maxOAuthGrants);
-    const limits = { maxOAuthGrants: grants, maxStateFileBytes: grants * share, registrationsPerMinute: 100 };
-    let op = await oauthProxy(t, TWO_FIXTURES(), { limits });
+  // Hostile review (fixed in e28b5de): the temporary file had a predictable name and was opened without O_EXCL.
+  it('state file: a symlink or a 0666 file planted at the (old) temp name is not written through or reused, the state file is a fresh regular 0600 file; a state dir with mode 0777 logs warn "writable by other users"', { timeout: 15_000 }, async (t) => {
+    const dir = tmpDir('state');
+    fs.chmodSync(dir, 0o777);
+    const victim = path.join(tmpDir('victim'), 'victim.txt');
+    fs.writeFileSync(victim, 'IMPORTANT USER DATA\n');
+    // Where the code before e28b5de wrote its temp file (oauth-state.json.PID.tmp): one symlink and one wide
+    // regular file would both be written through; now a fresh random name is created exclusively.
+    const planted = path.join(dir, `${STATE_FILE_NAME}.${process.pid}.tmp`);
+    fs.symlinkSync(victim, planted);
+    const op = await oauthProxy(t, TWO_FIXTURES(), { stateDir: dir }); // saves once at start-up
+    assert.equal(fs.readFileSync(victim, 'utf8'), 'IMPORTANT USER DATA\n');
+    // Now a regular file anyone may read, at the same name: the next save must not reuse it (nor its mode).
+    fs.rmSync(planted, { force: true });
+    fs.writeFileSync(planted, '');
+    fs.chmodSync(planted, 0o666);
+    const g = await oauthGrant(op.base); // saves again, with a grant
+    assert.ok(fs.existsSync(planted) && fs.readFileSync(planted, 'utf8') === '', 'the planted file is neither written nor moved into place');
+    const file = path.join(dir, STATE_FILE_NAME);
+    const st = fs.lstatSync(file);
+    assert.ok(st.isFile() && !st.isSymbolicLink(), 'the state file is a regular file');
+    assert.equal(st.mode & 0o777, 0o600);
+    assert.equal(JSON.parse(fs.readFileSync(file, 'utf8')).grants.length, 1);
+    assert.equal(await oauthProbe(op.base, g.access), 404);
+    assert.deepEqual(fs.readdirSync(dir).filter((f) => f.endsWith('.tmp')), [path.basename(planted)], 'no temp file of its own left behind');
+    assert.ok(op.lines.includes(`warn [oauth] the state directory ${dir} is writable by other users; make it 0700 (it holds token hashes)`), op.lines.join('\n'));
+    // A 0700 directory draws no warning.
+    const quiet = await oauthProxy(t, TWO_FIXTURES(), { stateDir: tmpDir('state') });
+    assert.ok(!quiet.lines.some((l) => l.includes('writable by other users')), quiet.lines.join('\n'));
+  });
+
+  // Since fba7c1f a version-1 state file (before e28b5de: one access and one refresh token per grant) is
+  // migrated; before, it was reported as corrupt and moved aside, logging out every client on upgrade.
+  it('a version-1 state file is migrated at start, not moved aside: a fresh grant and a refreshed one keep working (their access and refresh tokens), no error is logged, and the next save writes version 2, which survives a restart', { timeout: 30_000 }, async (t) => {
+    let op = await oauthProxy(t, TWO_FIXTURES());
     const file = path.join(op.stateDir, STATE_FILE_NAME);
-    // '"' is written as two bytes in JSON: a 100-character name (longer ones are cut) and five 512-character URIs.
-    const largest = (i: number) => ({
-      client_name: '"'.repeat(150),
-      redirect_uris: [OAUTH_CALLBACK, ...Array.from({ length: 4 }, (_, j) => oauthLongUri(512, `c${i}-${j}`, '"'))],
-    });
-    const live: { client: Json; access: string; refresh: string }[] = [];
-    for (let i = 0; i < grants; i++) {
-      const g = await oauthGrant(op.base, 'alpha', { register: largest(i) });
-      let { access, refresh } = g;
-      for (let r = 0; r < 9; r++) { // one more rotation than the retired refresh tokens a grant keeps (8)
-        const next = await oauthRefresh(op.base, g.client, refresh);
-        assert.equal(next.status, 200, next.text);
-        ({ access_token: access, refresh_token: refresh } = next.json);
-      }
-      live.push({ client: g.client, access, refresh });
-    }
-    const size = fs.statSync(file).size;
-    assert.ok(size <= limits.maxStateFileBytes, `${size} bytes for ${grants} grants, over ${limits.maxStateFileBytes}`);
-    assert.equal(oauthState(op).grants.length, grants);
-    for (let i = 0; i < 20; i++) assert.equal((await oauthRegister(op.base, largest(grants + i))).status, 201);
-    assert.equal(fs.statSync(file).size, size, 'registrations without a grant add nothing to the state file');
-    assert.deepEqual(op.lines.filter((l) => l.startsWith('error ')), []);
+    const hash = (token: string) => createHash('sha256').update(token).digest('hex');
+    const fresh = await oauthGrant(op.base);
+    const old = await oauthGrant(op.base, 'beta');
+    const rotated = await oauthRefresh(op.base, old.client, old.refresh);
+    assert.equal(rotated.status, 200, rotated.text);
+    const refreshed = { ...old, access: rotated.json.access_token as string, refresh: rotated.json.refresh_token as string, previous: old.refresh };
+    await op.stop();
+    // Each grant as version 1 (e28b5de^) held it: the newest access token and its expiry, the newest refresh
+    // token, the one before it (valid until the newest is first used), the retired ones.
+    const v2 = JSON.parse(fs.readFileSync(file, 'utf8'));
+    assert.equal(v2.version, 2);
+    const asVersion1 = (g: { client: Json; access: string; refresh: string }, previous: string | null) => {
+      const stored = v2.grants.find((x: Json) => x.clientId === g.client.client_id);
+      const access = stored.access.find((a: Json) => a.hash === hash(g.access));
+      assert.ok(access, 'the state file holds SHA-256 hashes of the access tokens');
+      assert.ok(stored.refreshHashes.includes(hash(g.refresh)));
+      assert.equal(stored.previousRefreshHash, previous === null ? null : hash(previous));
+      assert.deepEqual(stored.retiredRefreshHashes, []);
+      return {
+        id: stored.id, clientId: stored.clientId, audience: stored.audience, accessHash: access.hash, accessExpiresMs: access.expiresMs,
+        refreshHash: hash(g.refresh), previousRefreshHash: stored.previousRefreshHash, retiredRefreshHashes: [], refreshExpiresMs: stored.refreshExpiresMs,
+        createdAtMs: stored.createdAtMs,
+      };
+    };
+    const v1 = { version: 1, clients: v2.clients, grants: [asVersion1(fresh, null), asVersion1(refreshed, refreshed.previous)] };
+    fs.writeFileSync(file, JSON.stringify(v1), { mode: 0o600 });
     op = await oauthRestart(t, op, TWO_FIXTURES());
     assert.deepEqual(op.lines.filter((l) => l.startsWith('error ')), []);
-    assert.ok(op.lines.includes(`info [oauth] loaded ${grants} clients and ${grants} grants from ${file}`), op.lines.join('\n'));
-    for (const g of live) {
-      assert.equal(await oauthProbe(op.base, g.access), 404, 'the access token survives the restart');
-      assert.equal((await oauthRefresh(op.base, g.client, g.refresh)).status, 200, 'so does the refresh token');
-    }
+    assert.deepEqual(fs.readdirSync(op.stateDir).filter((f) => f.includes('.corrupt-')), [], 'nothing moved aside');
+    assert.ok(op.lines.includes(`info [oauth] loaded 2 clients and 2 grants from ${file}`), op.lines.join('\n'));
+    assert.equal(await oauthProbe(op.base, fresh.access), 404, 'the fresh grant\'s access token works');
+    assert.equal(await oauthProbe(op.base, refreshed.access, 'beta'), 404, 'the refreshed grant\'s newest access token works');
+    assert.equal(await oauthProbe(op.base, old.access, 'beta'), 401, 'the access token version 1 no longer held does not');
+    const next = [await oauthRefresh(op.base, fresh.client, fresh.refresh), await oauthRefresh(op.base, refreshed.client, refreshed.refresh)];
+    for (const res of next) assert.equal(res.status, 200, res.text);
+    assert.equal(await oauthProbe(op.base, next[0].json.access_token), 404);
+    assert.equal(await oauthProbe(op.base, next[1].json.access_token, 'beta'), 404);
+    const saved = oauthState(op);
+    assert.equal(saved.version, STATE_FILE_VERSION);
+    assert.equal(saved.grants.length, 2);
+    // Written as version 2, the migrated grants survive another restart, and rotation goes on from them.
+    op = await oauthRestart(t, op, TWO_FIXTURES());
+    assert.deepEqual(op.lines.filter((l) => l.startsWith('error ')), []);
+    assert.equal(await oauthProbe(op.base, next[0].json.access_token), 404);
+    assert.equal((await oauthRefresh(op.base, fresh.client, next[0].json.refresh_token)).status, 200);
+    assert.equal((await oauthRefresh(op.base, refreshed.client, next[1].json.refresh_token)).status, 200);
+    // The refresh token version 1 held as "previous" was retired once its successor was used: reuse revokes.
+    assertOAuthError(await oauthRefresh(op.base, refreshed.client, refreshed.previous), 400, 'invalid_grant');
+    assert.equal(await oauthProbe(op.base, next[1].json.access_token, 'beta'), 401);
   });
+
+  // Was "registrations up to maxOAuthClients of maxOAuthBodyBytes each": registrations are no longer written
+  // (8267da8), so what can grow the file is grants, each with its own client of bounded metadata. The four long
+  // redirect URIs are padded with '"' (two bytes in JSON) or with U+0001 (six: "\u0001"). The U+0001 variant
+  // failed until f8c09fd (three such granted clients were over maxStateFileBytes, so their state was not saved);
+  // since then such URIs are refused, and those clients register the largest metadata that is accepted.
+  for (const [pad, padName] of [['"', '\'"\''], ['\u0001', 'U+0001']] as const) {
+    it(`what the limits let clients leave in the state file, it holds (redirect URIs padded with ${padName}): maxOAuthGrants grants, each of its own client with the largest metadata registration accepts and every retired refresh token kept, fit the defaults' per-grant share of maxStateFileBytes; registrations without a grant add nothing; all survive a restart`, { timeout: 30_000 }, async (t) => {
+      // Defaults: 8 MiB for 1,000 grants, so about 8.4 KB per grant with its client. Scaled down: 3 grants, 3 shares.
+      const grants = 3;
+      const share = Math.floor(DEFAULT_LIMITS.maxStateFileBytes / DEFAULT_LIMITS.maxOAuthGrants);
+      const limits = { maxOAuthGrants: grants, maxStateFileBytes: grants * share, registrationsPerMinute: 100 };
+      let op = await oauthProxy(t, TWO_FIXTURES(), { limits });
+      const file = path.join(op.stateDir, STATE_FILE_NAME);
+      // A 100-character name (longer ones are cut) of lone surrogates, the most a name can take in JSON (six bytes
+      // each: "\ud800"; '"' takes two), and five 512-character URIs.
+      const largest = (i: number, fill: string) => ({
+        client_name: '\ud800'.repeat(150),
+        redirect_uris: [OAUTH_CALLBACK, ...Array.from({ length: 4 }, (_, j) => oauthLongUri(512, `c${i}-${j}`, fill))],
+      });
+      /** Registers the largest metadata padded with `pad`; if that is refused (only as invalid_redirect_uri), with '"'. */
+      const register = async (i: number): Promise<Json> => {
+        let res = await oauthRegister(op.base, largest(i, pad));
+        if (res.status !== 201) {
+          assertOAuthError(res, 400, 'invalid_redirect_uri');
+          res = await oauthRegister(op.base, largest(i, '"'));
+        }
+        assert.equal(res.status, 201, res.text);
+        return res.json;
+      };
+      const live: { client: Json; access: string; refresh: string }[] = [];
+      for (let i = 0; i < grants; i++) {
+        const client = await register(i);
+        const granted = await oauthExchange(op.base, client, await oauthCode(op.base, client));
+        assert.equal(granted.status, 200, granted.text);
+        let { access_token: access, refresh_token: refresh } = granted.json;
+        for (let r = 0; r < 9; r++) { // one more rotation than the retired refresh tokens a grant keeps (8)
+          const next = await oauthRefresh(op.base, client, refresh);
+          assert.equal(next.status, 200, next.text);
+          ({ access_token: access, refresh_token: refresh } = next.json);
+        }
+        live.push({ client, access, refresh });
+      }
+      const size = fs.statSync(file).size;
+      assert.ok(size <= limits.maxStateFileBytes, `${size} bytes for ${grants} grants, over ${limits.maxStateFileBytes}`);
+      assert.equal(oauthState(op).grants.length, grants);
+      for (let i = 0; i < 20; i++) await register(grants + i);
+      assert.equal(fs.statSync(file).size, size, 'registrations without a grant add nothing to the state file');
+      assert.deepEqual(op.lines.filter((l) => l.startsWith('error ')), []);
+      op = await oauthRestart(t, op, TWO_FIXTURES());
+      assert.deepEqual(op.lines.filter((l) => l.startsWith('error ')), []);
+      assert.ok(op.lines.includes(`info [oauth] loaded ${grants} clients and ${grants} grants from ${file}`), op.lines.join('\n'));
+      for (const g of live) {
+        assert.equal(await oauthProbe(op.base, g.access), 404, 'the access token survives the restart');
+        assert.equal((await oauthRefresh(op.base, g.client, g.refresh)).status, 200, 'so does the refresh token');
+      }
+    });
+  }
 
   // Logs ───────
 
@@ -6077,6 +6516,149 @@ describe('10. Doctor: replay Claude.ai\'s connect', () => {
     await doctorFails(t, `http://127.0.0.1:${port}/alpha/mcp`, [
       'FAIL  unauthenticated POST: connection refused (is the proxy running, and is this its address?)',
     ]);
+  });
+
+  // A malicious server, standing in for a proxy: what doctor prints comes from it.
+
+  /** A fake proxy: 401 challenge, protected resource metadata `prm`, authorization server metadata `as` (or a trickle). */
+  async function evilServer(t: TestContext, prm: (o: string) => Json, as: (o: string) => Json, trickle = false): Promise<{ origin: string; server: http.Server }> {
+    const port = await freePort();
+    const O = `http://127.0.0.1:${port}`;
+    const timers = new Set<NodeJS.Timeout>();
+    const server = http.createServer((req, res) => {
+      req.resume();
+      req.on('end', () => {
+        const json = (o: unknown) => res.writeHead(200, { 'content-type': 'application/json' }).end(JSON.stringify(o));
+        if (req.url === '/memory/mcp') return res.writeHead(401, { 'www-authenticate': `Bearer resource_metadata="${O}/.well-known/oauth-protected-resource/memory/mcp"` }).end();
+        if (req.url === '/.well-known/oauth-protected-resource/memory/mcp') {
+          if (!trickle) return json(prm(O));
+          res.writeHead(200, { 'content-type': 'application/json' });
+          res.write('{');
+          const timer = setInterval(() => res.write(' '), 50); // always busy: never idle for a step's timeout
+          timers.add(timer);
+          res.on('close', () => clearInterval(timer));
+          return;
+        }
+        if (req.url === '/.well-known/oauth-authorization-server') return json(as(O));
+        if (req.url === '/register') return res.writeHead(201, { 'content-type': 'application/json' }).end('{"client_id":"c","client_secret":"s"}');
+        res.writeHead(404).end();
+      });
+    });
+    server.on('close', () => timers.forEach(clearInterval));
+    await new Promise<void>((resolve) => server.listen(port, '127.0.0.1', resolve));
+    onCleanup(t, () => new Promise<void>((resolve) => {
+      timers.forEach(clearInterval);
+      server.closeAllConnections();
+      server.close(() => resolve());
+    }));
+    return { origin: O, server };
+  }
+
+  /** Authorization server metadata that is complete and plausible, naming `issuer`, its endpoints on origin `o`. */
+  const plausibleAs = (issuer: string) => (o: string): Json => ({
+    issuer, authorization_endpoint: `${o}/authorize`, token_endpoint: `${o}/token`, registration_endpoint: `${o}/register`,
+    revocation_endpoint: `${o}/revoke`, response_types_supported: ['code'], code_challenge_methods_supported: ['S256'],
+    token_endpoint_auth_methods_supported: ['client_secret_post'],
+  });
+
+  // Hostile review (fixed in e28b5de): doctor followed an issuer anywhere, printed raw escapes, crashed on a
+  // bad URL and waited forever on a trickle.
+  it('against a malicious server: issuer on another site → FAIL "another site"; endpoints off the issuer\'s origin → FAIL "not on the issuer\'s origin"; issuer "not a url" → FAIL, no stack, exit 1; ESC bytes printed as \\x1b; a trickled answer gives up within stepTimeoutMs', { timeout: 30_000 }, async (t) => {
+    /** Runs doctor where it must fail within 4 s: exit 1, nothing on stderr, stdout exactly `lines` after the heading, the http warning and the challenge's PASS. */
+    const fails = async (origin: string, lines: string[]) => {
+      const url = `${origin}/memory/mcp`;
+      const d = startDoctor(t, url);
+      const exit = await within(d.exited, 4_000, `doctor ${url}`).catch((err: Error) => {
+        throw new Error(`${err.message}; stdout so far: ${JSON.stringify(d.stdout())}`);
+      });
+      assert.equal(d.stdout(), [
+        `── ${url}`, httpWarning(origin), `PASS  unauthenticated POST: 401 with resource_metadata ${origin}/.well-known/oauth-protected-resource/memory/mcp`, ...lines,
+      ].map((l) => `${l}\n`).join(''));
+      assert.deepEqual([exit, d.stderr()], [{ code: 1, signal: null }, '']);
+      return d.stdout();
+    };
+
+    // The issuer (where the passphrase is typed) is another site, complete and plausible.
+    const phishing = await evilServer(t, () => ({}), (o) => plausibleAs(o)(o));
+    const elsewhere = await evilServer(t, (o) => ({ resource: `${o}/memory/mcp`, authorization_servers: [phishing.origin] }), () => ({}));
+    await fails(elsewhere.origin, [`FAIL  protected resource metadata: the issuer ${phishing.origin} is another site than ${elsewhere.origin}: not this proxy's login`]);
+
+    // The issuer is this origin, but the endpoints it advertises are third parties'.
+    const offsite = await evilServer(t, (o) => ({ resource: `${o}/memory/mcp`, authorization_servers: [o] }), (o) => ({
+      ...plausibleAs(o)(o), authorization_endpoint: 'https://login-mcp-example.attacker.example/authorize',
+      token_endpoint: 'http://127.0.0.1:1/token-third-party', revocation_endpoint: 'https://collector.attacker.example/revoke',
+    }));
+    await fails(offsite.origin, [`PASS  protected resource metadata: resource matches; issuer ${offsite.origin}`,
+      `FAIL  authorization server metadata: authorization_endpoint, token_endpoint, revocation_endpoint not on the issuer's origin ${offsite.origin}`]);
+
+    // An issuer that is not a URL: a FAIL line, not a crash.
+    const notUrl = await evilServer(t, (o) => ({ resource: `${o}/memory/mcp`, authorization_servers: ['not a url'] }), () => ({}));
+    await fails(notUrl.origin, ['FAIL  protected resource metadata: authorization_servers names no issuer URL']);
+
+    // Terminal escapes in the issuer: printed escaped, never raw.
+    const ESC = '\x1b[2J\x1b[H\x1b[32mPASS  everything fine, paste your passphrase below\x1b[0m';
+    const SHOWN = '\\x1b[2J\\x1b[H\\x1b[32mPASS  everything fine, paste your passphrase below\\x1b[0m';
+    const escape = await evilServer(t, (o) => ({ resource: `${o}/memory/mcp`, authorization_servers: [`${o}/#${ESC}`] }), (o) => ({ ...plausibleAs(`${o}/#x`)(o) }));
+    const shown = await fails(escape.origin, [`PASS  protected resource metadata: resource matches; issuer ${escape.origin}/#${SHOWN}`,
+      `FAIL  authorization server metadata: issuer is "${escape.origin}/#x", not ${escape.origin}/#${SHOWN}`]);
+    assert.ok(!shown.includes('\x1b'), `no raw ESC in ${JSON.stringify(shown)}`);
+
+    // A server that trickles its answer a byte at a time: doctor gives up after stepTimeoutMs for the whole step.
+    const slow = await evilServer(t, () => ({}), () => ({}), true);
+    const out: string[] = [];
+    const started = Date.now();
+    const done = doctor(`${slow.origin}/memory/mcp`, { stepTimeoutMs: 300, consentTimeoutMs: 1_000, out: (l) => out.push(l) });
+    let ok: boolean;
+    try {
+      ok = await within(done, 3_000, 'doctor against a trickling server');
+    } finally {
+      slow.server.closeAllConnections(); // lets a doctor still waiting finish
+      await done.catch(() => false);
+    }
+    assert.equal(ok, false);
+    assert.ok(Date.now() - started < 3_000);
+    assert.equal(out.at(-1), `FAIL  protected resource metadata: ${slow.origin}/.well-known/oauth-protected-resource/memory/mcp: no answer in time (Claude.ai gives up after 10 s)`);
+  });
+
+  // Since fba7c1f: for a host route ({name}.{domain}) the issuer is the public origin {domain}, exactly one label
+  // above the target's host; before, any parent domain passed (a hosting provider's shared domain, a bare TLD).
+  it('an issuer on a parent domain passes only one label above the target\'s host (http://mcp.test:I for http://alpha.mcp.test:T); two labels above, a single-label host (http://test:I for http://alpha.test:T) or a look-alike suffix (evilmcp.test) → FAIL "another site"', { timeout: 20_000 }, async (t) => {
+    // Doctor runs in this process here, so that names under .test resolve to 127.0.0.1 (for this test only).
+    const realLookup = dns.lookup;
+    const fakeLookup = (host: string, options: unknown, callback?: unknown) => {
+      const to = host === 'test' || host.endsWith('.test') ? '127.0.0.1' : host;
+      return (realLookup as (h: string, o: unknown, c?: unknown) => void)(to, options, callback);
+    };
+    dns.lookup = fakeLookup as typeof dns.lookup;
+    onCleanup(t, () => {
+      dns.lookup = realLookup;
+    });
+    const portOf = (origin: string) => new URL(origin).port;
+    // The issuer's metadata names endpoints on 127.0.0.1, another origin: a run that gets past the issuer check
+    // stops at the next step with that FAIL instead of waiting for a consent.
+    const issuerAt = (host: string) => evilServer(t, () => ({}), (o) => plausibleAs(`http://${host}:${portOf(o)}`)(o));
+    const run = async (targetHost: string, issuerHost: string): Promise<{ target: string; issuer: string; out: string[] }> => {
+      const issuer = `http://${issuerHost}:${portOf((await issuerAt(issuerHost)).origin)}`;
+      let target = '';
+      const server = await evilServer(t, (o) => ({ resource: target, authorization_servers: [issuer] }), () => ({}));
+      target = `http://${targetHost}:${portOf(server.origin)}/memory/mcp`;
+      const out: string[] = [];
+      const ok = await within(doctor(target, { stepTimeoutMs: 2_000, consentTimeoutMs: 1_000, out: (l) => out.push(l) }), 10_000, `doctor ${target}`);
+      assert.equal(ok, false);
+      const origin = new URL(target).origin;
+      assert.deepEqual(out.slice(0, 2), [httpWarning(origin), `PASS  unauthenticated POST: 401 with resource_metadata ${server.origin}/.well-known/oauth-protected-resource/memory/mcp`]);
+      return { target: origin, issuer, out: out.slice(2) };
+    };
+    // One label above: the issuer passes; doctor goes on to its metadata.
+    let r = await run('alpha.mcp.test', 'mcp.test');
+    assert.deepEqual(r.out, [
+      `PASS  protected resource metadata: resource matches; issuer ${r.issuer}`,
+      `FAIL  authorization server metadata: authorization_endpoint, token_endpoint, registration_endpoint, revocation_endpoint not on the issuer's origin ${r.issuer}`,
+    ]);
+    for (const [targetHost, issuerHost] of [['x.alpha.mcp.test', 'mcp.test'], ['alpha.test', 'test'], ['evilmcp.test', 'mcp.test']]) {
+      r = await run(targetHost, issuerHost);
+      assert.deepEqual(r.out, [`FAIL  protected resource metadata: the issuer ${r.issuer} is another site than ${r.target}: not this proxy's login`], `${targetHost} under ${issuerHost}`);
+    }
   });
 });
 // ── 11. CLI and main ────────────────────────────────────────────────────────────────────────────────────
