@@ -4846,7 +4846,7 @@ describe('8. OAuth: metadata, registration, consent, tokens', () => {
       for (const uris of [[uri], [CLAUDE_CALLBACK, uri]]) {
         const res = await oauthRegister(op.base, { redirect_uris: uris });
         assertOAuthError(res, 400, 'invalid_redirect_uri');
-        assert.equal(res.json.error_description, 'redirect_uris: each must be https, or http on a loopback address, with no fragment', JSON.stringify(uris));
+        assert.equal(res.json.error_description, 'redirect_uris: each must be https, or http on a loopback address, in visible ASCII (percent-encoded), with no fragment', JSON.stringify(uris));
         assert.equal(res.json.client_id, undefined);
       }
     }

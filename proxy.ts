@@ -3571,7 +3571,7 @@ function parseClientMetadata(metadata: unknown): ClientMetadata | string {
   if (!isObject(metadata)) return 'Body must be a JSON object';
   const uris = metadata.redirect_uris;
   if (!Array.isArray(uris) || uris.length === 0 || uris.length > MAX_REDIRECT_URIS) return `redirect_uris must list 1 to ${MAX_REDIRECT_URIS} URIs`;
-  for (const uri of uris) if (!validRedirectUri(uri)) return 'redirect_uris: each must be https, or http on a loopback address, with no fragment';
+  for (const uri of uris) if (!validRedirectUri(uri)) return 'redirect_uris: each must be https, or http on a loopback address, in visible ASCII (percent-encoded), with no fragment';
   const authMethod = metadata.token_endpoint_auth_method ?? 'client_secret_basic';
   if (!CLIENT_AUTH_METHODS.includes(authMethod as ClientAuthMethod)) return `token_endpoint_auth_method must be one of ${CLIENT_AUTH_METHODS.join(', ')}`;
   const grants = metadata.grant_types ?? ['authorization_code'];
