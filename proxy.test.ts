@@ -3724,7 +3724,10 @@ describe('7. HTTP: guards, /mcp, /sse, health', () => {
     for (const [count, origin] of [[100, undefined], [101, undefined], [150, 'https://evil.example']] as const) {
       const res = await rawHttp(h.proxy.port, withFields(count, origin));
       assert.equal(res.status, 431, `${count} fields: ${res.raw.slice(0, 200)}`);
-      assert.equal(JSON.parse(res.body).error.code, -32000);
+      // Node 20 drops the fields past its count and the proxy answers 431 with a JSON-RPC body; Node 24 refuses
+      // such a request itself with an empty 431. Either way it is refused.
+      if (res.body !== '') assert.equal(JSON.parse(res.body).error.code, -32000);
+      else assert.ok(Number(process.versions.node.split('.')[0]) >= 22, `an empty 431 body on Node ${process.version}`);
     }
   });
 

@@ -2412,7 +2412,8 @@ function writeEvent(stream: SseStream, text: Outgoing): void {
  */
 function queuedOn(socket: Socket): number {
   let bytes = socket.writableLength;
-  for (const res of DETACHED.get(socket) ?? []) bytes += res.writableLength;
+  // Once attached, a response's bytes move into the socket's buffer, counted above.
+  for (const res of DETACHED.get(socket) ?? []) if (!res.socket) bytes += res.writableLength;
   return bytes;
 }
 
@@ -2459,9 +2460,8 @@ function holdDetached(socket: Socket, res: http.ServerResponse): void {
   if (!held) DETACHED.set(socket, (held = new Set()));
   if (held.has(res)) return;
   held.add(res);
-  const release = () => held!.delete(res);
-  res.once('finish', release);
-  res.once('close', release);
+  // 'close', not 'finish': Node 24 emits 'finish' for a queued response before its bytes reach the socket.
+  res.once('close', () => held!.delete(res));
 }
 
 /**
