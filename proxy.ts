@@ -2420,6 +2420,15 @@ function queuedOn(socket: Socket): number {
 /** Responses written before their socket was theirs, per connection, until they finish or close. */
 const DETACHED = new WeakMap<Socket, Set<http.ServerResponse>>();
 
+/**
+ * Closes the connection a response belongs to. Destroying a response queued behind an earlier one on a
+ * pipelined connection (no socket of its own yet) would leave the connection, and what it holds, open.
+ */
+function closeConnection(res: http.ServerResponse): void {
+  res.req.socket.destroy();
+  if (!res.destroyed) res.destroy();
+}
+
 /** False (logged; the caller closes the connection) when it already holds more than its share unread. */
 function roomFor(proxy: Proxy, res: http.ServerResponse): boolean {
   if (res.req.socket.destroyed) return false; // closed already (logged then): later answers just go nowhere
@@ -2501,7 +2510,7 @@ function answerExchange(exchange: Exchange, text: Outgoing): void {
   exchange.done = true;
   const res = exchange.res;
   if (res.destroyed) return;
-  if (!roomFor(exchange.proxy, res)) return void res.destroy();
+  if (!roomFor(exchange.proxy, res)) return closeConnection(res);
   const [first] = exchange.answers;
   if (!exchange.batch && typeof first === 'string') sendJson(res, 200, first);
   else sendPieces(res, exchange.batch ? batchPieces(exchange.answers) : (first as readonly Buffer[]));
@@ -2538,7 +2547,7 @@ function dropExchange(exchange: Exchange): void {
   exchange.done = true;
   releaseHeld(exchange);
   exchange.answers = [];
-  if (!exchange.res.destroyed) exchange.res.destroy();
+  closeConnection(exchange.res);
   const up = exchange.session.upstream;
   for (const [childId, pending] of up.pending) {
     if (pending.exchange === exchange) abortPending(up, childId, pending, 'client gone', SERVER_ERROR, 'Client connection closed');
