@@ -433,6 +433,8 @@ type Proxy = {
   tokens: readonly Buffer[];
   /** The OAuth authorization server (section 8), or null when it is off. */
   oauth: OAuth | null;
+  /** options.publicUrl, parsed once (ownOrigin runs on requests that carry an Origin). */
+  publicUrl: URL | null;
   /** Reverse proxies whose X-Forwarded-For is believed (--trust-proxy), or null. */
   trustedProxies: BlockList | null;
   loopbackBind: boolean;
@@ -1830,9 +1832,10 @@ function createSession(server: ServerRuntime, transport: Session['transport'], c
     // A child given way still runs until it has stopped (up to three kill-grace steps): processes are bounded
     // at twice the caps, so churning sessions cannot pile up children that ignore their stop. Checked first,
     // so a newcomer that would be refused anyway ends nobody's session.
+    const held = childrenHeldBy(server, credential);
     if (server.upstreams.size + server.windingDown.size >= 2 * limits.maxChildrenPerServer) return null;
-    if (childrenHeldBy(server, credential) + windingDownOf(server, credential) >= 2 * limits.maxChildrenPerCredential) return null;
-    if (childrenHeldBy(server, credential) >= limits.maxChildrenPerCredential && !evictForChild(server, credential)) return null;
+    if (held + windingDownOf(server, credential) >= 2 * limits.maxChildrenPerCredential) return null;
+    if (held >= limits.maxChildrenPerCredential && !evictForChild(server, credential)) return null;
     if (server.upstreams.size >= limits.maxChildrenPerServer && !evictForChild(server, null)) return null;
     upstream = newUpstream(server);
     server.upstreams.add(upstream);
@@ -2630,17 +2633,21 @@ function originAllowed(proxy: Proxy, origin: string | undefined, host: string | 
 
 function hostAllowed(proxy: Proxy, host: string | undefined): boolean {
   if (!proxy.loopbackBind || host === undefined || proxy.allowedHosts.has(hostnameOf(host))) return true;
-  const base = proxy.options.baseDomain?.toLowerCase();
-  return base !== undefined && hostnameOf(host).endsWith(`.${base}`);
+  return subdomainLabel(proxy, hostnameOf(host)) !== null;
 }
 
 /** The public URL's origin and, with host routes, {name}.{baseDomain} on its scheme: configured, not from Host. */
 function ownOrigin(proxy: Proxy, url: URL): boolean {
-  if (!proxy.options.publicUrl) return false;
-  const publicUrl = new URL(proxy.options.publicUrl);
+  const publicUrl = proxy.publicUrl;
+  if (!publicUrl) return false;
   if (url.origin === publicUrl.origin) return true;
-  const base = proxy.options.baseDomain?.toLowerCase();
-  return base !== undefined && url.protocol === publicUrl.protocol && url.port === publicUrl.port && url.hostname.endsWith(`.${base}`);
+  return url.protocol === publicUrl.protocol && url.port === publicUrl.port && subdomainLabel(proxy, url.hostname) !== null;
+}
+
+/** What comes before `.{baseDomain}` in a (lowercase) hostname, or null: not under it, or no base domain. */
+function subdomainLabel(proxy: Proxy, hostname: string): string | null {
+  const base = proxy.options.baseDomain;
+  return base && hostname.endsWith(`.${base}`) ? hostname.slice(0, -base.length - 1) : null;
 }
 
 /**
@@ -2652,9 +2659,10 @@ function authorized(proxy: Proxy, header: string | undefined, route: Route | nul
   if (proxy.tokens.length === 0 && !proxy.oauth) return ANONYMOUS;
   const match = header ? /^Bearer[ \t]+(\S+)\s*$/i.exec(header) : null;
   if (!match) return { failure: header ? 'invalid' : 'missing' };
-  const index = tokenDigestIndex(sha256(match[1]), proxy.tokens);
+  const digest = sha256(match[1]);
+  const index = tokenDigestIndex(digest, proxy.tokens);
   if (index !== -1) return `token ${index + 1}`;
-  const grant = proxy.oauth && grantOfAccessToken(proxy.oauth, match[1]);
+  const grant = proxy.oauth && grantOfAccessToken(proxy.oauth, digest.toString('hex'));
   if (!grant) return { failure: 'invalid' };
   if (route && grant.audience !== '*' && grant.audience !== route.server.config.name) return FORBIDDEN;
   return `oauth:${grant.id}`;
@@ -2676,10 +2684,17 @@ type ParsedBody = { messages: JsonRpcMessage[]; kinds: MessageKind[]; batch: boo
  * the event loop, and eight 4 MiB batches at once stalled even /healthz for seconds), 400 for the rest.
  */
 async function readMessages(proxy: Proxy, req: http.IncomingMessage, res: http.ServerResponse): Promise<ParsedBody | null> {
+  return withBody(proxy, req, res, proxy.limits.maxBodyBytes, (body) => parseBody(res, body, proxy.limits));
+}
+
+/** Reads a body of at most `limit` bytes and hands it to `use`; its bytes stay counted in flight until `use` returns. */
+async function withBody<T>(
+  proxy: Proxy, req: http.IncomingMessage, res: http.ServerResponse, limit: number, use: (body: Buffer) => T,
+): Promise<T | null> {
   const reserved = { bytes: 0 };
   try {
-    const body = await readBody(proxy, req, res, reserved);
-    return body && parseBody(res, body, proxy.limits);
+    const body = await readBody(proxy, req, res, reserved, limit);
+    return body && use(body);
   } finally {
     proxy.bodyBytesInFlight -= reserved.bytes;
   }
@@ -2687,7 +2702,7 @@ async function readMessages(proxy: Proxy, req: http.IncomingMessage, res: http.S
 
 /** Reads the body, counting its bytes into proxy.bodyBytesInFlight (`reserved` says how many to give back). */
 function readBody(
-  proxy: Proxy, req: http.IncomingMessage, res: http.ServerResponse, reserved: { bytes: number }, maxBodyBytes = proxy.limits.maxBodyBytes,
+  proxy: Proxy, req: http.IncomingMessage, res: http.ServerResponse, reserved: { bytes: number }, maxBodyBytes: number,
 ): Promise<Buffer | null> {
   const { maxBodyBytesInFlight } = proxy.limits;
   return new Promise((resolve) => {
@@ -3212,7 +3227,7 @@ const MAX_REFRESH_SUCCESSORS = 4;
 const MAX_ACCESS_TOKENS = 4;
 
 function hashToken(token: string): string {
-  return createHash('sha256').update(token).digest('hex');
+  return sha256(token).toString('hex');
 }
 
 function newToken(): string {
@@ -3233,7 +3248,7 @@ function createOAuth(settings: OAuthSettings, log: Logger, limits: Limits): OAut
   const publicUrl = parsePublicUrl(settings.publicUrl);
   const statePath = join(settings.stateDir, STATE_FILE);
   const oauth: OAuth = {
-    issuer: publicUrl.origin, publicUrl, baseDomain: settings.baseDomain?.toLowerCase(),
+    issuer: publicUrl.origin, publicUrl, baseDomain: settings.baseDomain,
     checkPassphrase: passphraseChecker(settings.passphrase), statePath, maxStateBytes: limits.maxStateFileBytes, log,
     metadataHosts: new Set(settings.metadataHosts.map((host) => host.toLowerCase())), fetchMetadata: settings.fetchMetadata,
     metadataFetches: 0, metadataFailures: new Map(),
@@ -3444,16 +3459,12 @@ function routeOf(proxy: Proxy, host: string | undefined, path: string): Route | 
 
 /** The server a Host names as {name}.{baseDomain}, if host routes are on. */
 function hostServer(proxy: Proxy, host: string | undefined): ServerRuntime | undefined {
-  const base = proxy.oauth?.baseDomain ?? proxy.options.baseDomain;
-  if (!base || !host) return undefined;
-  const hostname = hostnameOf(host);
-  if (!hostname.endsWith(`.${base}`)) return undefined;
-  return proxy.servers.get(hostname.slice(0, -base.length - 1));
+  const label = host === undefined ? null : subdomainLabel(proxy, hostnameOf(host));
+  return label === null ? undefined : proxy.servers.get(label);
 }
 
 function isServerHost(proxy: Proxy, host: string | undefined): boolean {
-  const base = proxy.oauth?.baseDomain ?? proxy.options.baseDomain;
-  return !!base && !!host && hostnameOf(host).endsWith(`.${base}`);
+  return host !== undefined && subdomainLabel(proxy, hostnameOf(host)) !== null;
 }
 
 /** The origin a route is served on: the public URL's, or {name}.{baseDomain} with its scheme and port. */
@@ -4089,9 +4100,8 @@ async function handleRevoke(proxy: Proxy, oauth: OAuth, req: http.IncomingMessag
   res.writeHead(200, { 'Cache-Control': 'no-store' }).end();
 }
 
-/** The grant an access token belongs to, while it is valid. */
-function grantOfAccessToken(oauth: OAuth, token: string): Grant | null {
-  const hash = hashToken(token);
+/** The grant an access token (by its hashToken) belongs to, while it is valid. */
+function grantOfAccessToken(oauth: OAuth, hash: string): Grant | null {
   const grant = oauth.byAccess.get(hash);
   const access = grant?.access.find((entry) => entry.hash === hash);
   return grant && access && access.expiresMs > Date.now() ? grant : null;
@@ -4108,13 +4118,7 @@ async function readFormOrJson(proxy: Proxy, req: http.IncomingMessage, res: http
     req.resume();
     return null;
   }
-  const reserved = { bytes: 0 };
-  try {
-    const body = await readBody(proxy, req, res, reserved, proxy.limits.maxOAuthBodyBytes);
-    return body && body.toString('utf8');
-  } finally {
-    proxy.bodyBytesInFlight -= reserved.bytes;
-  }
+  return withBody(proxy, req, res, proxy.limits.maxOAuthBodyBytes, (body) => body.toString('utf8'));
 }
 
 /**
@@ -4265,7 +4269,7 @@ export async function startProxy(config: Config, start: StartOptions = {}): Prom
       keepAliveTimeout: limits.keepAliveTimeoutMs, connectionsCheckingInterval: limits.connectionsCheckIntervalMs,
     }),
     state: 'RUNNING', streams: new Set(), timers: [], startQueue: [], starting: 0,
-    tokens: options.tokens.map(sha256), oauth, trustedProxies: trustList(options.trustProxy), loopbackBind,
+    tokens: options.tokens.map(sha256), oauth, publicUrl: oauth?.publicUrl ?? (options.publicUrl ? new URL(options.publicUrl) : null), trustedProxies: trustList(options.trustProxy), loopbackBind,
     allowedHosts: new Set([
       ...LOOPBACK_HOSTNAMES, hostnameOf(options.host.includes(':') ? `[${options.host}]` : options.host),
       ...(oauth ? [oauth.publicUrl.hostname] : []),
@@ -4407,6 +4411,7 @@ function stripUndefined(start: StartOptions): Partial<Options> {
   const options = out as Partial<Options>;
   if (options.allowedOrigins) options.allowedOrigins = options.allowedOrigins.map(normalizeOrigin);
   if (options.corsOrigins) options.corsOrigins = options.corsOrigins.map(normalizeOrigin);
+  if (options.baseDomain) options.baseDomain = options.baseDomain.toLowerCase();
   return options;
 }
 
@@ -4933,7 +4938,7 @@ function buildOptions(command: Exclude<Command, 'help'>, flags: Map<string, stri
     logLevel,
     packagesDir: one('--packages-dir', 'MCP_PROXY_PACKAGES_DIR'),
     publicUrl: one('--public-url', 'MCP_PROXY_PUBLIC_URL'),
-    baseDomain: one('--base-domain', 'MCP_PROXY_BASE_DOMAIN'),
+    baseDomain: one('--base-domain', 'MCP_PROXY_BASE_DOMAIN')?.toLowerCase(),
     passphrase: undefined,
     stateDir: one('--state-dir', 'MCP_PROXY_STATE_DIR') ?? defaultStateDir(env),
     oauthClient: undefined,
