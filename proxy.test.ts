@@ -154,7 +154,7 @@ function pidAlive(pid: number): boolean {
  * Asserts that every process group (and extra pid) is gone, polling with a bound. On failure it SIGKILLs the
  * leftovers itself so one failing test does not leak into the next, then fails with the survivors listed.
  * Verified red (on a mutated copy of proxy.ts in /tmp): with signalGroup() signalling only the leader
- * (kill(pid) instead of kill(-pid)), the three grandchild tests in section 9 fail here with the survivors listed.
+ * (kill(pid) instead of kill(-pid)), the three grandchild tests in section 10 fail here with the survivors listed.
  */
 async function assertAllGone(groups: Iterable<number>, pids: Iterable<number> = [], boundMs = GONE_BOUND_MS): Promise<void> {
   const groupList = [...groups];
@@ -2444,28 +2444,37 @@ describe('6. Sessions and id routing', () => {
       assert.deepEqual(calls, [], 'a session that did not ask was handed another session\'s request');
     });
 
-    it('with two requests in flight it is refused with -32601 "not routable", and the log names the server and "sessions": "per-session"', { timeout: 30_000 }, async () => {
+    it('requests that could ask run one at a time (the lane): a second call waits for the first, a tools/list does not, and each ask reaches its own session', { timeout: 30_000 }, async () => {
       const calls: string[] = [];
-      const asker = await capable('sse', 'asker', calls);
-      const sid = await rawSession(h.url, 'fix');
-      const hangs = () => fileLines(log).filter((l) => l.startsWith('hang ')).length;
-      const before = hangs();
-      void post(`${h.url}/fix/mcp`, call('busy', { what: 'hang' }), sessionHeaders(sid)).catch(() => null);
-      await waitFor(() => hangs() > before, 5_000, 'another request in flight on the child');
-      const from = lines.length;
-      const got = asked(await asker.callTool({ name: 'do', arguments: { what: 'ask', method: 'sampling/createMessage', params: { messages: [], maxTokens: 1 } } }));
-      assert.equal(got.error?.code, -32601, JSON.stringify(got));
-      assert.match(got.error.message, /not routable/);
-      assert.deepEqual(calls, []);
-      const warning = lines.slice(from).find((l) => l.startsWith('warn [fix]'));
-      assert.ok(warning, `a warning (log: ${lines.slice(from).join(' | ')})`);
-      assert.match(warning, /"sessions": ?"per-session"/);
-      assert.equal((await request(`${h.url}/fix/mcp`, { method: 'DELETE', headers: { 'mcp-session-id': sid } })).status, 200);
+      const first = await capable('mcp', 'first', calls);
+      const second = await capable('sse', 'second', calls);
+      let secondSent!: () => void;
+      const secondStarted = new Promise<void>((resolve) => (secondSent = resolve));
+      let listedWhileHeld = 0;
+      // The first call's sampling request stays unanswered until the second call is in the proxy and a
+      // tools/list (lane-free) has been answered beside it: without the lane the child would hold two calls
+      // and its second request would be refused as unattributable.
+      first.setRequestHandler(CreateMessageRequestSchema, async () => {
+        calls.push('first:sampling');
+        await secondStarted;
+        listedWhileHeld = (await second.listTools()).tools.length;
+        return samplingAnswer('first');
+      });
+      const ask = { what: 'ask', method: 'sampling/createMessage', params: { messages: [], maxTokens: 1 } };
+      const one = first.callTool({ name: 'do', arguments: ask });
+      await waitFor(() => calls.includes('first:sampling'), 5_000, 'the first call to ask');
+      const two = second.callTool({ name: 'do', arguments: ask });
+      secondSent();
+      const [a, b] = await Promise.all([one, two]);
+      assert.deepEqual(asked(a), { result: samplingAnswer('first') });
+      assert.deepEqual(asked(b), { result: samplingAnswer('second') });
+      assert.deepEqual(calls, ['first:sampling', 'second:sampling']);
+      assert.equal(listedWhileHeld, 1, 'tools/list was answered while the lane was held');
     });
   });
 
   /** Three sessions call server-everything's trigger-sampling-request at once, each with its own prompt. */
-  async function samplingRace(h: Harness, name: string): Promise<{ outcomes: string[]; wrong: string[] }> {
+  async function samplingRace(h: Harness, name: string, overlap = true): Promise<{ outcomes: string[]; wrong: string[] }> {
     const who = ['s0', 's1', 's2'];
     const state = { invoked: 0, settled: 0 };
     const wrong: string[] = [];
@@ -2477,7 +2486,7 @@ describe('6. Sessions and id routing', () => {
         const prompt = JSON.stringify(req.params.messages);
         if (!prompt.includes(`prompt-of-${who[i]}.`)) wrong.push(`${who[i]} was asked ${prompt}`);
         // Keep every sampling request open until all three are out or the others have settled, so they overlap.
-        await waitFor(() => state.invoked >= 3 || state.settled >= 2, 10_000, 'the other calls').catch(() => null);
+        if (overlap) await waitFor(() => state.invoked >= 3 || state.settled >= 2, 10_000, 'the other calls').catch(() => null);
         return { model: 'test-model', role: 'assistant', content: { type: 'text', text: `answer-of-${who[i]}` } };
       }),
     );
@@ -2497,13 +2506,14 @@ describe('6. Sessions and id routing', () => {
     return { outcomes, wrong };
   }
 
-  it('three sessions sampling at once through a shared child: each gets an error or exactly its own answer, never another session\'s prompt', { timeout: 60_000 }, async (t) => {
+  it('three sessions sampling at once through a shared child: the lane runs their calls one at a time, so each gets exactly its own answer', { timeout: 60_000 }, async (t) => {
     const h = await harness(t, { servers: [srv('sampler', [EVERYTHING, 'stdio'], { clientCapabilities: ['sampling'] })] }, { limits: FAST });
     await h.proxy.ready(20_000);
     for (let round = 0; round < 3; round++) {
-      const { outcomes, wrong } = await samplingRace(h, 'sampler');
+      // The calls cannot overlap on the child (that is the point), so the handlers do not wait for each other.
+      const { outcomes, wrong } = await samplingRace(h, 'sampler', false);
       assert.deepEqual(wrong, [], `round ${round}`);
-      for (const outcome of outcomes) assert.ok(outcome === 'own' || outcome === 'error', `round ${round}: ${outcomes.join(', ')}`);
+      assert.deepEqual(outcomes, ['own', 'own', 'own'], `round ${round}`);
     }
   });
 
@@ -3994,7 +4004,7 @@ describe('7. HTTP: guards, /mcp, /sse, health', () => {
   });
 });
 
-// ── 8. OAuth helpers ────────────────────────────────────────────────────────────────────────────────────
+// ── 9. OAuth helpers ────────────────────────────────────────────────────────────────────────────────────
 //
 // A real proxy on a port picked before listening (the public URL must be known first), the official SDK's
 // client-side OAuth (auth() through an OAuthClientProvider, in both client transports), and a raw client that
@@ -4567,9 +4577,9 @@ function oauthLongUri(length: number, tag = 'cb', fill = 'x'): string {
 const CHROMIUM = '/usr/bin/chromium';
 const CHROMIUM_ARGS = ['--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run', '--disable-background-networking', '--disable-component-update', '--disable-sync'];
 
-// ── 8. OAuth: metadata, registration, consent, tokens ──────────────────────────────────────────────────
+// ── 9. OAuth: metadata, registration, consent, tokens ──────────────────────────────────────────────────
 
-describe('8. OAuth: metadata, registration, consent, tokens', () => {
+describe('9. OAuth: metadata, registration, consent, tokens', () => {
   // Metadata and the 401 challenge ───────
 
   it('protected resource metadata: one document per endpoint (/mcp and /sse of each server), resource exactly that URL, the issuer at the origin root; none at the root with two servers', { timeout: 20_000 }, async (t) => {
@@ -6126,9 +6136,9 @@ describe('8. OAuth: metadata, registration, consent, tokens', () => {
   });
 });
 
-// ── 9. Lifecycle: start, shutdown ───────────────────────────────────────────────────────────────────────
+// ── 10. Lifecycle: start, shutdown ───────────────────────────────────────────────────────────────────────
 
-describe('9. Lifecycle: start, shutdown', () => {
+describe('10. Lifecycle: start, shutdown', () => {
   it('startProxy() listens on an ephemeral port and ready() waits for initialize', { timeout: 20_000 }, async (t) => {
     const h = await harness(t, { servers: [fixture('fix')] }, { limits: FAST });
     assert.ok(h.proxy.port > 0);
@@ -6409,9 +6419,9 @@ describe('9. Lifecycle: start, shutdown', () => {
   });
 });
 
-// ── 10. Doctor: replay Claude.ai's connect ──────────────────────────────────────────────────────────────
+// ── 11. Doctor: replay Claude.ai's connect ──────────────────────────────────────────────────────────────
 
-describe('10. Doctor: replay Claude.ai\'s connect', () => {
+describe('11. Doctor: replay Claude.ai\'s connect', () => {
   before(async () => {
     await new Promise<void>((resolve, reject) => execFile(NODE, ['build.mjs'], { cwd: HERE }, (err) => (err ? reject(err) : resolve())));
   });
@@ -6664,9 +6674,9 @@ describe('10. Doctor: replay Claude.ai\'s connect', () => {
     }
   });
 });
-// ── 11. CLI and main ────────────────────────────────────────────────────────────────────────────────────
+// ── 12. CLI and main ────────────────────────────────────────────────────────────────────────────────────
 
-describe('11. CLI and main', () => {
+describe('12. CLI and main', () => {
 
   it('parseCli() defaults: serve ./config.json on 127.0.0.1:8080 with no tokens', () => {
     const r = parseCli([], {});

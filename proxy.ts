@@ -1,11 +1,12 @@
 // proxy.ts — remote MCP proxy: stdio MCP servers → Streamable HTTP + legacy HTTP+SSE.
 //
 // Reads a claude_desktop_config.json-style file, spawns each configured stdio MCP server and serves it at
-// /{name}/mcp (Streamable HTTP, spec 2025-03-26 … 2025-11-25) and /{name}/sse (HTTP+SSE, spec 2024-11-05).
+// /{name}/mcp (Streamable HTTP, spec 2025-03-26 … 2025-11-25, and the sessionless 2026-07-28 revision on the
+// same URL) and /{name}/sse (HTTP+SSE, spec 2024-11-05).
 // One child per server is shared by every client session; request ids and progress tokens are rewritten so
 // each response reaches only the session that asked.
 //
-// With a consent passphrase it is also an OAuth 2.1 authorization server (section 8), so that Claude.ai's
+// With a consent passphrase it is also an OAuth 2.1 authorization server (section 9), so that Claude.ai's
 // connectors can log in; static bearer tokens work beside it.
 //
 // Needs: listen on one TCP port, spawn the configured commands, read the config file (and secret files it
@@ -34,14 +35,15 @@
 //
 // Contents
 //   1. Limits and defaults                7. HTTP: guards, /mcp, /sse, health
-//   2. Types                              8. OAuth: metadata, registration, consent, tokens
-//   3. Small utilities                    9. Lifecycle: start, shutdown
-//   4. Config: load, validate            10. Doctor: replay Claude.ai's connect
+//   2. Types                              8. MCP 2026-07-28: sessionless requests, discover, listen, input requests
+//   3. Small utilities                    9. OAuth: metadata, registration, consent, tokens
+//   4. Config: load, validate            10. Lifecycle: start, shutdown
 //   5. Children: spawn, framing, restart, kill
-//   6. Sessions and id routing           11. CLI and main
+//   6. Sessions and id routing           11. Doctor: replay Claude.ai's connect
+//                                        12. CLI and main
 
 import { spawn, type ChildProcess } from 'node:child_process';
-import { createHash, randomBytes, scryptSync, timingSafeEqual } from 'node:crypto';
+import { createHash, createHmac, randomBytes, scryptSync, timingSafeEqual } from 'node:crypto';
 import { closeSync, fsyncSync, mkdirSync, openSync, readSync, realpathSync, renameSync, statSync, writeSync } from 'node:fs';
 import http from 'node:http';
 import https from 'node:https';
@@ -107,6 +109,14 @@ export type Limits = {
   initTimeoutMs: number;
   /** A request the child never answers gets an error after this (Claude.ai allows 300 s per tool call). */
   requestTimeoutMs: number;
+  /** A 2026-07-28 request (server/discover first of all) waits this long for a starting server before 503. */
+  startWaitMs: number;
+  /** A call answered input_required is held this long for the client's retry, then cancelled on the child. */
+  continuationTtlMs: number;
+  /** ttlMs stamped on 2026-07-28 list results and server/discover (list_changed on a listen stream invalidates). */
+  listTtlMs: number;
+  /** Requests waiting for a shared child's lane (servers with "clientCapabilities": see section 8). */
+  maxLaneQueue: number;
   /** Each step of stopping a child: stdin closed → wait → SIGTERM → wait → SIGKILL (SDK: 2 s steps). */
   killGraceMs: number;
   /** Restart backoff starts here (runit: 1 s) … */
@@ -133,7 +143,7 @@ export type Limits = {
   connectionsCheckIntervalMs: number;
   /** Shutdown never takes longer than this, whatever the children do. */
   shutdownTimeoutMs: number;
-  // OAuth (section 8). Claude.ai registers a client on every new connection, so clients are many and cheap.
+  // OAuth (section 9). Claude.ai registers a client on every new connection, so clients are many and cheap.
   /** Registered OAuth clients; at the cap the oldest one without a grant gives way. */
   maxOAuthClients: number;
   /** A registered client that never got a grant is forgotten after this. */
@@ -190,6 +200,10 @@ export const DEFAULT_LIMITS: Readonly<Limits> = Object.freeze({
   sseKeepaliveMs: 15_000,
   initTimeoutMs: 120_000,
   requestTimeoutMs: 10 * 60_000,
+  startWaitMs: 30_000,
+  continuationTtlMs: 5 * 60_000,
+  listTtlMs: 60_000,
+  maxLaneQueue: 256,
   killGraceMs: 2_000,
   restartMinDelayMs: 1_000,
   restartMaxDelayMs: 30_000,
@@ -250,7 +264,7 @@ const MAX_LINE_BYTES_CEILING = 256 * MIB;
 const MAX_TIMER_MS = 2 ** 31 - 1;
 /** The limits that become timer delays (the other durations are only compared with the clock). */
 const TIMER_LIMITS: ReadonlySet<string> = new Set([
-  'sweepIntervalMs', 'sseKeepaliveMs', 'initTimeoutMs', 'killGraceMs', 'restartMinDelayMs', 'restartMaxDelayMs',
+  'sweepIntervalMs', 'sseKeepaliveMs', 'initTimeoutMs', 'startWaitMs', 'continuationTtlMs', 'killGraceMs', 'restartMinDelayMs', 'restartMaxDelayMs',
   'headersTimeoutMs', 'httpRequestTimeoutMs', 'keepAliveTimeoutMs', 'connectionsCheckIntervalMs', 'shutdownTimeoutMs',
 ]);
 /** Below this many connections the operator is warned at start (a low descriptor limit). */
@@ -273,6 +287,8 @@ const MIN_SECRET_CHARS_ANYWHERE = 4;
 const STDOUT_EOF_GRACE_MS = 200;
 /** Longest key or id value remembered while scanning an oversized line for its top-level id. */
 const ID_SCAN_MAX_CHARS = 256;
+/** A requestState we issue is ~250 characters; anything much longer is not one of ours. */
+const MAX_REQUEST_STATE_CHARS = 1024;
 
 /** Newest first. The child is initialized with the first; sessions may negotiate any of them (spec basic/lifecycle §Version Negotiation). */
 export const SUPPORTED_PROTOCOL_VERSIONS: readonly string[] = Object.freeze([
@@ -404,6 +420,11 @@ export type Options = {
   clientMetadataHosts: string[];
   /** Addresses or CIDR ranges of reverse proxies whose X-Forwarded-For names the client (rate limits). */
   trustProxy: string[];
+  /**
+   * Refuse a 2026-07-28 body sent with `MCP-Protocol-Version: 2025-11-25` (-32020). Off by default: Claude's
+   * connector has been reported to send exactly that pair (github.com/anthropics/claude-code/issues/93290).
+   */
+  strictProtocolHeader: boolean;
 };
 
 type ServerState = 'starting' | 'ready' | 'restarting' | 'errored' | 'stopped';
@@ -431,7 +452,7 @@ type Proxy = {
   startQueue: Upstream[];
   starting: number;
   tokens: readonly Buffer[];
-  /** The OAuth authorization server (section 8), or null when it is off. */
+  /** The OAuth authorization server (section 9), or null when it is off. */
   oauth: OAuth | null;
   /** options.publicUrl, parsed once (ownOrigin runs on requests that carry an Origin). */
   publicUrl: URL | null;
@@ -453,6 +474,10 @@ type Proxy = {
    * progress. Shutdown and the crash handler kill what is here.
    */
   groups: Map<number, Promise<void> | null>;
+  /** 2026-07-28 calls answered input_required, waiting for their retry, by continuation id (section 8). */
+  continuations: Map<string, ModernCall>;
+  /** HMAC key of requestState, loaded from the state directory on first use. */
+  stateKey: Buffer | null;
   closed: Promise<void> | null;
 };
 
@@ -516,6 +541,14 @@ type Upstream = {
   /** Lines waiting for the end-of-turn write to stdin (non-empty: the write is scheduled), and their size. */
   outQueue: string[];
   outBytes: number;
+  /** The lane (section 8): child id of the request holding it, the requests waiting, and whether one is being let in. */
+  laneHolder: number | null;
+  laneQueue: (() => void)[];
+  laneGranting: boolean;
+  /** 2026-07-28 subscriptions/listen streams on this child. */
+  listeners: Set<Listener>;
+  /** 2026-07-28 calls in flight per credential (limits.maxPendingPerSession: there is no session to count them). */
+  modernInflight: Map<string, number>;
 };
 
 /** A request in flight on a child: who asked, under which id, and where the answer goes. */
@@ -561,12 +594,15 @@ type SseStream = {
 /** What a client declared in initialize: the capability objects a child→client request needs. */
 type ClientCaps = Partial<Record<ClientCapability, Record<string, unknown>>>;
 
-/** One client session, Streamable HTTP or legacy SSE. */
+/**
+ * One client session, Streamable HTTP or legacy SSE; or, for 'modern', one 2026-07-28 call (never in a table:
+ * it lives as long as its request, so answers and progress route exactly as a session's do).
+ */
 type Session = {
   id: string;
   server: ServerRuntime;
   upstream: Upstream;
-  transport: 'streamable' | 'sse';
+  transport: 'streamable' | 'sse' | 'modern';
   /** Who opened it: a digest of its token, or "anonymous" (limits.maxChildrenPerCredential). */
   credential: string;
   protocolVersion: string;
@@ -585,6 +621,45 @@ type Session = {
   /** Streamable POSTs of this session answered as event streams and still open. */
   exchanges: Set<Exchange> | null;
   closed: boolean;
+  /** 'modern' only: the call this session stands for. */
+  call?: ModernCall;
+};
+
+/** A 2026-07-28 request forwarded to a child (section 8), with what input_required needs to hold and resume it. */
+type ModernCall = {
+  up: Upstream;
+  session: Session;
+  credential: string;
+  method: string;
+  /** Of the params (requestState binds it). */
+  digest: string;
+  /** The id of the HTTP request answered now (each retry has its own). */
+  clientId: JsonRpcId;
+  childId: number;
+  /** The HTTP request waiting for this call; null while the client holds an input_required answer. */
+  exchange: Exchange | null;
+  /** The child's requests to the client not answered yet, by key (the child's id as a string). */
+  asked: Map<string, { childId: JsonRpcId; method: string; params: Record<string, unknown> }>;
+  askScheduled: boolean;
+  round: number;
+  /** Set once the call was answered input_required: its key in proxy.continuations. */
+  continuation: string | null;
+  expiry: NodeJS.Timeout | null;
+  /** The child answered while no HTTP request waited: kept for the retry. */
+  lateAnswer: { text: string; status: number } | null;
+  finished: boolean;
+};
+
+/** A 2026-07-28 subscriptions/listen stream. */
+type Listener = {
+  up: Upstream;
+  /** The listen request's id: every message on the stream carries it as its subscriptionId. */
+  id: JsonRpcId;
+  credential: string;
+  /** The acknowledged notification kinds. */
+  honoured: Record<string, unknown>;
+  uris: Set<string>;
+  stream: SseStream;
 };
 
 // ── 3. Small utilities ──────────────────────────────────────────────────────────────────────────────────
@@ -1311,7 +1386,7 @@ function newUpstream(server: ServerRuntime): Upstream {
     initResult: null, protocolVersion: SUPPORTED_PROTOCOL_VERSIONS[0], nextId: 1,
     pending: new Map(), serverRequests: new Map(), sessions: new Set(), subscriptions: new Map(),
     restartTimer: null, initTimer: null, waiters: [], owner: null, abandoned: new Map(), abandonedOverflow: false, holdsStartSlot: false, exited: Promise.resolve(), lastStderr: '',
-    outQueue: [], outBytes: 0,
+    outQueue: [], outBytes: 0, laneHolder: null, laneQueue: [], laneGranting: false, listeners: new Set(), modernInflight: new Map(),
   };
 }
 
@@ -1623,6 +1698,7 @@ function onChildExit(up: Upstream, proc: ChildProcess | null, exit: string): voi
   if (decision.giveUp) {
     up.state = 'errored';
     notifySettled(up);
+    endListeners(up);
     proxy.log.error(config.name, `${exit} after ${uptimeMs} ms; gave up after ${proxy.limits.maxUnstableRestarts} fast restarts, server errored${stderr}`);
     return;
   }
@@ -1940,6 +2016,7 @@ function abortPending(up: Upstream, childId: number, pending: Pending, reason: s
   noteAbandoned(up, childId);
   cancelOnChild(up, childId, reason);
   answerPending(pending, errorText(pending.clientId, code, message));
+  if (pending.session?.call) endCall(pending.session.call);
 }
 
 /** Whether a request given up on may still be running: the ones past ABANDONED_GRACE_MS are forgotten. */
@@ -1956,9 +2033,9 @@ function noteAbandoned(up: Upstream, childId: number): void {
 }
 
 /** What the client declared that a child→client request needs (its `roots` are never used: see section 2). */
-function readClientCaps(params: Record<string, unknown> | undefined): ClientCaps {
-  const declared = isObject(params?.capabilities) ? params.capabilities : {};
+function capsOf(declared: unknown): ClientCaps {
   const caps: ClientCaps = {};
+  if (!isObject(declared)) return caps;
   for (const cap of CLIENT_CAPABILITIES) if (isObject(declared[cap])) caps[cap] = declared[cap];
   return caps;
 }
@@ -1971,7 +2048,7 @@ function beginInitialize(session: Session, msg: JsonRpcMessage): void {
   const up = session.upstream;
   if (session.initialized) return;
   session.initialized = true;
-  session.caps = readClientCaps(msg.params);
+  session.caps = capsOf(msg.params?.capabilities);
   if (up.owner === session && up.state === 'starting' && !up.proc && !up.holdsStartSlot) requestStart(up);
 }
 
@@ -2002,6 +2079,11 @@ function forwardRequest(session: Session, msg: JsonRpcMessage, exchange: Exchang
   if (msg.method === 'ping') return reply(resultText(id, {}));
   if (msg.method === 'initialize') return reply(errorText(id, INVALID_REQUEST, 'Session is already initialized'));
   if (up.state !== 'ready') return reply(errorText(id, SERVER_ERROR, `MCP server is ${up.state}; try again later`));
+  if (mayAsk(up, msg.method!)) {
+    const entry = enterLane(up, () => forwardQueued(session, msg, exchange));
+    if (entry === 'full') return reply(errorText(id, SERVER_ERROR, 'Too many requests waiting for this server; retry later'));
+    if (entry === 'queued') return void session.inflight++; // counted while it waits: the session is not idle
+  }
   // maxPendingPerSession was checked for the whole POST before any of it got here (overPendingLimit).
   const uri = typeof msg.params?.uri === 'string' ? msg.params.uri : undefined;
   if (msg.method === 'resources/subscribe' && uri !== undefined) {
@@ -2022,6 +2104,7 @@ function forwardRequest(session: Session, msg: JsonRpcMessage, exchange: Exchang
     session, clientId: id, clientToken, exchange, method: msg.method!, uri, sentAtMs: Date.now(), onAnswer: null,
   });
   session.inflight++;
+  if (mayAsk(up, msg.method!)) up.laneHolder = childId;
   // Rewrite in place: the parsed message is ours and is not used again after this.
   msg.id = childId;
   if (clientToken !== undefined) (meta as Record<string, unknown>).progressToken = childId;
@@ -2029,6 +2112,14 @@ function forwardRequest(session: Session, msg: JsonRpcMessage, exchange: Exchang
     settlePending(up, childId);
     reply(errorText(id, SERVER_ERROR, 'MCP server is not accepting input; try again later'));
   }
+}
+
+/** A legacy request let into the lane: unless its session ended or its client left while it waited. */
+function forwardQueued(session: Session, msg: JsonRpcMessage, exchange: Exchange | null): void {
+  session.inflight--;
+  if (exchange?.done) return;
+  if (session.closed) return answer(session, exchange, errorText(msg.id as JsonRpcId, SESSION_ENDED, 'Session ended'));
+  forwardRequest(session, msg, exchange);
 }
 
 /** A client answering a child→client request: the proxy's id is swapped back for the child's. */
@@ -2174,6 +2265,7 @@ function settlePending(up: Upstream, childId: number): void {
   if (!pending) return;
   up.pending.delete(childId);
   if (pending.session) pending.session.inflight--;
+  if (up.laneHolder === childId) releaseLane(up);
 }
 
 /**
@@ -2192,9 +2284,11 @@ function failPending(up: Upstream, message: string): void {
   for (const [, pending] of entries) {
     if (pending.session) pending.session.inflight--;
     answerPending(pending, errorText(pending.clientId, SERVER_EXITED, message));
+    if (pending.session?.call) endCall(pending.session.call);
   }
   for (const { session, proxyId } of up.serverRequests.values()) session.serverRequests?.delete(proxyId);
   up.serverRequests.clear();
+  if (up.laneHolder !== null) releaseLane(up);
 }
 
 /**
@@ -2217,6 +2311,8 @@ function routeChildRequest(up: Upstream, msg: JsonRpcMessage): void {
     proxy.log.warn(config.name, `refused ${msg.method}: ${up.serverRequests.size} requests to clients already wait for an answer`);
     return void writeToChild(up, errorText(id, SERVER_ERROR, 'Too many requests waiting for a client'));
   }
+  const call = laneCall(up);
+  if (call && !stillAbandoned(up) && !up.abandonedOverflow) return askClient(call, msg);
   const target = attributeServerRequest(up, msg.method!);
   if (typeof target === 'string') {
     proxy.log.warn(config.name, `refused ${msg.method} from the server: ${target}`);
@@ -2228,6 +2324,11 @@ function routeChildRequest(up: Upstream, msg: JsonRpcMessage): void {
   (target.session.serverRequests ??= new Map()).set(proxyId, id);
   up.serverRequests.set(id, { session: target.session, proxyId });
   writeEvent(target.stream, JSON.stringify({ ...msg, id: proxyId }));
+}
+
+/** The 2026-07-28 call holding this child's lane, if the lane is held by one (section 8). */
+function laneCall(up: Upstream): ModernCall | undefined {
+  return up.laneHolder === null ? undefined : up.pending.get(up.laneHolder)?.session?.call;
 }
 
 /** roots/list is answered from the operator's "roots": a client's roots are paths on another machine. */
@@ -2255,7 +2356,9 @@ function attributeServerRequest(up: Upstream, method: string): { session: Sessio
   else {
     if (cap && !up.server.config.clientCapabilities?.includes(cap)) return `${cap} is not in this server's "clientCapabilities"`;
     let inflight = 0;
-    for (const pending of up.pending.values()) {
+    // With a lane, the holder is the only request in flight that can ask (the others are lists).
+    const holder = up.laneHolder === null ? undefined : up.pending.get(up.laneHolder);
+    for (const pending of holder ? [holder] : up.pending.values()) {
       if (!pending.session) continue;
       if (++inflight > 1) break;
       session = pending.session;
@@ -2269,7 +2372,7 @@ function attributeServerRequest(up: Upstream, method: string): { session: Sessio
       return `a request given up on (cancelled, timed out or of an ended session) may still be running on this shared server, so the request's session is not certain; set "sessions": "per-session" for this server to use ${method}`;
     }
   }
-  if (!session || session.closed) return 'no client session is connected';
+  if (!session || session.closed || session.transport === 'modern') return 'no client session is connected';
   if (cap && !session.caps[cap]) return `the client did not declare the ${cap} capability`;
   const stream = exchange?.sse && !exchange.sse.closed ? exchange.sse : firstOpen(session.exchanges) ?? session.stream;
   if (!stream) return 'the client has no open stream to receive it';
@@ -2294,8 +2397,10 @@ function routeChildNotification(up: Upstream, msg: JsonRpcMessage, line: string)
     if (!target) return;
     up.serverRequests.delete(params.requestId as JsonRpcId);
     target.session.serverRequests?.delete(target.proxyId);
+    target.session.call?.asked.delete(target.proxyId);
     return deliver(target.session, null, JSON.stringify({ ...msg, params: { ...params, requestId: target.proxyId } }));
   }
+  if (up.listeners.size) notifyListeners(up, msg);
   const uri = msg.method === 'notifications/resources/updated' ? params.uri : undefined;
   for (const session of up.sessions) {
     if (uri === undefined || session.subscriptions?.has(uri as string)) deliver(session, null, line);
@@ -2331,14 +2436,14 @@ const SSE_HEADERS: Readonly<Record<string, string>> = {
 const KEEPALIVE_COMMENT = ': keepalive\n\n';
 const EVENT_HEAD = 'event: message\ndata: ';
 const EVENT_TAIL = '\n\n';
-const CORS_ALLOW_HEADERS = 'Authorization, Content-Type, Accept, Mcp-Session-Id, MCP-Protocol-Version, Last-Event-ID';
+const CORS_ALLOW_HEADERS = 'Authorization, Content-Type, Accept, Mcp-Session-Id, MCP-Protocol-Version, Mcp-Method, Mcp-Name, Last-Event-ID';
 const CORS_EXPOSE_HEADERS = 'Mcp-Session-Id, WWW-Authenticate';
 
 function reject(
-  res: http.ServerResponse, status: number, code: number, message: string, headers: Record<string, string> = {}, id: JsonRpcId | null = null,
+  res: http.ServerResponse, status: number, code: number, message: string, headers: Record<string, string> = {}, id: JsonRpcId | null = null, data?: unknown,
 ): void {
   if (res.headersSent) return void res.end();
-  const body = errorText(id, code, message);
+  const body = data === undefined ? errorText(id, code, message) : JSON.stringify({ jsonrpc: '2.0', id, error: { code, message, data } });
   res.writeHead(status, { ...headers, 'Content-Type': 'application/json', 'Content-Length': Buffer.byteLength(body) });
   res.end(body);
 }
@@ -2348,10 +2453,10 @@ function sendJson(res: http.ServerResponse, status: number, body: string, header
   res.end(body);
 }
 
-function unavailable(res: http.ServerResponse, up: Upstream): void {
+function unavailable(res: http.ServerResponse, up: Upstream, id: JsonRpcId | null = null): void {
   const limits = up.server.proxy.limits;
   const message = up.state === 'errored' ? 'MCP server failed and is not running' : `MCP server is ${up.state}; retry later`;
-  reject(res, 503, SERVER_ERROR, message, up.state === 'errored' ? {} : { 'Retry-After': String(limits.retryAfterS) });
+  reject(res, 503, SERVER_ERROR, message, up.state === 'errored' ? {} : { 'Retry-After': String(limits.retryAfterS) }, id);
 }
 
 // SSE streams ───────
@@ -2926,6 +3031,8 @@ async function handleMcpPost(server: ServerRuntime, req: http.IncomingMessage, r
   if (!accepts) return reject(res, 406, SERVER_ERROR, 'Not Acceptable: Accept must allow application/json or text/event-stream');
   const parsed = await readMessages(server.proxy, req, res);
   if (!parsed) return;
+  // One URL, both eras: a request claiming a version in its _meta is 2026-07-28's (section 8).
+  if (isModern(parsed)) return handleModern(server, req, res, parsed.messages[0], parsed.kinds[0], accepts, credential);
   const { messages, kinds } = parsed;
   const initIndex = messages.findIndex((msg, i) => kinds[i] === 'request' && msg.method === 'initialize');
   if (initIndex !== -1) {
@@ -2937,8 +3044,8 @@ async function handleMcpPost(server: ServerRuntime, req: http.IncomingMessage, r
     res.writeHead(202).end();
     return;
   }
-  // Unsessioned requests, including 2026-07-28's server/discover, get 400 -32000 so modern clients fall back
-  // to initialize (spec 2026-07-28 §Backward Compatibility; never -32601: github.com/anthropics/claude-ai-mcp/issues/1044).
+  // Unsessioned requests without a 2026-07-28 claim (a server/discover with one went to section 8) get 400
+  // -32000, never -32601, which some clients read as "no such server" (github.com/anthropics/claude-ai-mcp/issues/1044).
   const session = requireSession(server, req, res, credential);
   if (!session) return;
   // Batches exist only in 2025-03-26 (removed in 2025-06-18: spec changelog).
@@ -3088,7 +3195,633 @@ async function initializeSse(session: Session, msg: JsonRpcMessage): Promise<voi
   writeEvent(session.stream, initializeResult(session, msg));
 }
 
-// ── 8. OAuth: metadata, registration, consent, tokens ───────────────────────────────────────────────────
+// ── 8. MCP 2026-07-28: sessionless requests, discover, listen, input requests ─────────────────────────────
+//
+// Revision 2026-07-28 drops initialize and sessions: every request carries its protocol version and the
+// client's capabilities in `_meta` (spec 2026-07-28 basic/index §Request Metadata), and a server MAY serve
+// both eras on one endpoint (basic/versioning §Backward Compatibility). So a POST to /{name}/mcp whose single
+// request claims a version in `_meta` takes this path; everything else is the legacy path above, unchanged.
+//
+//   modern request                     what the proxy does
+//   server/discover                    answers from the child's cached InitializeResult
+//   tools/*, resources/read|list|…,    validates headers and _meta, strips the 2026 keys, forwards on the shared
+//   prompts/*, completion/complete     child under a fresh id, stamps resultType, serverInfo and cache fields
+//   subscriptions/listen               a stream: the acknowledgement, then the child's list_changed and
+//                                      resources/updated (resources/subscribe reference-counted on the child)
+//   initialize, ping, logging/…,       404 -32601: removed in 2026-07-28
+//   resources/(un)subscribe, others
+//
+// Nothing is kept between requests except what the client carries: any replica with a warm child serves any
+// request. The one exception is a child→client request (sampling, elicitation). A legacy child asks in the
+// middle of a call and waits, so the call is held here and the client is answered `input_required`
+// (basic/patterns/mrtr) with the child's request and a signed requestState naming the held call; the retry
+// that carries the answers must reach this replica. The child's request does not say which call caused it,
+// so on a shared child with "clientCapabilities" (the only children that ever ask) requests that could
+// cause one run one at a time: the lane (below). Per-session servers keep state per session, which this
+// revision has no place for, so their modern requests are refused with -32022 naming the legacy versions.
+
+const MODERN_PROTOCOL_VERSION = '2026-07-28';
+/** Keys of a request's `_meta` (spec 2026-07-28 schema RequestMetaObject). Stripped before the child sees it. */
+const META_PROTOCOL_VERSION = 'io.modelcontextprotocol/protocolVersion';
+const META_CLIENT_CAPABILITIES = 'io.modelcontextprotocol/clientCapabilities';
+const META_CLIENT_INFO = 'io.modelcontextprotocol/clientInfo';
+const META_LOG_LEVEL = 'io.modelcontextprotocol/logLevel';
+const MODERN_REQUEST_META: readonly string[] = [META_PROTOCOL_VERSION, META_CLIENT_CAPABILITIES, META_CLIENT_INFO, META_LOG_LEVEL];
+const META_SERVER_INFO = 'io.modelcontextprotocol/serverInfo';
+const META_SUBSCRIPTION_ID = 'io.modelcontextprotocol/subscriptionId';
+/** Claude's connector sends a 2026 body with this header (github.com/anthropics/claude-code/issues/93290). */
+const LENIENT_HEADER_VERSION = '2025-11-25';
+/** 2026-07-28 error codes (basic/index §Error Codes); each is answered with HTTP 400. */
+const HEADER_MISMATCH = -32020;
+const MISSING_CLIENT_CAPABILITY = -32021;
+const UNSUPPORTED_PROTOCOL_VERSION = -32022;
+const INVALID_PARAMS = -32602;
+/** 2025's "resource not found"; 2026-07-28 answers -32602 instead (server/resources §Error Handling). */
+const LEGACY_RESOURCE_NOT_FOUND = -32002;
+
+/** Methods forwarded to the child on the modern path; `Mcp-Name` must carry the named param of these three. */
+const FORWARDED_METHODS: ReadonlySet<string> = new Set([
+  'tools/list', 'tools/call', 'resources/list', 'resources/read', 'resources/templates/list', 'prompts/list',
+  'prompts/get', 'completion/complete',
+]);
+const NAMED_PARAM: Readonly<Record<string, 'name' | 'uri'>> = { 'tools/call': 'name', 'resources/read': 'uri', 'prompts/get': 'name' };
+/** Results that carry cache fields (server/utilities/caching): lists get the configured TTL, reads 0. */
+const LIST_METHODS: ReadonlySet<string> = new Set(['tools/list', 'resources/list', 'resources/templates/list', 'prompts/list']);
+/** Child capabilities that have no modern counterpart through this proxy (logs go nowhere; tasks are an extension). */
+const UNBRIDGED_CAPABILITIES: readonly string[] = ['logging', 'tasks'];
+/** The only requests an input_required result may carry (basic/patterns/mrtr); roots/list is answered here. */
+const INPUT_METHODS: ReadonlySet<string> = new Set(['sampling/createMessage', 'elicitation/create']);
+/** requestState: base64url(payload) "." base64url(HMAC-SHA256). The key file lives in the state directory. */
+const REQUEST_STATE_KEY_FILE = 'request-state.key';
+const REQUEST_STATE_KEY_BYTES = 32;
+
+// Classification and validation ───────
+
+/** A request whose `_meta` claims a protocol version is modern (the SDK's inboundClassification does the same). */
+function isModern(parsed: ParsedBody): boolean {
+  if (parsed.batch || parsed.kinds[0] === 'response') return false;
+  const meta = parsed.messages[0].params?._meta;
+  return isObject(meta) && META_PROTOCOL_VERSION in meta;
+}
+
+/**
+ * The modern path's entry: validate, then answer locally or forward. Every error keeps the request's id.
+ * Notifications have nothing to answer on this path (cancellation is a closed stream): 202, dropped.
+ */
+async function handleModern(
+  server: ServerRuntime, req: http.IncomingMessage, res: http.ServerResponse, msg: JsonRpcMessage, kind: MessageKind, accepts: Accepts, credential: string,
+): Promise<void> {
+  if (kind === 'notification') return void res.writeHead(202).end();
+  const id = msg.id as JsonRpcId;
+  const refused = modernRefusal(server, req, msg);
+  if (refused) return reject(res, refused.status, refused.code, refused.message, {}, id, refused.data);
+  const method = msg.method!;
+  if (!FORWARDED_METHODS.has(method) && method !== 'server/discover' && method !== 'subscriptions/listen') {
+    return reject(res, 404, METHOD_NOT_FOUND, `Method not found: ${headOf(method)} (not in protocol ${MODERN_PROTOCOL_VERSION})`, {}, id);
+  }
+  const up = server.shared!;
+  if (up.state !== 'ready' && !(await readyWithin(up, server.proxy.limits.startWaitMs))) return unavailable(res, up, id);
+  if (res.destroyed) return;
+  if (method === 'server/discover') return sendJson(res, 200, resultText(id, discoverResult(up)));
+  if (method === 'subscriptions/listen') return openListener(up, msg, accepts, res, credential);
+  const state = msg.params?.requestState;
+  if (state !== undefined) return resumeCall(up, msg, accepts, res, credential);
+  startModernCall(up, msg, accepts, res, credential);
+}
+
+type Refusal = { status: number; code: number; message: string; data?: unknown };
+
+/**
+ * Why a modern request is refused, or null: the version claimed, then the headers that must repeat the body
+ * (basic/transports/streamable-http §Server Validation), then `_meta` (schema RequestMetaObject).
+ */
+function modernRefusal(server: ServerRuntime, req: http.IncomingMessage, msg: JsonRpcMessage): Refusal | null {
+  const meta = msg.params!._meta as Record<string, unknown>;
+  const version = meta[META_PROTOCOL_VERSION];
+  if (typeof version !== 'string') return { status: 400, code: INVALID_PARAMS, message: `Invalid params: _meta["${META_PROTOCOL_VERSION}"] must be a string` };
+  if (version !== MODERN_PROTOCOL_VERSION || server.config.sessions !== 'shared') {
+    // Per-session servers keep state in a session, and this revision has none: the client falls back to initialize.
+    const supported = server.config.sessions === 'shared' ? [MODERN_PROTOCOL_VERSION] : [...SUPPORTED_PROTOCOL_VERSIONS];
+    return { status: 400, code: UNSUPPORTED_PROTOCOL_VERSION, message: `Unsupported protocol version: ${headOf(version)}`, data: { supported, requested: version } };
+  }
+  const header = req.headers['mcp-protocol-version'];
+  const lenient = header === LENIENT_HEADER_VERSION && !server.proxy.options.strictProtocolHeader;
+  if (header !== version && !lenient) {
+    return { status: 400, code: HEADER_MISMATCH, message: 'Header mismatch: MCP-Protocol-Version must equal the protocol version in _meta' };
+  }
+  const mismatch = methodHeaderMismatch(req, msg, lenient);
+  if (mismatch) return { status: 400, code: HEADER_MISMATCH, message: `Header mismatch: ${mismatch}` };
+  if (!isObject(meta[META_CLIENT_CAPABILITIES])) {
+    return { status: 400, code: INVALID_PARAMS, message: `Invalid params: _meta["${META_CLIENT_CAPABILITIES}"] is required` };
+  }
+  return null;
+}
+
+/**
+ * `Mcp-Method` must be the method, and `Mcp-Name` the tool, prompt or resource named (values outside visible
+ * ASCII come as =?base64?…?=). A client that sent the lenient version header is a 2025 transport carrying a
+ * 2026 body: it may omit them, but what it sends must still match.
+ */
+function methodHeaderMismatch(req: http.IncomingMessage, msg: JsonRpcMessage, lenient: boolean): string | null {
+  const method = req.headers['mcp-method'];
+  if (method === undefined ? !lenient : method !== msg.method) return 'Mcp-Method must equal the request method';
+  const param = NAMED_PARAM[msg.method!];
+  if (!param) return null;
+  const named = req.headers['mcp-name'];
+  if (named === undefined && lenient) return null;
+  if (typeof named !== 'string' || decodeHeaderValue(named) !== msg.params?.[param]) return `Mcp-Name must equal params.${param}`;
+  return null;
+}
+
+function decodeHeaderValue(value: string): string {
+  const encoded = /^=\?base64\?(.*)\?=$/i.exec(value);
+  return encoded ? Buffer.from(encoded[1], 'base64').toString('utf8') : value;
+}
+
+function readyWithin(up: Upstream, ms: number): Promise<boolean> {
+  return new Promise((resolve) => {
+    const timer = setTimeout(() => resolve(false), ms);
+    timer.unref();
+    void whenSettled(up).then(() => {
+      clearTimeout(timer);
+      resolve(up.state === 'ready');
+    });
+  });
+}
+
+// server/discover and result stamping ───────
+
+/** The DiscoverResult (spec 2026-07-28 server/discover), from what the child said at initialize. */
+function discoverResult(up: Upstream): Record<string, unknown> {
+  const init = up.initResult ?? {};
+  const capabilities: Record<string, unknown> = { ...(isObject(init.capabilities) ? init.capabilities : {}) };
+  for (const name of UNBRIDGED_CAPABILITIES) delete capabilities[name];
+  return {
+    resultType: 'complete', supportedVersions: [MODERN_PROTOCOL_VERSION], capabilities,
+    ...(typeof init.instructions === 'string' ? { instructions: init.instructions } : {}),
+    ...cacheFields(up, 'tools/list'),
+    _meta: { [META_SERVER_INFO]: serverInfoOf(up) },
+  };
+}
+
+function serverInfoOf(up: Upstream): unknown {
+  return up.initResult?.serverInfo ?? { name: up.server.config.name, version: '0' };
+}
+
+/**
+ * ttlMs and cacheScope (server/utilities/caching): lists and discover get the configured TTL, `public` since
+ * one shared child answers every user alike; a read is per request (`private`, 0). Others carry none.
+ */
+function cacheFields(up: Upstream, method: string): { ttlMs: number; cacheScope: 'public' | 'private' } | Record<string, never> {
+  if (LIST_METHODS.has(method)) return { ttlMs: up.server.proxy.limits.listTtlMs, cacheScope: 'public' };
+  if (method === 'resources/read') return { ttlMs: 0, cacheScope: 'private' };
+  return {};
+}
+
+/** A child's answer, as a 2026-07-28 result: resultType, serverInfo and cache fields added; -32002 → -32602. */
+function modernAnswer(up: Upstream, msg: JsonRpcMessage, method: string, id: JsonRpcId): { text: string; status: number } {
+  if (msg.error !== undefined) {
+    const error = isObject(msg.error) ? { ...msg.error } : { code: INTERNAL_ERROR, message: 'Invalid error from MCP server' };
+    if (error.code === LEGACY_RESOURCE_NOT_FOUND) error.code = INVALID_PARAMS;
+    return { text: JSON.stringify({ jsonrpc: '2.0', id, error }), status: modernStatus(error.code) };
+  }
+  const result = isObject(msg.result) ? msg.result : {};
+  const meta = isObject(result._meta) ? result._meta : {};
+  const stamped = { ...result, resultType: 'complete', ...cacheFields(up, method), _meta: { ...meta, [META_SERVER_INFO]: serverInfoOf(up) } };
+  return { text: resultText(id, stamped), status: 200 };
+}
+
+/** HTTP status of a modern error (basic/index §Error Codes; transports: unknown method is 404). */
+function modernStatus(code: unknown): number {
+  if (code === METHOD_NOT_FOUND) return 404;
+  return code === HEADER_MISMATCH || code === MISSING_CLIENT_CAPABILITY || code === UNSUPPORTED_PROTOCOL_VERSION ? 400 : 200;
+}
+
+// Calls ───────
+
+/**
+ * Starts a call on the shared child: a session that lives for this one request (never in a table: nothing
+ * outlives the call), an exchange that answers as JSON or, when the client wants progress, as a stream of
+ * that request's progress and then its answer. A closed stream or connection cancels the call on the child.
+ */
+function startModernCall(up: Upstream, msg: JsonRpcMessage, accepts: Accepts, res: http.ServerResponse, credential: string): void {
+  const limits = up.server.proxy.limits;
+  const id = msg.id as JsonRpcId;
+  const inflight = up.modernInflight.get(credential) ?? 0;
+  if (inflight >= limits.maxPendingPerSession) {
+    return reject(res, 429, SERVER_ERROR, 'Too many requests in flight for this credential', { 'Retry-After': String(limits.retryAfterS) }, id);
+  }
+  const meta = msg.params!._meta as Record<string, unknown>;
+  const session: Session = {
+    id: '', server: up.server, upstream: up, transport: 'modern', credential, protocolVersion: MODERN_PROTOCOL_VERSION,
+    caps: capsOf(meta[META_CLIENT_CAPABILITIES]), initialized: true, lastActiveMs: Date.now(), inflight: 0,
+    stream: null, subscriptions: null, serverRequests: null, exchanges: null, closed: false,
+  };
+  const call: ModernCall = {
+    up, session, credential, method: msg.method!, digest: paramsDigest(msg.params!), clientId: id, childId: -1,
+    exchange: null, asked: new Map(), askScheduled: false, round: 0, continuation: null, expiry: null, lateAnswer: null, finished: false,
+  };
+  session.call = call;
+  up.modernInflight.set(credential, inflight + 1);
+  call.exchange = modernExchange(call, accepts, res, wantsProgress(msg));
+  stripModernMeta(msg);
+  const start = () => forwardCall(call, msg);
+  const entry = mayAsk(up, call.method) ? enterLane(up, start) : 'now';
+  if (entry === 'full') return finishCall(call, errorText(id, SERVER_ERROR, 'Too many requests waiting for this server; retry later'));
+  if (entry === 'now') start();
+}
+
+/** The exchange one HTTP request of a call is answered through; its close before the answer cancels the call. */
+function modernExchange(call: ModernCall, accepts: Accepts, res: http.ServerResponse, progress: boolean): Exchange {
+  const proxy = call.up.server.proxy;
+  const exchange: Exchange = { proxy, session: call.session, heldBytes: 0, res, sse: null, remaining: 1, batch: false, answers: [], done: false };
+  const onGone = () => {
+    if (exchange.done) return;
+    exchange.done = true;
+    if (call.exchange === exchange) cancelCall(call, 'client gone');
+  };
+  if (accepts.sse && (!accepts.json || progress)) exchange.sse = openStream(proxy, res, {}, onGone);
+  else res.on('close', onGone);
+  return exchange;
+}
+
+function forwardCall(call: ModernCall, msg: JsonRpcMessage): void {
+  const { up, session } = call;
+  if (call.finished) return;
+  if (!call.exchange || call.exchange.done) return endCall(call);
+  if (up.state !== 'ready') return finishCall(call, errorText(call.clientId, SERVER_ERROR, `MCP server is ${up.state}; try again later`));
+  const childId = up.nextId++;
+  call.childId = childId;
+  const meta = msg.params?._meta;
+  const clientToken = isObject(meta) && (typeof meta.progressToken === 'string' || typeof meta.progressToken === 'number') ? meta.progressToken : undefined;
+  up.pending.set(childId, {
+    session, clientId: call.clientId, clientToken, exchange: call.exchange, method: call.method, uri: undefined,
+    sentAtMs: Date.now(), onAnswer: (answer) => onCallAnswer(call, answer),
+  });
+  session.inflight++;
+  if (mayAsk(up, call.method)) up.laneHolder = childId;
+  msg.id = childId;
+  if (clientToken !== undefined) (meta as Record<string, unknown>).progressToken = childId;
+  if (!writeToChild(up, JSON.stringify(msg))) {
+    settlePending(up, childId);
+    finishCall(call, errorText(call.clientId, SERVER_ERROR, 'MCP server is not accepting input; try again later'));
+  }
+}
+
+/** The 2026 `_meta` keys are for the proxy; the child speaks 2025 and would not know them. */
+function stripModernMeta(msg: JsonRpcMessage): void {
+  const params = msg.params!;
+  const meta = { ...(params._meta as Record<string, unknown>) };
+  for (const key of MODERN_REQUEST_META) delete meta[key];
+  if (Object.keys(meta).length) params._meta = meta;
+  else delete params._meta;
+  delete params.inputResponses;
+  delete params.requestState;
+}
+
+function onCallAnswer(call: ModernCall, msg: JsonRpcMessage): void {
+  const { text, status } = modernAnswer(call.up, msg, call.method, call.clientId);
+  finishCall(call, text, status);
+}
+
+/**
+ * The call's answer goes to the HTTP request waiting now. While none waits (the client was answered
+ * input_required and has not retried yet), it is kept for the retry: the child may answer without the input.
+ */
+function finishCall(call: ModernCall, text: string, status = 200): void {
+  const exchange = call.exchange;
+  if (!exchange || exchange.done) {
+    if (call.continuation && !call.finished) return void (call.lateAnswer = { text, status });
+    return endCall(call);
+  }
+  endCall(call);
+  if (exchange.sse || status === 200) return answerExchange(exchange, text);
+  exchange.done = true;
+  if (!exchange.res.destroyed) sendJson(exchange.res, status, text);
+}
+
+/** The client is gone: the child is told to stop (basic/patterns/cancellation: a closed stream is a cancel). */
+function cancelCall(call: ModernCall, reason: string): void {
+  const pending = call.up.pending.get(call.childId);
+  if (pending?.session === call.session) abortPending(call.up, call.childId, pending, reason, REQUEST_CANCELLED, 'Request cancelled');
+  endCall(call);
+}
+
+/**
+ * Once per call, whatever ended it: the credential's count, the held continuation and its timer, and every
+ * input request of the child still unanswered (the child is told no answer will come: nothing stays open).
+ */
+function endCall(call: ModernCall): void {
+  if (call.finished) return;
+  call.finished = true;
+  const { up } = call;
+  const left = (up.modernInflight.get(call.credential) ?? 1) - 1;
+  if (left > 0) up.modernInflight.set(call.credential, left);
+  else up.modernInflight.delete(call.credential);
+  if (call.expiry) clearTimeout(call.expiry);
+  call.expiry = null;
+  if (call.continuation) up.server.proxy.continuations.delete(call.continuation);
+  call.continuation = null;
+  for (const { childId } of call.asked.values()) {
+    if (!up.serverRequests.delete(childId)) continue;
+    writeToChild(up, errorText(childId, INTERNAL_ERROR, 'The client request this was for has ended'));
+  }
+  call.asked.clear();
+}
+
+// The lane ───────
+//
+// A shared child's sampling or elicitation request says nothing of which client request caused it. On a child
+// the operator allowed to ask ("clientCapabilities"), requests that could cause one (everything but the lists)
+// therefore run one at a time, legacy and modern alike: the one running holds the lane, the others wait in a
+// bounded FIFO. The cost: on such a server, tool calls are serial. Servers without "clientCapabilities" never
+// ask (the child was not told it could), so they have no lane and run everything concurrently.
+
+function mayAsk(up: Upstream, method: string): boolean {
+  return up.owner === null && !!up.server.config.clientCapabilities?.length && !LANE_FREE_METHODS.has(method);
+}
+
+/** Requests that never make a child ask its client. */
+const LANE_FREE_METHODS: ReadonlySet<string> = new Set([...LIST_METHODS, 'resources/subscribe', 'resources/unsubscribe']);
+
+/** 'now': run it (the caller takes the lane). 'queued': `start` runs when the lane is free. 'full': refuse it. */
+function enterLane(up: Upstream, start: () => void): 'now' | 'queued' | 'full' {
+  if (up.laneHolder === null && (up.laneQueue.length === 0 || up.laneGranting)) return 'now';
+  if (up.laneQueue.length >= up.server.proxy.limits.maxLaneQueue) return 'full';
+  up.laneQueue.push(start);
+  return 'queued';
+}
+
+/** The holder is done: after this turn (so a child that exited has its state settled), the next one starts. */
+function releaseLane(up: Upstream): void {
+  up.laneHolder = null;
+  if (up.laneQueue.length) queueMicrotask(() => drainLane(up));
+}
+
+function drainLane(up: Upstream): void {
+  while (up.laneHolder === null && up.laneQueue.length) {
+    const next = up.laneQueue.shift()!;
+    up.laneGranting = true;
+    try {
+      guarded(up.server.proxy, up.server.config.name, 'a queued request', next);
+    } finally {
+      up.laneGranting = false;
+    }
+  }
+}
+
+// Input requests (MRTR) ───────
+
+/**
+ * A child→client request while a modern call holds the lane. A capability the request did not declare gets
+ * -32021 on the child's request and the call goes on (the child decides what that means). Otherwise it joins
+ * this turn's round; the round is sent once the turn ends, so requests sent together are asked together.
+ */
+function askClient(call: ModernCall, msg: JsonRpcMessage): void {
+  const { up } = call;
+  const id = msg.id as JsonRpcId;
+  const method = msg.method!;
+  const cap = CAPABILITY_FOR_METHOD[method];
+  if (!INPUT_METHODS.has(method) || !cap) return void writeToChild(up, errorText(id, METHOD_NOT_FOUND, 'Method not found'));
+  if (!call.session.caps[cap]) {
+    const error = { code: MISSING_CLIENT_CAPABILITY, message: `Missing required client capability: ${cap}`, data: { requiredCapabilities: { [cap]: {} } } };
+    return void writeToChild(up, JSON.stringify({ jsonrpc: '2.0', id, error }));
+  }
+  const key = String(id);
+  if (call.asked.has(key) || call.asked.size >= up.server.proxy.limits.maxServerRequestsPerChild) {
+    return void writeToChild(up, errorText(id, INVALID_REQUEST, 'Duplicate or too many input requests'));
+  }
+  const params = { ...msg.params };
+  delete params.elicitationId; // removed in 2026-07-28 (URL mode carries no id)
+  call.asked.set(key, { childId: id, method, params });
+  up.serverRequests.set(id, { session: call.session, proxyId: key });
+  if (call.askScheduled) return;
+  call.askScheduled = true;
+  setImmediate(() => guarded(up.server.proxy, up.server.config.name, 'an input request', () => sendRound(call)));
+}
+
+/**
+ * Answers the waiting HTTP request with input_required: the child's requests, keyed by the child's own ids,
+ * and a requestState that names this held call and round. The call then waits for the retry, bounded by
+ * continuationTtlMs (then it is cancelled on the child and the lane moves on).
+ */
+function sendRound(call: ModernCall): void {
+  call.askScheduled = false;
+  const exchange = call.exchange;
+  if (call.finished || call.asked.size === 0) return;
+  if (!exchange || exchange.done) return cancelCall(call, 'client gone');
+  const proxy = call.up.server.proxy;
+  const inputRequests = Object.fromEntries([...call.asked].map(([key, { method, params }]) => [key, { method, params }]));
+  call.round++;
+  if (!call.continuation) {
+    call.continuation = randomBytes(16).toString('base64url');
+    proxy.continuations.set(call.continuation, call);
+  }
+  const expiresMs = Date.now() + proxy.limits.continuationTtlMs;
+  if (call.expiry) clearTimeout(call.expiry);
+  call.expiry = setTimeout(() => guarded(proxy, call.up.server.config.name, 'an input request expiring', () => cancelCall(call, 'input not given in time')), proxy.limits.continuationTtlMs);
+  call.expiry.unref();
+  const requestState = signState(proxy, { c: call.continuation, r: call.round, p: principalOf(call.credential), m: call.method, d: call.digest, e: expiresMs });
+  call.exchange = null;
+  const pending = call.up.pending.get(call.childId);
+  if (pending) pending.exchange = null;
+  const text = resultText(call.clientId, { resultType: 'input_required', inputRequests, requestState, _meta: { [META_SERVER_INFO]: serverInfoOf(call.up) } });
+  if (exchange.sse) {
+    exchange.remaining = 1;
+    return answerExchange(exchange, text);
+  }
+  exchange.done = true;
+  if (!exchange.res.destroyed) sendJson(exchange.res, 200, text);
+}
+
+/**
+ * A retry of a call that was answered input_required. Its requestState must verify (HMAC), be unexpired, name
+ * this principal, method and params, and name the round the held call waits on; anything else is -32602 and
+ * touches nothing (a replayed state names a round already answered). The answers go to the child; the
+ * requests it does not answer are asked again (basic/patterns/mrtr §Missing Responses).
+ */
+function resumeCall(up: Upstream, msg: JsonRpcMessage, accepts: Accepts, res: http.ServerResponse, credential: string): void {
+  const id = msg.id as JsonRpcId;
+  const params = msg.params!;
+  const refuse = (why: string) => reject(res, 400, INVALID_PARAMS, `Invalid params: ${why}`, {}, id);
+  const state = verifyState(up.server.proxy, params.requestState);
+  if (!state) return refuse('requestState is not valid');
+  if (state.e <= Date.now()) return refuse('requestState has expired');
+  if (state.p !== principalOf(credential) || state.m !== msg.method || state.d !== paramsDigest(params)) {
+    return refuse('requestState was issued for another request');
+  }
+  const call = up.server.proxy.continuations.get(state.c);
+  if (!call || call.finished || call.up !== up || call.round !== state.r || call.exchange) {
+    return refuse('requestState names no call waiting for input (answered already, expired, or its server restarted)');
+  }
+  const responses = params.inputResponses;
+  if (responses !== undefined && !isObject(responses)) return refuse('inputResponses must be an object');
+  call.clientId = id;
+  call.exchange = modernExchange(call, accepts, res, wantsProgress(msg));
+  const pending = up.pending.get(call.childId);
+  if (pending) {
+    pending.exchange = call.exchange;
+    pending.clientId = id;
+  }
+  if (call.expiry) clearTimeout(call.expiry);
+  call.expiry = null;
+  if (call.lateAnswer) return finishCall(call, call.lateAnswer.text, call.lateAnswer.status);
+  for (const [key, { childId }] of [...call.asked]) {
+    const response = responses?.[key];
+    if (!isObject(response)) continue;
+    call.asked.delete(key);
+    up.serverRequests.delete(childId);
+    writeToChild(up, resultText(childId, response));
+  }
+  if (call.asked.size && !call.askScheduled) {
+    call.askScheduled = true;
+    setImmediate(() => guarded(up.server.proxy, up.server.config.name, 'an input request', () => sendRound(call)));
+  }
+}
+
+type StatePayload = { c: string; r: number; p: string; m: string; d: string; e: number };
+
+function signState(proxy: Proxy, payload: StatePayload): string {
+  const body = Buffer.from(JSON.stringify(payload)).toString('base64url');
+  return `${body}.${createHmac('sha256', stateKey(proxy)).update(body).digest('base64url')}`;
+}
+
+function verifyState(proxy: Proxy, value: unknown): StatePayload | null {
+  if (typeof value !== 'string' || value.length > MAX_REQUEST_STATE_CHARS) return null;
+  const dot = value.indexOf('.');
+  if (dot === -1) return null;
+  const body = value.slice(0, dot);
+  const mac = Buffer.from(value.slice(dot + 1), 'base64url');
+  const expected = createHmac('sha256', stateKey(proxy)).update(body).digest();
+  if (mac.length !== expected.length || !timingSafeEqual(mac, expected)) return null;
+  try {
+    const payload = JSON.parse(Buffer.from(body, 'base64url').toString('utf8'));
+    if (!isObject(payload) || typeof payload.c !== 'string' || typeof payload.r !== 'number' || typeof payload.e !== 'number') return null;
+    return payload as StatePayload;
+  } catch {
+    return null;
+  }
+}
+
+/** Who the state was issued to, without putting the credential (a token digest) in a client-visible string. */
+function principalOf(credential: string): string {
+  return createHash('sha256').update(`principal:${credential}`).digest('base64url').slice(0, 22);
+}
+
+/** A digest of the call's params minus what a retry adds; keys sorted, so a client's re-serialisation matches. */
+function paramsDigest(params: Record<string, unknown>): string {
+  const { _meta, inputResponses, requestState, ...rest } = params;
+  return createHash('sha256').update(canonicalJson(rest)).digest('base64url');
+}
+
+function canonicalJson(value: unknown): string {
+  if (Array.isArray(value)) return `[${value.map(canonicalJson).join(',')}]`;
+  if (!isObject(value)) return JSON.stringify(value) ?? 'null';
+  return `{${Object.keys(value).sort().map((key) => `${JSON.stringify(key)}:${canonicalJson(value[key])}`).join(',')}}`;
+}
+
+/**
+ * The HMAC key: made once and kept in the state directory (0600), so states survive a restart of the proxy
+ * as bytes (the call they name does not: it is refused as unknown). Unwritable directory: a key for this run.
+ */
+function stateKey(proxy: Proxy): Buffer {
+  if (proxy.stateKey) return proxy.stateKey;
+  const path = join(proxy.options.stateDir, REQUEST_STATE_KEY_FILE);
+  try {
+    mkdirSync(proxy.options.stateDir, { recursive: true, mode: 0o700 });
+    try {
+      const fd = openSync(path, 'wx', 0o600);
+      writeSync(fd, randomBytes(REQUEST_STATE_KEY_BYTES));
+      fsyncSync(fd);
+      closeSync(fd);
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code !== 'EEXIST') throw err;
+    }
+    const key = Buffer.from(readBounded(path, REQUEST_STATE_KEY_BYTES * 2), 'latin1');
+    if (key.length < REQUEST_STATE_KEY_BYTES) throw new Error('short key file');
+    proxy.stateKey = key;
+  } catch (err) {
+    proxy.log.warn('proxy', `cannot keep the requestState key in ${proxy.options.stateDir} (${(err as NodeJS.ErrnoException).code ?? describeError(err)}); using one for this run`);
+    proxy.stateKey = randomBytes(REQUEST_STATE_KEY_BYTES);
+  }
+  return proxy.stateKey;
+}
+
+// subscriptions/listen ───────
+
+/**
+ * A listen stream (basic/patterns/subscriptions): the acknowledgement first, naming what will be honoured
+ * (only what the child can send), then the matching notifications, each with the listen id in its _meta.
+ * Resource subscriptions are reference-counted on the child with the legacy sessions' (section 6).
+ */
+function openListener(up: Upstream, msg: JsonRpcMessage, accepts: Accepts, res: http.ServerResponse, credential: string): void {
+  const id = msg.id as JsonRpcId;
+  const limits = up.server.proxy.limits;
+  if (!accepts.sse) return reject(res, 406, SERVER_ERROR, 'Not Acceptable: subscriptions/listen answers with text/event-stream', {}, id);
+  const wanted = isObject(msg.params?.notifications) ? msg.params.notifications : null;
+  if (!wanted) return reject(res, 400, INVALID_PARAMS, 'Invalid params: notifications must be an object', {}, id);
+  const uris = Array.isArray(wanted.resourceSubscriptions) ? wanted.resourceSubscriptions : [];
+  if (uris.length > limits.maxSubscriptionsPerSession || uris.some((uri) => typeof uri !== 'string' || uri.length > limits.maxSubscriptionUriChars)) {
+    return reject(res, 400, INVALID_PARAMS, 'Invalid params: too many or invalid resourceSubscriptions', {}, id);
+  }
+  if (up.listeners.size >= limits.maxSessionsPerServer) {
+    return reject(res, 503, SERVER_ERROR, 'Too many listen streams; retry later', { 'Retry-After': String(limits.retryAfterS) }, id);
+  }
+  const caps = isObject(up.initResult?.capabilities) ? up.initResult.capabilities : {};
+  const can = (name: string, flag: string) => isObject(caps[name]) && caps[name][flag] === true;
+  const honoured: Record<string, unknown> = {};
+  if (wanted.toolsListChanged === true && can('tools', 'listChanged')) honoured.toolsListChanged = true;
+  if (wanted.promptsListChanged === true && can('prompts', 'listChanged')) honoured.promptsListChanged = true;
+  if (wanted.resourcesListChanged === true && can('resources', 'listChanged')) honoured.resourcesListChanged = true;
+  const subscribed = can('resources', 'subscribe') ? [...new Set(uris as string[])] : [];
+  if (subscribed.length) honoured.resourceSubscriptions = subscribed;
+  const listener: Listener = { up, id, credential, honoured, uris: new Set(subscribed), stream: null! };
+  listener.stream = openStream(up.server.proxy, res, {}, () => dropListener(listener));
+  up.listeners.add(listener);
+  for (const uri of listener.uris) {
+    const count = up.subscriptions.get(uri) ?? 0;
+    up.subscriptions.set(uri, count + 1);
+    if (count === 0) sendOwnRequest(up, 'resources/subscribe', { uri });
+  }
+  writeEvent(listener.stream, JSON.stringify({
+    jsonrpc: '2.0', method: 'notifications/subscriptions/acknowledged',
+    params: { notifications: honoured, _meta: { [META_SUBSCRIPTION_ID]: id } },
+  }));
+}
+
+function dropListener(listener: Listener): void {
+  const up = listener.up;
+  if (!up.listeners.delete(listener)) return;
+  for (const uri of listener.uris) releaseSubscription(up, uri);
+}
+
+/** A child notification to every listen stream that asked for its kind (routeChildNotification calls this). */
+function notifyListeners(up: Upstream, msg: JsonRpcMessage): void {
+  const flag = LISTEN_FLAG[msg.method!];
+  const uri = msg.method === 'notifications/resources/updated' ? msg.params?.uri : undefined;
+  if (!flag && uri === undefined) return;
+  for (const listener of up.listeners) {
+    if (flag ? listener.honoured[flag] !== true : !listener.uris.has(uri as string)) continue;
+    const params = { ...msg.params, _meta: { ...(isObject(msg.params?._meta) ? msg.params._meta : {}), [META_SUBSCRIPTION_ID]: listener.id } };
+    writeEvent(listener.stream, JSON.stringify({ jsonrpc: '2.0', method: msg.method, params }));
+  }
+}
+
+const LISTEN_FLAG: Readonly<Record<string, string>> = {
+  'notifications/tools/list_changed': 'toolsListChanged',
+  'notifications/prompts/list_changed': 'promptsListChanged',
+  'notifications/resources/list_changed': 'resourcesListChanged',
+};
+
+/** Ends every listen stream of a child gracefully: the listen request's result, then the end of the stream. */
+function endListeners(up: Upstream): void {
+  for (const listener of [...up.listeners]) {
+    writeEvent(listener.stream, resultText(listener.id, { resultType: 'complete', _meta: { [META_SUBSCRIPTION_ID]: listener.id } }));
+    closeStream(listener.stream);
+  }
+}
+
+// ── 9. OAuth: metadata, registration, consent, tokens ───────────────────────────────────────────────────
 //
 // A built-in OAuth 2.1 authorization server (draft-ietf-oauth-v2-1), on only when the operator sets a
 // passphrase (MCP_PROXY_PASSWORD) and the public URL: Claude.ai's connectors authenticate with OAuth or not at
@@ -4218,7 +4951,7 @@ function routeOAuth(proxy: Proxy, req: http.IncomingMessage, res: http.ServerRes
   return false;
 }
 
-// ── 9. Lifecycle: start, shutdown ───────────────────────────────────────────────────────────────────────
+// ── 10. Lifecycle: start, shutdown ──────────────────────────────────────────────────────────────────────
 
 /** What `startProxy` returns: the running proxy's handle for main() and the tests. */
 export type RunningProxy = {
@@ -4275,7 +5008,7 @@ export async function startProxy(config: Config, start: StartOptions = {}): Prom
       ...(oauth ? [oauth.publicUrl.hostname] : []),
     ]),
     connections: new Set(), backlogged: new Set(), maxConnections: connectionCap(limits.maxConnections), bodyBytesInFlight: 0, heldAnswerBytes: 0,
-    groups: new Map(), closed: null,
+    groups: new Map(), continuations: new Map(), stateKey: null, closed: null,
   };
   proxy.http.maxHeadersCount = limits.maxHeadersCount;
   if (proxy.maxConnections < FEW_CONNECTIONS) {
@@ -4393,7 +5126,7 @@ function defaultOptions(): Options {
     configPath: DEFAULT_CONFIG_PATH, host: DEFAULT_HOST, port: DEFAULT_PORT, tokens: [], allowUnauthenticated: false,
     allowedOrigins: [], corsOrigins: [], logLevel: 'info', packagesDir: undefined,
     publicUrl: undefined, baseDomain: undefined, passphrase: undefined, stateDir: defaultStateDir(process.env), oauthClient: undefined,
-    clientMetadataHosts: [], trustProxy: [],
+    clientMetadataHosts: [], trustProxy: [], strictProtocolHeader: false,
   };
 }
 
@@ -4456,6 +5189,7 @@ async function removeServer(proxy: Proxy, name: string): Promise<void> {
   proxy.servers.delete(name);
   const upstreams = [...server.upstreams];
   for (const session of [...server.sessions.values()]) endSession(session);
+  for (const up of upstreams) endListeners(up);
   await Promise.all(upstreams.map(stopUpstream));
 }
 
@@ -4539,7 +5273,7 @@ function closeProxy(proxy: Proxy): Promise<void> {
   return proxy.closed;
 }
 
-// ── 10. Doctor: replay Claude.ai's connect ──────────────────────────────────────────────────────────────
+// ── 11. Doctor: replay Claude.ai's connect ──────────────────────────────────────────────────────────────
 //
 // `doctor [URL]` does against a running proxy what Claude.ai does when a user adds a connector, step by
 // step, and says in plain words which step fails and why: the unauthenticated POST and its 401 challenge,
@@ -4825,7 +5559,7 @@ async function doctorCommand(target: string | undefined, options: Options): Prom
   process.exit(ok ? 0 : 1);
 }
 
-// ── 11. CLI and main ────────────────────────────────────────────────────────────────────────────────────
+// ── 12. CLI and main ────────────────────────────────────────────────────────────────────────────────────
 
 const USAGE = `Usage: node dist/proxy.js [check | healthcheck | hash-password | doctor [URL]] [options]
 
@@ -4851,6 +5585,8 @@ Options (each also as an environment variable):
   --cors-origin ORIGIN       send CORS headers to ORIGIN, repeatable      MCP_PROXY_CORS_ORIGINS (comma-separated)
   --log-level LEVEL          error | warn | info | debug  MCP_PROXY_LOG_LEVEL  (default info)
   --packages-dir DIR         run \`npx [-y] PKG\` from DIR/node_modules/PKG   MCP_PROXY_PACKAGES_DIR
+  --strict-protocol-header   refuse a 2026-07-28 request sent with MCP-Protocol-Version 2025-11-25
+                             (Claude's connector sends that pair)   MCP_PROXY_STRICT_PROTOCOL_HEADER=1
 
 OAuth for Claude.ai (on when a passphrase is set):
   MCP_PROXY_PASSWORD         the passphrase the consent page asks for, or its scrypt hash (hash-password)
@@ -4894,7 +5630,7 @@ export function parseCli(argv: readonly string[], env: Env, readFile: ReadFile =
     }
     const eq = arg.indexOf('=');
     const name = arg.startsWith('--') && eq !== -1 ? arg.slice(0, eq) : arg;
-    if (name === '--allow-unauthenticated') {
+    if (name === '--allow-unauthenticated' || name === '--strict-protocol-header') {
       flags.set(name, ['true']);
       continue;
     }
@@ -4927,6 +5663,7 @@ function buildOptions(command: Exclude<Command, 'help'>, flags: Map<string, stri
   const weak = tokenProblem(tokens);
   if (weak) return { error: `--token: ${weak}` };
   const allowRaw = flags.has('--allow-unauthenticated') ? 'true' : (env.MCP_PROXY_ALLOW_UNAUTHENTICATED ?? '');
+  const strictRaw = flags.has('--strict-protocol-header') ? 'true' : (env.MCP_PROXY_STRICT_PROTOCOL_HEADER ?? '');
   const options: Options = {
     configPath: one('--config', 'MCP_PROXY_CONFIG') ?? DEFAULT_CONFIG_PATH,
     host: one('--host', 'MCP_PROXY_HOST') ?? DEFAULT_HOST,
@@ -4944,6 +5681,7 @@ function buildOptions(command: Exclude<Command, 'help'>, flags: Map<string, stri
     oauthClient: undefined,
     clientMetadataHosts: list('--client-metadata-host', 'MCP_PROXY_CLIENT_METADATA_HOSTS').map((host) => host.toLowerCase()),
     trustProxy: list('--trust-proxy', 'MCP_PROXY_TRUST_PROXY'),
+    strictProtocolHeader: strictRaw === '1' || strictRaw.toLowerCase() === 'true',
   };
   const clientId = one('--oauth-client-id', 'MCP_PROXY_OAUTH_CLIENT_ID');
   if (clientId !== undefined) {

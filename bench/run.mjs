@@ -118,9 +118,10 @@ const TARGETS = [
   { key: "relay-stream", label: "two-hop relay Streamable", kind: "relay", transport: "streamable", path: "/echo/mcp" },
   { key: "ours-sse", label: "ours SSE", kind: "ours", transport: "sse", path: "/echo/sse" },
   { key: "ours-stream", label: "ours Streamable", kind: "ours", transport: "streamable", path: "/echo/mcp" },
+  { key: "ours-modern", label: "ours 2026-07-28 (sessionless)", kind: "ours", transport: "modern", path: "/echo/mcp" },
 ].filter((t) => !ONLY || ONLY.includes(t.key));
 if (!TARGETS.length) {
-  console.error("bench: ONLY selects no target (names: direct, http-sse, http-stream, relay-sse, relay-stream, ours-sse, ours-stream)");
+  console.error("bench: ONLY selects no target (names: direct, http-sse, http-stream, relay-sse, relay-stream, ours-sse, ours-stream, ours-modern)");
   process.exit(2);
 }
 

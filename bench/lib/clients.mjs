@@ -456,7 +456,7 @@ export class StreamableSession extends BaseSession {
     if (r.status < 200 || r.status >= 300) throw new BenchError("http", `POST notification -> HTTP ${r.status}: ${r.body.slice(0, 200)}`);
   }
 
-  request(msg, isInit = false) {
+  request(msg, isInit = false, extraHeaders = undefined) {
     const t0 = performance.now();
     const id = msg.id;
     const onResponse = (res, resolve, reject) => {
@@ -512,7 +512,7 @@ export class StreamableSession extends BaseSession {
     return httpRequestRetry({
       url: this.url,
       method: "POST",
-      headers: this.headers(),
+      headers: this.headers(extraHeaders),
       body: JSON.stringify(msg),
       agent: this.agent,
       timeoutMs: this.timeoutMs,
@@ -543,6 +543,41 @@ export class StreamableSession extends BaseSession {
         timeoutMs: 2000,
       }).catch(() => {});
     }
+  }
+}
+
+// ---------- MCP 2026-07-28: sessionless ----------
+// No initialize and no session: every request carries its version and capabilities in _meta and repeats the
+// method (and the tool name) in headers. open() probes server/discover once, as the SDK v2 client does.
+export const MODERN_PROTOCOL = "2026-07-28";
+const MODERN_META = {
+  "io.modelcontextprotocol/protocolVersion": MODERN_PROTOCOL,
+  "io.modelcontextprotocol/clientCapabilities": {},
+  "io.modelcontextprotocol/clientInfo": { name: "mcp-bench-load", version: "1.0.0" },
+};
+
+export class ModernSession extends StreamableSession {
+  headers(extra) {
+    return { "Content-Type": "application/json", Accept: "application/json, text/event-stream", "MCP-Protocol-Version": MODERN_PROTOCOL, ...AUTH, ...extra };
+  }
+
+  async open() {
+    const r = await this.call({ method: "server/discover", params: {} });
+    this.initAt = performance.now();
+    if (r.msg.error || !r.msg.result?.supportedVersions?.includes(MODERN_PROTOCOL)) {
+      throw new BenchError("rpc", `server/discover: ${JSON.stringify(r.msg.error ?? r.msg.result).slice(0, 200)}`);
+    }
+  }
+
+  call(body) {
+    const params = { ...body.params, _meta: { ...body.params?._meta, ...MODERN_META } };
+    const named = params.name ?? params.uri;
+    const extra = { "Mcp-Method": body.method, ...(typeof named === "string" ? { "Mcp-Name": named } : {}) };
+    return this.request({ jsonrpc: "2.0", id: this.newId(), ...body, params }, false, extra);
+  }
+
+  async close() {
+    this.closed = true;
   }
 }
 
@@ -645,6 +680,7 @@ export class DirectSession extends BaseSession {
 export function makeSession(transport, opts) {
   if (transport === "sse") return new SseSession(opts);
   if (transport === "streamable") return new StreamableSession(opts);
+  if (transport === "modern") return new ModernSession(opts);
   if (transport === "direct") return new DirectSession(opts);
   throw new Error(`unknown transport ${transport}`);
 }
