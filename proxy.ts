@@ -287,6 +287,8 @@ const MIN_SECRET_CHARS_ANYWHERE = 4;
 const STDOUT_EOF_GRACE_MS = 200;
 /** Longest key or id value remembered while scanning an oversized line for its top-level id. */
 const ID_SCAN_MAX_CHARS = 256;
+/** A per-server listTtlMs above a day is a typo, not a wish. */
+const MAX_LIST_TTL_MS = 24 * 3_600_000;
 /** A requestState we issue is ~250 characters; anything much longer is not one of ours. */
 const MAX_REQUEST_STATE_CHARS = 1024;
 
@@ -376,6 +378,8 @@ export type ServerConfig = Readonly<{
   clientCapabilities?: readonly ClientCapability[];
   /** Overrides limits.maxLineBytes for this server's stdout (a file server may answer with whole files). */
   maxLineBytes?: number;
+  /** Overrides limits.listTtlMs: how long 2026-07-28 clients may cache this server's lists (0: do not cache). */
+  listTtlMs?: number;
   /** Values that came from the environment or a file through `${…}`; masked in every log line. */
   secrets: readonly string[];
 }>;
@@ -631,7 +635,7 @@ type ModernCall = {
   session: Session;
   credential: string;
   method: string;
-  /** Of the params (requestState binds it). */
+  /** Of the params, when the call may be answered input_required (requestState binds it); else ''. */
   digest: string;
   /** The id of the HTTP request answered now (each retry has its own). */
   clientId: JsonRpcId;
@@ -655,7 +659,6 @@ type Listener = {
   up: Upstream;
   /** The listen request's id: every message on the stream carries it as its subscriptionId. */
   id: JsonRpcId;
-  credential: string;
   /** The acknowledged notification kinds. */
   honoured: Record<string, unknown>;
   uris: Set<string>;
@@ -976,6 +979,10 @@ function parseServer(name: string, entry: unknown, ctx: ParseContext): ServerCon
   if (maxLineBytes !== undefined && !(Number.isInteger(maxLineBytes) && (maxLineBytes as number) > 0 && (maxLineBytes as number) <= MAX_LINE_BYTES_CEILING)) {
     problem('maxLineBytes', maxLineBytes, `an integer from 1 to ${MAX_LINE_BYTES_CEILING}`);
   }
+  const listTtlMs = entry.listTtlMs;
+  if (listTtlMs !== undefined && !(Number.isInteger(listTtlMs) && (listTtlMs as number) >= 0 && (listTtlMs as number) <= MAX_LIST_TTL_MS)) {
+    problem('listTtlMs', listTtlMs, `an integer from 0 to ${MAX_LIST_TTL_MS} (milliseconds)`);
+  }
   // spawn() throws on a NUL in any of these; it can never start, so it is a config error, not a crash loop.
   const withNul = [['command', command ?? ''], ...args.map((arg, i) => [`args[${i}]`, arg]),
     ...Object.entries(env).map(([key, value]) => [`env.${key}`, value]), ['cwd', cwd ?? '']].find(([, v]) => v.includes('\0'));
@@ -984,7 +991,7 @@ function parseServer(name: string, entry: unknown, ctx: ParseContext): ServerCon
   return Object.freeze({
     name, command, args: Object.freeze(args), env: Object.freeze(env), cwd,
     sessions: sessions as ServerConfig['sessions'], roots, clientCapabilities, maxLineBytes: maxLineBytes as number | undefined,
-    secrets: Object.freeze(secrets),
+    listTtlMs: listTtlMs as number | undefined, secrets: Object.freeze(secrets),
   });
 }
 
@@ -3283,7 +3290,7 @@ async function handleModern(
   if (up.state !== 'ready' && !(await readyWithin(up, server.proxy.limits.startWaitMs))) return unavailable(res, up, id);
   if (res.destroyed) return;
   if (method === 'server/discover') return sendJson(res, 200, resultText(id, discoverResult(up)));
-  if (method === 'subscriptions/listen') return openListener(up, msg, accepts, res, credential);
+  if (method === 'subscriptions/listen') return openListener(up, msg, accepts, res);
   const state = msg.params?.requestState;
   if (state !== undefined) return resumeCall(up, msg, accepts, res, credential);
   startModernCall(up, msg, accepts, res, credential);
@@ -3373,7 +3380,7 @@ function serverInfoOf(up: Upstream): unknown {
  * one shared child answers every user alike; a read is per request (`private`, 0). Others carry none.
  */
 function cacheFields(up: Upstream, method: string): { ttlMs: number; cacheScope: 'public' | 'private' } | Record<string, never> {
-  if (LIST_METHODS.has(method)) return { ttlMs: up.server.proxy.limits.listTtlMs, cacheScope: 'public' };
+  if (LIST_METHODS.has(method)) return { ttlMs: up.server.config.listTtlMs ?? up.server.proxy.limits.listTtlMs, cacheScope: 'public' };
   if (method === 'resources/read') return { ttlMs: 0, cacheScope: 'private' };
   return {};
 }
@@ -3418,7 +3425,8 @@ function startModernCall(up: Upstream, msg: JsonRpcMessage, accepts: Accepts, re
     stream: null, subscriptions: null, serverRequests: null, exchanges: null, closed: false,
   };
   const call: ModernCall = {
-    up, session, credential, method: msg.method!, digest: paramsDigest(msg.params!), clientId: id, childId: -1,
+    // Only a call that may be answered input_required needs its params bound into a requestState.
+    up, session, credential, method: msg.method!, digest: mayAsk(up, msg.method!) ? paramsDigest(msg.params!) : '', clientId: id, childId: -1,
     exchange: null, asked: new Map(), askScheduled: false, round: 0, continuation: null, expiry: null, lateAnswer: null, finished: false,
   };
   session.call = call;
@@ -3731,14 +3739,15 @@ function stateKey(proxy: Proxy): Buffer {
     mkdirSync(proxy.options.stateDir, { recursive: true, mode: 0o700 });
     try {
       const fd = openSync(path, 'wx', 0o600);
-      writeSync(fd, randomBytes(REQUEST_STATE_KEY_BYTES));
+      writeSync(fd, randomBytes(REQUEST_STATE_KEY_BYTES).toString('hex'));
       fsyncSync(fd);
       closeSync(fd);
     } catch (err) {
       if ((err as NodeJS.ErrnoException).code !== 'EEXIST') throw err;
     }
-    const key = Buffer.from(readBounded(path, REQUEST_STATE_KEY_BYTES * 2), 'latin1');
-    if (key.length < REQUEST_STATE_KEY_BYTES) throw new Error('short key file');
+    const text = readBounded(path, REQUEST_STATE_KEY_BYTES * 2).trim();
+    if (!/^[0-9a-f]+$/.test(text) || text.length < REQUEST_STATE_KEY_BYTES * 2) throw new ProxyError('STATE_KEY', 'the key file is not 64 hex digits');
+    const key = Buffer.from(text, 'hex');
     proxy.stateKey = key;
   } catch (err) {
     proxy.log.warn('proxy', `cannot keep the requestState key in ${proxy.options.stateDir} (${(err as NodeJS.ErrnoException).code ?? describeError(err)}); using one for this run`);
@@ -3754,7 +3763,7 @@ function stateKey(proxy: Proxy): Buffer {
  * (only what the child can send), then the matching notifications, each with the listen id in its _meta.
  * Resource subscriptions are reference-counted on the child with the legacy sessions' (section 6).
  */
-function openListener(up: Upstream, msg: JsonRpcMessage, accepts: Accepts, res: http.ServerResponse, credential: string): void {
+function openListener(up: Upstream, msg: JsonRpcMessage, accepts: Accepts, res: http.ServerResponse): void {
   const id = msg.id as JsonRpcId;
   const limits = up.server.proxy.limits;
   if (!accepts.sse) return reject(res, 406, SERVER_ERROR, 'Not Acceptable: subscriptions/listen answers with text/event-stream', {}, id);
@@ -3775,7 +3784,7 @@ function openListener(up: Upstream, msg: JsonRpcMessage, accepts: Accepts, res: 
   if (wanted.resourcesListChanged === true && can('resources', 'listChanged')) honoured.resourcesListChanged = true;
   const subscribed = can('resources', 'subscribe') ? [...new Set(uris as string[])] : [];
   if (subscribed.length) honoured.resourceSubscriptions = subscribed;
-  const listener: Listener = { up, id, credential, honoured, uris: new Set(subscribed), stream: null! };
+  const listener: Listener = { up, id, honoured, uris: new Set(subscribed), stream: null! };
   listener.stream = openStream(up.server.proxy, res, {}, () => dropListener(listener));
   up.listeners.add(listener);
   for (const uri of listener.uris) {

@@ -31,7 +31,7 @@
 //                 (default: initialize only, like Claude.ai, which holds no stream)
 //   COLD_TRIALS=3 cold-start trials (median printed; QUICK: 1)
 //   ROUNDS=10     leak-check rounds;  LEAK_C = concurrency in leak rounds (default max CONCS)
-//   ONLY=direct,http-sse,http-stream,relay-sse,relay-stream,ours-sse,ours-stream   run a subset of targets
+//   ONLY=direct,http-sse,http-stream,relay-sse,relay-stream,ours-sse,ours-stream,ours-modern   run a subset
 //   PHASES=cold,load,idle   run a subset of phases (cold start, load matrix, idle sessions)
 //   TIMEOUT_MS=10000 per-request timeout;  MAX_MINUTES=40 watchdog for the whole run
 //   OUT=file.json also write the raw results as JSON
@@ -593,9 +593,11 @@ function mainTable(res) {
     ["http-stream", null],
     ["relay-stream", null],
     ["ours-stream", ["http-stream", "direct", "relay-stream"]],
+    ["ours-modern", ["ours-stream"]],
   ];
   const head = ["metric", "direct stdio", "HTTP floor SSE", "relay SSE", "ours SSE", "÷ HTTP floor", "÷ direct", "÷ relay",
-    "HTTP floor Streamable", "relay Streamable", "ours Streamable", "÷ HTTP floor", "÷ direct", "÷ relay"];
+    "HTTP floor Streamable", "relay Streamable", "ours Streamable", "÷ HTTP floor", "÷ direct", "÷ relay",
+    "ours 2026-07-28", "÷ ours Streamable"];
   const out = [`| ${head.join(" | ")} |`, `|${head.map((_, i) => (i ? "---:" : "---")).join("|")}|`];
   // row(label, f(result) -> number | string, digits, withRatios)
   const row = (label, f, digits = 0, withRatios = true) => {
@@ -713,7 +715,8 @@ async function main() {
   // Phase order: cold start (quiet machine), load matrix, idle sessions.
   if (PHASES.includes("cold")) for (const t of TARGETS) await phaseColdStart(t, res[t.key]);
   if (PHASES.includes("load")) for (const t of TARGETS) await phaseLoad(t, res[t.key]);
-  if (PHASES.includes("idle")) for (const t of TARGETS) await phaseIdle(t, res[t.key]);
+  // 2026-07-28 has no sessions to hold idle.
+  if (PHASES.includes("idle")) for (const t of TARGETS) if (t.transport !== "modern") await phaseIdle(t, res[t.key]);
   const notes = [];
   if (PHASES.includes("idle") && SESSIONS < 2000) notes.push(`- SESSIONS=${SESSIONS}: at small N the KB per idle session is mostly heap noise; use SESSIONS ≥ 2000 for that row.`);
   for (const t of TARGETS) {
