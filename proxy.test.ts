@@ -32,6 +32,7 @@ import {
   ListRootsRequestSchema,
   ResourceUpdatedNotificationSchema,
 } from '@modelcontextprotocol/sdk/types.js';
+import { Client as V2Client, StreamableHTTPClientTransport as V2StreamableTransport } from '@modelcontextprotocol/client';
 import fc from 'fast-check';
 import { chromium } from 'playwright-core';
 import {
@@ -348,6 +349,13 @@ function onMessage(msg) {
   if (msg.method === 'ping') return reply(msg.id, {});
   if (msg.method === 'resources/subscribe' || msg.method === 'resources/unsubscribe') return reply(msg.id, {});
   if (msg.method === 'tools/list') return reply(msg.id, { tools: [{ name: 'do', inputSchema: { type: 'object' } }] });
+  // resources/read: fixture://missing is 2025's "resource not found" (-32002); any other URI is answered with
+  // the params exactly as the child received them (JSON in the text).
+  if (msg.method === 'resources/read') {
+    const uri = msg.params && msg.params.uri;
+    if (uri === 'fixture://missing') return send({ jsonrpc: '2.0', id: msg.id, error: { code: -32002, message: 'Resource not found', data: { uri } } });
+    return reply(msg.id, { contents: [{ uri, mimeType: 'application/json', text: JSON.stringify(msg.params) }] });
+  }
   if (msg.method !== 'tools/call') return send({ jsonrpc: '2.0', id: msg.id, error: { code: -32601, message: 'Method not found' } });
   const a = (msg.params && msg.params.arguments) || {};
   switch (a.what) {
@@ -1029,6 +1037,10 @@ describe('1. Limits and defaults', () => {
       httpRequestTimeoutMs: 60_000,
       connectionsCheckIntervalMs: 1_000,
       maxHeadersCount: 100,
+      startWaitMs: 30_000,
+      continuationTtlMs: 120_000,
+      listTtlMs: 60_000,
+      maxLaneQueue: 256,
     };
     const actual = DEFAULT_LIMITS as unknown as Record<string, unknown>;
     for (const [key, value] of Object.entries(documented)) assert.equal(actual[key], value, key);
@@ -1374,12 +1386,21 @@ describe('4. Config: load, validate', () => {
   });
 
   // Regression: a shared child gets only the client capabilities the operator enables.
-  it('parseConfig() accepts "clientCapabilities" of sampling and elicitation only, naming server and field otherwise', () => {
-    const ok = parse({ mcpServers: { a: { command: 'x', clientCapabilities: ['sampling', 'elicitation'] }, b: { command: 'y', clientCapabilities: ['elicitation'] } } });
+  it('parseConfig() accepts "clientCapabilities" of sampling, elicitation and roots only ("roots" not with "roots" directories), naming server and field otherwise', () => {
+    const ok = parse({ mcpServers: {
+      a: { command: 'x', clientCapabilities: ['sampling', 'elicitation'] }, b: { command: 'y', clientCapabilities: ['elicitation'] },
+      c: { command: 'z', clientCapabilities: ['roots'] },
+    } });
     assert.deepEqual(ok.errors, []);
     assert.deepEqual([...(byName(ok.config!.servers, 'a') as Json).clientCapabilities], ['sampling', 'elicitation']);
     assert.deepEqual([...(byName(ok.config!.servers, 'b') as Json).clientCapabilities], ['elicitation']);
-    for (const bad of [['roots'], ['sampling', 'tools'], 'sampling', [5], { sampling: {} }]) {
+    assert.deepEqual([...(byName(ok.config!.servers, 'c') as Json).clientCapabilities], ['roots']);
+    // Asking the clients for their roots and naming the server's own roots contradict each other.
+    const both = parse({ mcpServers: { srv9: { command: 'x', clientCapabilities: ['roots'], roots: ['/srv/data'] } } });
+    assert.equal(both.config, null);
+    assert.equal(both.errors.length, 1, both.errors.join(' | '));
+    assert.match(both.errors[0]!, /^config\.json: mcpServers\.srv9\.clientCapabilities: "roots"/, both.errors[0]);
+    for (const bad of [['tools'], ['sampling', 'tools'], 'sampling', [5], { sampling: {} }]) {
       const { config, errors } = parse({ mcpServers: { srv9: { command: 'x', clientCapabilities: bad } } });
       assert.equal(config, null, JSON.stringify(bad));
       assert.equal(errors.length, 1, `${JSON.stringify(bad)}: ${errors.join(' | ')}`);
@@ -2826,12 +2847,14 @@ describe('7. HTTP: guards, /mcp, /sse, health', () => {
       assert.deepEqual(onlyMessage(both), { jsonrpc: '2.0', id: 9, result: {} });
     });
 
-    it('an unsupported MCP-Protocol-Version → 400; any supported one is accepted', async () => {
+    it('an unsupported MCP-Protocol-Version → 400; any supported one is accepted; 2026-07-28 without a claim in _meta → 400 -32602 (the modern path)', async () => {
       const sid = await rawSession(h.url, 'fix', '2025-06-18');
-      for (const v of ['1999-01-01', '2026-07-28', 'banana']) {
+      for (const v of ['1999-01-01', 'banana']) {
         const res = await post(mcp, ping(1), sessionHeaders(sid, { 'mcp-protocol-version': v }));
         assertRpcError(res, 400, -32000);
       }
+      const modernHeader = await post(mcp, ping(1), sessionHeaders(sid, { 'mcp-protocol-version': '2026-07-28' }));
+      assert.equal(assertRpcError(modernHeader, 400, -32602).id, 1);
       for (const v of SUPPORTED_PROTOCOL_VERSIONS) {
         const res = await post(mcp, ping(2), sessionHeaders(sid, { 'mcp-protocol-version': v }));
         assert.equal(res.status, 200, `${v}: ${res.text}`);
@@ -4001,6 +4024,584 @@ describe('7. HTTP: guards, /mcp, /sse, health', () => {
       assert.equal(res.status, 200, `POST ${i} while 4 × 64 KiB are declared: ${res.status} ${res.text.slice(0, 120)}`);
       assert.equal(JSON.parse(res.text).id, `v${i}`);
     }
+  });
+});
+
+// ── 8. MCP 2026-07-28: sessionless requests, discover, listen, input requests ─────────────────────────────
+//
+// Raw HTTP for the wire rules (headers, _meta, ids, status codes, event streams), the official SDK v2 client
+// (@modelcontextprotocol/client) in 'auto' and pinned modes for what a real 2026 client does, next to the
+// 1.x clients on the same URL.
+
+const MODERN = '2026-07-28';
+const META_VERSION = 'io.modelcontextprotocol/protocolVersion';
+const META_CAPS = 'io.modelcontextprotocol/clientCapabilities';
+const META_CLIENT_INFO = 'io.modelcontextprotocol/clientInfo';
+const META_SERVER_INFO = 'io.modelcontextprotocol/serverInfo';
+/** Params whose value must also travel in Mcp-Name (streamable-http §Server Validation). */
+const NAMED: Record<string, string> = { 'tools/call': 'name', 'resources/read': 'uri', 'prompts/get': 'name' };
+
+/** A 2026-07-28 request: `_meta` carries the version, capabilities and client info (plus `meta`, which wins). */
+function modernMsg(id: number | string | undefined, method: string, params: Json = {}, meta: Json = {}): Json {
+  const msg: Json = {
+    jsonrpc: '2.0',
+    method,
+    params: { ...params, _meta: { [META_VERSION]: MODERN, [META_CAPS]: {}, [META_CLIENT_INFO]: { name: 'raw-modern', version: '1.0.0' }, ...meta } },
+  };
+  if (id !== undefined) msg.id = id;
+  return msg;
+}
+
+/** The headers a conforming 2026 client sends for `msg`: MCP-Protocol-Version, Mcp-Method, Mcp-Name. */
+function modernHeaders(msg: Json): Record<string, string> {
+  const headers: Record<string, string> = { 'mcp-protocol-version': MODERN, 'mcp-method': msg.method };
+  const param = NAMED[msg.method];
+  if (param && typeof msg.params?.[param] === 'string') headers['mcp-name'] = msg.params[param];
+  return headers;
+}
+
+/** The request headers for a modern POST: JSON + the modern headers, then `overrides` (undefined removes one). */
+function modernRequestHeaders(msg: Json, overrides: Record<string, string | undefined> = {}): Record<string, string> {
+  const merged: Record<string, string | undefined> = { ...JSON_HEADERS, ...modernHeaders(msg), ...overrides };
+  return Object.fromEntries(Object.entries(merged).filter((e): e is [string, string] => e[1] !== undefined));
+}
+
+/** POSTs a modern body with the headers a conforming client sends, changed by `overrides`. */
+function postModern(url: string, msg: Json, overrides: Record<string, string | undefined> = {}): Promise<RawResponse> {
+  return request(url, { method: 'POST', headers: modernRequestHeaders(msg, overrides), body: JSON.stringify(msg) });
+}
+
+/** A POST left open: `abort()` drops its connection (a client gone before the answer). */
+function startPost(url: string, msg: Json, headers: Record<string, string>): { response: Promise<RawResponse | Error>; abort(): void } {
+  let req: http.ClientRequest | undefined;
+  const response = new Promise<RawResponse | Error>((resolve) => {
+    req = http.request(url, { method: 'POST', headers, agent: false }, (res) => {
+      const chunks: Buffer[] = [];
+      res.on('data', (c: Buffer) => chunks.push(c));
+      res.on('end', () => resolve({ status: res.statusCode ?? 0, headers: res.headers, text: Buffer.concat(chunks).toString('utf8') }));
+      res.on('error', resolve);
+    });
+    req.on('error', resolve);
+    req.end(JSON.stringify(msg));
+  });
+  return { response, abort: () => req!.destroy() };
+}
+
+/** The error answer of a modern request: status, code, and the request's own id. */
+function assertModernError(res: RawResponse, status: number, code: number, id: number | string): Json {
+  const body = assertRpcError(res, status, code);
+  assert.deepEqual(body.id, id, `the error carries the request's id (body: ${res.text})`);
+  return body;
+}
+
+/** The child-side ids of the fixture's "hang ID" lines. */
+const hungIds = (log: string): string[] => fileLines(log).filter((l) => l.startsWith('hang ')).map((l) => l.slice(5));
+
+type V2Exchange = { method: string; body: Json; status?: number; sessionId?: string | null };
+
+/** An SDK v2 client ('auto': probe, then fall back; 'pin': 2026-07-28 only) with every HTTP exchange recorded. */
+async function v2Client(t: TestContext, url: string, mode: 'auto' | 'pin'): Promise<{ client: V2Client; wire: V2Exchange[] }> {
+  const wire: V2Exchange[] = [];
+  const tracingFetch = async (input: string | URL, init: RequestInit = {}): Promise<Response> => {
+    const exchange: V2Exchange = { method: init.method ?? 'GET', body: typeof init.body === 'string' ? JSON.parse(init.body) : undefined };
+    wire.push(exchange);
+    const res = await fetch(input, init);
+    exchange.status = res.status;
+    exchange.sessionId = res.headers.get('mcp-session-id');
+    return res;
+  };
+  const client = new V2Client(
+    { name: 'proxy-test-v2', version: '1.0.0' },
+    { versionNegotiation: { mode: mode === 'pin' ? { pin: MODERN } : 'auto', probe: { timeoutMs: 10_000 } } },
+  );
+  t.after(() => client.close().catch(() => {}));
+  await client.connect(new V2StreamableTransport(new URL(url), { fetch: tracingFetch }), { timeout: 15_000 });
+  return { client, wire };
+}
+
+describe('8. MCP 2026-07-28: sessionless requests, discover, listen, input requests', () => {
+  it('both eras on one URL: SDK 1.x Streamable and SSE clients and SDK v2 clients (auto, pinned) call tools on one shared child, and all four call again after the child is killed and restarted; modern answers carry no Mcp-Session-Id', { timeout: 60_000 }, async (t) => {
+    const h = await harness(t, { servers: [everything()] }, { limits: FAST });
+    await h.proxy.ready(20_000);
+    const url = `${h.url}/everything/mcp`;
+    const v1Streamable = await h.client('everything', 'mcp');
+    const v1Sse = await h.client('everything', 'sse');
+    const auto = await v2Client(t, url, 'auto');
+    const pinned = await v2Client(t, url, 'pin');
+    assert.equal(auto.client.getProtocolEra(), 'modern', 'the auto client found the modern era on the legacy URL');
+    assert.equal(pinned.client.getProtocolEra(), 'modern');
+    const v1Text = async (c: Client, msg: string) => textOf(await c.callTool({ name: 'echo', arguments: { message: msg } }));
+    const v2Text = async (c: V2Client, msg: string) => textOf(await c.callTool({ name: 'echo', arguments: { message: msg } }));
+    const callAll = async (round: string) => {
+      assert.deepEqual(
+        await Promise.all([v1Text(v1Streamable, `${round} 1`), v1Text(v1Sse, `${round} 2`), v2Text(auto.client, `${round} 3`), v2Text(pinned.client, `${round} 4`)]),
+        [`Echo: ${round} 1`, `Echo: ${round} 2`, `Echo: ${round} 3`, `Echo: ${round} 4`],
+      );
+    };
+    await callAll('before');
+    const oldPid = h.proxy.status().everything!.pid!;
+    process.kill(oldPid, 'SIGKILL');
+    await waitFor(() => {
+      const s = h.proxy.status().everything!;
+      return s.state === 'ready' && s.pid !== null && s.pid !== oldPid;
+    }, 15_000, 'the child restarted and ready');
+    await callAll('after');
+    for (const { wire } of [auto, pinned]) {
+      const posts = wire.filter((e) => e.method === 'POST');
+      assert.equal(posts[0]!.body.method, 'server/discover', 'the v2 client probes first');
+      assert.ok(posts.every((e) => e.body.method !== 'initialize'), 'no initialize on the modern path');
+      assert.ok(posts.length >= 3, `probe and two calls: ${posts.length}`);
+      for (const e of posts) {
+        assert.equal(e.status, 200, `${e.body.method} answered 200`);
+        assert.equal(e.sessionId, null, `${e.body.method}: a modern answer has no Mcp-Session-Id`);
+      }
+    }
+  });
+
+  it('validation: -32022 (unsupported version, with supported/requested), -32020 (MCP-Protocol-Version, Mcp-Method, Mcp-Name mismatches; the =?base64?…?= name is accepted), -32602 (no clientCapabilities, non-string version), 404 -32601 (initialize, ping, logging/setLevel, resources/subscribe, unknown); every error keeps the request id; a notification gets 202', { timeout: 30_000 }, async (t) => {
+    const h = await harness(t, { servers: [fixture('fix')] }, { limits: FAST });
+    await h.proxy.ready(10_000);
+    const url = `${h.url}/fix/mcp`;
+    const echo = (id: number | string, meta: Json = {}) => modernMsg(id, 'tools/call', { name: 'do', arguments: { what: 'echo', text: 'hi' } }, meta);
+    for (const id of ['req-α', 7]) {
+      // Unsupported version: the header repeats it (so the only fault is the version).
+      const unsupported = await postModern(url, echo(id, { [META_VERSION]: '2027-01-01' }), { 'mcp-protocol-version': '2027-01-01' });
+      const body = assertModernError(unsupported, 400, -32022, id);
+      assert.deepEqual(body.error.data, { supported: [MODERN], requested: '2027-01-01' });
+
+      // MCP-Protocol-Version must equal the version in _meta (checked first: a 2026 header on another body
+      // version is a mismatch, not an unsupported version).
+      assertModernError(await postModern(url, echo(id), { 'mcp-protocol-version': '2027-01-01' }), 400, -32020, id);
+      assertModernError(await postModern(url, echo(id, { [META_VERSION]: '2027-01-01' })), 400, -32020, id);
+      assertModernError(await postModern(url, echo(id), { 'mcp-protocol-version': undefined }), 400, -32020, id);
+      // Mcp-Method: missing or not the method.
+      assertModernError(await postModern(url, echo(id), { 'mcp-method': undefined }), 400, -32020, id);
+      assertModernError(await postModern(url, echo(id), { 'mcp-method': 'tools/list' }), 400, -32020, id);
+      // Mcp-Name on tools/call: missing or not params.name.
+      assertModernError(await postModern(url, echo(id), { 'mcp-name': undefined }), 400, -32020, id);
+      assertModernError(await postModern(url, echo(id), { 'mcp-name': 'other' }), 400, -32020, id);
+      assertModernError(await postModern(url, echo(id), { 'mcp-name': `=?base64?${Buffer.from('other').toString('base64')}?=` }), 400, -32020, id);
+      // The encoded form of the right name is the right name.
+      const encoded = await postModern(url, echo(id), { 'mcp-name': `=?base64?${Buffer.from('do').toString('base64')}?=` });
+      assert.equal(encoded.status, 200, encoded.text);
+      assert.deepEqual(JSON.parse(encoded.text).id, id);
+      assert.equal(textOf(JSON.parse(encoded.text).result), 'hi');
+
+      // _meta: clientCapabilities is required; the version must be a string.
+      const noCaps = echo(id);
+      delete noCaps.params._meta[META_CAPS];
+      assertModernError(await postModern(url, noCaps), 400, -32602, id);
+      assertModernError(await postModern(url, echo(id, { [META_VERSION]: 20260728 })), 400, -32602, id);
+      // The 2026 header on a body that claims no version: a modern request without its _meta → -32602.
+      const unclaimed = { jsonrpc: '2.0', id, method: 'tools/call', params: { name: 'do', arguments: { what: 'echo', text: 'hi' } } };
+      assertModernError(await postModern(url, unclaimed), 400, -32602, id);
+
+      // Removed in 2026-07-28, and unknown: 404 -32601.
+      for (const [method, params] of [
+        ['initialize', { protocolVersion: MODERN, capabilities: {}, clientInfo: { name: 'x', version: '1' } }],
+        ['ping', {}],
+        ['logging/setLevel', { level: 'debug' }],
+        ['resources/subscribe', { uri: 'fixture://a' }],
+        ['no/such-method', {}],
+      ] as const) {
+        const res = await postModern(url, modernMsg(id, method, params));
+        assertModernError(res, 404, -32601, id);
+      }
+    }
+    // A notification has nothing to answer: 202, no body.
+    const note = await postModern(url, modernMsg(undefined, 'notifications/initialized'));
+    assert.equal(note.status, 202, note.text);
+    assert.equal(note.text, '');
+  });
+
+  it('the lenient pair: a 2026 body with MCP-Protocol-Version 2025-11-25 and no Mcp-Method/Mcp-Name is served by default and refused (-32020) with strictProtocolHeader; 2025-06-18 is always refused', { timeout: 30_000 }, async (t) => {
+    const lenientPair = { 'mcp-protocol-version': '2025-11-25', 'mcp-method': undefined, 'mcp-name': undefined };
+    const echo = (id: number | string) => modernMsg(id, 'tools/call', { name: 'do', arguments: { what: 'echo', text: 'claude' } });
+
+    const h = await harness(t, { servers: [fixture('fix')] }, { limits: FAST });
+    await h.proxy.ready(10_000);
+    const url = `${h.url}/fix/mcp`;
+    const served = await postModern(url, echo('l1'), lenientPair);
+    assert.equal(served.status, 200, served.text);
+    const result = JSON.parse(served.text);
+    assert.equal(result.id, 'l1');
+    assert.equal(textOf(result.result), 'claude');
+    assert.equal(result.result.resultType, 'complete', 'answered on the modern path');
+    // What such a client does send must still match.
+    assertModernError(await postModern(url, echo('l2'), { ...lenientPair, 'mcp-name': 'other' }), 400, -32020, 'l2');
+    assertModernError(await postModern(url, echo('l3'), { ...lenientPair, 'mcp-method': 'tools/list' }), 400, -32020, 'l3');
+    // Another legacy version in the header is not the pair.
+    assertModernError(await postModern(url, echo('l4'), { ...lenientPair, 'mcp-protocol-version': '2025-06-18' }), 400, -32020, 'l4');
+    assertModernError(await postModern(url, echo('l5'), { 'mcp-protocol-version': '2025-06-18' }), 400, -32020, 'l5');
+
+    const strict = await harness(t, { servers: [fixture('fix')] }, { limits: FAST, strictProtocolHeader: true });
+    await strict.proxy.ready(10_000);
+    const strictUrl = `${strict.url}/fix/mcp`;
+    assertModernError(await postModern(strictUrl, echo('s1'), lenientPair), 400, -32020, 's1');
+    assertModernError(await postModern(strictUrl, echo('s2'), { 'mcp-protocol-version': '2025-11-25' }), 400, -32020, 's2');
+    assertModernError(await postModern(strictUrl, echo('s3'), { ...lenientPair, 'mcp-protocol-version': '2025-06-18' }), 400, -32020, 's3');
+    const conforming = await postModern(strictUrl, echo('s4'));
+    assert.equal(conforming.status, 200, conforming.text);
+  });
+
+  it('server/discover: supportedVersions, the child\'s capabilities minus logging and tasks, instructions, serverInfo, ttlMs (listTtlMs), cacheScope, resultType; a starting child is waited for; one not ready within startWaitMs → 503 with the id', { timeout: 60_000 }, async (t) => {
+    const startWaitMs = 1_500;
+    const h = await harness(
+      t,
+      { servers: [everything(), fixture('slow', 'slowinit', { env: { FIXTURE_INIT_DELAY_MS: '400' } }), fixture('stuck', 'noinit')] },
+      { limits: { ...FAST, startWaitMs, listTtlMs: 4_321 } },
+    );
+    // The slow child is still starting: its discover waits for it instead of failing.
+    assert.equal(h.proxy.status().slow!.state, 'starting', 'posted before the child answered initialize');
+    const slow = await postModern(`${h.url}/slow/mcp`, modernMsg('d-slow', 'server/discover'));
+    assert.equal(slow.status, 200, slow.text);
+    const slowBody = JSON.parse(slow.text);
+    assert.equal(slowBody.id, 'd-slow');
+    assert.deepEqual(slowBody.result._meta[META_SERVER_INFO], { name: 'fixture', version: '1.0.0' });
+    assert.deepEqual(slowBody.result.capabilities, { tools: {}, resources: { subscribe: true } });
+    assert.equal('instructions' in slowBody.result, false, 'the fixture gives no instructions');
+
+    // One that never answers initialize: 503 after startWaitMs, with the request's id.
+    const t0 = Date.now();
+    const stuck = await postModern(`${h.url}/stuck/mcp`, modernMsg(41, 'server/discover'));
+    const waited = Date.now() - t0;
+    assertModernError(stuck, 503, -32000, 41);
+    assert.ok(waited >= startWaitMs - 50, `waited ${waited} ms of startWaitMs ${startWaitMs}`);
+    assert.equal(h.proxy.status().stuck!.state, 'starting');
+
+    await waitFor(() => h.proxy.status().everything!.state === 'ready', 20_000, 'everything ready');
+    const legacy = await h.client('everything', 'mcp');
+    const childCaps = legacy.getServerCapabilities() as Json;
+    assert.ok(childCaps.logging && childCaps.tasks, `server-everything declares logging and tasks: ${JSON.stringify(childCaps)}`);
+    const { logging: _logging, tasks: _tasks, ...bridged } = childCaps;
+    const res = await postModern(`${h.url}/everything/mcp`, modernMsg(3, 'server/discover'));
+    assert.equal(res.status, 200, res.text);
+    assert.equal(res.headers['mcp-session-id'], undefined);
+    const body = JSON.parse(res.text);
+    assert.equal(body.id, 3);
+    const r = body.result;
+    assert.equal(r.resultType, 'complete');
+    assert.deepEqual(r.supportedVersions, [MODERN]);
+    assert.deepEqual(r.capabilities, bridged);
+    assert.equal(typeof r.instructions, 'string');
+    assert.equal(r.instructions, legacy.getInstructions());
+    assert.deepEqual(r._meta[META_SERVER_INFO], legacy.getServerVersion());
+    assert.equal(r.ttlMs, 4_321);
+    assert.equal(r.cacheScope, 'public');
+  });
+
+  it('result stamping: tools/list gets resultType, ttlMs = listTtlMs (a server\'s own listTtlMs wins), cacheScope public and serverInfo; resources/read gets ttlMs 0 and private; child -32002 → -32602, child -32601 → HTTP 404; the child never sees the io.modelcontextprotocol/* _meta keys', { timeout: 30_000 }, async (t) => {
+    const h = await harness(t, { servers: [fixture('fix'), fixture('nocache', 'ok', { listTtlMs: 0 })] }, { limits: { ...FAST, listTtlMs: 7_777 } });
+    await h.proxy.ready(10_000);
+    const url = `${h.url}/fix/mcp`;
+    const serverInfo = { name: 'fixture', version: '1.0.0' };
+
+    const list = await postModern(url, modernMsg('tl', 'tools/list'));
+    assert.equal(list.status, 200, list.text);
+    const listBody = JSON.parse(list.text);
+    assert.equal(listBody.id, 'tl');
+    assert.deepEqual(listBody.result, {
+      tools: [{ name: 'do', inputSchema: { type: 'object' } }],
+      resultType: 'complete', ttlMs: 7_777, cacheScope: 'public', _meta: { [META_SERVER_INFO]: serverInfo },
+    });
+
+    // A server's own listTtlMs wins over the limit (0: do not cache).
+    const uncached = JSON.parse((await postModern(`${h.url}/nocache/mcp`, modernMsg('tl0', 'tools/list'))).text);
+    assert.equal(uncached.result.ttlMs, 0, JSON.stringify(uncached));
+    assert.equal(uncached.result.cacheScope, 'public');
+
+    // resources/read: a read is per request. The fixture echoes the params it got: the 2026 keys are gone,
+    // any other _meta key is kept.
+    const read = await postModern(url, modernMsg(5, 'resources/read', { uri: 'fixture://params' }, { 'com.example/trace': 't-1' }));
+    assert.equal(read.status, 200, read.text);
+    const readBody = JSON.parse(read.text);
+    assert.equal(readBody.id, 5);
+    assert.equal(readBody.result.resultType, 'complete');
+    assert.equal(readBody.result.ttlMs, 0);
+    assert.equal(readBody.result.cacheScope, 'private');
+    assert.deepEqual(readBody.result._meta, { [META_SERVER_INFO]: serverInfo });
+    assert.deepEqual(JSON.parse(readBody.result.contents[0].text), { uri: 'fixture://params', _meta: { 'com.example/trace': 't-1' } });
+    // With only the 2026 keys, the child gets no _meta at all.
+    const bare = await postModern(url, modernMsg(6, 'resources/read', { uri: 'fixture://params' }));
+    assert.deepEqual(JSON.parse(JSON.parse(bare.text).result.contents[0].text), { uri: 'fixture://params' });
+
+    // A tools/call result gets resultType and serverInfo, no cache fields.
+    const called = await postModern(url, modernMsg('c', 'tools/call', { name: 'do', arguments: { what: 'echo', text: 'x' } }));
+    const calledResult = JSON.parse(called.text).result;
+    assert.equal(calledResult.resultType, 'complete');
+    assert.deepEqual(calledResult._meta, { [META_SERVER_INFO]: serverInfo });
+    assert.equal('ttlMs' in calledResult, false);
+    assert.equal('cacheScope' in calledResult, false);
+
+    // The child's 2025 "resource not found" is 2026's -32602 (message and data kept).
+    const missing = await postModern(url, modernMsg('m', 'resources/read', { uri: 'fixture://missing' }));
+    const missingBody = JSON.parse(missing.text);
+    assert.equal(missingBody.id, 'm');
+    assert.equal(missingBody.error?.code, -32602, missing.text);
+    assert.equal(missingBody.error.message, 'Resource not found');
+    assert.deepEqual(missingBody.error.data, { uri: 'fixture://missing' });
+
+    // The child's -32601 (it has no prompts) is answered 404, with the child's own message.
+    const noPrompts = await postModern(url, modernMsg(8, 'prompts/list'));
+    const noPromptsBody = assertModernError(noPrompts, 404, -32601, 8);
+    assert.equal(noPromptsBody.error.message, 'Method not found', 'the child\'s answer, not a local refusal');
+  });
+
+  it('per-request SSE: a call with a progressToken gets only its own progress and then its answer (X-Accel-Buffering: no, no id: lines); closing that stream, or dropping a JSON request, sends notifications/cancelled for the child-side id', { timeout: 60_000 }, async (t) => {
+    const log = path.join(tmpDir('modern-sse'), 'fixture.log');
+    const h = await harness(t, { servers: [everything(), fixture('fix', 'ok', { env: { FIXTURE_LOG: log } })] }, { limits: FAST });
+    await h.proxy.ready(20_000);
+    const everythingUrl = `${h.url}/everything/mcp`;
+    const longRun = (id: string, token: string) =>
+      modernMsg(id, 'tools/call', { name: 'trigger-long-running-operation', arguments: { duration: 0.6, steps: 3 } }, { progressToken: token });
+    // Two at once on one child: each stream carries its own progress only.
+    const [a, b] = await Promise.all([postModern(everythingUrl, longRun('A', 'tok-A')), postModern(everythingUrl, longRun('B', 'tok-B'))]);
+    for (const [res, id, token] of [[a, 'A', 'tok-A'], [b, 'B', 'tok-B']] as const) {
+      assert.equal(res.status, 200, res.text);
+      assert.match(String(res.headers['content-type']), /^text\/event-stream/);
+      assert.equal(res.headers['x-accel-buffering'], 'no');
+      assert.equal(res.headers['mcp-session-id'], undefined);
+      assert.doesNotMatch(res.text, /^id:/m, 'no event ids (no resumption in 2026-07-28)');
+      const msgs = messages(res);
+      const progress = msgs.slice(0, -1);
+      assert.deepEqual(progress.map((m) => m.method), ['notifications/progress', 'notifications/progress', 'notifications/progress']);
+      assert.deepEqual(progress.map((m) => m.params.progressToken), [token, token, token], `${id}: only its own progress, under its own token`);
+      assert.deepEqual(progress.map((m) => m.params.progress), [1, 2, 3]);
+      const last = msgs.at(-1);
+      assert.equal(last.id, id, 'the answer comes last');
+      assert.equal(last.result.resultType, 'complete');
+      assert.match(textOf(last.result), /Long running operation completed/);
+    }
+
+    // Closing the stream before the answer cancels the call on the child, under the child's id.
+    const fixUrl = `${h.url}/fix/mcp`;
+    const hang = (id: string) => modernMsg(id, 'tools/call', { name: 'do', arguments: { what: 'hang' } }, { progressToken: `p-${id}` });
+    const streamed = hang('h1');
+    const stream = await openRpcStream(fixUrl, { method: 'POST', headers: modernRequestHeaders(streamed, { accept: 'application/json, text/event-stream' }), body: JSON.stringify(streamed) });
+    assert.equal(stream.res.statusCode, 200);
+    assert.match(String(stream.res.headers['content-type']), /^text\/event-stream/);
+    assert.equal(stream.res.headers['x-accel-buffering'], 'no');
+    const [childId1] = await waitFor(() => (hungIds(log).length === 1 ? hungIds(log) : null), 5_000, 'the call hanging in the child');
+    assert.equal(fileLines(log).some((l) => l.startsWith('cancelled ')), false);
+    stream.close();
+    await waitFor(() => fileLines(log).includes(`cancelled ${childId1}`), 5_000, `notifications/cancelled for child id ${childId1}`);
+
+    // A JSON (non-SSE) modern request whose connection drops: the same.
+    const plain = modernMsg('h2', 'tools/call', { name: 'do', arguments: { what: 'hang' } });
+    const pending = startPost(fixUrl, plain, modernRequestHeaders(plain, { accept: 'application/json' }));
+    const hungNow = await waitFor(() => (hungIds(log).length === 2 ? hungIds(log) : null), 5_000, 'the second call hanging in the child');
+    const childId2 = hungNow[1]!;
+    assert.notEqual(childId2, childId1);
+    assert.equal(fileLines(log).includes(`cancelled ${childId2}`), false);
+    pending.abort();
+    await waitFor(() => fileLines(log).includes(`cancelled ${childId2}`), 5_000, `notifications/cancelled for child id ${childId2}`);
+    await pending.response;
+  });
+
+  it('per-session servers answer modern requests 400 -32022 naming the legacy versions; an SDK v2 auto client falls back to initialize and calls a tool, a pinned one fails to connect', { timeout: 30_000 }, async (t) => {
+    const h = await harness(t, { servers: [fixture('solo', 'ok', { sessions: 'per-session' })] }, { limits: FAST });
+    const url = `${h.url}/solo/mcp`;
+    for (const id of ['ps', 9]) {
+      const res = await postModern(url, modernMsg(id, 'server/discover'));
+      const body = assertModernError(res, 400, -32022, id);
+      assert.deepEqual(body.error.data, { supported: [...SUPPORTED_PROTOCOL_VERSIONS], requested: MODERN });
+      assert.ok(!body.error.data.supported.includes(MODERN));
+    }
+    assertModernError(await postModern(url, modernMsg(10, 'tools/call', { name: 'do', arguments: { what: 'echo', text: 'x' } })), 400, -32022, 10);
+
+    const auto = await v2Client(t, url, 'auto');
+    assert.equal(auto.client.getProtocolEra(), 'legacy');
+    assert.equal(textOf(await auto.client.callTool({ name: 'do', arguments: { what: 'echo', text: 'fell back' } })), 'fell back');
+    const posts = auto.wire.filter((e) => e.method === 'POST').map((e) => e.body.method);
+    assert.deepEqual(posts.slice(0, 2), ['server/discover', 'initialize'], 'probed, then initialized');
+    await auto.client.close();
+
+    await assert.rejects(v2Client(t, url, 'pin'), 'a pinned client has no fallback');
+  });
+
+  it('the per-credential in-flight cap (maxPendingPerSession) holds for modern calls: past it → 429 with the id; a call that ends frees its place', { timeout: 30_000 }, async (t) => {
+    const log = path.join(tmpDir('modern-cap'), 'fixture.log');
+    const h = await harness(t, { servers: [fixture('fix', 'ok', { env: { FIXTURE_LOG: log } })] }, { limits: { ...FAST, maxPendingPerSession: 2, retryAfterS: 3 } });
+    await h.proxy.ready(10_000);
+    const url = `${h.url}/fix/mcp`;
+    const hang = (id: string) => modernMsg(id, 'tools/call', { name: 'do', arguments: { what: 'hang' } });
+    const held = ['h1', 'h2'].map((id) => startPost(url, hang(id), modernRequestHeaders(hang(id), { accept: 'application/json' })));
+    t.after(() => held.forEach((p) => p.abort()));
+    await waitFor(() => hungIds(log).length === 2, 5_000, 'two calls hanging in the child');
+    const third = await postModern(url, hang('h3'));
+    assertModernError(third, 429, -32000, 'h3');
+    assert.equal(third.headers['retry-after'], '3');
+    assert.equal(hungIds(log).length, 2, 'the refused call never reached the child');
+    // One ends (its client leaves): a new call fits again.
+    held[0]!.abort();
+    await waitFor(() => fileLines(log).some((l) => l.startsWith('cancelled ')), 5_000, 'the first call cancelled');
+    const fourth = await postModern(url, modernMsg('e', 'tools/call', { name: 'do', arguments: { what: 'echo', text: 'room' } }));
+    assert.equal(fourth.status, 200, fourth.text);
+    assert.equal(textOf(JSON.parse(fourth.text).result), 'room');
+  });
+});
+
+// The official conformance suite (@modelcontextprotocol/conformance, `server` command) run against the proxy,
+// with conformance/child.mjs (a legacy 2025-11-25 stdio server, SDK 1.x) as its one shared child. Scored =
+// the `server:` list of the package's requirements/<revision>.yaml: each scored scenario must have run with no
+// FAILURE check; warnings and unscored scenarios are reported as diagnostics only.
+
+const CONFORMANCE_PKG = path.join(HERE, 'node_modules', '@modelcontextprotocol', 'conformance');
+const CONFORMANCE_CLI = path.join(CONFORMANCE_PKG, 'dist', 'index.js');
+const CONFORMANCE_CHILD = path.join(HERE, 'conformance', 'child.mjs');
+/** Node 20 lacks fs.globSync, which the CLI imports; the hook supplies it (a no-op on Node 22+). */
+const NODE20_HOOK = pathToFileURL(path.join(HERE, 'conformance', 'node20-fs-glob.mjs')).href;
+/** One whole suite run: about 10 s on a quiet machine (most of it the scenarios' own waits). */
+const SUITE_TIMEOUT_MS = 150_000;
+
+type Check = { id: string; name?: string; status: string; errorMessage?: string };
+type ScenarioResult = { scenario: string; checks: Check[] };
+
+/** The scenarios a revision's conformance is scored on: the `server:` list of requirements/<revision>.yaml. */
+function scoredServerScenarios(revision: string): string[] {
+  const yaml = fs.readFileSync(path.join(CONFORMANCE_PKG, 'requirements', `${revision}.yaml`), 'utf8');
+  const list: string[] = [];
+  let inServer = false;
+  for (const line of yaml.split('\n')) {
+    if (/^\S/.test(line)) inServer = /^server:\s*$/.test(line); // a top-level key starts or ends the list
+    else if (inServer) {
+      const m = /^\s+-\s+([\w.-]+)\s*$/.exec(line);
+      if (m) list.push(m[1]!);
+    }
+  }
+  assert.ok(list.length > 10, `requirements/${revision}.yaml lists the scored server scenarios (${list.length})`);
+  return list;
+}
+
+/** `-o DIR` holds one server-<scenario>-<ISO time> directory per scenario run, each with its checks.json. */
+function readResults(dir: string): Map<string, ScenarioResult> {
+  const results = new Map<string, ScenarioResult>();
+  for (const entry of fs.readdirSync(dir)) {
+    const m = /^server-(.+)-\d{4}-\d{2}-\d{2}T[\d-]+Z$/.exec(entry);
+    const file = path.join(dir, entry, 'checks.json');
+    if (!m || !fs.existsSync(file)) continue;
+    results.set(m[1]!, { scenario: m[1]!, checks: JSON.parse(fs.readFileSync(file, 'utf8')) as Check[] });
+  }
+  return results;
+}
+
+/**
+ * Runs `conformance server --url URL --requirements REVISION -o OUT` in its own process group, bounded by
+ * SUITE_TIMEOUT_MS (then the group is killed and the run fails). Resolves with the exit code and output.
+ */
+function runSuite(url: string, revision: string, out: string, spawned: Set<number>): Promise<{ code: number | null; signal: string | null; output: string; ms: number }> {
+  const started = Date.now();
+  const cli = spawn(NODE, ['--import', NODE20_HOOK, CONFORMANCE_CLI, 'server', '--url', url, '--requirements', revision, '-o', out], {
+    cwd: HERE, stdio: ['ignore', 'pipe', 'pipe'], detached: true, env: { ...process.env, NO_COLOR: '1' },
+  });
+  if (cli.pid) spawned.add(cli.pid);
+  let output = '';
+  cli.stdout!.setEncoding('utf8').on('data', (s: string) => void (output += s));
+  cli.stderr!.setEncoding('utf8').on('data', (s: string) => void (output += s));
+  return new Promise((resolve, reject) => {
+    const timer = setTimeout(() => {
+      killGroup(cli.pid);
+      reject(new Error(`conformance ${revision} did not finish within ${SUITE_TIMEOUT_MS} ms; output tail:\n${output.slice(-3000)}`));
+    }, SUITE_TIMEOUT_MS);
+    cli.on('error', (err) => {
+      clearTimeout(timer);
+      reject(err);
+    });
+    cli.on('close', (code, signal) => {
+      clearTimeout(timer);
+      if (cli.pid) spawned.delete(cli.pid);
+      resolve({ code, signal, output, ms: Date.now() - started });
+    });
+  });
+}
+
+function killGroup(pid: number | undefined): void {
+  if (!pid) return;
+  try {
+    process.kill(-pid, 'SIGKILL');
+  } catch {
+    // ESRCH: already gone
+  }
+}
+
+/** Asserts every scored scenario ran with no FAILURE check; reports the rest as diagnostics. */
+function assertScored(t: TestContext, revision: string, run: { code: number | null; signal: string | null; output: string; ms: number }, out: string, proxyLog: string[]): void {
+  const scored = scoredServerScenarios(revision);
+  const results = readResults(out);
+  const problems: string[] = [];
+  let clean = 0;
+  for (const scenario of scored) {
+    const result = results.get(scenario);
+    if (!result) {
+      problems.push(`${scenario}: did not run (no checks.json)`);
+      continue;
+    }
+    const failed = result.checks.filter((c) => c.status === 'FAILURE');
+    if (failed.length === 0) clean++;
+    for (const c of failed) problems.push(`${scenario} :: ${c.id}: ${(c.errorMessage ?? '').slice(0, 400)}`);
+  }
+  const summary = `${revision}: ${clean}/${scored.length} scored scenarios without a FAILURE check, in ${(run.ms / 1000).toFixed(1)} s (CLI exit ${run.code ?? run.signal})`;
+  t.diagnostic(summary);
+  for (const [scenario, { checks }] of results) {
+    const count = (s: string) => checks.filter((c) => c.status === s).length;
+    t.diagnostic(`${scored.includes(scenario) ? 'scored  ' : 'unscored'} ${scenario}: ${count('SUCCESS')} ok, ${count('FAILURE')} failed, ${count('WARNING')} warnings`);
+    for (const c of checks.filter((x) => x.status === 'FAILURE' || x.status === 'WARNING')) {
+      t.diagnostic(`    ${c.status} ${c.id}: ${(c.errorMessage ?? '').slice(0, 300)}`);
+    }
+  }
+  const proxyTrouble = proxyLog.filter((l) => l.startsWith('error') || l.startsWith('warn')).slice(-20);
+  assert.deepEqual(problems, [],
+    `${summary}\nfailing checks:\n  ${problems.join('\n  ')}\n` +
+    `proxy warnings/errors (last 20):\n  ${proxyTrouble.join('\n  ') || '(none)'}\n` +
+    `CLI output tail:\n${run.output.slice(-2000)}`);
+}
+
+describe('8. MCP 2026-07-28: the conformance suite against a legacy child', () => {
+  let proxy: RunningProxy | null = null;
+  const proxyLog: string[] = [];
+  const spawned = new Set<number>();
+  const dirs: string[] = [];
+  let url = '';
+  const tmp = (what: string) => {
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), `rmp-conformance-${what}-`));
+    dirs.push(dir);
+    return dir;
+  };
+
+  before(async () => {
+    const log: ReturnType<typeof captureLog> = {
+      error: (scope, text) => void proxyLog.push(`error [${scope}] ${text}`),
+      warn: (scope, text) => void proxyLog.push(`warn [${scope}] ${text}`),
+      info: (scope, text) => void proxyLog.push(`info [${scope}] ${text}`),
+      debug: () => {},
+      enabled: (level) => level !== 'debug',
+    };
+    proxy = await startProxy({
+      servers: [{
+        name: 'conf', command: NODE, args: [CONFORMANCE_CHILD], env: {}, sessions: 'shared',
+        clientCapabilities: ['sampling', 'elicitation', 'roots'], secrets: [],
+      }],
+    }, { port: 0, log, stateDir: tmp('state'), limits: { continuationTtlMs: 2000 } }); // stateDir: the requestState key file
+    await proxy.ready(20_000);
+    url = `${proxy.url}/conf/mcp`;
+  });
+
+  after(async () => {
+    for (const pid of spawned) killGroup(pid);
+    await proxy?.close();
+    for (const dir of dirs) fs.rmSync(dir, { recursive: true, force: true });
+  });
+
+  it('--requirements 2026-07-28: every scored server scenario passes through the proxy (sessionless path, input_required bridged from the child\'s legacy requests)', { timeout: SUITE_TIMEOUT_MS + 10_000 }, async (t) => {
+    const out = tmp('2026-07-28');
+    const run = await runSuite(url, '2026-07-28', out, spawned);
+    assertScored(t, '2026-07-28', run, out, proxyLog);
+  });
+
+  it('--requirements 2025-11-25 on the same URL: every scored server scenario passes (legacy sessions, sampling/elicitation routed to the session)', { timeout: SUITE_TIMEOUT_MS + 10_000 }, async (t) => {
+    const out = tmp('2025-11-25');
+    const run = await runSuite(url, '2025-11-25', out, spawned);
+    assertScored(t, '2025-11-25', run, out, proxyLog);
   });
 });
 
