@@ -4441,6 +4441,549 @@ describe('8. MCP 2026-07-28: sessionless requests, discover, listen, input reque
   });
 });
 
+// 8b. subscriptions/listen and input requests (MRTR).
+//
+// Raw HTTP for the wire shapes (listen acknowledgement and events, input_required, requestState checks) and
+// the SDK v2 client (@modelcontextprotocol/client, imported dynamically so this block needs no import of its
+// own at the top of the file) for the end-to-end flows.
+
+describe('8b. MCP 2026-07-28: subscriptions/listen and input requests', () => {
+  const MODERN = '2026-07-28';
+  const SUBSCRIPTION_ID = 'io.modelcontextprotocol/subscriptionId';
+  const modernMeta = (caps: Json = {}): Json => ({
+    'io.modelcontextprotocol/protocolVersion': MODERN,
+    'io.modelcontextprotocol/clientCapabilities': caps,
+    'io.modelcontextprotocol/clientInfo': { name: 'raw-modern', version: '1.0.0' },
+  });
+  const NAMED: Record<string, string> = { 'tools/call': 'name', 'prompts/get': 'name', 'resources/read': 'uri' };
+
+  /** One 2026-07-28 request: MCP-Protocol-Version, Mcp-Method, Mcp-Name and _meta all as a modern client sends them. */
+  function modernPost(url: string, id: number | string, method: string, params: Json, o: { caps?: Json; headers?: Record<string, string> } = {}): Promise<RawResponse> {
+    const headers: Record<string, string> = { 'mcp-protocol-version': MODERN, 'mcp-method': method };
+    if (NAMED[method]) headers['mcp-name'] = String(params[NAMED[method]!]);
+    Object.assign(headers, o.headers);
+    return post(url, { jsonrpc: '2.0', id, method, params: { ...params, _meta: modernMeta(o.caps ?? {}) } }, headers);
+  }
+
+  /** A subscriptions/listen stream opened by raw POST; closed by the test's cleanup. */
+  async function listenStream(t: TestContext, url: string, id: number | string, notifications: Json): Promise<SseStream> {
+    const body = JSON.stringify({ jsonrpc: '2.0', id, method: 'subscriptions/listen', params: { notifications, _meta: modernMeta() } });
+    const stream = await openRpcStream(url, {
+      method: 'POST',
+      headers: { 'content-type': 'application/json', accept: 'application/json, text/event-stream', 'mcp-protocol-version': MODERN, 'mcp-method': 'subscriptions/listen' },
+      body,
+    });
+    onCleanup(t, () => stream.close());
+    assert.equal(stream.res.statusCode, 200, 'subscriptions/listen is answered with a stream');
+    assert.match(String(stream.res.headers['content-type']), /^text\/event-stream/);
+    return stream;
+  }
+
+  const ackOf = (stream: SseStream): Promise<Json> =>
+    nextMessage(stream, (m) => m.method === 'notifications/subscriptions/acknowledged', 5_000, 'the listen acknowledgement');
+
+  type V2Client = InstanceType<(typeof import('@modelcontextprotocol/client'))['Client']>;
+
+  /** An SDK v2 client (auto: server/discover probe, or pinned to 2026-07-28); closed by the test's cleanup. */
+  async function v2Client(
+    t: TestContext,
+    url: string,
+    o: { mode?: 'auto' | 'pin'; onSample?: (params: Json) => Json | Promise<Json>; onElicit?: (params: Json) => Json | Promise<Json> } = {},
+  ): Promise<V2Client> {
+    const { Client: ClientV2, StreamableHTTPClientTransport: TransportV2 } = await import('@modelcontextprotocol/client');
+    const client = new ClientV2(
+      { name: 'proxy-test-v2', version: '1.0.0' },
+      {
+        capabilities: { ...(o.onSample ? { sampling: {} } : {}), ...(o.onElicit ? { elicitation: { form: {} } } : {}) },
+        versionNegotiation: { mode: o.mode === 'pin' ? { pin: MODERN } : 'auto' },
+      },
+    );
+    if (o.onSample) client.setRequestHandler('sampling/createMessage', async (req: Json) => o.onSample!(req.params));
+    if (o.onElicit) client.setRequestHandler('elicitation/create', async (req: Json) => o.onElicit!(req.params));
+    await client.connect(new TransportV2(new URL(url)));
+    onCleanup(t, () => client.close());
+    assert.equal(client.getProtocolEra(), 'modern', 'the v2 client negotiated 2026-07-28 through the proxy');
+    return client;
+  }
+
+  // A stdio server for listen tests. FIXTURE_CAPS: the capabilities it declares. FIXTURE_LOG gets "subscribe URI",
+  // "unsubscribe URI" and "call ID" lines. tools/call {what:'notify', notes:[{method, params}]} writes those
+  // notifications, then answers; {what:'echo', text} answers text.
+  const LISTEN_FIXTURE = String.raw`
+'use strict';
+const fs = require('node:fs');
+const caps = JSON.parse(process.env.FIXTURE_CAPS || '{"tools":{}}');
+const logLine = (s) => { if (process.env.FIXTURE_LOG) fs.appendFileSync(process.env.FIXTURE_LOG, s + '\n'); };
+const send = (m) => process.stdout.write(JSON.stringify(m) + '\n');
+const reply = (id, result) => send({ jsonrpc: '2.0', id, result });
+let buf = '';
+process.stdin.setEncoding('utf8');
+process.stdin.on('data', (chunk) => {
+  buf += chunk;
+  let i;
+  while ((i = buf.indexOf('\n')) >= 0) {
+    const line = buf.slice(0, i);
+    buf = buf.slice(i + 1);
+    if (!line.trim()) continue;
+    let msg;
+    try { msg = JSON.parse(line); } catch { continue; }
+    onMessage(msg);
+  }
+});
+process.stdin.on('end', () => process.exit(0));
+function onMessage(msg) {
+  if (msg.id === undefined || msg.method === undefined) return;
+  if (msg.method === 'initialize') return reply(msg.id, { protocolVersion: msg.params.protocolVersion, capabilities: caps, serverInfo: { name: 'listen-fixture', version: '1.0.0' } });
+  if (msg.method === 'ping') return reply(msg.id, {});
+  if (msg.method === 'resources/subscribe' || msg.method === 'resources/unsubscribe') {
+    logLine(msg.method.slice('resources/'.length) + ' ' + msg.params.uri);
+    return reply(msg.id, {});
+  }
+  if (msg.method === 'tools/list') return reply(msg.id, { tools: [{ name: 'do', inputSchema: { type: 'object' } }] });
+  if (msg.method !== 'tools/call') return send({ jsonrpc: '2.0', id: msg.id, error: { code: -32601, message: 'Method not found' } });
+  const a = (msg.params && msg.params.arguments) || {};
+  logLine('call ' + JSON.stringify(msg.id));
+  if (a.what === 'notify') for (const n of a.notes || []) send({ jsonrpc: '2.0', method: n.method, params: n.params || {} });
+  return reply(msg.id, { content: [{ type: 'text', text: a.what === 'echo' ? String(a.text) : 'notified' }] });
+}
+`;
+  const listenFixture = (name: string, caps: Json, log: string): ServerConfig =>
+    srv(name, ['-e', LISTEN_FIXTURE], { env: { FIXTURE_CAPS: JSON.stringify(caps), FIXTURE_LOG: log } });
+  const notifyArgs = (...notes: Json[]): Json => ({ what: 'notify', notes });
+
+  describe('subscriptions/listen', () => {
+    let h: Harness;
+    let toolsLog: string;
+    before(async () => {
+      toolsLog = path.join(tmpDir('listen'), 'tools.log');
+      h = await startHarness({ servers: [listenFixture('lc', { tools: { listChanged: true } }, toolsLog)] }, { limits: FAST });
+      await h.proxy.ready(10_000);
+    });
+    after(() => h.stop());
+
+    it('the first event is notifications/subscriptions/acknowledged naming the listen id and only what the child can send; its tools/list_changed follows with the subscriptionId, the rest is not sent', { timeout: 15_000 }, async (t) => {
+      const uri = 'test://lc/one';
+      const stream = await listenStream(t, `${h.url}/lc/mcp`, 'listen:ack', { toolsListChanged: true, promptsListChanged: true, resourcesListChanged: true, resourceSubscriptions: [uri] });
+      const ack = await ackOf(stream);
+      assert.deepEqual(streamMessages(stream)[0], ack, 'the acknowledgement is the first message on the stream');
+      assert.deepEqual(ack.params.notifications, { toolsListChanged: true }, 'only tools.listChanged is declared by the child');
+      assert.equal(ack.params._meta?.[SUBSCRIPTION_ID], 'listen:ack');
+      // The child sends what was not honoured first, then a tools/list_changed; on one stream order is kept, so
+      // anything not honoured that got through would come before it.
+      const called = await modernPost(`${h.url}/lc/mcp`, 1, 'tools/call', {
+        name: 'do',
+        arguments: notifyArgs(
+          { method: 'notifications/prompts/list_changed' },
+          { method: 'notifications/resources/list_changed' },
+          { method: 'notifications/resources/updated', params: { uri } },
+          { method: 'notifications/tools/list_changed', params: { _meta: { mark: 'child-meta' } } },
+        ),
+      });
+      assert.equal(called.status, 200, called.text);
+      assert.equal(onlyMessage(called).result?.resultType, 'complete', called.text);
+      const changed = await nextMessage(stream, (m) => m.method === 'notifications/tools/list_changed', 5_000, 'tools/list_changed on the listen stream');
+      assert.equal(changed.params._meta?.[SUBSCRIPTION_ID], 'listen:ack', JSON.stringify(changed));
+      assert.equal(changed.params._meta?.mark, 'child-meta', 'the child\'s own _meta is kept beside the subscriptionId');
+      assert.deepEqual(streamMessages(stream).map((m) => m.method), ['notifications/subscriptions/acknowledged', 'notifications/tools/list_changed']);
+      assert.ok(!fileLines(toolsLog).some((l) => l.startsWith('subscribe ')), `a child without resources.subscribe was sent resources/subscribe: ${fileLines(toolsLog).join(' | ')}`);
+    });
+
+    it('without Accept: text/event-stream subscriptions/listen is refused with 406', { timeout: 15_000 }, async () => {
+      const body = { jsonrpc: '2.0', id: 'listen:406', method: 'subscriptions/listen', params: { notifications: { toolsListChanged: true }, _meta: modernMeta() } };
+      const res = await post(`${h.url}/lc/mcp`, body, { accept: 'application/json', 'mcp-protocol-version': MODERN, 'mcp-method': 'subscriptions/listen' });
+      const answer = assertRpcError(res, 406, -32000);
+      assert.equal(answer.id, 'listen:406');
+      assert.match(answer.error.message, /text\/event-stream/);
+    });
+
+    it('resources/subscribe is reference-counted on the child together with a legacy session: one subscribe, one unsubscribe after both are gone (either order)', { timeout: 15_000 }, async (t) => {
+      const subsLog = path.join(tmpDir('listen-refs'), 'fixture.log');
+      // maxSessionsPerServer also bounds listen streams per child: with 1, a second listen is 503 until the first is dropped.
+      const hs = await harness(t, { servers: [listenFixture('subs', { tools: {}, resources: { subscribe: true } }, subsLog)] }, { limits: { ...FAST, maxSessionsPerServer: 1 } });
+      await hs.proxy.ready(10_000);
+      const url = `${hs.url}/subs/mcp`;
+      const logOf = (uri: string) => fileLines(subsLog).filter((l) => l.endsWith(` ${uri}`)).map((l) => l.split(' ')[0]);
+      let barrierId = 100;
+      // The child reads stdin in order: once a later tools/call is answered, every earlier line it was sent is logged.
+      const barrier = async () => {
+        const res = await modernPost(url, ++barrierId, 'tools/call', { name: 'do', arguments: { what: 'echo', text: 'barrier' } });
+        assert.equal(res.status, 200, res.text);
+      };
+      const sid = await rawSession(hs.url, 'subs');
+      let legacyId = 10;
+      const legacy = async (method: string, uri: string) => {
+        const res = await post(url, { jsonrpc: '2.0', id: ++legacyId, method, params: { uri } }, sessionHeaders(sid));
+        assert.equal(res.status, 200, res.text);
+        assert.deepEqual(JSON.parse(res.text).result, {}, res.text);
+      };
+      const listenBody = JSON.stringify({ jsonrpc: '2.0', id: 'probe', method: 'subscriptions/listen', params: { notifications: {}, _meta: modernMeta() } });
+      const dropped = () => waitFor(async () => {
+        const probe = await openRpcStream(url, { method: 'POST', headers: { 'content-type': 'application/json', accept: 'text/event-stream', 'mcp-protocol-version': MODERN, 'mcp-method': 'subscriptions/listen' }, body: listenBody });
+        probe.close();
+        return probe.res.statusCode === 200;
+      }, 5_000, 'the proxy to drop the closed listen stream');
+
+      // Order 1: legacy first, listen second; the legacy session unsubscribes first, the listen stream closes last.
+      const a = 'test://subs/a';
+      await legacy('resources/subscribe', a);
+      await waitFor(() => logOf(a).length === 1, 5_000, 'the legacy subscribe to reach the child');
+      const first = await listenStream(t, url, 'listen:a', { resourceSubscriptions: [a] });
+      assert.deepEqual((await ackOf(first)).params.notifications, { resourceSubscriptions: [a] });
+      await barrier();
+      assert.deepEqual(logOf(a), ['subscribe'], 'a listen on a URI a legacy session holds sends no second subscribe');
+      await legacy('resources/unsubscribe', a);
+      await barrier();
+      assert.deepEqual(logOf(a), ['subscribe'], 'the legacy unsubscribe reached the child while a listen stream holds the URI');
+      first.close();
+      await waitFor(() => logOf(a).length === 2, 5_000, 'the unsubscribe once the last holder (the listen stream) is gone');
+      await barrier();
+      assert.deepEqual(logOf(a), ['subscribe', 'unsubscribe']);
+
+      // Order 2: listen first, legacy second; the listen stream closes first, the legacy session unsubscribes last.
+      const b = 'test://subs/b';
+      const second = await listenStream(t, url, 'listen:b', { resourceSubscriptions: [b] });
+      await ackOf(second);
+      await waitFor(() => logOf(b).length === 1, 5_000, 'the listen subscribe to reach the child');
+      await legacy('resources/subscribe', b);
+      await barrier();
+      assert.deepEqual(logOf(b), ['subscribe'], 'a legacy subscribe to a URI a listen stream holds sends a second subscribe');
+      second.close();
+      await dropped();
+      await barrier();
+      assert.deepEqual(logOf(b), ['subscribe'], 'closing the listen stream while the legacy session holds the URI unsubscribed the child');
+      await legacy('resources/unsubscribe', b);
+      await waitFor(() => logOf(b).length === 2, 5_000, 'the unsubscribe once the legacy session let go');
+      await barrier();
+      assert.deepEqual(logOf(b), ['subscribe', 'unsubscribe']);
+    });
+
+    it('the SDK v2 client\'s listen() is acknowledged with the honoured filter, its tools/list_changed handler fires, and close() ends it locally', { timeout: 15_000 }, async (t) => {
+      const client = await v2Client(t, `${h.url}/lc/mcp`, { mode: 'pin' });
+      const seen: Json[] = [];
+      client.setNotificationHandler('notifications/tools/list_changed', (n: Json) => void seen.push(n));
+      const sub = await within(client.listen({ toolsListChanged: true, promptsListChanged: true }), 5_000, 'listen()');
+      assert.deepEqual(sub.honoredFilter, { toolsListChanged: true });
+      const result = await client.callTool({ name: 'do', arguments: notifyArgs({ method: 'notifications/tools/list_changed' }) });
+      assert.equal(textOf(result), 'notified');
+      const note = await waitFor(() => seen[0], 5_000, 'the v2 client\'s tools/list_changed handler');
+      assert.match(String(note.params?._meta?.[SUBSCRIPTION_ID]), /\S/, `the notification names its subscription: ${JSON.stringify(note)}`);
+      await sub.close();
+      assert.equal(await within(sub.closed, 5_000, 'sub.closed'), 'local');
+    });
+  });
+
+  it('resources/updated from server-everything reaches the listen streams subscribed to that URI, and no other', { timeout: 20_000 }, async (t) => {
+    const h = await harness(t, { servers: [everything('ev')] }, { limits: FAST });
+    await h.proxy.ready(15_000);
+    const url = `${h.url}/ev/mcp`;
+    const one = 'demo://resource/dynamic/text/1';
+    const two = 'demo://resource/dynamic/text/2';
+    const onlyOne = await listenStream(t, url, 'listen:one', { resourceSubscriptions: [one] });
+    const both = await listenStream(t, url, 7, { resourceSubscriptions: [one, two] });
+    assert.deepEqual((await ackOf(onlyOne)).params.notifications, { resourceSubscriptions: [one] });
+    assert.deepEqual((await ackOf(both)).params.notifications, { resourceSubscriptions: [one, two] });
+    const updates = (s: SseStream) => streamMessages(s).filter((m) => m.method === 'notifications/resources/updated');
+    let id = 0;
+    const toggle = async () => {
+      const res = await modernPost(url, ++id, 'tools/call', { name: 'toggle-subscriber-updates', arguments: {} });
+      assert.equal(res.status, 200, res.text);
+      assert.equal(onlyMessage(res).result?.resultType, 'complete', res.text);
+    };
+    // Each toggle pair (on, off) makes the child send every URI subscribed at that moment, in subscription order
+    // (one, then two). The child registers a subscription only after an await of its own, so pairs are repeated
+    // until the stream subscribed to both shows `two` followed by a later `one`, and the first stream has that
+    // later `one` too: an update of `two` delivered to it would have come before.
+    const uris = (s: SseStream) => updates(s).map((m) => m.params.uri);
+    const settled = () => {
+      const seen = uris(both);
+      const firstTwo = seen.indexOf(two);
+      const ones = seen.filter((u) => u === one).length;
+      return firstTwo >= 0 && seen.indexOf(one, firstTwo) > firstTwo && uris(onlyOne).filter((u) => u === one).length === ones;
+    };
+    const deadline = Date.now() + 10_000;
+    while (!settled()) {
+      assert.ok(Date.now() < deadline, `updates did not arrive: ${JSON.stringify(uris(both))} | ${JSON.stringify(uris(onlyOne))}`);
+      await toggle();
+      await toggle();
+      await waitFor(settled, 500, 'this pair\'s updates').catch(() => undefined);
+    }
+    assert.ok(updates(onlyOne).every((m) => m.params.uri === one), `an update for another URI reached the stream: ${JSON.stringify(updates(onlyOne))}`);
+    for (const m of updates(onlyOne)) assert.equal(m.params._meta?.[SUBSCRIPTION_ID], 'listen:one');
+    for (const m of updates(both)) assert.equal(m.params._meta?.[SUBSCRIPTION_ID], 7);
+    assert.deepEqual(new Set(updates(both).map((m) => m.params.uri)), new Set([one, two]));
+  });
+
+  it('a listen stream outlives a restart of its child: the subscription is sent to the new child, and its notifications reach the stream', { timeout: 15_000 }, async (t) => {
+    const log = path.join(tmpDir('listen-restart'), 'fixture.log');
+    const h = await harness(t, { servers: [listenFixture('subs', { tools: { listChanged: true }, resources: { subscribe: true } }, log)] }, { limits: FAST });
+    await h.proxy.ready(10_000);
+    const url = `${h.url}/subs/mcp`;
+    const uri = 'test://restart/r';
+    const stream = await listenStream(t, url, 'listen:restart', { toolsListChanged: true, resourceSubscriptions: [uri] });
+    assert.deepEqual((await ackOf(stream)).params.notifications, { toolsListChanged: true, resourceSubscriptions: [uri] });
+    const subscribes = () => fileLines(log).filter((l) => l === `subscribe ${uri}`).length;
+    await waitFor(() => subscribes() === 1, 5_000, 'the subscribe');
+    const pid = h.proxy.status().subs!.pid!;
+    process.kill(pid, 'SIGKILL');
+    await waitFor(() => h.proxy.status().subs!.state === 'ready' && h.proxy.status().subs!.pid !== pid, 10_000, 'the child to be restarted');
+    await waitFor(() => subscribes() === 2, 5_000, 'the subscription to be sent to the new child');
+    assert.equal(stream.ended, false, 'the listen stream was ended by a restart of its child');
+    const res = await modernPost(url, 1, 'tools/call', { name: 'do', arguments: notifyArgs({ method: 'notifications/resources/updated', params: { uri } }, { method: 'notifications/tools/list_changed' }) });
+    assert.equal(res.status, 200, res.text);
+    const changed = await nextMessage(stream, (m) => m.method === 'notifications/tools/list_changed', 5_000, 'tools/list_changed from the new child');
+    assert.equal(changed.params._meta?.[SUBSCRIPTION_ID], 'listen:restart');
+    const updated = streamMessages(stream).find((m) => m.method === 'notifications/resources/updated');
+    assert.equal(updated?.params?.uri, uri, JSON.stringify(streamMessages(stream)));
+    assert.equal(updated.params._meta?.[SUBSCRIPTION_ID], 'listen:restart');
+  });
+
+  it('closing the proxy ends a listen stream gracefully: a JSON-RPC result for the listen id carrying the subscriptionId, then the end', { timeout: 15_000 }, async (t) => {
+    const log = path.join(tmpDir('listen-close'), 'fixture.log');
+    const h = await harness(t, { servers: [listenFixture('lc', { tools: { listChanged: true } }, log)] }, { limits: FAST });
+    await h.proxy.ready(10_000);
+    const stream = await listenStream(t, `${h.url}/lc/mcp`, 'listen:bye', { toolsListChanged: true });
+    await ackOf(stream);
+    await within(h.proxy.close(), 10_000, 'proxy.close()');
+    await waitFor(() => stream.ended, 5_000, 'the listen stream to end');
+    const last = streamMessages(stream).at(-1);
+    assert.equal(last?.id, 'listen:bye', `the last message answers the listen request: ${JSON.stringify(streamMessages(stream))}`);
+    assert.equal(last.error, undefined);
+    assert.equal(last.result?._meta?.[SUBSCRIPTION_ID], 'listen:bye', JSON.stringify(last));
+  });
+
+  describe('input requests (MRTR) on a shared child with "clientCapabilities"', () => {
+    let h: Harness;
+    let log: string;
+    const CAPS = { clientCapabilities: ['sampling', 'elicitation'] as ServerConfig['clientCapabilities'] };
+    before(async () => {
+      log = path.join(tmpDir('mrtr'), 'fixture.log');
+      h = await startHarness({ servers: [srv('ev', [EVERYTHING, 'stdio'], CAPS), fixture('fix', 'ok', { ...CAPS, env: { FIXTURE_LOG: log } })] }, { limits: FAST });
+      await h.proxy.ready(15_000);
+    });
+    after(() => h.stop());
+
+    const samplingParams = (text: string): Json => ({ messages: [{ role: 'user', content: { type: 'text', text } }], maxTokens: 1 });
+    const askArgs = (text: string): Json => ({ what: 'ask', method: 'sampling/createMessage', params: samplingParams(text) });
+    const sampled = (text: string): Json => ({ role: 'assistant', content: { type: 'text', text }, model: 'test-model' });
+    const SAMPLING = { sampling: {} };
+    /** The fixture answers an 'ask' call with the JSON of what its request got: {result} or {error}. */
+    const askOutcome = (res: RawResponse): Json => {
+      const m = onlyMessage(res);
+      assert.equal(m.result?.resultType, 'complete', res.text);
+      return JSON.parse(textOf(m.result));
+    };
+    const fixLines = (prefix: string) => fileLines(log).filter((l) => l.startsWith(prefix));
+
+    it('the SDK v2 client (auto) with sampling and elicitation handlers completes server-everything\'s trigger-sampling-request and trigger-elicitation-request', { timeout: 20_000 }, async (t) => {
+      const asked: string[] = [];
+      const client = await v2Client(t, `${h.url}/ev/mcp`, {
+        mode: 'auto',
+        onSample: (p) => {
+          asked.push(`sampling:${p.messages[0].content.text}`);
+          return sampled('sampled by v2');
+        },
+        onElicit: (p) => {
+          asked.push(`elicitation:${p.message}`);
+          return { action: 'accept', content: { name: 'Ada Lovelace', check: true } };
+        },
+      });
+      const names = (await client.listTools()).tools.map((tool: Json) => tool.name);
+      assert.ok(names.includes('trigger-sampling-request') && names.includes('trigger-elicitation-request'), `tools: ${names.join(', ')}`);
+      const s = await within(client.callTool({ name: 'trigger-sampling-request', arguments: { prompt: 'hello v2', maxTokens: 5 } }), 10_000, 'trigger-sampling-request');
+      assert.ok(!s.isError, JSON.stringify(s));
+      assert.match(textOf(s), /LLM sampling result/);
+      assert.match(textOf(s), /sampled by v2/);
+      const e = await within(client.callTool({ name: 'trigger-elicitation-request', arguments: {} }), 10_000, 'trigger-elicitation-request');
+      assert.ok(!e.isError, JSON.stringify(e));
+      assert.match(textOf(e), /Name: Ada Lovelace/);
+      assert.equal(asked.length, 2, asked.join(' | '));
+      assert.match(asked[0]!, /^sampling:.*hello v2/);
+      assert.match(asked[1]!, /^elicitation:/);
+    });
+
+    it('raw: input_required carries the child\'s request under its own id and a requestState; the retry completes; replayed, tampered or re-aimed states are -32602 and leave the held call usable', { timeout: 15_000 }, async () => {
+      const url = `${h.url}/fix/mcp`;
+      const args = askArgs('raw mrtr');
+      const first = await modernPost(url, 1, 'tools/call', { name: 'do', arguments: args }, { caps: SAMPLING });
+      assert.equal(first.status, 200, first.text);
+      const m = onlyMessage(first);
+      assert.equal(m.id, 1);
+      const r = m.result;
+      assert.equal(r?.resultType, 'input_required', first.text);
+      const keys = Object.keys(r.inputRequests ?? {});
+      assert.equal(keys.length, 1, first.text);
+      const key = keys[0]!;
+      assert.match(key, /^ask-\d+$/, 'keyed by the child\'s own (string) request id');
+      assert.deepEqual(r.inputRequests[key], { method: 'sampling/createMessage', params: samplingParams('raw mrtr') });
+      assert.equal(typeof r.requestState, 'string');
+      const state: string = r.requestState;
+      const answer = { [key]: sampled('raw answer') };
+      const retry = (id: number, requestState: string, extra: Json = {}) =>
+        modernPost(url, id, 'tools/call', { name: 'do', arguments: { ...args, ...extra }, requestState, inputResponses: answer }, { caps: SAMPLING });
+
+      // Tampered: one character of the signed body, one of the MAC (a middle one: the last may be padding bits).
+      const dot = state.indexOf('.');
+      const flip = (s: string, i: number) => s.slice(0, i) + (s[i] === 'A' ? 'B' : 'A') + s.slice(i + 1);
+      // Forged: the payload decoded, one field changed (a later expiry), encoded again under the old MAC.
+      const payload = JSON.parse(Buffer.from(state.slice(0, dot), 'base64url').toString('utf8'));
+      const forged = `${Buffer.from(JSON.stringify({ ...payload, e: payload.e + 1 })).toString('base64url')}${state.slice(dot)}`;
+      for (const [what, bad] of [['body', flip(state, 3)], ['mac', flip(state, dot + 10)], ['truncated', state.slice(0, -1)], ['forged', forged]] as const) {
+        const res = await retry(2, bad);
+        const err = assertRpcError(res, 400, -32602);
+        assert.equal(err.id, 2, `${what}: ${res.text}`);
+      }
+      // Genuine state, other params (the arguments of another call): refused.
+      const aimed = await retry(3, state, { text: 'another argument' });
+      assertRpcError(aimed, 400, -32602);
+      assert.match(JSON.parse(aimed.text).error.message, /another request/);
+      assert.deepEqual(fixLines('response '), [], `a refused retry reached the child: ${fileLines(log).join(' | ')}`);
+
+      const done = await retry(4, state);
+      assert.equal(done.status, 200, done.text);
+      assert.equal(onlyMessage(done).id, 4);
+      assert.deepEqual(askOutcome(done), { result: sampled('raw answer') });
+      assert.ok(fixLines('response ').some((l) => l.startsWith(`response ${JSON.stringify(key)} `)), fileLines(log).join(' | '));
+
+      const replayed = await retry(5, state);
+      assertRpcError(replayed, 400, -32602);
+      assert.equal(fixLines(`response ${JSON.stringify(key)} `).length, 1, 'the replay reached the child');
+    });
+
+    it('a retry that answers nothing is asked the same request again in a new round; the earlier round\'s state is then refused and the new one completes', { timeout: 15_000 }, async () => {
+      const url = `${h.url}/fix/mcp`;
+      const args = askArgs('two rounds');
+      const call = (id: number, extra: Json = {}) => modernPost(url, id, 'tools/call', { name: 'do', arguments: args, ...extra }, { caps: SAMPLING });
+      const r1 = onlyMessage(await call(1)).result;
+      assert.equal(r1?.resultType, 'input_required');
+      const key = Object.keys(r1.inputRequests)[0]!;
+      const again = await call(2, { requestState: r1.requestState, inputResponses: {} });
+      assert.equal(again.status, 200, again.text);
+      const r2 = onlyMessage(again).result;
+      assert.equal(r2?.resultType, 'input_required', again.text);
+      assert.deepEqual(r2.inputRequests, r1.inputRequests, 'the unanswered request is asked again, under the same key');
+      assert.notEqual(r2.requestState, r1.requestState);
+      const stale = await call(3, { requestState: r1.requestState, inputResponses: { [key]: sampled('stale') } });
+      assertRpcError(stale, 400, -32602);
+      const done = await call(4, { requestState: r2.requestState, inputResponses: { [key]: sampled('second round') } });
+      assert.deepEqual(askOutcome(done), { result: sampled('second round') });
+    });
+
+    it('a client that did not declare sampling: the child\'s sampling request gets -32021 and the call completes with what the child answers (no input_required)', { timeout: 15_000 }, async () => {
+      const before = fixLines('response ').length;
+      const res = await modernPost(`${h.url}/fix/mcp`, 'nocap', 'tools/call', { name: 'do', arguments: askArgs('no capability') }, { caps: { elicitation: {} } });
+      assert.equal(res.status, 200, res.text);
+      const outcome = askOutcome(res);
+      assert.equal(outcome.error?.code, -32021, JSON.stringify(outcome));
+      assert.deepEqual(outcome.error?.data, { requiredCapabilities: { sampling: {} } });
+      const logged = fixLines('response ').slice(before);
+      assert.equal(logged.length, 1, logged.join(' | '));
+      assert.match(logged[0]!, /"code":-32021/);
+    });
+
+    it('three SDK v2 clients and one SDK 1.x client call an asking tool at once, round after round: each is asked its own question and gets its own answer (the lane)', { timeout: 30_000 }, async (t) => {
+      const url = `${h.url}/fix/mcp`;
+      const wrong: string[] = [];
+      const asked: string[] = [];
+      const handler = (who: string) => (p: Json) => {
+        const text = String(p.messages?.[0]?.content?.text);
+        asked.push(text);
+        if (!text.startsWith(`${who}:`)) wrong.push(`${who} was asked ${text}`);
+        return sampled(`answer to ${text}`);
+      };
+      const modern = await Promise.all(['m1', 'm2', 'm3'].map(async (who) => ({ who, client: await v2Client(t, url, { mode: 'auto', onSample: handler(who) }) })));
+      const legacy = await h.client('fix', 'mcp', {}, { capabilities: { sampling: {} } });
+      onCleanup(t, () => legacy.close());
+      legacy.setRequestHandler(CreateMessageRequestSchema, async (req) => handler('l1')(req.params) as Json);
+      for (let round = 1; round <= 3; round++) {
+        const calls = [
+          ...modern.map(({ who, client }) => ({ who, p: client.callTool({ name: 'do', arguments: askArgs(`${who}:${round}`) }) as Promise<Json> })),
+          { who: 'l1', p: legacy.callTool({ name: 'do', arguments: askArgs(`l1:${round}`) }) as Promise<Json> },
+        ];
+        const results = await within(Promise.all(calls.map((c) => c.p)), 15_000, `round ${round}`);
+        results.forEach((result, i) => {
+          const who = calls[i]!.who;
+          assert.deepEqual(JSON.parse(textOf(result)), { result: sampled(`answer to ${who}:${round}`) }, `${who}, round ${round}`);
+        });
+      }
+      assert.deepEqual(wrong, []);
+      assert.equal(asked.length, 12, asked.join(' | '));
+      assert.equal(new Set(asked).size, 12, `a question was asked twice: ${asked.join(' | ')}`);
+    });
+  });
+
+  it('an input request not answered within continuationTtlMs: the child\'s request gets an error, the call finishes on the child (not cancelled, its answer dropped), the retry is -32602, and the lane moves on', { timeout: 15_000 }, async (t) => {
+    const log = path.join(tmpDir('mrtr-ttl'), 'fixture.log');
+    const h = await harness(t, { servers: [fixture('fix', 'ok', { clientCapabilities: ['sampling'], env: { FIXTURE_LOG: log } })] }, { limits: { ...FAST, continuationTtlMs: 300 } });
+    await h.proxy.ready(10_000);
+    const url = `${h.url}/fix/mcp`;
+    const args = { what: 'ask', method: 'sampling/createMessage', params: { messages: [], maxTokens: 1 } };
+    const first = await modernPost(url, 1, 'tools/call', { name: 'do', arguments: args }, { caps: { sampling: {} } });
+    const r = onlyMessage(first).result;
+    assert.equal(r?.resultType, 'input_required', first.text);
+    const key = Object.keys(r.inputRequests)[0]!;
+    const issuedAt = Date.now();
+    const responded = await waitFor(() => fileLines(log).find((l) => l.startsWith(`response ${JSON.stringify(key)} `)), 5_000, 'an answer to the child\'s request after expiry');
+    assert.ok(Date.now() - issuedAt >= 250, `the child's request was answered ${Date.now() - issuedAt} ms after input_required, before continuationTtlMs (300)`);
+    assert.match(responded, /"error":\{"code":/, responded);
+    const retry = await modernPost(url, 2, 'tools/call', { name: 'do', arguments: args, requestState: r.requestState, inputResponses: { [key]: { role: 'assistant', content: { type: 'text', text: 'late' }, model: 'm' } } }, { caps: { sampling: {} } });
+    assertRpcError(retry, 400, -32602);
+    // The lane is free: the next call runs, and its own request is asked (the child is not "maybe still running").
+    const echo = await within(modernPost(url, 3, 'tools/call', { name: 'do', arguments: { what: 'echo', text: 'after expiry' } }), 5_000, 'a call after expiry');
+    assert.equal(textOf(onlyMessage(echo).result), 'after expiry');
+    const again = await within(modernPost(url, 4, 'tools/call', { name: 'do', arguments: args }, { caps: { sampling: {} } }), 5_000, 'an asking call after expiry');
+    const r2 = onlyMessage(again).result;
+    assert.equal(r2?.resultType, 'input_required', again.text);
+    const done = await modernPost(url, 5, 'tools/call', { name: 'do', arguments: args, requestState: r2.requestState, inputResponses: { [Object.keys(r2.inputRequests)[0]!]: { role: 'assistant', content: { type: 'text', text: 'on time' }, model: 'm' } } }, { caps: { sampling: {} } });
+    assert.equal(onlyMessage(done).result?.resultType, 'complete', done.text);
+    const lines = fileLines(log);
+    assert.equal(lines.filter((l) => l.startsWith(`response ${JSON.stringify(key)} `)).length, 1, `the late retry's answer reached the child: ${lines.join(' | ')}`);
+    assert.deepEqual(lines.filter((l) => l.startsWith('cancelled ')), [], 'an expired call is left to finish on the child, not cancelled');
+  });
+
+  it('a retry after the child died is -32602, and the proxy holds nothing of the call (the lane is free, the state names nothing)', { timeout: 15_000 }, async (t) => {
+    const log = path.join(tmpDir('mrtr-died'), 'fixture.log');
+    const h = await harness(t, { servers: [fixture('fix', 'ok', { clientCapabilities: ['sampling'], env: { FIXTURE_LOG: log } })] }, { limits: FAST });
+    await h.proxy.ready(10_000);
+    const url = `${h.url}/fix/mcp`;
+    const args = { what: 'ask', method: 'sampling/createMessage', params: { messages: [], maxTokens: 1 } };
+    const first = await modernPost(url, 1, 'tools/call', { name: 'do', arguments: args }, { caps: { sampling: {} } });
+    const r = onlyMessage(first).result;
+    assert.equal(r?.resultType, 'input_required', first.text);
+    const key = Object.keys(r.inputRequests)[0]!;
+    const pid = h.proxy.status().fix!.pid!;
+    process.kill(pid, 'SIGKILL');
+    await waitFor(() => !pidAlive(pid), 5_000, 'the child to die');
+    await waitFor(() => h.proxy.status().fix!.state === 'ready' && h.proxy.status().fix!.pid !== pid, 10_000, 'the child to be restarted');
+    const retry = await within(modernPost(url, 2, 'tools/call', { name: 'do', arguments: args, requestState: r.requestState, inputResponses: { [key]: { role: 'assistant', content: { type: 'text', text: 'x' }, model: 'm' } } }, { caps: { sampling: {} } }), 5_000, 'the retry');
+    assertRpcError(retry, 400, -32602);
+    const echo = await within(modernPost(url, 3, 'tools/call', { name: 'do', arguments: { what: 'echo', text: 'after death' } }), 5_000, 'a call after the death');
+    assert.equal(textOf(onlyMessage(echo).result), 'after death');
+    // The new child got no answer meant for the dead one's request.
+    assert.deepEqual(fileLines(log).filter((l) => l.startsWith('response ')), []);
+  });
+
+  it('with maxLaneQueue 1, while one call holds the lane and one waits, another is refused with "Too many requests waiting"', { timeout: 15_000 }, async (t) => {
+    const h = await harness(t, { servers: [fixture('fix', 'ok', { clientCapabilities: ['sampling'] })] }, { limits: { ...FAST, maxLaneQueue: 1 } });
+    await h.proxy.ready(10_000);
+    const url = `${h.url}/fix/mcp`;
+    const args = { what: 'ask', method: 'sampling/createMessage', params: { messages: [], maxTokens: 1 } };
+    const held = await modernPost(url, 1, 'tools/call', { name: 'do', arguments: args }, { caps: { sampling: {} } });
+    const r = onlyMessage(held).result;
+    assert.equal(r?.resultType, 'input_required', held.text);
+    // Two more at once: one waits in the queue (its answer comes only once the lane is free), the other is refused.
+    const pending = [2, 3].map((id) => modernPost(url, id, 'tools/call', { name: 'do', arguments: { what: 'echo', text: `echo ${id}` } }));
+    const refused = await within(Promise.race(pending.map((p, i) => p.then((res) => ({ i, res })))), 5_000, 'one of the two to be refused while the lane is held');
+    const err = onlyMessage(refused.res);
+    assert.equal(err.error?.code, -32000, refused.res.text);
+    assert.match(err.error.message, /Too many requests waiting/);
+    const key = Object.keys(r.inputRequests)[0]!;
+    const done = await modernPost(url, 4, 'tools/call', { name: 'do', arguments: args, requestState: r.requestState, inputResponses: { [key]: { role: 'assistant', content: { type: 'text', text: 'go' }, model: 'm' } } }, { caps: { sampling: {} } });
+    assert.equal(onlyMessage(done).result?.resultType, 'complete', done.text);
+    const waited = await within(pending[1 - refused.i]!, 5_000, 'the queued call once the lane is free');
+    assert.equal(textOf(onlyMessage(waited).result), `echo ${3 - refused.i}`);
+  });
+});
+
 // The official conformance suite (@modelcontextprotocol/conformance, `server` command) run against the proxy,
 // with conformance/child.mjs (a legacy 2025-11-25 stdio server, SDK 1.x) as its one shared child. Scored =
 // the `server:` list of the package's requirements/<revision>.yaml: each scored scenario must have run with no

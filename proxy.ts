@@ -3667,7 +3667,8 @@ function scheduleRound(call: ModernCall): void {
 /**
  * Answers the waiting HTTP request with input_required: the child's requests, keyed by the child's own ids,
  * and a requestState that names this held call and round. The call then waits for the retry, bounded by
- * continuationTtlMs (then it is cancelled on the child and the lane moves on).
+ * continuationTtlMs (then expireCall answers the child's requests with an error; the call keeps the lane until
+ * the child answers it, or until requestTimeoutMs).
  */
 function sendRound(call: ModernCall): void {
   call.askScheduled = false;
