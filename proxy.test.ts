@@ -4940,7 +4940,7 @@ function onMessage(msg) {
     assert.deepEqual(lines.filter((l) => l.startsWith('cancelled ')), [], 'an expired call is left to finish on the child, not cancelled');
   });
 
-  it('a retry after the child died is -32602, and the proxy holds nothing of the call (the lane is free, the state names nothing)', { timeout: 15_000 }, async (t) => {
+  it('a retry after the child died gets the exit error under its own id (the client is not blamed), the state is then spent, and the proxy holds nothing of the call (the lane is free)', { timeout: 15_000 }, async (t) => {
     const log = path.join(tmpDir('mrtr-died'), 'fixture.log');
     const h = await harness(t, { servers: [fixture('fix', 'ok', { clientCapabilities: ['sampling'], env: { FIXTURE_LOG: log } })] }, { limits: FAST });
     await h.proxy.ready(10_000);
@@ -4955,7 +4955,13 @@ function onMessage(msg) {
     await waitFor(() => !pidAlive(pid), 5_000, 'the child to die');
     await waitFor(() => h.proxy.status().fix!.state === 'ready' && h.proxy.status().fix!.pid !== pid, 10_000, 'the child to be restarted');
     const retry = await within(modernPost(url, 2, 'tools/call', { name: 'do', arguments: args, requestState: r.requestState, inputResponses: { [key]: { role: 'assistant', content: { type: 'text', text: 'x' }, model: 'm' } } }, { caps: { sampling: {} } }), 5_000, 'the retry');
-    assertRpcError(retry, 400, -32602);
+    const died = onlyMessage(retry);
+    assert.equal(retry.status, 200, retry.text);
+    assert.equal(died.id, 2, retry.text);
+    assert.equal(died.error?.code, -32005, retry.text);
+    assert.match(died.error.message, /exited/);
+    const again = await within(modernPost(url, 4, 'tools/call', { name: 'do', arguments: args, requestState: r.requestState, inputResponses: {} }, { caps: { sampling: {} } }), 5_000, 'a replay');
+    assertRpcError(again, 400, -32602);
     const echo = await within(modernPost(url, 3, 'tools/call', { name: 'do', arguments: { what: 'echo', text: 'after death' } }), 5_000, 'a call after the death');
     assert.equal(textOf(onlyMessage(echo).result), 'after death');
     // The new child got no answer meant for the dead one's request.

@@ -118,8 +118,14 @@ export type Limits = {
   continuationTtlMs: number;
   /** ttlMs stamped on 2026-07-28 list results and server/discover (list_changed on a listen stream invalidates). */
   listTtlMs: number;
-  /** Requests waiting for a shared child's lane (servers with "clientCapabilities": see section 8). */
+  /** Requests waiting for a shared child's lane (servers with "clientCapabilities": see section 8)… */
   maxLaneQueue: number;
+  /** …of which one credential may have this many. */
+  maxLaneQueuePerCredential: number;
+  /** 2026-07-28 subscriptions/listen streams one credential may hold open on one server. */
+  maxListenersPerCredential: number;
+  /** Distinct resource URIs subscribed on one child, over every session and listen stream. */
+  maxSubscribedUrisPerChild: number;
   /** Each step of stopping a child: stdin closed → wait → SIGTERM → wait → SIGKILL (SDK: 2 s steps). */
   killGraceMs: number;
   /** Restart backoff starts here (runit: 1 s) … */
@@ -207,6 +213,9 @@ export const DEFAULT_LIMITS: Readonly<Limits> = Object.freeze({
   continuationTtlMs: 2 * 60_000,
   listTtlMs: 60_000,
   maxLaneQueue: 256,
+  maxLaneQueuePerCredential: 64,
+  maxListenersPerCredential: 32,
+  maxSubscribedUrisPerChild: 4096,
   killGraceMs: 2_000,
   restartMinDelayMs: 1_000,
   restartMaxDelayMs: 30_000,
@@ -547,16 +556,16 @@ type Upstream = {
    * Child ids of client requests given up on (cancelled, timed out, their session ended) that the child has
    * not answered yet (child id → when): it may still be working for them, so a child→client request could be
    * theirs. Each is forgotten when the child answers it late, or after ABANDONED_GRACE_MS (SDK servers never
-   * answer a cancelled request). Bounded; past the bound `abandonedOverflow` holds until the child restarts.
+   * answer a cancelled request). Bounded; past the bound, `abandonedOverflowUntilMs` stands for the rest.
    */
   abandoned: Map<number, number>;
-  abandonedOverflow: boolean;
+  abandonedOverflowUntilMs: number;
   /** Lines waiting for the end-of-turn write to stdin (non-empty: the write is scheduled), and their size. */
   outQueue: string[];
   outBytes: number;
   /** The lane (section 8): child id of the request holding it, the requests waiting, and whether one is being let in. */
   laneHolder: number | null;
-  laneQueue: (() => void)[];
+  laneQueue: LaneEntry[];
   laneGranting: boolean;
   /** 2026-07-28 subscriptions/listen streams on this child. */
   listeners: Set<Listener>;
@@ -658,16 +667,28 @@ type ModernCall = {
   /** Set once the call was answered input_required: its key in proxy.continuations. */
   continuation: string | null;
   expiry: NodeJS.Timeout | null;
-  /** The child answered while no HTTP request waited: kept for the retry. */
-  lateAnswer: { text: string; status: number } | null;
+  /** The child answered (or exited) while no HTTP request waited: kept for the retry, answered under its id. */
+  lateAnswer: JsonRpcMessage | null;
   /** inputResponses a fresh call brought along (no requestState): asks under these keys are answered from them. */
   offered: Record<string, unknown> | null;
   finished: boolean;
 };
 
+/** A request waiting for its child's lane (section 8), legacy or 2026-07-28. */
+type LaneEntry = {
+  credential: string;
+  /** A legacy request, for notifications/cancelled: its session and the client's id. */
+  session: Session | null;
+  clientId: JsonRpcId | null;
+  /** Nobody is left to answer (its client went away): the entry is dropped, not run. */
+  gone: () => boolean;
+  start: () => void;
+};
+
 /** A 2026-07-28 subscriptions/listen stream. */
 type Listener = {
   up: Upstream;
+  credential: string;
   /** The listen request's id: every message on the stream carries it as its subscriptionId. */
   id: JsonRpcId;
   /** The acknowledged notification kinds. */
@@ -1406,7 +1427,7 @@ function newUpstream(server: ServerRuntime): Upstream {
     server, proc: null, state: 'starting', startedAtMs: 0, unstableRestarts: 0, restarts: 0,
     initResult: null, protocolVersion: SUPPORTED_PROTOCOL_VERSIONS[0], nextId: 1,
     pending: new Map(), serverRequests: new Map(), sessions: new Set(), subscriptions: new Map(),
-    restartTimer: null, initTimer: null, waiters: [], owner: null, abandoned: new Map(), abandonedOverflow: false, holdsStartSlot: false, exited: Promise.resolve(), lastStderr: '',
+    restartTimer: null, initTimer: null, waiters: [], owner: null, abandoned: new Map(), abandonedOverflowUntilMs: 0, holdsStartSlot: false, exited: Promise.resolve(), lastStderr: '',
     outQueue: [], outBytes: 0, laneHolder: null, laneQueue: [], laneGranting: false, listeners: new Set(), modernInflight: new Map(),
   };
 }
@@ -1610,7 +1631,8 @@ function sendOwnRequest(up: Upstream, method: string, params: Record<string, unk
   up.pending.set(id, {
     session: null, clientId: id, clientToken: undefined, exchange: null, method, uri: undefined, sentAtMs: Date.now(), onAnswer,
   });
-  writeToChild(up, JSON.stringify({ jsonrpc: '2.0', id, method, params }));
+  // Not written (the child's input queue is full): nothing will answer it, so nothing waits for it.
+  if (!writeToChild(up, JSON.stringify({ jsonrpc: '2.0', id, method, params }))) up.pending.delete(id);
 }
 
 /** Tells the child to stop working on a request nobody will read the answer of. */
@@ -1705,7 +1727,7 @@ function onChildExit(up: Upstream, proc: ChildProcess | null, exit: string): voi
   const uptimeMs = Date.now() - up.startedAtMs;
   up.proc = null;
   up.abandoned.clear(); // the next process starts with nothing running
-  up.abandonedOverflow = false;
+  up.abandonedOverflowUntilMs = 0;
   if (up.initTimer) clearTimeout(up.initTimer);
   up.initTimer = null;
   // Strays left in its group (grandchildren) are stopped too, by the clock, until the group is empty.
@@ -2033,11 +2055,21 @@ function abandonRequests(session: Session): void {
 
 /** Gives up on a request in flight: the child is told to stop working on it, and whoever waits gets an error. */
 function abortPending(up: Upstream, childId: number, pending: Pending, reason: string, code: number, message: string): void {
-  settlePending(up, childId);
-  noteAbandoned(up, childId);
+  abandonPending(up, childId, pending);
   cancelOnChild(up, childId, reason);
   answerPending(pending, errorText(pending.clientId, code, message));
   if (pending.session?.call) endCall(pending.session.call);
+}
+
+/**
+ * A client request given up on (cancelled, timed out, its client gone) may still be running on the child,
+ * which may still ask its client something: it is remembered (Upstream.abandoned), and asks are refused while
+ * it may be (see stillAbandoned). Its lane goes to the next request at once: tool calls go on, only asks wait
+ * out the doubt. The proxy's own requests ask nobody anything and are not remembered.
+ */
+function abandonPending(up: Upstream, childId: number, pending: Pending): void {
+  settlePending(up, childId);
+  if (pending.session) noteAbandoned(up, childId);
 }
 
 /** Whether a request given up on may still be running: the ones past ABANDONED_GRACE_MS are forgotten. */
@@ -2047,10 +2079,20 @@ function stillAbandoned(up: Upstream): boolean {
   return up.abandoned.size > 0;
 }
 
+/** …or more were given up on than are tracked, within the last ABANDONED_GRACE_MS. */
+function maybeAbandoned(up: Upstream): boolean {
+  return stillAbandoned(up) || Date.now() < up.abandonedOverflowUntilMs;
+}
+
+const ABANDONED_REFUSAL = (method: string) =>
+  `a request given up on (cancelled, timed out or of an ended session) may still be running on this shared server, so the request's session is not certain; set "sessions": "per-session" for this server to use ${method}`;
+
 /** Remembers a request given up on while the child may still work on it (see Upstream.abandoned). */
 function noteAbandoned(up: Upstream, childId: number): void {
-  if (up.abandoned.size >= MAX_ABANDONED_TRACKED) up.abandonedOverflow = true;
-  else up.abandoned.set(childId, Date.now());
+  if (up.abandoned.size >= MAX_ABANDONED_TRACKED) stillAbandoned(up); // forget those past their grace first
+  if (up.abandoned.size < MAX_ABANDONED_TRACKED) up.abandoned.set(childId, Date.now());
+  // Past the bound, the doubt lasts a grace period from the last one given up on (not until a restart).
+  else up.abandonedOverflowUntilMs = Date.now() + ABANDONED_GRACE_MS;
 }
 
 /** What the client declared that a child→client request needs (its `roots` only where the operator opted in). */
@@ -2101,7 +2143,10 @@ function forwardRequest(session: Session, msg: JsonRpcMessage, exchange: Exchang
   if (msg.method === 'initialize') return reply(errorText(id, INVALID_REQUEST, 'Session is already initialized'));
   if (up.state !== 'ready') return reply(errorText(id, SERVER_ERROR, `MCP server is ${up.state}; try again later`));
   if (mayAsk(up, msg.method!)) {
-    const entry = enterLane(up, () => forwardQueued(session, msg, exchange));
+    const entry = enterLane(up, {
+      credential: session.credential, session, clientId: id, start: () => forwardQueued(session, msg, exchange),
+      gone: () => !!exchange?.done || (session.closed && !exchange),
+    });
     if (entry === 'full') return reply(errorText(id, SERVER_ERROR, 'Too many requests waiting for this server; retry later'));
     if (entry === 'queued') return void session.inflight++; // counted while it waits: the session is not idle
   }
@@ -2176,11 +2221,16 @@ function cancelFromClient(session: Session, msg: JsonRpcMessage): void {
     if (pending.session !== session || pending.clientId !== requestId) continue;
     if (pending.method === 'initialize') return; // spec: initialize MUST NOT be cancelled
     writeToChild(up, JSON.stringify({ ...msg, params: { ...msg.params, requestId: childId } }));
-    settlePending(up, childId);
-    noteAbandoned(up, childId);
+    abandonPending(up, childId, pending);
     answerPending(pending, errorText(pending.clientId, REQUEST_CANCELLED, 'Request cancelled'));
     return;
   }
+  // Still waiting for the lane: it never reaches the child.
+  const queued = up.laneQueue.findIndex((entry) => entry.session === session && entry.clientId === requestId);
+  if (queued === -1) return;
+  up.laneQueue.splice(queued, 1);
+  session.inflight--;
+  answer(session, null, errorText(requestId as JsonRpcId, REQUEST_CANCELLED, 'Request cancelled'));
 }
 
 /** Subscriptions outlive their requests, so their number and size per session are bounded. */
@@ -2191,6 +2241,8 @@ function subscriptionRefusal(session: Session, uri: string): string | null {
   if (!mine?.has(uri) && (mine?.size ?? 0) >= limits.maxSubscriptionsPerSession) {
     return 'Too many subscriptions for this session';
   }
+  const onChild = session.upstream.subscriptions;
+  if (!onChild.has(uri) && onChild.size >= limits.maxSubscribedUrisPerChild) return 'Too many resources subscribed on this server';
   return null;
 }
 
@@ -2280,7 +2332,7 @@ function routeChildResponse(up: Upstream, msg: JsonRpcMessage, line: string, raw
   answerPending(pending, withId(line, raw, msg, pending.clientId));
 }
 
-/** Removes a pending entry and its in-flight count. */
+/** Removes a pending entry and its in-flight count, and the lane it held. */
 function settlePending(up: Upstream, childId: number): void {
   const pending = up.pending.get(childId);
   if (!pending) return;
@@ -2305,7 +2357,12 @@ function failPending(up: Upstream, message: string): void {
   for (const [, pending] of entries) {
     if (pending.session) pending.session.inflight--;
     answerPending(pending, errorText(pending.clientId, SERVER_EXITED, message));
-    if (pending.session?.call) endCall(pending.session.call);
+    const call = pending.session?.call;
+    // A call waiting for its client's retry keeps the reason for it (until it expires): the retry gets it.
+    if (call?.continuation && !call.finished && !call.exchange) {
+      call.asked.clear();
+      call.lateAnswer = { jsonrpc: '2.0', id: call.clientId, error: { code: SERVER_EXITED, message } };
+    } else if (call) endCall(call);
   }
   for (const { session, proxyId } of up.serverRequests.values()) session.serverRequests?.delete(proxyId);
   up.serverRequests.clear();
@@ -2322,6 +2379,8 @@ function routeChildRequest(up: Upstream, msg: JsonRpcMessage): void {
   const id = msg.id as JsonRpcId;
   if (msg.method === 'ping') return void writeToChild(up, resultText(id, {}));
   if (msg.method === 'roots/list' && !asksClientsForRoots(up)) return void writeToChild(up, rootsAnswer(up, id));
+  // Asked outside any request (at start-up, say): nobody's roots can be given, so none are.
+  if (msg.method === 'roots/list' && !laneHolderSession(up)) return void writeToChild(up, resultText(id, { roots: [] }));
   // A second request under an id still waiting would overwrite the first one's routing (and let a child
   // queue requests past the limit below under one id).
   if (up.serverRequests.has(id)) {
@@ -2332,8 +2391,8 @@ function routeChildRequest(up: Upstream, msg: JsonRpcMessage): void {
     proxy.log.warn(config.name, `refused ${msg.method}: ${up.serverRequests.size} requests to clients already wait for an answer`);
     return void writeToChild(up, errorText(id, SERVER_ERROR, 'Too many requests waiting for a client'));
   }
-  const call = laneCall(up);
-  if (call && !stillAbandoned(up) && !up.abandonedOverflow) return askClient(call, msg);
+  const call = laneHolderSession(up)?.call;
+  if (call && !maybeAbandoned(up)) return askClient(call, msg);
   const target = attributeServerRequest(up, msg.method!);
   if (typeof target === 'string') {
     proxy.log.warn(config.name, `refused ${msg.method} from the server: ${target}`);
@@ -2347,9 +2406,14 @@ function routeChildRequest(up: Upstream, msg: JsonRpcMessage): void {
   writeEvent(target.stream, JSON.stringify({ ...msg, id: proxyId }));
 }
 
-/** The 2026-07-28 call holding this child's lane, if the lane is held by one (section 8). */
-function laneCall(up: Upstream): ModernCall | undefined {
-  return up.laneHolder === null ? undefined : up.pending.get(up.laneHolder)?.session?.call;
+/** The session of the request holding this child's lane (a 2026-07-28 call's has `call`), if one runs. */
+function laneHolderSession(up: Upstream): Session | null {
+  return up.laneHolder === null ? null : up.pending.get(up.laneHolder)?.session ?? null;
+}
+
+/** A shared child whose operator enabled asking ("clientCapabilities"): it has a lane (section 8). */
+function hasLane(up: Upstream): boolean {
+  return up.owner === null && !!up.server.config.clientCapabilities?.length;
 }
 
 /** A shared child whose operator listed "roots" in "clientCapabilities": its roots/list goes to a client. */
@@ -2383,9 +2447,15 @@ function attributeServerRequest(up: Upstream, method: string): { session: Sessio
   else {
     if (cap && !up.server.config.clientCapabilities?.includes(cap)) return `${cap} is not in this server's "clientCapabilities"`;
     let inflight = 0;
-    // With a lane, the holder is the only request in flight that can ask (the others are lists).
-    const holder = up.laneHolder === null ? undefined : up.pending.get(up.laneHolder);
-    for (const pending of holder ? [holder] : up.pending.values()) {
+    if (hasLane(up)) {
+      // The holder is the only request in flight that can ask (the others are lists); with none (or one given
+      // up on still holding it), the ask belongs to nobody who can be named.
+      const holder = up.laneHolder === null ? undefined : up.pending.get(up.laneHolder);
+      if (!holder?.session) return 'no request that may ask is running on this server';
+      if (maybeAbandoned(up)) return ABANDONED_REFUSAL(method);
+      return deliverable(holder.session, holder.exchange, cap);
+    }
+    for (const pending of up.pending.values()) {
       if (!pending.session) continue;
       if (++inflight > 1) break;
       session = pending.session;
@@ -2395,10 +2465,12 @@ function attributeServerRequest(up: Upstream, method: string): { session: Sessio
       return `${inflight} client requests are in flight on this shared server, so the request's session is not certain; set "sessions": "per-session" for this server to use ${method}`;
     }
     // A request given up on may still be running on the child, and this may be its request.
-    if (stillAbandoned(up) || up.abandonedOverflow) {
-      return `a request given up on (cancelled, timed out or of an ended session) may still be running on this shared server, so the request's session is not certain; set "sessions": "per-session" for this server to use ${method}`;
-    }
+    if (maybeAbandoned(up)) return ABANDONED_REFUSAL(method);
   }
+  return deliverable(session, exchange, cap);
+}
+
+function deliverable(session: Session | null, exchange: Exchange | null, cap: ClientCapability | undefined): { session: Session; stream: SseStream } | string {
   if (!session || session.closed || session.transport === 'modern') return 'no client session is connected';
   if (cap && !session.caps[cap]) return `the client did not declare the ${cap} capability`;
   const stream = exchange?.sse && !exchange.sse.closed ? exchange.sse : firstOpen(session.exchanges) ?? session.stream;
@@ -3318,7 +3390,7 @@ async function handleModern(
   if (up.state !== 'ready' && !(await readyWithin(up, server.proxy.limits.startWaitMs))) return unavailable(res, up, id);
   if (res.destroyed) return;
   if (method === 'server/discover') return sendJson(res, 200, resultText(id, discoverResult(up)));
-  if (method === 'subscriptions/listen') return openListener(up, msg, accepts, res);
+  if (method === 'subscriptions/listen') return openListener(up, msg, accepts, res, credential);
   const state = msg.params?.requestState;
   if (state !== undefined) return resumeCall(up, msg, accepts, res, credential);
   startModernCall(up, msg, accepts, res, credential);
@@ -3375,14 +3447,19 @@ function decodeHeaderValue(value: string): string {
   return encoded ? Buffer.from(encoded[1], 'base64').toString('utf8') : value;
 }
 
+/** Waits for a starting child, at most `ms`; a request that gave up leaves no waiter behind. */
 function readyWithin(up: Upstream, ms: number): Promise<boolean> {
   return new Promise((resolve) => {
-    const timer = setTimeout(() => resolve(false), ms);
-    timer.unref();
-    void whenSettled(up).then(() => {
+    const wake = () => {
       clearTimeout(timer);
       resolve(up.state === 'ready');
-    });
+    };
+    const timer = setTimeout(() => {
+      up.waiters = up.waiters.filter((waiter) => waiter !== wake);
+      resolve(false);
+    }, ms);
+    timer.unref();
+    up.waiters.push(wake);
   });
 }
 
@@ -3465,7 +3542,8 @@ function startModernCall(up: Upstream, msg: JsonRpcMessage, accepts: Accepts, re
   call.exchange = modernExchange(call, accepts, res, wantsProgress(msg));
   stripModernMeta(msg);
   const start = () => forwardCall(call, msg);
-  const entry = mayAsk(up, call.method) ? enterLane(up, start) : 'now';
+  const gone = () => call.finished || !call.exchange || call.exchange.done;
+  const entry = mayAsk(up, call.method) ? enterLane(up, { credential, session: null, clientId: null, start, gone }) : 'now';
   if (entry === 'full') return finishCall(call, errorText(id, SERVER_ERROR, 'Too many requests waiting for this server; retry later'));
   if (entry === 'now') start();
 }
@@ -3518,21 +3596,20 @@ function stripModernMeta(msg: JsonRpcMessage): void {
   delete params.requestState;
 }
 
+/**
+ * The call's answer goes to the HTTP request waiting now. While none waits (the client was answered
+ * input_required and has not retried yet), it is kept for the retry, and answered under the retry's id: the
+ * child may answer without the input.
+ */
 function onCallAnswer(call: ModernCall, msg: JsonRpcMessage): void {
+  if (!call.exchange && call.continuation && !call.finished) return void (call.lateAnswer = msg);
   const { text, status } = modernAnswer(call.up, msg, call.method, call.clientId);
   finishCall(call, text, status);
 }
 
-/**
- * The call's answer goes to the HTTP request waiting now. While none waits (the client was answered
- * input_required and has not retried yet), it is kept for the retry: the child may answer without the input.
- */
 function finishCall(call: ModernCall, text: string, status = 200): void {
   const exchange = call.exchange;
-  if (!exchange || exchange.done) {
-    if (call.continuation && !call.finished) return void (call.lateAnswer = { text, status });
-    return endCall(call);
-  }
+  if (!exchange || exchange.done) return endCall(call);
   endCall(call);
   if (exchange.sse || status === 200) return answerExchange(exchange, text);
   exchange.done = true;
@@ -3594,11 +3671,18 @@ function mayAsk(up: Upstream, method: string): boolean {
 /** Requests that never make a child ask its client. */
 const LANE_FREE_METHODS: ReadonlySet<string> = new Set([...LIST_METHODS, 'resources/subscribe', 'resources/unsubscribe']);
 
-/** 'now': run it (the caller takes the lane). 'queued': `start` runs when the lane is free. 'full': refuse it. */
-function enterLane(up: Upstream, start: () => void): 'now' | 'queued' | 'full' {
+/**
+ * 'now': run it (the caller takes the lane). 'queued': it starts when the lane is free. 'full': refuse it.
+ * Entries whose client has gone are dropped first, so they hold no place; one credential holds a share.
+ */
+function enterLane(up: Upstream, entry: LaneEntry): 'now' | 'queued' | 'full' {
   if (up.laneHolder === null && (up.laneQueue.length === 0 || up.laneGranting)) return 'now';
-  if (up.laneQueue.length >= up.server.proxy.limits.maxLaneQueue) return 'full';
-  up.laneQueue.push(start);
+  const limits = up.server.proxy.limits;
+  if (up.laneQueue.length >= limits.maxLaneQueuePerCredential) up.laneQueue = up.laneQueue.filter((queued) => !queued.gone());
+  let mine = 0;
+  for (const queued of up.laneQueue) if (queued.credential === entry.credential) mine++;
+  if (up.laneQueue.length >= limits.maxLaneQueue || mine >= limits.maxLaneQueuePerCredential) return 'full';
+  up.laneQueue.push(entry);
   return 'queued';
 }
 
@@ -3611,9 +3695,10 @@ function releaseLane(up: Upstream): void {
 function drainLane(up: Upstream): void {
   while (up.laneHolder === null && up.laneQueue.length) {
     const next = up.laneQueue.shift()!;
+    if (next.gone()) continue;
     up.laneGranting = true;
     try {
-      guarded(up.server.proxy, up.server.config.name, 'a queued request', next);
+      guarded(up.server.proxy, up.server.config.name, 'a queued request', next.start);
     } finally {
       up.laneGranting = false;
     }
@@ -3645,7 +3730,7 @@ function askClient(call: ModernCall, msg: JsonRpcMessage): void {
     return void writeToChild(up, errorText(id, INVALID_REQUEST, 'Duplicate or too many input requests'));
   }
   // Answers offered up front are used once each, and only when they are results (objects).
-  const offered = call.offered?.[key];
+  const offered = call.offered && Object.hasOwn(call.offered, key) ? call.offered[key] : undefined;
   if (isObject(offered)) {
     delete call.offered![key];
     return void writeToChild(up, resultText(id, offered));
@@ -3674,7 +3759,9 @@ function sendRound(call: ModernCall): void {
   call.askScheduled = false;
   const exchange = call.exchange;
   if (call.finished || call.asked.size === 0) return;
-  if (!exchange || exchange.done) return cancelCall(call, 'client gone');
+  // Asked between rounds (the client holds the last one): it goes out with the next round, after the retry.
+  if (!exchange) return;
+  if (exchange.done) return cancelCall(call, 'client gone');
   const proxy = call.up.server.proxy;
   const inputRequests = Object.fromEntries([...call.asked].map(([key, { method, params }]) => [key, { method, params }]));
   call.round++;
@@ -3727,12 +3814,16 @@ function resumeCall(up: Upstream, msg: JsonRpcMessage, accepts: Accepts, res: ht
   if (pending) {
     pending.exchange = call.exchange;
     pending.clientId = id;
+    // The child still reports progress under the call's child id; the client now knows it by the retry's token.
+    const meta = params._meta;
+    const token = isObject(meta) ? meta.progressToken : undefined;
+    pending.clientToken = typeof token === 'string' || typeof token === 'number' ? token : undefined;
   }
   if (call.expiry) clearTimeout(call.expiry);
   call.expiry = null;
-  if (call.lateAnswer) return finishCall(call, call.lateAnswer.text, call.lateAnswer.status);
+  if (call.lateAnswer) return onCallAnswer(call, call.lateAnswer);
   for (const [key, { childId }] of [...call.asked]) {
-    const response = responses?.[key];
+    const response = responses && Object.hasOwn(responses, key) ? responses[key] : undefined;
     if (!isObject(response)) continue;
     call.asked.delete(key);
     up.serverRequests.delete(childId);
@@ -3817,7 +3908,7 @@ function stateKey(proxy: Proxy): Buffer {
  * (only what the child can send), then the matching notifications, each with the listen id in its _meta.
  * Resource subscriptions are reference-counted on the child with the legacy sessions' (section 6).
  */
-function openListener(up: Upstream, msg: JsonRpcMessage, accepts: Accepts, res: http.ServerResponse): void {
+function openListener(up: Upstream, msg: JsonRpcMessage, accepts: Accepts, res: http.ServerResponse, credential: string): void {
   const id = msg.id as JsonRpcId;
   const limits = up.server.proxy.limits;
   if (!accepts.sse) return reject(res, 406, SERVER_ERROR, 'Not Acceptable: subscriptions/listen answers with text/event-stream', {}, id);
@@ -3827,8 +3918,10 @@ function openListener(up: Upstream, msg: JsonRpcMessage, accepts: Accepts, res: 
   if (uris.length > limits.maxSubscriptionsPerSession || uris.some((uri) => typeof uri !== 'string' || uri.length > limits.maxSubscriptionUriChars)) {
     return reject(res, 400, INVALID_PARAMS, 'Invalid params: too many or invalid resourceSubscriptions', {}, id);
   }
-  if (up.listeners.size >= limits.maxSessionsPerServer) {
-    return reject(res, 503, SERVER_ERROR, 'Too many listen streams; retry later', { 'Retry-After': String(limits.retryAfterS) }, id);
+  let mine = 0;
+  for (const listener of up.listeners) if (listener.credential === credential) mine++;
+  if (up.listeners.size >= limits.maxSessionsPerServer || mine >= limits.maxListenersPerCredential) {
+    return reject(res, 429, SERVER_ERROR, 'Too many listen streams; close one first', { 'Retry-After': String(limits.retryAfterS) }, id);
   }
   const caps = isObject(up.initResult?.capabilities) ? up.initResult.capabilities : {};
   const can = (name: string, flag: string) => isObject(caps[name]) && caps[name][flag] === true;
@@ -3837,8 +3930,12 @@ function openListener(up: Upstream, msg: JsonRpcMessage, accepts: Accepts, res: 
   if (wanted.promptsListChanged === true && can('prompts', 'listChanged')) honoured.promptsListChanged = true;
   if (wanted.resourcesListChanged === true && can('resources', 'listChanged')) honoured.resourcesListChanged = true;
   const subscribed = can('resources', 'subscribe') ? [...new Set(uris as string[])] : [];
+  const added = subscribed.filter((uri) => !up.subscriptions.has(uri)).length;
+  if (up.subscriptions.size + added > limits.maxSubscribedUrisPerChild) {
+    return reject(res, 503, SERVER_ERROR, 'Too many resources subscribed on this server; retry later', { 'Retry-After': String(limits.retryAfterS) }, id);
+  }
   if (subscribed.length) honoured.resourceSubscriptions = subscribed;
-  const listener: Listener = { up, id, honoured, uris: new Set(subscribed), stream: null! };
+  const listener: Listener = { up, credential, id, honoured, uris: new Set(subscribed), stream: null! };
   listener.stream = openStream(up.server.proxy, res, {}, () => dropListener(listener));
   up.listeners.add(listener);
   for (const uri of listener.uris) {
