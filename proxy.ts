@@ -3499,10 +3499,13 @@ function modernAnswer(up: Upstream, msg: JsonRpcMessage, method: string, id: Jso
     if (error.code === LEGACY_RESOURCE_NOT_FOUND) error.code = INVALID_PARAMS;
     return { text: JSON.stringify({ jsonrpc: '2.0', id, error }), status: modernStatus(error.code) };
   }
+  // Stamped in place: the parsed answer is ours and is not used again (fewer copies on the hot path).
   const result = isObject(msg.result) ? msg.result : {};
-  const meta = isObject(result._meta) ? result._meta : {};
-  const stamped = { ...result, resultType: 'complete', ...cacheFields(up, method), _meta: { ...meta, [META_SERVER_INFO]: serverInfoOf(up) } };
-  return { text: resultText(id, stamped), status: 200 };
+  result.resultType = 'complete';
+  if (LIST_METHODS.has(method) || method === 'resources/read') Object.assign(result, cacheFields(up, method));
+  if (isObject(result._meta)) result._meta[META_SERVER_INFO] = serverInfoOf(up);
+  else result._meta = { [META_SERVER_INFO]: serverInfoOf(up) };
+  return { text: resultText(id, result), status: 200 };
 }
 
 /** HTTP status of a modern error (basic/index §Error Codes; transports: unknown method is 404). */
@@ -3588,12 +3591,13 @@ function forwardCall(call: ModernCall, msg: JsonRpcMessage): void {
 /** The 2026 `_meta` keys are for the proxy; the child speaks 2025 and would not know them. */
 function stripModernMeta(msg: JsonRpcMessage): void {
   const params = msg.params!;
-  const meta = { ...(params._meta as Record<string, unknown>) };
-  for (const key of MODERN_REQUEST_META) delete meta[key];
-  if (Object.keys(meta).length) params._meta = meta;
+  const meta = params._meta as Record<string, unknown>;
+  let kept: Record<string, unknown> | null = null;
+  for (const key in meta) if (!MODERN_REQUEST_META.includes(key)) (kept ??= {})[key] = meta[key];
+  if (kept) params._meta = kept;
   else delete params._meta;
-  delete params.inputResponses;
-  delete params.requestState;
+  if ('inputResponses' in params) delete params.inputResponses;
+  if ('requestState' in params) delete params.requestState;
 }
 
 /**
