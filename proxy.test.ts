@@ -20,6 +20,8 @@ import os from 'node:os';
 import path from 'node:path';
 import { Readable } from 'node:stream';
 import { fileURLToPath, pathToFileURL } from 'node:url';
+import v8 from 'node:v8';
+import vm from 'node:vm';
 import { Client } from '@modelcontextprotocol/sdk/client/index.js';
 import { StreamableHTTPClientTransport } from '@modelcontextprotocol/sdk/client/streamableHttp.js';
 import { SSEClientTransport } from '@modelcontextprotocol/sdk/client/sse.js';
@@ -4458,19 +4460,19 @@ describe('8b. MCP 2026-07-28: subscriptions/listen and input requests', () => {
   const NAMED: Record<string, string> = { 'tools/call': 'name', 'prompts/get': 'name', 'resources/read': 'uri' };
 
   /** One 2026-07-28 request: MCP-Protocol-Version, Mcp-Method, Mcp-Name and _meta all as a modern client sends them. */
-  function modernPost(url: string, id: number | string, method: string, params: Json, o: { caps?: Json; headers?: Record<string, string> } = {}): Promise<RawResponse> {
+  function modernPost(url: string, id: number | string, method: string, params: Json, o: { caps?: Json; headers?: Record<string, string>; meta?: Json } = {}): Promise<RawResponse> {
     const headers: Record<string, string> = { 'mcp-protocol-version': MODERN, 'mcp-method': method };
     if (NAMED[method]) headers['mcp-name'] = String(params[NAMED[method]!]);
     Object.assign(headers, o.headers);
-    return post(url, { jsonrpc: '2.0', id, method, params: { ...params, _meta: modernMeta(o.caps ?? {}) } }, headers);
+    return post(url, { jsonrpc: '2.0', id, method, params: { ...params, _meta: { ...modernMeta(o.caps ?? {}), ...o.meta } } }, headers);
   }
 
   /** A subscriptions/listen stream opened by raw POST; closed by the test's cleanup. */
-  async function listenStream(t: TestContext, url: string, id: number | string, notifications: Json): Promise<SseStream> {
+  async function listenStream(t: TestContext, url: string, id: number | string, notifications: Json, headers: Record<string, string> = {}): Promise<SseStream> {
     const body = JSON.stringify({ jsonrpc: '2.0', id, method: 'subscriptions/listen', params: { notifications, _meta: modernMeta() } });
     const stream = await openRpcStream(url, {
       method: 'POST',
-      headers: { 'content-type': 'application/json', accept: 'application/json, text/event-stream', 'mcp-protocol-version': MODERN, 'mcp-method': 'subscriptions/listen' },
+      headers: { 'content-type': 'application/json', accept: 'application/json, text/event-stream', 'mcp-protocol-version': MODERN, 'mcp-method': 'subscriptions/listen', ...headers },
       body,
     });
     onCleanup(t, () => stream.close());
@@ -4987,6 +4989,508 @@ function onMessage(msg) {
     assert.equal(onlyMessage(done).result?.resultType, 'complete', done.text);
     const waited = await within(pending[1 - refused.i]!, 5_000, 'the queued call once the lane is free');
     assert.equal(textOf(onlyMessage(waited).result), `echo ${3 - refused.i}`);
+  });
+
+  // The hostile review of this path (fixed in dcc846c): one test per finding, each reproducing what the review
+  // found. A stdio server made for them: FIXTURE_LOG gets "got ID METHOD" for every request it receives, "call ID
+  // ARGS" for every tools/call, "asked ID" for each of its own requests, "response ID OUTCOME" for the answers to
+  // them, "cancelled ID", "note METHOD" for other notifications, and "subscribe URI"/"unsubscribe URI".
+  // tools/call {what}:
+  //   'ask'       its requests a.asks ([{id?, method, params}]; default one sampling request) at once; the call is
+  //               answered with [{id, result|error}] once all are answered
+  //   'late'      one sampling request, and the call is answered without waiting for it at the next 'release'
+  //   'progress'  progress 1 (under its _meta.progressToken) and a sampling request; once answered, progress 2
+  //               and 3, then the answer
+  //   'then-ask'  its answer and, in the same write, a sampling request (id "then-ask") the ended call caused
+  //   'stall'     answers, then reads nothing from stdin until SIGUSR2
+  //   'echo'      a.text
+  // tools/list {cursor}: 'hold' is answered at the next 'release'; 'release' first answers what 'late' and 'hold'
+  // left; 'more' makes one more sampling request for the last 'ask' call and answers the list 150 ms later.
+  const MRTR_FIXTURE = String.raw`
+'use strict';
+const fs = require('node:fs');
+const logLine = (s) => { if (process.env.FIXTURE_LOG) fs.appendFileSync(process.env.FIXTURE_LOG, s + '\n'); };
+const send = (...ms) => process.stdout.write(ms.map((m) => JSON.stringify(m) + '\n').join(''));
+const result = (id, r) => ({ jsonrpc: '2.0', id, result: r });
+const text = (id, t) => result(id, { content: [{ type: 'text', text: String(t) }] });
+const SAMPLE = { messages: [{ role: 'user', content: { type: 'text', text: 'q' } }], maxTokens: 1 };
+let askSeq = 0;
+const waiting = new Map();
+const late = [];
+const heldLists = [];
+let lastAsking = null;
+let keepAlive = null;
+function ask(call, method, params, id) {
+  if (id === undefined) id = 'ask-' + (++askSeq);
+  call.left.add(id);
+  waiting.set(id, call);
+  logLine('asked ' + JSON.stringify(id));
+  return { jsonrpc: '2.0', id, method, params };
+}
+let buf = '';
+process.stdin.setEncoding('utf8');
+process.stdin.on('data', (chunk) => {
+  buf += chunk;
+  let i;
+  while ((i = buf.indexOf('\n')) >= 0) {
+    const line = buf.slice(0, i);
+    buf = buf.slice(i + 1);
+    if (!line.trim()) continue;
+    let msg;
+    try { msg = JSON.parse(line); } catch { continue; }
+    onMessage(msg);
+  }
+});
+process.stdin.on('end', () => process.exit(0));
+process.on('SIGUSR2', () => { clearInterval(keepAlive); process.stdin.resume(); });
+function onMessage(msg) {
+  const p = msg.params || {};
+  if (msg.method === 'initialize') {
+    return send(result(msg.id, { protocolVersion: p.protocolVersion, capabilities: { tools: {}, resources: { subscribe: true } }, serverInfo: { name: 'mrtr-fixture', version: '1.0.0' } }));
+  }
+  if (msg.method === undefined) {
+    if (msg.id === undefined || msg.id === null) return;
+    const outcome = msg.error ? { error: msg.error } : { result: msg.result };
+    logLine('response ' + JSON.stringify(msg.id) + ' ' + JSON.stringify(outcome));
+    const call = waiting.get(msg.id);
+    if (!call) return;
+    waiting.delete(msg.id);
+    call.left.delete(msg.id);
+    call.outcomes.push({ id: msg.id, ...outcome });
+    if (call.left.size === 0) call.done();
+    return;
+  }
+  if (msg.id === undefined) {
+    if (msg.method === 'notifications/cancelled') return logLine('cancelled ' + JSON.stringify(p.requestId));
+    return logLine('note ' + msg.method);
+  }
+  logLine('got ' + JSON.stringify(msg.id) + ' ' + msg.method);
+  if (msg.method === 'ping') return send(result(msg.id, {}));
+  if (msg.method === 'resources/subscribe' || msg.method === 'resources/unsubscribe') {
+    logLine(msg.method.slice('resources/'.length) + ' ' + p.uri);
+    return send(result(msg.id, {}));
+  }
+  if (msg.method === 'tools/list') {
+    const list = result(msg.id, { tools: [{ name: 'do', inputSchema: { type: 'object' } }] });
+    if (p.cursor === 'hold') return void heldLists.push(list);
+    if (p.cursor === 'release') return send(...late.splice(0).map((id) => text(id, 'answered without input')), ...heldLists.splice(0), list);
+    if (p.cursor === 'more' && lastAsking) {
+      send(ask(lastAsking, 'sampling/createMessage', SAMPLE));
+      return void setTimeout(() => send(list), 150);
+    }
+    return send(list);
+  }
+  if (msg.method !== 'tools/call') return send({ jsonrpc: '2.0', id: msg.id, error: { code: -32601, message: 'Method not found' } });
+  const a = p.arguments || {};
+  logLine('call ' + JSON.stringify(msg.id) + ' ' + JSON.stringify(a));
+  const call = { left: new Set(), outcomes: [], done: () => send(text(msg.id, JSON.stringify(call.outcomes))) };
+  switch (a.what) {
+    case 'echo': return send(text(msg.id, a.text));
+    case 'ask':
+      lastAsking = call;
+      return send(...(a.asks || [{ method: 'sampling/createMessage', params: SAMPLE }]).map((q) => ask(call, q.method, q.params, q.id)));
+    case 'late':
+      late.push(msg.id);
+      call.done = () => {};
+      return send(ask(call, 'sampling/createMessage', SAMPLE));
+    case 'progress': {
+      const token = p._meta && p._meta.progressToken;
+      const progress = (n) => ({ jsonrpc: '2.0', method: 'notifications/progress', params: { progressToken: token, progress: n, total: 3 } });
+      call.done = () => send(progress(2), progress(3), text(msg.id, JSON.stringify(call.outcomes)));
+      return send(progress(1), ask(call, 'sampling/createMessage', SAMPLE));
+    }
+    case 'then-ask':
+      return send(text(msg.id, 'done'), ask({ left: new Set(), outcomes: [], done: () => {} }, 'sampling/createMessage', SAMPLE, 'then-ask'));
+    case 'stall':
+      send(text(msg.id, 'stalled'));
+      process.stdin.pause();
+      keepAlive = setInterval(() => {}, 1 << 30);
+      return;
+    default: return send({ jsonrpc: '2.0', id: msg.id, error: { code: -32602, message: 'unknown what' } });
+  }
+}
+`;
+
+  describe('the hostile review of this path, finding by finding (fixed in dcc846c)', () => {
+    it('with maxLaneQueue 4 (below the per-credential share): requests whose clients left do not fill the queue, another credential\'s request is queued', { timeout: 30_000 }, async (t) => {
+      const { url } = await mrtrProxy(t, 'demo-a', { tokens: [TOKEN_A, TOKEN_B], limits: { ...FAST, maxLaneQueue: 4, maxPendingPerSession: 1 } });
+      const waitsForLane = async (headers: Record<string, string>) => (await post(url, ping('probe'), headers)).status === 429;
+      await holdLane(url, AUTH_A);
+      const sessions = await Promise.all(Array.from({ length: 4 }, () => legacyHeaders(url, {}, AUTH_A)));
+      const queued = await Promise.all(sessions.map((s, i) => legacyStream(t, url, s, call(i, { what: 'echo', text: `gone ${i}` }))));
+      for (const s of sessions) assert.ok(await waitsForLane(s));
+      for (const stream of queued) stream.close();
+      const b = await legacyHeaders(url, {}, AUTH_B);
+      let attempts = 0;
+      await waitFor(async () => {
+        await legacyStream(t, url, b, call(`b-${++attempts}`, { what: 'echo', text: 'from B' }));
+        return waitsForLane(b);
+      }, 3_000, `B's request to be queued (${attempts} attempts refused)`);
+    });
+
+    it('a legacy notifications/cancelled for a queued request answers that request\'s own POST (-32800) and ends it', { timeout: 30_000 }, async (t) => {
+      const { url } = await mrtrProxy(t, 'demo-c');
+      const held = await holdLane(url);
+      const s = await legacyHeaders(url);
+      const get = await openRpcStream(url, { headers: { ...s, accept: 'text/event-stream' } });
+      onCleanup(t, () => get.close());
+      const victim = await legacyStream(t, url, s, call(42, { what: 'echo', text: 'x' }));
+      await post(url, { jsonrpc: '2.0', method: 'notifications/cancelled', params: { requestId: 42 } }, s);
+      const cancelled = await nextMessage(victim, (m) => m.id === 42, 5_000, '-32800 on the request\'s own stream');
+      assert.equal(cancelled.error?.code, -32800, JSON.stringify(cancelled));
+      const behind = await legacyStream(t, url, s, call(43, { what: 'echo', text: 'behind' }));
+      await held.finish();
+      await nextMessage(behind, (m) => m.id === 43, 5_000, 'behind');
+      await waitFor(() => victim.ended, 3_000, `the cancelled request's POST stream to end (messages on it: ${JSON.stringify(streamMessages(victim))})`);
+    });
+
+    const SAMPLING = { sampling: {} };
+    const sampled = (text: string): Json => ({ role: 'assistant', content: { type: 'text', text }, model: 'test-model' });
+    const TOKEN_A = 'lane-token-a-0123456789abcdef';
+    const TOKEN_B = 'lane-token-b-0123456789abcdef';
+    const AUTH_A = { authorization: `Bearer ${TOKEN_A}` };
+    const AUTH_B = { authorization: `Bearer ${TOKEN_B}` };
+
+    /** A proxy serving MRTR_FIXTURE as "fix", shared, with "clientCapabilities": ["sampling"] (so it has a lane). */
+    async function mrtrProxy(t: TestContext, prefix: string, options: StartOptions = {}): Promise<{ h: Harness; url: string; lines(prefix: string): string[] }> {
+      const log = path.join(tmpDir(prefix), 'fixture.log');
+      const server = srv('fix', ['-e', MRTR_FIXTURE], { clientCapabilities: ['sampling'], env: { FIXTURE_LOG: log } });
+      const h = await harness(t, { servers: [server] }, { limits: FAST, ...options });
+      await h.proxy.ready(10_000);
+      return { h, url: `${h.url}/fix/mcp`, lines: (prefix: string) => fileLines(log).filter((l) => l.startsWith(prefix)) };
+    }
+
+    /** A modern call answered input_required: it holds the lane until finish() retries it with the answer. */
+    async function holdLane(url: string, auth: Record<string, string> = {}): Promise<{ finish(): Promise<RawResponse> }> {
+      const args = { what: 'ask' };
+      const first = await modernPost(url, 'held', 'tools/call', { name: 'do', arguments: args }, { caps: SAMPLING, headers: auth });
+      const r = onlyMessage(first).result;
+      assert.equal(r?.resultType, 'input_required', first.text);
+      const key = Object.keys(r.inputRequests)[0]!;
+      const retry = { name: 'do', arguments: args, requestState: r.requestState, inputResponses: { [key]: sampled('go') } };
+      return { finish: () => within(modernPost(url, 'held-retry', 'tools/call', retry, { caps: SAMPLING, headers: auth }), 5_000, 'the held call\'s retry') };
+    }
+
+    /** initialize + notifications/initialized of a legacy Streamable session; the headers of its later requests. */
+    async function legacyHeaders(url: string, caps: Json = {}, auth: Record<string, string> = {}): Promise<Record<string, string>> {
+      const init = initMsg(0);
+      init.params.capabilities = caps;
+      const res = await post(url, init, { accept: 'application/json', ...auth });
+      assert.equal(res.status, 200, res.text);
+      const headers = { ...auth, 'mcp-session-id': String(res.headers['mcp-session-id']), 'mcp-protocol-version': '2025-06-18' };
+      const note = await post(url, { jsonrpc: '2.0', method: 'notifications/initialized' }, headers);
+      assert.equal(note.status, 202, note.text);
+      return headers;
+    }
+
+    /**
+     * A legacy request POSTed with Accept: text/event-stream only. The proxy opens the stream before it forwards,
+     * queues or refuses the request, in the same turn: once the headers are in, that is decided.
+     */
+    async function legacyStream(t: TestContext, url: string, headers: Record<string, string>, msg: Json): Promise<SseStream> {
+      const stream = await openRpcStream(url, { method: 'POST', headers: { 'content-type': 'application/json', ...headers, accept: 'text/event-stream' }, body: JSON.stringify(msg) });
+      onCleanup(t, () => stream.close());
+      assert.equal(stream.res.statusCode, 200, `${msg.method} is answered with a stream`);
+      return stream;
+    }
+
+    /** The outcomes of the fixture's requests, from the answer of an 'ask' call: [{id, result|error}]. */
+    const outcomesOf = (res: RawResponse): Json => {
+      const m = onlyMessage(res);
+      assert.equal(m.result?.resultType, 'complete', res.text);
+      return JSON.parse(textOf(m.result));
+    };
+
+    it('1. a child\'s answer that comes while the client holds input_required is given to the retry under the retry\'s id (not the first request\'s)', { timeout: 15_000 }, async (t) => {
+      const { url, lines } = await mrtrProxy(t, 'rv-late-id');
+      const args = { what: 'late' };
+      const first = await modernPost(url, 'first-id', 'tools/call', { name: 'do', arguments: args }, { caps: SAMPLING });
+      const r = onlyMessage(first);
+      assert.equal(r.id, 'first-id', first.text);
+      assert.equal(r.result?.resultType, 'input_required', first.text);
+      // The child answers the call without the input; its answer is in before the list's (one stdout, in order).
+      const released = await modernPost(url, 'release', 'tools/list', { cursor: 'release' });
+      assert.equal(released.status, 200, released.text);
+      const key = Object.keys(r.result.inputRequests)[0]!;
+      const retry = await within(modernPost(url, 'retry-id', 'tools/call', { name: 'do', arguments: args, requestState: r.result.requestState, inputResponses: { [key]: sampled('too late') } }, { caps: SAMPLING }), 5_000, 'the retry');
+      assert.equal(retry.status, 200, retry.text);
+      const answer = onlyMessage(retry);
+      assert.equal(answer.id, 'retry-id', `the kept answer is sent under the retry's id: ${retry.text}`);
+      assert.equal(answer.result?.resultType, 'complete', retry.text);
+      assert.equal(textOf(answer.result), 'answered without input');
+      // The child's request, still open, is told the call ended; the client's late answer never reaches it.
+      const told = await waitFor(() => lines(`response ${JSON.stringify(key)} `)[0], 5_000, 'an answer to the child\'s request');
+      assert.match(told, /"error":/, told);
+    });
+
+    it('2. an ask that comes when no call holds the lane (its call has ended) is refused to the child with -32601 and never reaches a legacy session whose tools/list is in flight', { timeout: 15_000 }, async (t) => {
+      const { url, lines } = await mrtrProxy(t, 'rv-no-holder');
+      // Y: a legacy session that can sample, with its GET stream and a tools/list the child holds (on its own stream).
+      const y = await legacyHeaders(url, SAMPLING);
+      const yGet = await openRpcStream(url, { headers: { ...y, accept: 'text/event-stream' } });
+      onCleanup(t, () => yGet.close());
+      assert.equal(yGet.res.statusCode, 200);
+      const yList = await legacyStream(t, url, y, { jsonrpc: '2.0', id: 'y-list', method: 'tools/list', params: { cursor: 'hold' } });
+      // X: a modern call whose child answers it and then, in the same write, asks.
+      const x = await modernPost(url, 'x', 'tools/call', { name: 'do', arguments: { what: 'then-ask' } }, { caps: SAMPLING });
+      assert.equal(textOf(onlyMessage(x).result), 'done', x.text);
+      // The list is answered after the child's request (one stdout, in order): Y's streams have had their chance.
+      const released = await modernPost(url, 'release', 'tools/list', { cursor: 'release' });
+      assert.equal(released.status, 200, released.text);
+      const listed = await nextMessage(yList, (m) => m.id === 'y-list', 5_000, 'the answer to Y\'s tools/list');
+      assert.ok(Array.isArray(listed.result?.tools), JSON.stringify(listed));
+      const leaked = [...streamMessages(yList), ...streamMessages(yGet)].filter((m) => m.method !== undefined);
+      assert.deepEqual(leaked, [], 'X\'s request reached Y');
+      const refused = await waitFor(() => lines('response "then-ask" ')[0], 5_000, 'the proxy to answer the child\'s request');
+      assert.match(refused, /"error":\{"code":-32601,/, refused);
+    });
+
+    it('3. an ask the child sends between rounds (after the round went out, while the client holds input_required) is asked in the next round: the call is not cancelled and completes', { timeout: 15_000 }, async (t) => {
+      const { url, lines } = await mrtrProxy(t, 'rv-between');
+      const args = { what: 'ask' };
+      const callWith = (id: number, extra: Json) => modernPost(url, id, 'tools/call', { name: 'do', arguments: args, ...extra }, { caps: SAMPLING });
+      const first = await callWith(1, {});
+      const r1 = onlyMessage(first).result;
+      assert.equal(r1?.resultType, 'input_required', first.text);
+      const [k1, ...none] = Object.keys(r1.inputRequests);
+      assert.deepEqual(none, [], first.text);
+      // The child asks once more now, long after the gather window (it answers the list 150 ms after asking).
+      const more = await modernPost(url, 'more', 'tools/list', { cursor: 'more' });
+      assert.equal(more.status, 200, more.text);
+      assert.equal(lines('asked ').length, 2, lines('asked ').join(' | '));
+      const second = await within(callWith(2, { requestState: r1.requestState, inputResponses: { [k1!]: sampled('first') } }), 5_000, 'the first retry');
+      const r2 = onlyMessage(second).result;
+      assert.equal(r2?.resultType, 'input_required', `the later request is asked in a second round: ${second.text}`);
+      const keys2 = Object.keys(r2.inputRequests);
+      assert.equal(keys2.length, 1, second.text);
+      assert.notEqual(keys2[0], k1);
+      const done = await within(callWith(3, { requestState: r2.requestState, inputResponses: { [keys2[0]!]: sampled('second') } }), 5_000, 'the second retry');
+      assert.deepEqual(outcomesOf(done), [{ id: k1, result: sampled('first') }, { id: keys2[0], result: sampled('second') }]);
+      assert.deepEqual(lines('cancelled '), [], 'the call was cancelled on the child');
+    });
+
+    it('4. progress the child reports after a round reaches the retry under the retry\'s own progressToken (not the first request\'s)', { timeout: 15_000 }, async (t) => {
+      const { url } = await mrtrProxy(t, 'rv-progress');
+      const args = { what: 'progress' };
+      const progressOf = (res: RawResponse) => messages(res).filter((m) => m.method === 'notifications/progress').map((m) => [m.params.progressToken, m.params.progress]);
+      const first = await modernPost(url, 1, 'tools/call', { name: 'do', arguments: args }, { caps: SAMPLING, meta: { progressToken: 'tok-first' } });
+      assert.equal(first.status, 200, first.text);
+      assert.deepEqual(progressOf(first), [['tok-first', 1]], first.text);
+      const r1 = messages(first).at(-1).result;
+      assert.equal(r1?.resultType, 'input_required', first.text);
+      const key = Object.keys(r1.inputRequests)[0]!;
+      const retry = await within(modernPost(url, 2, 'tools/call', { name: 'do', arguments: args, requestState: r1.requestState, inputResponses: { [key]: sampled('p') } }, { caps: SAMPLING, meta: { progressToken: 'tok-retry' } }), 5_000, 'the retry');
+      assert.equal(retry.status, 200, retry.text);
+      assert.deepEqual(progressOf(retry), [['tok-retry', 2], ['tok-retry', 3]], retry.text);
+      const last = messages(retry).at(-1);
+      assert.equal(last.id, 2, retry.text);
+      assert.equal(last.result?.resultType, 'complete', retry.text);
+    });
+
+    it('5a. requests whose clients left hold no place in the lane queue: with maxLaneQueue 64 (the per-credential share) filled by one credential\'s requests whose connections then closed, another credential\'s request is queued, not refused, and runs once the lane is free', { timeout: 30_000 }, async (t) => {
+      // maxPendingPerSession 1: a session's ping is refused (429) exactly while a request of its own waits for the lane.
+      const { url, lines } = await mrtrProxy(t, 'rv-lane-dead', { tokens: [TOKEN_A, TOKEN_B], limits: { ...FAST, maxLaneQueue: 64, maxPendingPerSession: 1 } });
+      const waitsForLane = async (headers: Record<string, string>) => (await post(url, ping('probe'), headers)).status === 429;
+      const held = await holdLane(url, AUTH_A);
+      const sessions = await Promise.all(Array.from({ length: 64 }, () => legacyHeaders(url, {}, AUTH_A)));
+      const queued = await Promise.all(sessions.map((s, i) => legacyStream(t, url, s, call(i, { what: 'echo', text: `gone ${i}` }))));
+      for (const s of sessions) assert.ok(await waitsForLane(s), 'each of A\'s requests waits for the lane');
+      for (const stream of queued) stream.close();
+      const b = await legacyHeaders(url, {}, AUTH_B);
+      // Until the proxy has seen the connections close, B may still be refused; then it is queued.
+      let attempts = 0;
+      const bStream = await waitFor(async () => {
+        const stream = await legacyStream(t, url, b, call(`b-${++attempts}`, { what: 'echo', text: 'from B' }));
+        if (await waitsForLane(b)) return stream;
+        const refusal = await nextMessage(stream, (m) => m.id === `b-${attempts}`, 5_000, 'the refusal of B\'s request');
+        assert.match(String(refusal.error?.message), /Too many requests waiting/, JSON.stringify(refusal));
+        return null;
+      }, 3_000, 'B\'s request to be queued behind requests whose clients left');
+      assert.equal(onlyMessage(await held.finish()).result?.resultType, 'complete');
+      const answered = await nextMessage(bStream, (m) => m.id === `b-${attempts}`, 5_000, 'the answer to B\'s request');
+      assert.equal(textOf(answered.result), 'from B', JSON.stringify(answered));
+      assert.deepEqual(lines('call ').filter((l) => l.includes('"gone ')), [], 'a request whose client left reached the child');
+    });
+
+    it('5b. one credential holds at most maxLaneQueuePerCredential (64) places in the lane queue: its 65th request is refused, another credential\'s is queued and runs', { timeout: 30_000 }, async (t) => {
+      const { url } = await mrtrProxy(t, 'rv-lane-share', { tokens: [TOKEN_A, TOKEN_B] });
+      const held = await holdLane(url, AUTH_A);
+      const a = await legacyHeaders(url, {}, AUTH_A);
+      const queued = await Promise.all(Array.from({ length: 64 }, (_, i) => legacyStream(t, url, a, call(i, { what: 'echo', text: `a ${i}` }))));
+      const over = await within(modernPost(url, 'a-65', 'tools/call', { name: 'do', arguments: { what: 'echo', text: 'a 65' } }, { headers: AUTH_A }), 5_000, 'A\'s 65th request to be refused');
+      const refusal = onlyMessage(over);
+      assert.equal(refusal.id, 'a-65', over.text);
+      assert.equal(refusal.error?.code, -32000, over.text);
+      assert.match(refusal.error.message, /Too many requests waiting/);
+      const b = await legacyHeaders(url, {}, AUTH_B);
+      const bStream = await legacyStream(t, url, b, call('b', { what: 'echo', text: 'from B' }));
+      assert.equal(onlyMessage(await held.finish()).result?.resultType, 'complete');
+      const answered = await nextMessage(bStream, (m) => m.id === 'b', 10_000, 'the answer to B\'s request');
+      assert.equal(textOf(answered.result), 'from B', JSON.stringify(answered));
+      for (const [i, stream] of queued.entries()) {
+        const m = await nextMessage(stream, (msg) => msg.id === i, 10_000, `the answer to A's request ${i}`);
+        assert.equal(textOf(m.result), `a ${i}`);
+      }
+    });
+
+    it('6. a legacy notifications/cancelled for a request still waiting for the lane: the client gets -32800 and the request never reaches the child', { timeout: 15_000 }, async (t) => {
+      const { url, lines } = await mrtrProxy(t, 'rv-cancel-queued');
+      const held = await holdLane(url);
+      const s = await legacyHeaders(url);
+      const get = await openRpcStream(url, { headers: { ...s, accept: 'text/event-stream' } });
+      onCleanup(t, () => get.close());
+      assert.equal(get.res.statusCode, 200);
+      const victim = await legacyStream(t, url, s, call(42, { what: 'echo', text: 'cancelled while queued' }));
+      const cancel = await post(url, { jsonrpc: '2.0', method: 'notifications/cancelled', params: { requestId: 42, reason: 'user pressed stop' } }, s);
+      assert.equal(cancel.status, 202, cancel.text);
+      const both = () => [...streamMessages(victim), ...streamMessages(get)];
+      const cancelled = await waitFor(() => both().find((m) => m.id === 42), 5_000, 'the answer to the cancelled request');
+      assert.equal(cancelled.error?.code, -32800, JSON.stringify(cancelled));
+      // Queued behind it: once this one has run, the cancelled one would have run before it.
+      const behind = await legacyStream(t, url, s, call(43, { what: 'echo', text: 'queued behind' }));
+      assert.equal(onlyMessage(await held.finish()).result?.resultType, 'complete');
+      const answered = await nextMessage(behind, (m) => m.id === 43, 5_000, 'the answer to the request queued behind');
+      assert.equal(textOf(answered.result), 'queued behind');
+      assert.deepEqual(lines('call ').filter((l) => l.includes('cancelled while queued')), [], 'the cancelled request reached the child');
+      assert.equal(both().filter((m) => m.id === 42).length, 1, JSON.stringify(both()));
+    });
+
+    it('7. requests that gave up waiting for a starting child (503 after startWaitMs) leave nothing behind: their timers are garbage once they are answered', { timeout: 20_000 }, async (t) => {
+      // What a leftover waiter holds cannot be seen over HTTP; its timer can be, through a WeakRef and a full GC.
+      const START_WAIT_MS = 321; // no other timer of the proxy has this duration
+      const h = await harness(t, { servers: [fixture('slow', 'noinit')] }, { limits: { ...FAST, startWaitMs: START_WAIT_MS, initTimeoutMs: 60_000 } });
+      v8.setFlagsFromString('--expose-gc');
+      const gc = vm.runInNewContext('gc') as () => void;
+      const timers: WeakRef<object>[] = [];
+      const realSetTimeout = globalThis.setTimeout;
+      globalThis.setTimeout = ((fn: (...args: unknown[]) => void, ms?: number, ...rest: unknown[]) => {
+        const timer = realSetTimeout(fn, ms, ...rest);
+        if (ms === START_WAIT_MS) timers.push(new WeakRef(timer));
+        return timer;
+      }) as typeof setTimeout;
+      let answers: RawResponse[];
+      try {
+        answers = await within(Promise.all([1, 2, 3, 4, 5].map((id) => modernPost(`${h.url}/slow/mcp`, id, 'server/discover', {}))), 10_000, 'server/discover while the child starts');
+      } finally {
+        globalThis.setTimeout = realSetTimeout;
+      }
+      for (const res of answers) assert.equal(res.status, 503, res.text);
+      assert.equal(h.proxy.status().slow!.state, 'starting');
+      assert.equal(timers.length, 5, 'each request waited on a timer of startWaitMs');
+      await waitFor(() => {
+        gc();
+        return timers.every((ref) => ref.deref() === undefined);
+      }, 5_000, 'the timers of the requests that gave up to be collected');
+    });
+
+    it('8. an input request whose child id is "__proto__" is asked (a fresh call\'s empty inputResponses), asked again (a retry\'s empty inputResponses), and answered only with what the client gives under that key', { timeout: 15_000 }, async (t) => {
+      const { url, lines } = await mrtrProxy(t, 'rv-proto');
+      const args = { what: 'ask', asks: [{ id: '__proto__', method: 'sampling/createMessage', params: { messages: [{ role: 'user', content: { type: 'text', text: 'proto?' } }], maxTokens: 1 } }] };
+      const callWith = (id: number, extra: Json) => modernPost(url, id, 'tools/call', { name: 'do', arguments: args, ...extra }, { caps: SAMPLING });
+      const first = await callWith(1, { inputResponses: {} });
+      const r1 = onlyMessage(first).result;
+      assert.equal(r1?.resultType, 'input_required', `nothing was offered for "__proto__": ${first.text}`);
+      assert.deepEqual(Object.keys(r1.inputRequests), ['__proto__']);
+      const again = await within(callWith(2, { requestState: r1.requestState, inputResponses: {} }), 5_000, 'a retry answering nothing');
+      const r2 = onlyMessage(again).result;
+      assert.equal(r2?.resultType, 'input_required', `asked again: ${again.text}`);
+      assert.deepEqual(Object.keys(r2.inputRequests), ['__proto__']);
+      assert.deepEqual(lines('response '), [], 'the child got an answer the client never gave');
+      // A computed "__proto__" key is an own property, sent as such.
+      const done = await within(callWith(3, { requestState: r2.requestState, inputResponses: { ['__proto__']: sampled('proto answer') } }), 5_000, 'the retry answering it');
+      assert.deepEqual(outcomesOf(done), [{ id: '__proto__', result: sampled('proto answer') }]);
+      assert.equal(lines('response ').length, 1, lines('response ').join(' | '));
+    });
+
+    it('10a. listen streams: one credential may hold maxListenersPerCredential (32) on a server; the next gets 429 with its id, another credential still opens one, and one closed makes room', { timeout: 30_000 }, async (t) => {
+      const log = path.join(tmpDir('rv-listeners'), 'fixture.log');
+      const h = await harness(t, { servers: [listenFixture('lc', { tools: { listChanged: true } }, log)] }, { limits: FAST, tokens: [TOKEN_A, TOKEN_B] });
+      await h.proxy.ready(10_000);
+      const url = `${h.url}/lc/mcp`;
+      const streams: SseStream[] = [];
+      for (let i = 0; i < 32; i++) streams.push(await listenStream(t, url, `a-${i}`, { toolsListChanged: true }, AUTH_A));
+      await Promise.all(streams.map((s) => ackOf(s)));
+      const listenBody = (id: string) => ({ jsonrpc: '2.0', id, method: 'subscriptions/listen', params: { notifications: { toolsListChanged: true }, _meta: modernMeta() } });
+      const listenHeaders = { 'mcp-protocol-version': MODERN, 'mcp-method': 'subscriptions/listen' };
+      const over = await within(post(url, listenBody('a-32'), { ...listenHeaders, ...AUTH_A }), 5_000, 'the 33rd listen stream of one credential to be refused');
+      const err = assertRpcError(over, 429, -32000);
+      assert.equal(err.id, 'a-32');
+      assert.ok(over.headers['retry-after'], 'Retry-After');
+      const other = await listenStream(t, url, 'b-0', { toolsListChanged: true }, AUTH_B);
+      assert.deepEqual((await ackOf(other)).params.notifications, { toolsListChanged: true });
+      streams[0]!.close();
+      // Once the proxy has seen it close, the credential may open one again.
+      const again = await waitFor(async () => {
+        const stream = await openRpcStream(url, { method: 'POST', headers: { 'content-type': 'application/json', accept: 'application/json, text/event-stream', ...listenHeaders, ...AUTH_A }, body: JSON.stringify(listenBody('a-again')) });
+        onCleanup(t, () => stream.close());
+        return stream.res.statusCode === 200 ? stream : (stream.close(), null);
+      }, 5_000, 'a listen stream once one of the credential\'s was closed');
+      await ackOf(again);
+    });
+
+    it('10b. subscribed URIs: at maxSubscribedUrisPerChild (4096) distinct URIs on a child a listen stream naming a new one gets 503, a legacy resources/subscribe of a new one an error; URIs already subscribed are still taken, and a stream closed makes room', { timeout: 60_000 }, async (t) => {
+      const log = path.join(tmpDir('rv-uris'), 'fixture.log');
+      const h = await harness(t, { servers: [listenFixture('subs', { tools: {}, resources: { subscribe: true } }, log)] }, { limits: FAST });
+      await h.proxy.ready(10_000);
+      const url = `${h.url}/subs/mcp`;
+      const uri = (i: number, j: number) => `test://uris/${i}/${j}`;
+      // 16 streams of maxSubscriptionsPerSession (256) distinct URIs each: 4096.
+      const streams: SseStream[] = [];
+      for (let i = 0; i < 16; i++) {
+        streams.push(await listenStream(t, url, `l-${i}`, { resourceSubscriptions: Array.from({ length: 256 }, (_, j) => uri(i, j)) }));
+        assert.equal((await ackOf(streams[i]!)).params.notifications.resourceSubscriptions?.length, 256);
+      }
+      const listenHeaders = { 'mcp-protocol-version': MODERN, 'mcp-method': 'subscriptions/listen' };
+      const listen = (id: string, uris: string[]) => post(url, { jsonrpc: '2.0', id, method: 'subscriptions/listen', params: { notifications: { resourceSubscriptions: uris }, _meta: modernMeta() } }, listenHeaders);
+      const over = await within(listen('new-uri', [uri(0, 0), 'test://uris/new']), 5_000, 'a listen stream naming one more URI to be refused');
+      const err = assertRpcError(over, 503, -32000);
+      assert.equal(err.id, 'new-uri');
+      assert.match(err.error.message, /Too many resources subscribed/);
+      const known = await listenStream(t, url, 'known', { resourceSubscriptions: [uri(3, 7)] });
+      assert.deepEqual((await ackOf(known)).params.notifications.resourceSubscriptions, [uri(3, 7)]);
+      // A legacy session shares the child's count.
+      const sid = await rawSession(h.url, 'subs');
+      const subscribe = (id: number, u: string) => post(url, { jsonrpc: '2.0', id, method: 'resources/subscribe', params: { uri: u } }, sessionHeaders(sid));
+      const refused = onlyMessage(await within(subscribe(1, 'test://uris/legacy'), 5_000, 'a legacy subscribe of a new URI'));
+      assert.equal(refused.error?.code, -32000, JSON.stringify(refused));
+      assert.match(refused.error.message, /Too many resources subscribed/);
+      const shared = onlyMessage(await within(subscribe(2, uri(5, 5)), 5_000, 'a legacy subscribe of a URI already subscribed'));
+      assert.deepEqual(shared.result, {}, JSON.stringify(shared));
+      assert.equal(fileLines(log).filter((l) => l === 'subscribe test://uris/new' || l === 'subscribe test://uris/legacy').length, 0, 'a refused URI reached the child');
+      streams[15]!.close();
+      const room = await waitFor(async () => {
+        const stream = await openRpcStream(url, { method: 'POST', headers: { 'content-type': 'application/json', accept: 'application/json, text/event-stream', ...listenHeaders }, body: JSON.stringify({ jsonrpc: '2.0', id: 'room', method: 'subscriptions/listen', params: { notifications: { resourceSubscriptions: ['test://uris/new'] }, _meta: modernMeta() } }) });
+        onCleanup(t, () => stream.close());
+        return stream.res.statusCode === 200 ? stream : (stream.close(), null);
+      }, 5_000, 'room for a new URI once a stream was closed');
+      assert.deepEqual((await ackOf(room)).params.notifications.resourceSubscriptions, ['test://uris/new']);
+    });
+
+    it('11. the proxy\'s own request that cannot be written (the child\'s input queue is full) leaves nothing pending: it never times out into a "request given up on", so input requests keep working', { timeout: 30_000 }, async (t) => {
+      // requestTimeoutMs ≤ sessionIdleMs: once the sweep has ended a session last active after the subscribe, a
+      // pending subscribe would have timed out in that sweep or an earlier one.
+      const { h, url, lines } = await mrtrProxy(t, 'rv-own-write', { limits: { ...FAST, maxChildQueueBytes: 64 * KIB, requestTimeoutMs: 1_000, sessionIdleMs: 1_000, sweepIntervalMs: 50 } });
+      const stalled = await modernPost(url, 'stall', 'tools/call', { name: 'do', arguments: { what: 'stall' } });
+      assert.equal(textOf(onlyMessage(stalled).result), 'stalled', stalled.text);
+      // 3 MiB for a child that reads nothing: far more than a pipe holds, so its input queue is past 64 KiB.
+      const filler = await legacyHeaders(url);
+      const big = await post(url, { jsonrpc: '2.0', method: 'notifications/filler', params: { data: 'x'.repeat(3 * MIB) } }, filler);
+      assert.equal(big.status, 202, big.text);
+      const uri = 'test://own/never-written';
+      const stream = await listenStream(t, url, 'listen', { resourceSubscriptions: [uri] });
+      assert.deepEqual((await ackOf(stream)).params.notifications.resourceSubscriptions, [uri]);
+      process.kill(h.proxy.status().fix!.pid!, 'SIGUSR2');
+      await waitFor(() => lines('note notifications/filler').length, 10_000, 'the child to read its input again');
+      const marker = await legacyHeaders(url);
+      assert.ok(marker['mcp-session-id']);
+      await waitFor(() => h.proxy.status().fix!.sessions === 0, 10_000, 'the sweep to end the idle sessions');
+      assert.deepEqual(lines(`subscribe ${uri}`), [], 'the subscribe was written after all: this test did not fill the child\'s input queue');
+      const received = new Set(lines('got ').map((l) => l.split(' ')[1]));
+      const strange = lines('cancelled ').filter((l) => !received.has(l.slice('cancelled '.length)));
+      assert.deepEqual(strange, [], 'the child was told to cancel a request it never got');
+      const asking = await within(modernPost(url, 'asking', 'tools/call', { name: 'do', arguments: { what: 'ask' } }, { caps: SAMPLING }), 5_000, 'an asking call');
+      assert.equal(onlyMessage(asking).result?.resultType, 'input_required', `the child's request is asked, not refused: ${asking.text}`);
+    });
   });
 });
 
@@ -7311,6 +7815,10 @@ describe('10. Lifecycle: start, shutdown', () => {
     assert.equal(res.status, 503);
     const body = JSON.parse(res.text);
     assert.equal(body.servers.slow.state, 'starting');
+    // A server still starting is not ready (unlike one that gave up); each answers for itself.
+    await waitFor(() => h.proxy.status().fast!.state === 'ready', 10_000, 'fast ready');
+    assert.equal((await request(`${h.url}/readyz?server=slow`)).status, 503);
+    assert.equal((await request(`${h.url}/readyz?server=fast`)).status, 200);
     assert.equal((await request(`${h.url}/healthz`)).status, 200, 'healthz stays 200');
     const init = await post(`${h.url}/slow/mcp`, initMsg(), { accept: 'application/json' });
     assertRpcError(init, 503, -32000);
@@ -7347,10 +7855,10 @@ describe('10. Lifecycle: start, shutdown', () => {
     assert.equal(textOf(await fresh.callTool({ name: 'echo', arguments: { message: 'after restart' } })), 'Echo: after restart');
   });
 
-  it('a server that always crashes becomes errored: its endpoints → 503, others keep working', { timeout: 30_000 }, async (t) => {
+  it('a server that always crashes becomes errored: its endpoints → 503, others keep working; /readyz stays 200 and names it, /readyz?server=crashy → 503', { timeout: 30_000 }, async (t) => {
     const h = await harness(
       t,
-      { servers: [fixture('crashy', 'crash'), fixture('fine')] },
+      { servers: [fixture('crashy', 'crash'), fixture('fine'), fixture('fine2')] },
       { limits: { ...FAST, restartMinDelayMs: 20, restartMaxDelayMs: 80, maxUnstableRestarts: 3, retryAfterS: 9 } },
     );
     await waitFor(() => h.proxy.status().crashy!.state === 'errored', 15_000, 'crashy errored');
@@ -7361,9 +7869,20 @@ describe('10. Lifecycle: start, shutdown', () => {
     // No Retry-After assertion here: errored needs the operator, so proxy.ts omits it (see the 'starting' test).
     const sse = await request(`${h.url}/crashy/sse`, { headers: { accept: 'text/event-stream' } });
     assertRpcError(sse, 503, -32000);
+    await waitFor(() => h.proxy.status().fine2!.state === 'ready', 10_000, 'fine2 ready');
+    // One broken server does not take the healthy ones out of a load balancer: reported, not fatal.
     const ready = await request(`${h.url}/readyz`);
-    assert.equal(ready.status, 503);
-    assert.equal(JSON.parse(ready.text).servers.crashy.state, 'errored');
+    assert.equal(ready.status, 200, ready.text);
+    const body = JSON.parse(ready.text);
+    assert.equal(body.servers.crashy.state, 'errored');
+    assert.deepEqual(body.errored, ['crashy']);
+    assert.equal(body.ready, true);
+    const one = await request(`${h.url}/readyz?server=crashy`);
+    assert.equal(one.status, 503, one.text);
+    assert.deepEqual(JSON.parse(one.text), { ready: false, state: 'errored' });
+    assert.equal((await request(`${h.url}/readyz?server=fine`)).status, 200);
+    assert.deepEqual(JSON.parse((await request(`${h.url}/readyz?server=nosuch`)).text), { ready: false });
+    assert.equal((await request(`${h.url}/readyz?server=nosuch`)).status, 503);
     assert.equal((await request(`${h.url}/healthz`)).status, 200);
     const client = await h.client('fine', 'mcp');
     assert.equal(textOf(await client.callTool({ name: 'do', arguments: { what: 'echo', text: 'unaffected' } })), 'unaffected');
@@ -7918,6 +8437,7 @@ describe('12. CLI and main', () => {
       [['--token'], '--token needs a value'],
       [['--config'], '--config needs a value'],
       [['--log-level', 'loud'], '--log-level: got "loud", expected one of error, warn, info, debug'],
+      [['--log-format', 'xml'], '--log-format: got "xml", expected one of text, json'],
       [['--token-file', '/nonexistent/tokens'], '--token-file: cannot read "/nonexistent/tokens" (ENOENT)'],
     ];
     for (const [argv, error] of cases) assert.deepEqual(parseCli(argv, {}), { error }, argv.join(' '));
@@ -8029,6 +8549,25 @@ describe('12. CLI and main', () => {
       const exit = await within(s.exited, 15_000, 'exit after SIGTERM');
       assert.deepEqual(exit, { code: 0, signal: null });
       await assertAllGone(pids);
+    });
+
+    it('--log-format json: every line is one JSON object with time, level and component, and a server\'s lines name it', { timeout: 40_000 }, async (t) => {
+      const s = await serve(t, ['--log-format', 'json']);
+      await waitFor(async () => (await request(`http://127.0.0.1:${s.port}/readyz`)).status === 200, 10_000, 'ready');
+      const lines = s.output().split('\n').filter(Boolean);
+      const events = lines.map((line) => {
+        const event = JSON.parse(line);
+        assert.equal(typeof event.time, 'string', line);
+        assert.ok(['error', 'warn', 'info', 'debug'].includes(event.level), line);
+        assert.equal(typeof event.component, 'string', line);
+        assert.equal(typeof event.msg, 'string', line);
+        return event;
+      });
+      assert.ok(events.some((e) => e.component === 'proxy' && e.msg.includes(`http://127.0.0.1:${s.port}/fix/mcp`)), lines.join('\n'));
+      assert.ok(events.some((e) => e.component === 'server' && e.server === 'fix' && /^started pid/.test(e.msg)), lines.join('\n'));
+      assert.ok(events.some((e) => e.component === 'server' && e.server === 'fix' && /^ready/.test(e.msg)), lines.join('\n'));
+      s.child.kill('SIGTERM');
+      assert.deepEqual(await within(s.exited, 15_000, 'exit after SIGTERM'), { code: 0, signal: null });
     });
 
     it('SIGINT also exits 0 and stops the children', { timeout: 40_000 }, async (t) => {

@@ -411,6 +411,8 @@ export type Config = Readonly<{ servers: readonly ServerConfig[] }>;
 
 export type LogLevel = 'error' | 'warn' | 'info' | 'debug';
 const LOG_LEVELS: readonly LogLevel[] = ['error', 'warn', 'info', 'debug'];
+export type LogFormat = 'text' | 'json';
+const LOG_FORMATS: readonly LogFormat[] = ['text', 'json'];
 
 /** Command-line options, after flags and MCP_PROXY_* variables are merged. */
 export type Options = {
@@ -426,6 +428,7 @@ export type Options = {
   /** Origins that get CORS headers; empty means CORS is off. */
   corsOrigins: string[];
   logLevel: LogLevel;
+  logFormat: LogFormat;
   /** Directory whose node_modules holds packages baked into an image; `npx PKG` runs them directly. */
   packagesDir: string | undefined;
   /** The origin clients reach the proxy at (https://mcp.example.com); OAuth needs it. Never taken from Host. */
@@ -677,11 +680,14 @@ type ModernCall = {
 /** A request waiting for its child's lane (section 8), legacy or 2026-07-28. */
 type LaneEntry = {
   credential: string;
-  /** A legacy request, for notifications/cancelled: its session and the client's id. */
+  /** A legacy request, for notifications/cancelled: its session, the client's id and where it is answered. */
   session: Session | null;
   clientId: JsonRpcId | null;
-  /** Nobody is left to answer (its client went away): the entry is dropped, not run. */
+  exchange: Exchange | null;
+  /** Nobody is left to answer (its client went away): the entry is dropped, not run… */
   gone: () => boolean;
+  /** …and this undoes what queueing it counted. */
+  drop: () => void;
   start: () => void;
 };
 
@@ -708,10 +714,15 @@ export class ProxyError extends Error {
   }
 }
 
-function createLogger(level: LogLevel, write: (line: string) => void = writeStderr): Logger {
+/**
+ * One line per event on stderr, at `level` and above. Text: `TIME LEVEL [scope] message`. JSON lines: `time`,
+ * `level`, `component` and, when the scope is a server, `server`, then `msg` (for log collectors).
+ */
+export function createLogger(level: LogLevel, write: (line: string) => void = writeStderr, format: LogFormat = 'text'): Logger {
   const max = LOG_LEVELS.indexOf(level);
+  const line = format === 'json' ? jsonLine : textLine;
   const at = (lvl: LogLevel) => (scope: string, text: string) => {
-    if (LOG_LEVELS.indexOf(lvl) <= max) write(`${new Date().toISOString()} ${lvl.padEnd(5)} [${scope}] ${text}`);
+    if (LOG_LEVELS.indexOf(lvl) <= max) write(line(lvl, scope, text));
   };
   return {
     error: at('error'),
@@ -721,6 +732,18 @@ function createLogger(level: LogLevel, write: (line: string) => void = writeStde
     enabled: (lvl) => LOG_LEVELS.indexOf(lvl) <= max,
   };
 }
+
+function textLine(level: LogLevel, scope: string, text: string): string {
+  return `${new Date().toISOString()} ${level.padEnd(5)} [${scope}] ${text}`;
+}
+
+function jsonLine(level: LogLevel, scope: string, text: string): string {
+  const where = PROXY_COMPONENTS.has(scope) ? { component: scope } : { component: 'server', server: scope };
+  return JSON.stringify({ time: new Date().toISOString(), level, ...where, msg: text });
+}
+
+/** Log scopes that name a part of the proxy; any other scope is a server's name. */
+const PROXY_COMPONENTS: ReadonlySet<string> = new Set(['proxy', 'http', 'oauth', 'doctor', 'config']);
 
 function writeStderr(line: string): void {
   process.stderr.write(line + '\n');
@@ -2144,8 +2167,8 @@ function forwardRequest(session: Session, msg: JsonRpcMessage, exchange: Exchang
   if (up.state !== 'ready') return reply(errorText(id, SERVER_ERROR, `MCP server is ${up.state}; try again later`));
   if (mayAsk(up, msg.method!)) {
     const entry = enterLane(up, {
-      credential: session.credential, session, clientId: id, start: () => forwardQueued(session, msg, exchange),
-      gone: () => !!exchange?.done || (session.closed && !exchange),
+      credential: session.credential, session, clientId: id, exchange, start: () => forwardQueued(session, msg, exchange),
+      gone: () => !!exchange?.done || (session.closed && !exchange), drop: () => void session.inflight--,
     });
     if (entry === 'full') return reply(errorText(id, SERVER_ERROR, 'Too many requests waiting for this server; retry later'));
     if (entry === 'queued') return void session.inflight++; // counted while it waits: the session is not idle
@@ -2180,10 +2203,9 @@ function forwardRequest(session: Session, msg: JsonRpcMessage, exchange: Exchang
   }
 }
 
-/** A legacy request let into the lane: unless its session ended or its client left while it waited. */
+/** A legacy request let into the lane (its client is still there): unless its session ended meanwhile. */
 function forwardQueued(session: Session, msg: JsonRpcMessage, exchange: Exchange | null): void {
   session.inflight--;
-  if (exchange?.done) return;
   if (session.closed) return answer(session, exchange, errorText(msg.id as JsonRpcId, SESSION_ENDED, 'Session ended'));
   forwardRequest(session, msg, exchange);
 }
@@ -2228,9 +2250,9 @@ function cancelFromClient(session: Session, msg: JsonRpcMessage): void {
   // Still waiting for the lane: it never reaches the child.
   const queued = up.laneQueue.findIndex((entry) => entry.session === session && entry.clientId === requestId);
   if (queued === -1) return;
-  up.laneQueue.splice(queued, 1);
-  session.inflight--;
-  answer(session, null, errorText(requestId as JsonRpcId, REQUEST_CANCELLED, 'Request cancelled'));
+  const [entry] = up.laneQueue.splice(queued, 1);
+  entry.drop();
+  answer(session, entry.exchange, errorText(requestId as JsonRpcId, REQUEST_CANCELLED, 'Request cancelled'));
 }
 
 /** Subscriptions outlive their requests, so their number and size per session are bounded. */
@@ -3034,7 +3056,7 @@ function handleRequest(proxy: Proxy, req: http.IncomingMessage, res: http.Server
     return reject(res, 431, SERVER_ERROR, 'Request Header Fields Too Large', { Connection: 'close' });
   }
   if (path === '/healthz') return sendJson(res, 200, '{"status":"ok"}');
-  if (path === '/readyz') return readiness(proxy, res, typeof authorized(proxy, req.headers.authorization) === 'string');
+  if (path === '/readyz') return readiness(proxy, res, typeof authorized(proxy, req.headers.authorization) === 'string', q === -1 ? '' : url.slice(q + 1));
   const { origin, host } = req.headers;
   if (!hostAllowed(proxy, host)) return reject(res, 403, SERVER_ERROR, 'Forbidden: Host not allowed');
   if (!originAllowed(proxy, origin, host)) return reject(res, 403, SERVER_ERROR, 'Forbidden: Origin not allowed');
@@ -3072,18 +3094,33 @@ function preflight(res: http.ServerResponse): void {
 }
 
 /**
- * 200 when every enabled server has answered initialize (per-session servers: when not errored). Probes carry
- * no token, so server names and states are shown only to an authorized caller (unknown names stay unlisted).
+ * The proxy is ready while it can serve: every server has answered initialize (per-session servers: are not
+ * errored), except servers that gave up (errored), which are reported but do not take the healthy ones out of
+ * a load balancer. `?server=NAME` answers for one server: 200 only when it is ready. Probes carry no token, so
+ * names and states are shown only to an authorized caller (an unknown name is simply not ready).
  */
-function readiness(proxy: Proxy, res: http.ServerResponse, detailed: boolean): void {
+function readiness(proxy: Proxy, res: http.ServerResponse, detailed: boolean, query: string): void {
+  const one = query ? new URLSearchParams(query).get('server') : null;
+  if (one !== null) {
+    const server = proxy.servers.get(one);
+    const state = server ? serverState(server) : undefined;
+    const ready = state === 'ready';
+    return sendJson(res, ready ? 200 : 503, JSON.stringify(detailed && state ? { ready, state } : { ready }));
+  }
   const servers: Record<string, { state: ServerState }> = {};
+  const errored: string[] = [];
   let ready = true;
   for (const [name, server] of proxy.servers) {
-    const state = server.shared ? server.shared.state : perSessionState(server);
+    const state = serverState(server);
     servers[name] = { state };
-    if (state !== 'ready') ready = false;
+    if (state === 'errored') errored.push(name);
+    else if (state !== 'ready') ready = false;
   }
-  sendJson(res, ready ? 200 : 503, JSON.stringify(detailed ? { ready, servers } : { ready }));
+  sendJson(res, ready ? 200 : 503, JSON.stringify(detailed ? { ready, servers, errored } : { ready }));
+}
+
+function serverState(server: ServerRuntime): ServerState {
+  return server.shared ? server.shared.state : perSessionState(server);
 }
 
 function perSessionState(server: ServerRuntime): ServerState {
@@ -3546,7 +3583,7 @@ function startModernCall(up: Upstream, msg: JsonRpcMessage, accepts: Accepts, re
   stripModernMeta(msg);
   const start = () => forwardCall(call, msg);
   const gone = () => call.finished || !call.exchange || call.exchange.done;
-  const entry = mayAsk(up, call.method) ? enterLane(up, { credential, session: null, clientId: null, start, gone }) : 'now';
+  const entry = mayAsk(up, call.method) ? enterLane(up, { credential, session: null, clientId: null, exchange: null, start, gone, drop: () => {} }) : 'now';
   if (entry === 'full') return finishCall(call, errorText(id, SERVER_ERROR, 'Too many requests waiting for this server; retry later'));
   if (entry === 'now') start();
 }
@@ -3593,7 +3630,8 @@ function stripModernMeta(msg: JsonRpcMessage): void {
   const params = msg.params!;
   const meta = params._meta as Record<string, unknown>;
   let kept: Record<string, unknown> | null = null;
-  for (const key in meta) if (!MODERN_REQUEST_META.includes(key)) (kept ??= {})[key] = meta[key];
+  // A null-prototype copy keeps even a "__proto__" key as the client sent it.
+  for (const key in meta) if (!MODERN_REQUEST_META.includes(key)) (kept ??= Object.create(null) as Record<string, unknown>)[key] = meta[key];
   if (kept) params._meta = kept;
   else delete params._meta;
   if ('inputResponses' in params) delete params.inputResponses;
@@ -3682,12 +3720,24 @@ const LANE_FREE_METHODS: ReadonlySet<string> = new Set([...LIST_METHODS, 'resour
 function enterLane(up: Upstream, entry: LaneEntry): 'now' | 'queued' | 'full' {
   if (up.laneHolder === null && (up.laneQueue.length === 0 || up.laneGranting)) return 'now';
   const limits = up.server.proxy.limits;
-  if (up.laneQueue.length >= limits.maxLaneQueuePerCredential) up.laneQueue = up.laneQueue.filter((queued) => !queued.gone());
-  let mine = 0;
-  for (const queued of up.laneQueue) if (queued.credential === entry.credential) mine++;
-  if (up.laneQueue.length >= limits.maxLaneQueue || mine >= limits.maxLaneQueuePerCredential) return 'full';
+  const full = () => {
+    let mine = 0;
+    for (const queued of up.laneQueue) if (queued.credential === entry.credential) mine++;
+    return up.laneQueue.length >= limits.maxLaneQueue || mine >= limits.maxLaneQueuePerCredential;
+  };
+  if (full()) dropGone(up);
+  if (full()) return 'full';
   up.laneQueue.push(entry);
   return 'queued';
+}
+
+/** Drops the queued requests nobody waits for any more. */
+function dropGone(up: Upstream): void {
+  up.laneQueue = up.laneQueue.filter((queued) => {
+    if (!queued.gone()) return true;
+    queued.drop();
+    return false;
+  });
 }
 
 /** The holder is done: after this turn (so a child that exited has its state settled), the next one starts. */
@@ -3699,7 +3749,10 @@ function releaseLane(up: Upstream): void {
 function drainLane(up: Upstream): void {
   while (up.laneHolder === null && up.laneQueue.length) {
     const next = up.laneQueue.shift()!;
-    if (next.gone()) continue;
+    if (next.gone()) {
+      next.drop();
+      continue;
+    }
     up.laneGranting = true;
     try {
       guarded(up.server.proxy, up.server.config.name, 'a queued request', next.start);
@@ -5146,7 +5199,7 @@ export async function startProxy(config: Config, start: StartOptions = {}): Prom
   const weak = tokenProblem(options.tokens);
   if (weak) throw new ProxyError('WEAK_TOKEN', weak);
   const loopbackBind = isLoopbackHost(options.host);
-  const log = start.log ?? createLogger(options.logLevel);
+  const log = start.log ?? createLogger(options.logLevel, writeStderr, options.logFormat);
   const oauth = startOAuth(options, log, limits, start.fetchClientMetadata);
   if (!loopbackBind && options.tokens.length === 0 && !oauth && !options.allowUnauthenticated) {
     throw new ProxyError('UNAUTHENTICATED_PUBLIC_BIND',
@@ -5288,7 +5341,7 @@ function connectionCap(maxConnections: number): number {
 function defaultOptions(): Options {
   return {
     configPath: DEFAULT_CONFIG_PATH, host: DEFAULT_HOST, port: DEFAULT_PORT, tokens: [], allowUnauthenticated: false,
-    allowedOrigins: [], corsOrigins: [], logLevel: 'info', packagesDir: undefined,
+    allowedOrigins: [], corsOrigins: [], logLevel: 'info', logFormat: 'text', packagesDir: undefined,
     publicUrl: undefined, baseDomain: undefined, passphrase: undefined, stateDir: defaultStateDir(process.env), oauthClient: undefined,
     clientMetadataHosts: [], trustProxy: [], strictProtocolHeader: false,
   };
@@ -5399,7 +5452,7 @@ function statusOf(proxy: Proxy): Record<string, ServerStatus> {
     const ups = [...server.upstreams];
     const pids = ups.flatMap((up) => (up.proc?.pid ? [up.proc.pid] : []));
     out[name] = {
-      state: server.shared ? server.shared.state : perSessionState(server),
+      state: serverState(server),
       pid: server.shared?.proc?.pid ?? null,
       pids,
       restarts: ups.reduce((sum, up) => sum + up.restarts, 0),
@@ -5748,6 +5801,7 @@ Options (each also as an environment variable):
   --allow-origin ORIGIN      extra allowed Origin, repeatable             MCP_PROXY_ALLOW_ORIGINS (comma-separated)
   --cors-origin ORIGIN       send CORS headers to ORIGIN, repeatable      MCP_PROXY_CORS_ORIGINS (comma-separated)
   --log-level LEVEL          error | warn | info | debug  MCP_PROXY_LOG_LEVEL  (default info)
+  --log-format FORMAT        text | json (one JSON object a line)  MCP_PROXY_LOG_FORMAT  (default text)
   --packages-dir DIR         run \`npx [-y] PKG\` from DIR/node_modules/PKG   MCP_PROXY_PACKAGES_DIR
   --strict-protocol-header   refuse a 2026-07-28 request sent with MCP-Protocol-Version 2025-11-25
                              (Claude's connector sends that pair)   MCP_PROXY_STRICT_PROTOCOL_HEADER=1
@@ -5772,7 +5826,7 @@ type Command = 'serve' | 'check' | 'help' | 'healthcheck' | 'hash-password' | 'd
 type CliResult = { command: Command; options: Options; target?: string } | { error: string };
 
 const VALUE_FLAGS: ReadonlySet<string> = new Set([
-  '--config', '--host', '--port', '--token', '--token-file', '--allow-origin', '--cors-origin', '--log-level',
+  '--config', '--host', '--port', '--token', '--token-file', '--allow-origin', '--cors-origin', '--log-level', '--log-format',
   '--packages-dir', '--public-url', '--base-domain', '--state-dir', '--password-file', '--oauth-client-id', '--client-metadata-host', '--trust-proxy',
 ]);
 
@@ -5815,6 +5869,8 @@ function buildOptions(command: Exclude<Command, 'help'>, flags: Map<string, stri
   if (!(port >= 0 && port <= 65535)) return { error: `--port: got ${JSON.stringify(portText)}, expected a number from 0 to 65535` };
   const logLevel = (one('--log-level', 'MCP_PROXY_LOG_LEVEL') ?? 'info') as LogLevel;
   if (!LOG_LEVELS.includes(logLevel)) return { error: `--log-level: got ${JSON.stringify(logLevel)}, expected one of ${LOG_LEVELS.join(', ')}` };
+  const logFormat = (one('--log-format', 'MCP_PROXY_LOG_FORMAT') ?? 'text') as LogFormat;
+  if (!LOG_FORMATS.includes(logFormat)) return { error: `--log-format: got ${JSON.stringify(logFormat)}, expected one of ${LOG_FORMATS.join(', ')}` };
   const tokens = [...list('--token', 'MCP_PROXY_TOKEN')];
   const tokenFile = one('--token-file', 'MCP_PROXY_TOKEN_FILE');
   if (tokenFile !== undefined) {
@@ -5837,6 +5893,7 @@ function buildOptions(command: Exclude<Command, 'help'>, flags: Map<string, stri
     allowedOrigins: list('--allow-origin', 'MCP_PROXY_ALLOW_ORIGINS').map(normalizeOrigin),
     corsOrigins: list('--cors-origin', 'MCP_PROXY_CORS_ORIGINS').map(normalizeOrigin),
     logLevel,
+    logFormat,
     packagesDir: one('--packages-dir', 'MCP_PROXY_PACKAGES_DIR'),
     publicUrl: one('--public-url', 'MCP_PROXY_PUBLIC_URL'),
     baseDomain: one('--base-domain', 'MCP_PROXY_BASE_DOMAIN')?.toLowerCase(),
@@ -5884,7 +5941,7 @@ async function main(): Promise<void> {
   if (cli.command === 'healthcheck') return healthcheck(cli.options);
   if (cli.command === 'hash-password') return hashPasswordCommand();
   if (cli.command === 'doctor') return doctorCommand(cli.target, cli.options);
-  const log = createLogger(cli.options.logLevel);
+  const log = createLogger(cli.options.logLevel, writeStderr, cli.options.logFormat);
   const loaded = loadConfigFile(cli.options.configPath);
   for (const warning of loaded.warnings) log.warn('config', warning);
   if (!loaded.config) {
