@@ -4511,14 +4511,8 @@ describe('8b. MCP 2026-07-28: subscriptions/listen and input requests', () => {
   // A stdio server for listen tests. FIXTURE_CAPS: the capabilities it declares. FIXTURE_LOG gets "subscribe URI",
   // "unsubscribe URI" and "call ID" lines. tools/call {what:'notify', notes:[{method, params}]} writes those
   // notifications, then answers; {what:'echo', text} answers text.
-  const LISTEN_FIXTURE = String.raw`
-'use strict';
-const fs = require('node:fs');
-const caps = JSON.parse(process.env.FIXTURE_CAPS || '{"tools":{}}');
-const logLine = (s) => { if (process.env.FIXTURE_LOG) fs.appendFileSync(process.env.FIXTURE_LOG, s + '\n'); };
-const send = (m) => process.stdout.write(JSON.stringify(m) + '\n');
-const reply = (id, result) => send({ jsonrpc: '2.0', id, result });
-let buf = '';
+  /** Shared by the fixtures below: JSON lines from stdin to onMessage(msg); exit at end of input. */
+  const STDIN_LINES = String.raw`let buf = '';
 process.stdin.setEncoding('utf8');
 process.stdin.on('data', (chunk) => {
   buf += chunk;
@@ -4532,7 +4526,15 @@ process.stdin.on('data', (chunk) => {
     onMessage(msg);
   }
 });
-process.stdin.on('end', () => process.exit(0));
+process.stdin.on('end', () => process.exit(0));`;
+  const LISTEN_FIXTURE = String.raw`
+'use strict';
+const fs = require('node:fs');
+const caps = JSON.parse(process.env.FIXTURE_CAPS || '{"tools":{}}');
+const logLine = (s) => { if (process.env.FIXTURE_LOG) fs.appendFileSync(process.env.FIXTURE_LOG, s + '\n'); };
+const send = (m) => process.stdout.write(JSON.stringify(m) + '\n');
+const reply = (id, result) => send({ jsonrpc: '2.0', id, result });
+${STDIN_LINES}
 function onMessage(msg) {
   if (msg.id === undefined || msg.method === undefined) return;
   if (msg.method === 'initialize') return reply(msg.id, { protocolVersion: msg.params.protocolVersion, capabilities: caps, serverInfo: { name: 'listen-fixture', version: '1.0.0' } });
@@ -5027,21 +5029,7 @@ function ask(call, method, params, id) {
   logLine('asked ' + JSON.stringify(id));
   return { jsonrpc: '2.0', id, method, params };
 }
-let buf = '';
-process.stdin.setEncoding('utf8');
-process.stdin.on('data', (chunk) => {
-  buf += chunk;
-  let i;
-  while ((i = buf.indexOf('\n')) >= 0) {
-    const line = buf.slice(0, i);
-    buf = buf.slice(i + 1);
-    if (!line.trim()) continue;
-    let msg;
-    try { msg = JSON.parse(line); } catch { continue; }
-    onMessage(msg);
-  }
-});
-process.stdin.on('end', () => process.exit(0));
+${STDIN_LINES}
 process.on('SIGUSR2', () => { clearInterval(keepAlive); process.stdin.resume(); });
 function onMessage(msg) {
   const p = msg.params || {};
