@@ -51,6 +51,7 @@ import {
   nextRestart,
   parseCli,
   parseConfig,
+  serverSegment,
   startProxy,
   tokenMatches,
 } from './proxy.ts';
@@ -1175,27 +1176,32 @@ describe('4. Config: load, validate', () => {
     for (const name of ['s1', 's2', 's3']) assert.ok(warnings.some((w) => w.includes(name)), `warning names ${name}`);
   });
 
-  it('parseConfig() accepts names up to 64 characters and rejects 65 (under/at/over)', () => {
-    const name63 = 'a'.repeat(63);
-    const name64 = 'b'.repeat(64);
-    const name65 = 'c'.repeat(65);
-    const ok = parse({ mcpServers: { [name63]: { command: 'x' }, [name64]: { command: 'x' } } });
+  it('parseConfig() accepts any name with a letter or digit, up to 200 characters (a real file loads unchanged); longer, or without one, is refused', () => {
+    const names = ['MCP SQLite Server', '.hidden', '-dash', '_under', 'a/b', 'Café ☕ tools', 'b'.repeat(200)];
+    const ok = parse({ mcpServers: Object.fromEntries(names.map((name) => [name, { command: 'x' }])) });
     assert.deepEqual(ok.errors, []);
-    assert.deepEqual(ok.config?.servers.map((s) => s.name), [name63, name64]);
-    const bad = parse({ mcpServers: { [name65]: { command: 'x' } } });
-    assert.equal(bad.config, null);
-    assert.equal(bad.errors.length, 1);
-    assert.ok(bad.errors[0]!.includes(name65), bad.errors[0]);
+    assert.deepEqual(ok.config?.servers.map((s) => s.name), names);
+    for (const name of ['', '!!!', 'ü', ' ', 'c'.repeat(201)]) {
+      const bad = parse({ mcpServers: { [name]: { command: 'x' } } });
+      assert.equal(bad.config, null, `name ${JSON.stringify(name)} refused`);
+      assert.equal(bad.errors.length, 1, bad.errors.join('\n'));
+      assert.match(bad.errors[0]!, /invalid server name/);
+    }
   });
 
-  it('parseConfig() rejects names that are not [A-Za-z0-9][A-Za-z0-9._-]*', () => {
-    for (const name of ['bad name', '.hidden', '-dash', '_under', 'a/b', 'a%2e', 'ü', '']) {
-      const { config, errors } = parse({ mcpServers: { [name]: { command: 'x' } } });
-      assert.equal(config, null, `name ${JSON.stringify(name)} rejected`);
-      assert.equal(errors.length, 1, errors.join('\n'));
-    }
-    const { errors } = parse({ mcpServers: { 'A.b_c-9': { command: 'x' } } });
-    assert.deepEqual(errors, []);
+  it('serverSegment() derives the URL segment: lowercase, runs of other characters → "-", no leading or trailing "." or "-", at most 63 characters', () => {
+    const cases: [string, string][] = [
+      ['MCP SQLite Server', 'mcp-sqlite-server'], ['memory', 'memory'], ['A.b_c-9', 'a.b_c-9'], ['.hidden', 'hidden'],
+      ['a/b', 'a-b'], ['a%2e', 'a-2e'], ['Café ☕ tools', 'caf-tools'], ['..', ''], ['x'.repeat(70), 'x'.repeat(63)],
+      [`${'y'.repeat(62)} z`, 'y'.repeat(62)],
+    ];
+    for (const [name, segment] of cases) assert.equal(serverSegment(name), segment, JSON.stringify(name));
+  });
+
+  it('parseConfig() refuses only names that make the same URL segment, naming both entries', () => {
+    const { config, errors } = parse({ mcpServers: { 'My Server': { command: 'x' }, 'my-server': { command: 'x' }, other: { command: 'x' } } });
+    assert.equal(config, null);
+    assert.deepEqual(errors, ['config.json: mcpServers "My Server" and "my-server" both make the URL segment "my-server"; rename one']);
   });
 
   it('parseConfig() names file, server, field, type got and type expected for wrong types', () => {
@@ -7843,6 +7849,25 @@ describe('10. Lifecycle: start, shutdown', () => {
     assert.equal(textOf(await fresh.callTool({ name: 'echo', arguments: { message: 'after restart' } })), 'Echo: after restart');
   });
 
+  it('a server named as real configs name them ("MCP SQLite Server") is served at its derived segment, matched case-insensitively; when it gives up, the log quotes its stderr lines but not npm\'s "A complete log" pointer', { timeout: 30_000 }, async (t) => {
+    const lines: string[] = [];
+    const crash = "process.stderr.write('Error: Cannot find module better-sqlite3\\nnpm error A complete log of this run can be found in: /root/.npm/_logs/x.log\\n'); setTimeout(() => process.exit(1), 20)";
+    const h = await harness(t, { servers: [fixture('MCP SQLite Server'), srv('Broken Thing', ['-e', crash])] }, {
+      log: captureLog(lines), limits: { ...FAST, restartMinDelayMs: 20, restartMaxDelayMs: 40, maxUnstableRestarts: 2 },
+    });
+    await waitFor(() => h.proxy.status()['mcp-sqlite-server']?.state === 'ready', 10_000, 'the server ready under its segment');
+    for (const path of ['/mcp-sqlite-server/mcp', '/MCP-SQLite-Server/mcp']) {
+      const init = await post(`${h.url}${path}`, initMsg(), { accept: 'application/json' });
+      assert.equal(init.status, 200, `${path}: ${init.text}`);
+    }
+    assert.equal((await post(`${h.url}/MCP%20SQLite%20Server/mcp`, initMsg(), { accept: 'application/json' })).status, 404);
+    await waitFor(() => h.proxy.status()['broken-thing']?.state === 'errored', 15_000, 'the broken server errored');
+    const gaveUp = lines.find((l) => l.startsWith('error [Broken Thing]') && l.includes('gave up'));
+    assert.ok(gaveUp, lines.join('\n'));
+    assert.match(gaveUp!, /Cannot find module better-sqlite3/);
+    assert.doesNotMatch(gaveUp!, /A complete log/);
+  });
+
   it('a server that always crashes becomes errored: its endpoints → 503, others keep working; /readyz stays 200 and names it, /readyz?server=crashy → 503', { timeout: 30_000 }, async (t) => {
     const h = await harness(
       t,
@@ -8470,11 +8495,11 @@ describe('12. CLI and main', () => {
     });
 
     it('check with a bad config exits 1 and prints each error line on stderr', async () => {
-      const cfg = writeConfig({ mcpServers: { memory: { command: 'npx', args: 5 }, 'bad name': { command: 'x' } } });
+      const cfg = writeConfig({ mcpServers: { memory: { command: 'npx', args: 5 }, '!!!': { command: 'x' } } });
       const r = await run(['check', '--config', cfg]);
       assert.equal(r.code, 1);
       assert.match(r.stderr, /mcpServers\.memory\.args/);
-      assert.match(r.stderr, /bad name/);
+      assert.match(r.stderr, /"!!!": invalid server name/);
       assert.doesNotMatch(r.stdout, /config OK/);
     });
 

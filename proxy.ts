@@ -253,8 +253,16 @@ const DEFAULT_PORT = 8080;
 const DEFAULT_CONFIG_PATH = './config.json';
 const PROXY_NAME = 'remote-mcp-proxy';
 const PROXY_VERSION = '0.1.0';
-/** Server names become one URL path segment. */
-const SERVER_NAME_RE = /^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/;
+/**
+ * Any config name is accepted ("MCP SQLite Server", as real READMEs write them); its URL segment is derived
+ * (serverSegment) and must be unique. Names longer than this are refused: they are shown in every log line.
+ */
+const MAX_SERVER_NAME_CHARS = 200;
+/** A URL segment is also a DNS label in host routes ({segment}.{baseDomain}). */
+const MAX_SEGMENT_CHARS = 63;
+/** stderr lines kept per child to say why it gave up (npm's closing "A complete log…" line is not one). */
+const STDERR_REASON_LINES = 5;
+const NPM_LOG_POINTER_RE = /^npm (?:error|ERR!) A complete log of this run can be found in/;
 /** Bytes of an offending line shown in the log: enough to recognise it, never the payload. */
 const LOG_HEAD_BYTES = 80;
 /** How long browsers may cache a CORS preflight answer. */
@@ -510,6 +518,8 @@ type Proxy = {
 type ServerRuntime = {
   proxy: Proxy;
   config: ServerConfig;
+  /** Its URL segment (serverSegment of the name): the key of proxy.servers, /{segment}/mcp, {segment}.{baseDomain}. */
+  segment: string;
   /** What is actually run: the config's command, or a baked package resolved from `npx PKG`. */
   launch: Launch;
   /** Session id → session, in least-recently-active order (re-inserted on activity). */
@@ -553,8 +563,8 @@ type Upstream = {
   holdsStartSlot: boolean;
   /** Resolves when the current process has exited. */
   exited: Promise<void>;
-  /** Last stderr line, masked: quoted when the server is given up. */
-  lastStderr: string;
+  /** Its last stderr lines (STDERR_REASON_LINES), masked: quoted when it exits and when it is given up. */
+  recentStderr: string[];
   /**
    * Child ids of client requests given up on (cancelled, timed out, their session ended) that the child has
    * not answered yet (child id → when): it may still be working for them, so a child→client request could be
@@ -973,6 +983,7 @@ export function parseConfig(text: string, source: string, env: Env = process.env
     const server = parseServer(name, entry, { source, env, readFile, errors, warnings });
     if (server) servers.push(server);
   }
+  for (const clash of segmentClashes(servers)) errors.push(`${source}: mcpServers ${clash}`);
   if (errors.length) return { config: null, errors, warnings };
   if (servers.length === 0) warnings.push(`${source}: no enabled stdio servers; nothing will be served`);
   return { config: Object.freeze({ servers: Object.freeze(servers) }), errors, warnings };
@@ -983,6 +994,29 @@ export function parseConfig(text: string, source: string, env: Env = process.env
 }
 
 /** JSON.parse, but the error names only a line and column: Node's message quotes the text, which may hold secrets. */
+/**
+ * The URL segment of a server name: lowercase, each run of characters other than letters, digits, '.', '_'
+ * and '-' made one '-', no leading or trailing '.' or '-', at most MAX_SEGMENT_CHARS. "MCP SQLite Server" is
+ * served at /mcp-sqlite-server/mcp. Incoming paths are matched lowercased, so /MyServer/mcp still works.
+ */
+export function serverSegment(name: string): string {
+  const segment = name.toLowerCase().replace(/[^a-z0-9._-]+/g, '-').replace(/^[.-]+/, '');
+  return segment.slice(0, MAX_SEGMENT_CHARS).replace(/[.-]+$/, '');
+}
+
+/** Two names that make the same URL segment, each pair named (only collisions are refused). */
+function segmentClashes(servers: readonly Pick<ServerConfig, 'name'>[]): string[] {
+  const seen = new Map<string, string>();
+  const clashes: string[] = [];
+  for (const { name } of servers) {
+    const segment = serverSegment(name);
+    const other = seen.get(segment);
+    if (other !== undefined) clashes.push(`${JSON.stringify(other)} and ${JSON.stringify(name)} both make the URL segment "${segment}"; rename one`);
+    else seen.set(segment, name);
+  }
+  return clashes;
+}
+
 function parseJsonForConfig(text: string, source: string, errors: string[]): unknown {
   try {
     return JSON.parse(text);
@@ -1002,11 +1036,11 @@ function lineColumn(text: string, offset: number): string {
 type ParseContext = { source: string; env: Env; readFile: ReadFile; errors: string[]; warnings: string[] };
 
 function parseServer(name: string, entry: unknown, ctx: ParseContext): ServerConfig | null {
-  const at = `${ctx.source}: mcpServers.${SERVER_NAME_RE.test(name) ? name : JSON.stringify(name)}`;
+  const at = `${ctx.source}: mcpServers.${/^[A-Za-z0-9._-]+$/.test(name) ? name : JSON.stringify(name)}`;
   const problem = (field: string, value: unknown, expected: string) =>
     ctx.errors.push(`${at}.${field}: got ${typeName(value)}, expected ${expected}`);
-  if (!SERVER_NAME_RE.test(name)) {
-    ctx.errors.push(`${at}: invalid server name; names become URL path segments and must match [A-Za-z0-9][A-Za-z0-9._-]* (at most 64 characters)`);
+  if (name.length > MAX_SERVER_NAME_CHARS || serverSegment(name) === '') {
+    ctx.errors.push(`${at}: invalid server name; it needs a letter or digit (its URL segment is made of them) and at most ${MAX_SERVER_NAME_CHARS} characters`);
     return null;
   }
   if (!isObject(entry)) return void problem('', entry, 'an object with "command"'), null;
@@ -1450,7 +1484,7 @@ function newUpstream(server: ServerRuntime): Upstream {
     server, proc: null, state: 'starting', startedAtMs: 0, unstableRestarts: 0, restarts: 0,
     initResult: null, protocolVersion: SUPPORTED_PROTOCOL_VERSIONS[0], nextId: 1,
     pending: new Map(), serverRequests: new Map(), sessions: new Set(), subscriptions: new Map(),
-    restartTimer: null, initTimer: null, waiters: [], owner: null, abandoned: new Map(), abandonedOverflowUntilMs: 0, holdsStartSlot: false, exited: Promise.resolve(), lastStderr: '',
+    restartTimer: null, initTimer: null, waiters: [], owner: null, abandoned: new Map(), abandonedOverflowUntilMs: 0, holdsStartSlot: false, exited: Promise.resolve(), recentStderr: [],
     outQueue: [], outBytes: 0, laneHolder: null, laneQueue: [], laneGranting: false, listeners: new Set(), modernInflight: new Map(),
   };
 }
@@ -1482,6 +1516,7 @@ function spawnChild(up: Upstream): void {
   const launch = up.server.launch;
   // Counted from here, so a spawn that fails at once is an unstable run and goes through backoff to errored.
   up.startedAtMs = Date.now();
+  up.recentStderr = [];
   let proc: ChildProcess;
   try {
     // argv, never a shell string (tree-kill CVE-2019-15599); detached makes the child lead its own process
@@ -1612,7 +1647,11 @@ function failAnswer(up: Upstream, id: number | undefined, code: number, message:
 function childStderrLine(up: Upstream, line: string): void {
   const { config, proxy } = up.server;
   const masked = maskSecrets(line, config.secrets);
-  up.lastStderr = masked;
+  // npm's pointer to its own log file says nothing of why the server failed.
+  if (!NPM_LOG_POINTER_RE.test(line)) {
+    up.recentStderr.push(masked);
+    if (up.recentStderr.length > STDERR_REASON_LINES) up.recentStderr.shift();
+  }
   proxy.log.info(config.name, `stderr: ${masked}`);
 }
 
@@ -1758,7 +1797,7 @@ function onChildExit(up: Upstream, proc: ChildProcess | null, exit: string): voi
   releaseStartSlot(up);
   failPending(up, up.state === 'stopped' ? 'MCP server stopped' : 'MCP server process exited');
   if (up.state === 'stopped') return;
-  const stderr = up.lastStderr ? `; last stderr: ${up.lastStderr}` : '';
+  const stderr = up.recentStderr.length ? `; its last stderr: ${up.recentStderr.join(' | ')}` : '';
   const decision = nextRestart(up.unstableRestarts, uptimeMs, proxy.limits);
   up.unstableRestarts = decision.unstableRestarts;
   if (decision.giveUp) {
@@ -3102,7 +3141,7 @@ function preflight(res: http.ServerResponse): void {
 function readiness(proxy: Proxy, res: http.ServerResponse, detailed: boolean, query: string): void {
   const one = query ? new URLSearchParams(query).get('server') : null;
   if (one !== null) {
-    const server = proxy.servers.get(one);
+    const server = proxy.servers.get(serverSegment(one));
     const state = server ? serverState(server) : undefined;
     const ready = state === 'ready';
     return sendJson(res, ready ? 200 : 503, JSON.stringify(detailed && state ? { ready, state } : { ready }));
@@ -4393,8 +4432,8 @@ type Route = { server: ServerRuntime; leaf: string; prefix: string; hostRoute: b
  */
 function routeOf(proxy: Proxy, host: string | undefined, path: string): Route | null {
   const parts = path.split('/');
-  if (parts.length === 3 && SERVER_NAME_RE.test(parts[1])) {
-    const server = proxy.servers.get(parts[1]);
+  if (parts.length === 3 && parts[1].length <= MAX_SEGMENT_CHARS) {
+    const server = proxy.servers.get(parts[1].toLowerCase());
     return server ? { server, leaf: parts[2], prefix: `/${parts[1]}`, hostRoute: false } : null;
   }
   if (parts.length !== 2) return null;
@@ -4421,7 +4460,7 @@ function isServerHost(proxy: Proxy, host: string | undefined): boolean {
 function routeOrigin(oauth: OAuth, route: Route): string {
   if (!route.hostRoute) return oauth.issuer;
   const { protocol, port } = oauth.publicUrl;
-  return `${protocol}//${route.server.config.name}.${oauth.baseDomain}${port ? `:${port}` : ''}`;
+  return `${protocol}//${route.server.segment}.${oauth.baseDomain}${port ? `:${port}` : ''}`;
 }
 
 /** The endpoint's own URL: a token's `resource` must name exactly this (RFC 9728 §3.3, RFC 8707). */
@@ -5198,6 +5237,8 @@ export async function startProxy(config: Config, start: StartOptions = {}): Prom
   const limits = validateLimits({ ...DEFAULT_LIMITS, ...start.limits });
   const weak = tokenProblem(options.tokens);
   if (weak) throw new ProxyError('WEAK_TOKEN', weak);
+  const clashes = segmentClashes(config.servers);
+  if (clashes.length) throw new ProxyError('SEGMENT_CLASH', clashes.join('; '));
   const loopbackBind = isLoopbackHost(options.host);
   const log = start.log ?? createLogger(options.logLevel, writeStderr, options.logFormat);
   const oauth = startOAuth(options, log, limits, start.fetchClientMetadata);
@@ -5390,13 +5431,14 @@ function listen(server: http.Server, host: string, port: number): Promise<void> 
 function addServer(proxy: Proxy, config: ServerConfig): void {
   const launch = resolveBakedPackage(config, proxy.options.packagesDir) ?? { command: config.command, args: config.args };
   if (launch.command !== config.command) proxy.log.info(config.name, `npx package baked into ${proxy.options.packagesDir}: running ${launch.args[0]}`);
-  const server: ServerRuntime = { proxy, config, launch, sessions: new Map(), shared: null, upstreams: new Set(), windingDown: new Set() };
+  const segment = serverSegment(config.name);
+  const server: ServerRuntime = { proxy, config, segment, launch, sessions: new Map(), shared: null, upstreams: new Set(), windingDown: new Set() };
   if (config.sessions === 'shared') {
     server.shared = newUpstream(server);
     server.upstreams.add(server.shared);
     requestStart(server.shared);
   }
-  proxy.servers.set(config.name, server);
+  proxy.servers.set(segment, server);
 }
 
 /** Removes one server: its sessions end and its children stop. */
@@ -5754,7 +5796,7 @@ function doctorRequest(method: string, where: string, body: string | undefined, 
 /** The endpoints doctor checks without a URL: every server's /mcp on the public URL (or the local address). */
 function doctorTargets(config: Config, options: Options): string[] {
   const base = options.publicUrl ? new URL(options.publicUrl).origin : `http://${options.host.includes(':') ? `[${options.host}]` : options.host}:${options.port}`;
-  return config.servers.map((server) => `${base}/${server.name}/mcp`);
+  return config.servers.map((server) => `${base}/${serverSegment(server.name)}/mcp`);
 }
 
 async function doctorCommand(target: string | undefined, options: Options): Promise<void> {
@@ -6020,7 +6062,7 @@ async function serve(config: Config, options: Options, log: Logger): Promise<voi
   const auth = methods.length ? `on (${methods.join(', ')})` : 'OFF';
   log.info('proxy', `listening on ${running.url} (${isLoopbackHost(options.host) ? 'loopback only' : 'PUBLIC interface'}), auth ${auth}`);
   for (const server of config.servers) {
-    const urls = serverUrls(config, options, running.url, server.name).join('  ');
+    const urls = serverUrls(config, options, running.url, serverSegment(server.name)).join('  ');
     log.info('proxy', `${server.name}: ${urls}  (auth ${methods.length ? 'on' : 'off'}${server.sessions === 'per-session' ? ', child per session' : ''})`);
   }
   if (early) stop(early);
@@ -6030,12 +6072,12 @@ async function serve(config: Config, options: Options, log: Logger): Promise<voi
  * Every URL a user may paste for a server: its path route on the public URL (or the listening address), its
  * host route with a base domain, and the root route when it is the only server.
  */
-export function serverUrls(config: Config, options: Pick<Options, 'publicUrl' | 'baseDomain'>, listening: string, name: string): string[] {
+export function serverUrls(config: Config, options: Pick<Options, 'publicUrl' | 'baseDomain'>, listening: string, segment: string): string[] {
   const base = options.publicUrl ? new URL(options.publicUrl).origin : listening;
-  const urls = [`${base}/${name}/mcp`, `${base}/${name}/sse`];
+  const urls = [`${base}/${segment}/mcp`, `${base}/${segment}/sse`];
   if (options.baseDomain && options.publicUrl) {
     const { protocol, port } = new URL(options.publicUrl);
-    urls.push(`${protocol}//${name}.${options.baseDomain}${port ? `:${port}` : ''}/mcp`);
+    urls.push(`${protocol}//${segment}.${options.baseDomain}${port ? `:${port}` : ''}/mcp`);
   }
   if (config.servers.length === 1) urls.push(`${base}/mcp`);
   return urls;
