@@ -371,6 +371,10 @@ function onMessage(msg) {
       if (process.env.FIXTURE_LOG) fs.appendFileSync(process.env.FIXTURE_LOG, 'hang ' + JSON.stringify(msg.id) + '\n');
       return;
     case 'seen': return text(msg.id, JSON.stringify(seen));
+    case 'slow':
+      // Answered a.ms later; says on stderr that it started (the proxy logs child stderr at info).
+      process.stderr.write('slow started\n');
+      return void setTimeout(() => text(msg.id, 'slow done'), a.ms);
     case 'die': process.exit(1);
     case 'garbage':
       process.stdout.write('not json\n{"jsonrpc":"2.0"\n\u0000\u0001\u00ff\n[1,2\n"str"\n{}\n' +
@@ -2743,7 +2747,8 @@ describe('7. HTTP: guards, /mcp, /sse, health', () => {
     });
 
     it('an unknown server name → 404 without listing the configured names', async () => {
-      for (const p of ['/nope/mcp', '/nope/sse', '/', '/fix', '/fix/other', '/fix/mcp/extra', '/FIX/mcp']) {
+      // (/FIX/mcp is /fix/mcp: paths are matched case-insensitively, section 4.)
+      for (const p of ['/nope/mcp', '/nope/sse', '/', '/fix', '/fix/other', '/fix/mcp/extra', '/fi%78/mcp']) {
         const res = await request(`${h.url}${p}`, { method: 'GET', headers: { accept: 'text/event-stream' } });
         assert.equal(assertRpcError(res, 404, -32000).error.message, 'Not Found', p);
         for (const name of ['everything', 'memory', 'filesystem']) assert.ok(!res.text.includes(name), `${p} body lists ${name}`);
@@ -8581,6 +8586,36 @@ describe('12. CLI and main', () => {
       assert.ok(events.some((e) => e.component === 'server' && e.server === 'fix' && /^ready/.test(e.msg)), lines.join('\n'));
       s.child.kill('SIGTERM');
       assert.deepEqual(await within(s.exited, 15_000, 'exit after SIGTERM'), { code: 0, signal: null });
+    });
+
+    it('SIGTERM with a request in flight: it is answered within the drain grace, then the proxy exits 0 and no child remains', { timeout: 40_000 }, async (t) => {
+      const s = await serve(t, []);
+      const base = `http://127.0.0.1:${s.port}`;
+      await waitFor(async () => (await request(`${base}/readyz`)).status === 200, 10_000, 'ready');
+      const sid = await rawSession(base, 'fix');
+      const slow = post(`${base}/fix/mcp`, call('slow', { what: 'slow', ms: 1_500 }), sessionHeaders(sid));
+      await waitFor(() => s.output().includes('slow started'), 5_000, 'the slow call running on the child');
+      const pids = s.childPids();
+      s.child.kill('SIGTERM');
+      assert.equal(answerText(await within(slow, 10_000, 'the slow call\'s answer')), 'slow done');
+      assert.deepEqual(await within(s.exited, 15_000, 'exit after SIGTERM'), { code: 0, signal: null });
+      await assertAllGone(pids);
+    });
+
+    it('a second SIGTERM while draining exits at once (code 1), killing every child group', { timeout: 40_000 }, async (t) => {
+      const s = await serve(t, []);
+      const base = `http://127.0.0.1:${s.port}`;
+      await waitFor(async () => (await request(`${base}/readyz`)).status === 200, 10_000, 'ready');
+      const sid = await rawSession(base, 'fix');
+      const slow = post(`${base}/fix/mcp`, call('slow', { what: 'slow', ms: 30_000 }), sessionHeaders(sid)).catch((err: Error) => err);
+      await waitFor(() => s.output().includes('slow started'), 5_000, 'the slow call running on the child');
+      const pids = s.childPids();
+      s.child.kill('SIGTERM');
+      await waitFor(() => s.output().includes('SIGTERM: shutting down'), 5_000, 'the drain to begin');
+      s.child.kill('SIGTERM');
+      assert.deepEqual(await within(s.exited, 5_000, 'exit after the second SIGTERM'), { code: 1, signal: null });
+      await assertAllGone(pids);
+      await within(slow, 5_000, 'the slow call to end (its connection closes)');
     });
 
     it('SIGINT also exits 0 and stops the children', { timeout: 40_000 }, async (t) => {

@@ -150,7 +150,9 @@ export type Limits = {
   maxHeadersCount: number;
   /** Node's own: how often it enforces the two timeouts above (its default, 30 s, made them 30 s late). */
   connectionsCheckIntervalMs: number;
-  /** Shutdown never takes longer than this, whatever the children do. */
+  /** On SIGTERM, requests in flight get this long to be answered before children are stopped (a second signal: at once). */
+  drainGraceMs: number;
+  /** Shutdown never takes longer than this (after the drain), whatever the children do. */
   shutdownTimeoutMs: number;
   // OAuth (section 9). Claude.ai registers a client on every new connection, so clients are many and cheap.
   /** Registered OAuth clients; at the cap the oldest one without a grant gives way. */
@@ -228,6 +230,7 @@ export const DEFAULT_LIMITS: Readonly<Limits> = Object.freeze({
   keepAliveTimeoutMs: 5_000,
   maxHeadersCount: 100,
   connectionsCheckIntervalMs: 1_000,
+  drainGraceMs: 5_000,
   shutdownTimeoutMs: 10_000,
   maxOAuthClients: 1_000,
   unusedClientMs: 24 * 3_600_000,
@@ -5216,8 +5219,11 @@ export type RunningProxy = {
   /** Resolves when every shared child has answered initialize; rejects if one errored or on timeout. */
   ready(timeoutMs?: number): Promise<void>;
   status(): Record<string, ServerStatus>;
-  /** Idempotent: stops accepting, ends streams, stops every child group; resolves when all is done. */
-  close(): Promise<void>;
+  /**
+   * Idempotent: stops accepting, ends streams, stops every child group; resolves when all is done. With
+   * `drain`, requests in flight first get up to limits.drainGraceMs to be answered (SIGTERM does this).
+   */
+  close(options?: { drain?: boolean }): Promise<void>;
 };
 
 export type ServerStatus = { state: ServerState; pid: number | null; pids: number[]; restarts: number; sessions: number };
@@ -5288,7 +5294,7 @@ export async function startProxy(config: Config, start: StartOptions = {}): Prom
     url: `http://${options.host.includes(':') ? `[${options.host}]` : options.host}:${port}`,
     ready: (timeoutMs = limits.initTimeoutMs) => waitReady(proxy, timeoutMs),
     status: () => statusOf(proxy),
-    close: () => closeProxy(proxy),
+    close: (options) => closeProxy(proxy, options?.drain ?? false),
   };
 }
 
@@ -5504,16 +5510,33 @@ function statusOf(proxy: Proxy): Record<string, ServerStatus> {
   return out;
 }
 
+/** Client requests a child is working on whose client still waits (calls held for a retry do not count). */
+function requestsInFlight(proxy: Proxy): number {
+  let count = 0;
+  for (const server of proxy.servers.values()) {
+    for (const up of server.upstreams) {
+      for (const pending of up.pending.values()) if (pending.session && (!pending.session.call || pending.session.call.exchange)) count++;
+      count += up.laneQueue.length;
+    }
+  }
+  return count;
+}
+
 /**
  * RUNNING → CLOSING → CLOSED (ws). Stop accepting, end every stream and session, stop every child group in
  * steps, and finish within shutdownTimeoutMs whatever the children do.
  */
-function closeProxy(proxy: Proxy): Promise<void> {
+function closeProxy(proxy: Proxy, drain: boolean): Promise<void> {
   if (proxy.closed) return proxy.closed;
   proxy.state = 'CLOSING';
   proxy.closed = (async () => {
-    for (const timer of proxy.timers) clearInterval(timer);
     const httpClosed = new Promise<void>((resolve) => proxy.http.close(() => resolve()));
+    // New requests get 503 from here on; those in flight may finish (the sweep and keep-alives run meanwhile).
+    if (drain && requestsInFlight(proxy) > 0) {
+      proxy.log.info('proxy', `waiting up to ${proxy.limits.drainGraceMs} ms for ${requestsInFlight(proxy)} requests in flight`);
+      await waitUntil(() => requestsInFlight(proxy) === 0, proxy.limits.drainGraceMs);
+    }
+    for (const timer of proxy.timers) clearInterval(timer);
     const names = [...proxy.servers.keys()];
     const stopped = Promise.all(names.map((name) => removeServer(proxy, name)));
     for (const stream of [...proxy.streams]) closeStream(stream);
@@ -6038,14 +6061,23 @@ async function serve(config: Config, options: Options, log: Logger): Promise<voi
   // process and leave the children already spawned running (they lead their own process groups).
   let proxy: RunningProxy | null = null;
   let early: NodeJS.Signals | null = null;
+  let stopping = false;
   const stop = (signal: NodeJS.Signals) => {
     if (!proxy) return void (early ??= signal);
-    log.info('proxy', `${signal}: shutting down`);
-    proxy.close().then(() => process.exit(0), () => process.exit(1));
+    if (stopping) {
+      // A second signal: the operator will not wait. Every child group is killed and the process exits now.
+      log.warn('proxy', `${signal} again: exiting now`);
+      killAllChildGroups();
+      return process.exit(1);
+    }
+    stopping = true;
+    log.info('proxy', `${signal}: shutting down (requests in flight get up to ${DEFAULT_LIMITS.drainGraceMs} ms; send it again to exit at once)`);
+    proxy.close({ drain: true }).then(() => process.exit(0), () => process.exit(1));
   };
   // Every signal whose default would end the process without stopping the children: SIGHUP when the
-  // terminal closes, SIGQUIT, SIGUSR2. SIGKILL cannot be caught.
-  for (const signal of ['SIGTERM', 'SIGINT', 'SIGHUP', 'SIGQUIT', 'SIGUSR2'] as const) process.once(signal, stop);
+  // terminal closes, SIGQUIT, SIGUSR2. SIGKILL cannot be caught. Kept after the first: a second one must not
+  // take the default action (exit without stopping the children).
+  for (const signal of ['SIGTERM', 'SIGINT', 'SIGHUP', 'SIGQUIT', 'SIGUSR2'] as const) process.on(signal, stop);
   let running: RunningProxy;
   try {
     running = await startProxy(config, { ...options, log });
