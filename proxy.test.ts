@@ -1202,6 +1202,19 @@ describe('4. Config: load, validate', () => {
     for (const [name, segment] of cases) assert.equal(serverSegment(name), segment, JSON.stringify(name));
   });
 
+  it('parseConfig() takes per-server "idleTimeoutMs" and "startTimeoutMs" (milliseconds, 1 s … 1 day) and names the field of a bad one', () => {
+    const ok = parse({ mcpServers: { a: { command: 'x', idleTimeoutMs: 60_000, startTimeoutMs: 300_000 }, b: { command: 'x' } } });
+    assert.deepEqual(ok.errors, []);
+    assert.equal(ok.config?.servers[0]!.idleTimeoutMs, 60_000);
+    assert.equal(ok.config?.servers[0]!.startTimeoutMs, 300_000);
+    assert.equal(ok.config?.servers[1]!.idleTimeoutMs, undefined);
+    for (const [field, value] of [['idleTimeoutMs', 999], ['idleTimeoutMs', '60000'], ['startTimeoutMs', 1.5], ['startTimeoutMs', 86_400_001]] as const) {
+      const bad = parse({ mcpServers: { a: { command: 'x', [field]: value } } });
+      assert.equal(bad.config, null, `${field}: ${value}`);
+      assert.match(bad.errors[0]!, new RegExp(`mcpServers\\.a\\.${field}: got .*, expected an integer from 1000 to 86400000 \\(milliseconds\\)`));
+    }
+  });
+
   it('parseConfig() refuses only names that make the same URL segment, naming both entries', () => {
     const { config, errors } = parse({ mcpServers: { 'My Server': { command: 'x' }, 'my-server': { command: 'x' }, other: { command: 'x' } } });
     assert.equal(config, null);
@@ -7822,6 +7835,28 @@ describe('10. Lifecycle: start, shutdown', () => {
     const init = await post(`${h.url}/slow/mcp`, initMsg(), { accept: 'application/json' });
     assertRpcError(init, 503, -32000);
     assert.equal(init.headers['retry-after'], '11', 'with Retry-After');
+  });
+
+  it('per-server "startTimeoutMs" overrides initTimeoutMs for that server only', { timeout: 20_000 }, async (t) => {
+    const h = await harness(t, { servers: [fixture('slow', 'noinit', { startTimeoutMs: 1_000 }), fixture('patient', 'noinit')] }, {
+      limits: { ...FAST, initTimeoutMs: 60_000, maxUnstableRestarts: 100 },
+    });
+    await waitFor(() => h.proxy.status().slow!.restarts >= 1, 10_000, 'slow restarted after its own 1 s start timeout');
+    assert.equal(h.proxy.status().patient!.restarts, 0, 'the other server still waits for initTimeoutMs');
+  });
+
+  it('per-server "idleTimeoutMs": an idle session of that server ends (404), another server\'s idle session stays', { timeout: 20_000 }, async (t) => {
+    const h = await harness(t, { servers: [fixture('brief', 'ok', { idleTimeoutMs: 1_000 }), fixture('lasting')] }, {
+      limits: { ...FAST, sweepIntervalMs: 100 },
+    });
+    await h.proxy.ready(10_000);
+    const brief = await rawSession(h.url, 'brief');
+    const lasting = await rawSession(h.url, 'lasting');
+    // Watched through status(): a request would itself be activity.
+    await waitFor(() => h.proxy.status().brief!.sessions === 0, 10_000, 'the brief session to expire');
+    assert.equal(h.proxy.status().lasting!.sessions, 1);
+    assert.equal((await post(`${h.url}/brief/mcp`, { jsonrpc: '2.0', id: 1, method: 'ping' }, sessionHeaders(brief))).status, 404);
+    assert.equal((await post(`${h.url}/lasting/mcp`, { jsonrpc: '2.0', id: 1, method: 'ping' }, sessionHeaders(lasting))).status, 200);
   });
 
   it('initTimeoutMs: a child that never answers initialize is killed and restarted', { timeout: 20_000 }, async (t) => {

@@ -312,6 +312,15 @@ const STDOUT_EOF_GRACE_MS = 200;
 const ID_SCAN_MAX_CHARS = 256;
 /** A per-server listTtlMs above a day is a typo, not a wish. */
 const MAX_LIST_TTL_MS = 24 * 3_600_000;
+/** Per-server idleTimeoutMs and startTimeoutMs: at most a day (a timer cannot wait longer than ~24.8 days). */
+const MAX_SERVER_DURATION_MS = 24 * 3_600_000;
+const MIN_IDLE_TIMEOUT_MS = 1_000;
+const MIN_START_TIMEOUT_MS = 1_000;
+/**
+ * Idle timeout of a per-session server's sessions when its config names none: each holds a process (Claude.ai
+ * rarely DELETEs its sessions; four Playwright sessions held 36 Chromium processes for the 30-minute default).
+ */
+const PER_SESSION_IDLE_MS = 5 * 60_000;
 /** A requestState we issue is ~250 characters; anything much longer is not one of ours. */
 const MAX_REQUEST_STATE_CHARS = 1024;
 
@@ -403,6 +412,13 @@ export type ServerConfig = Readonly<{
   maxLineBytes?: number;
   /** Overrides limits.listTtlMs: how long 2026-07-28 clients may cache this server's lists (0: do not cache). */
   listTtlMs?: number;
+  /**
+   * A session with no request and no open stream for this long ends (and, per session, its child stops).
+   * Default: limits.sessionIdleMs for shared servers, PER_SESSION_IDLE_MS for per-session ones.
+   */
+  idleTimeoutMs?: number;
+  /** Overrides limits.initTimeoutMs: how long this child may take to answer initialize (`npx -y` may build). */
+  startTimeoutMs?: number;
   /** Values that came from the environment or a file through `${…}`; masked in every log line. */
   secrets: readonly string[];
 }>;
@@ -1074,10 +1090,9 @@ function parseServer(name: string, entry: unknown, ctx: ParseContext): ServerCon
   if (maxLineBytes !== undefined && !(Number.isInteger(maxLineBytes) && (maxLineBytes as number) > 0 && (maxLineBytes as number) <= MAX_LINE_BYTES_CEILING)) {
     problem('maxLineBytes', maxLineBytes, `an integer from 1 to ${MAX_LINE_BYTES_CEILING}`);
   }
-  const listTtlMs = entry.listTtlMs;
-  if (listTtlMs !== undefined && !(Number.isInteger(listTtlMs) && (listTtlMs as number) >= 0 && (listTtlMs as number) <= MAX_LIST_TTL_MS)) {
-    problem('listTtlMs', listTtlMs, `an integer from 0 to ${MAX_LIST_TTL_MS} (milliseconds)`);
-  }
+  const listTtlMs = durationField(entry, 'listTtlMs', 0, MAX_LIST_TTL_MS, problem);
+  const idleTimeoutMs = durationField(entry, 'idleTimeoutMs', MIN_IDLE_TIMEOUT_MS, MAX_SERVER_DURATION_MS, problem);
+  const startTimeoutMs = durationField(entry, 'startTimeoutMs', MIN_START_TIMEOUT_MS, MAX_SERVER_DURATION_MS, problem);
   // spawn() throws on a NUL in any of these; it can never start, so it is a config error, not a crash loop.
   const withNul = [['command', command ?? ''], ...args.map((arg, i) => [`args[${i}]`, arg]),
     ...Object.entries(env).map(([key, value]) => [`env.${key}`, value]), ['cwd', cwd ?? '']].find(([, v]) => v.includes('\0'));
@@ -1086,11 +1101,22 @@ function parseServer(name: string, entry: unknown, ctx: ParseContext): ServerCon
   return Object.freeze({
     name, command, args: Object.freeze(args), env: Object.freeze(env), cwd,
     sessions: sessions as ServerConfig['sessions'], roots, clientCapabilities, maxLineBytes: maxLineBytes as number | undefined,
-    listTtlMs: listTtlMs as number | undefined, secrets: Object.freeze(secrets),
+    listTtlMs, idleTimeoutMs, startTimeoutMs, secrets: Object.freeze(secrets),
   });
 }
 
 /** "roots": absolute paths on this host, the only roots a child is ever told about. */
+/** An optional per-server duration in milliseconds, an integer within [min, max]. */
+function durationField(
+  entry: Record<string, unknown>, field: string, min: number, max: number, problem: (f: string, v: unknown, e: string) => void,
+): number | undefined {
+  const value = entry[field];
+  if (value === undefined) return undefined;
+  if (Number.isInteger(value) && (value as number) >= min && (value as number) <= max) return value as number;
+  problem(field, value, `an integer from ${min} to ${max} (milliseconds)`);
+  return undefined;
+}
+
 function parseRoots(value: unknown, problem: (f: string, v: unknown, e: string) => void): readonly string[] | undefined {
   if (value === undefined) return undefined;
   if (!Array.isArray(value)) return problem('roots', value, 'an array of absolute paths'), undefined;
@@ -1707,7 +1733,7 @@ function cancelOnChild(up: Upstream, childId: number, reason: string): void {
 
 /** The proxy's own initialize, declaring only what the proxy can honour for this child (childCapabilities). */
 function sendInitialize(up: Upstream): void {
-  up.initTimer = setTimeout(onInitializeTimeout, up.server.proxy.limits.initTimeoutMs, up);
+  up.initTimer = setTimeout(onInitializeTimeout, startTimeoutOf(up.server), up);
   up.initTimer.unref();
   sendOwnRequest(up, 'initialize', {
     protocolVersion: SUPPORTED_PROTOCOL_VERSIONS[0],
@@ -1735,9 +1761,18 @@ function childCapabilities(up: Upstream): Record<string, unknown> {
   return caps;
 }
 
+function startTimeoutOf(server: ServerRuntime): number {
+  return server.config.startTimeoutMs ?? server.proxy.limits.initTimeoutMs;
+}
+
+/** How long a session of this server may idle (see ServerConfig.idleTimeoutMs). */
+function idleTimeoutOf(server: ServerRuntime): number {
+  return server.config.idleTimeoutMs ?? (server.config.sessions === 'per-session' ? Math.min(PER_SESSION_IDLE_MS, server.proxy.limits.sessionIdleMs) : server.proxy.limits.sessionIdleMs);
+}
+
 function onInitializeTimeout(up: Upstream): void {
   const { proxy, config } = up.server;
-  proxy.log.error(config.name, `did not answer initialize within ${proxy.limits.initTimeoutMs} ms; stopping it`);
+  proxy.log.error(config.name, `did not answer initialize within ${startTimeoutOf(up.server)} ms; stopping it`);
   up.initTimer = null;
   signalGroup(up.proc, 'SIGKILL');
 }
@@ -5462,9 +5497,12 @@ async function removeServer(proxy: Proxy, name: string): Promise<void> {
 function sweep(proxy: Proxy): void {
   const now = Date.now();
   for (const server of proxy.servers.values()) {
+    const idleMs = idleTimeoutOf(server);
     for (const session of [...server.sessions.values()]) {
-      if (now - session.lastActiveMs < proxy.limits.sessionIdleMs) break; // the map is in activity order
-      if (session.transport === 'streamable' && isIdle(session)) endSession(session);
+      if (now - session.lastActiveMs < idleMs) break; // the map is in activity order
+      if (session.transport !== 'streamable' || !isIdle(session)) continue;
+      if (!server.shared) proxy.log.info(server.config.name, `a session idle for ${idleMs} ms ended; its child stops`);
+      endSession(session);
     }
     for (const up of server.upstreams) expireRequests(up, now);
   }
