@@ -1185,7 +1185,7 @@ describe('4. Config: load, validate', () => {
     const ok = parse({ mcpServers: Object.fromEntries(names.map((name) => [name, { command: 'x' }])) });
     assert.deepEqual(ok.errors, []);
     assert.deepEqual(ok.config?.servers.map((s) => s.name), names);
-    for (const name of ['', '!!!', 'ü', ' ', 'c'.repeat(201)]) {
+    for (const name of ['', '!!!', 'ü', ' ', '_', '-_-', 'c'.repeat(201)]) {
       const bad = parse({ mcpServers: { [name]: { command: 'x' } } });
       assert.equal(bad.config, null, `name ${JSON.stringify(name)} refused`);
       assert.equal(bad.errors.length, 1, bad.errors.join('\n'));
@@ -7895,17 +7895,29 @@ describe('10. Lifecycle: start, shutdown', () => {
     const h = await harness(t, { servers: [fixture('MCP SQLite Server'), srv('Broken Thing', ['-e', crash])] }, {
       log: captureLog(lines), limits: { ...FAST, restartMinDelayMs: 20, restartMaxDelayMs: 40, maxUnstableRestarts: 2 },
     });
-    await waitFor(() => h.proxy.status()['mcp-sqlite-server']?.state === 'ready', 10_000, 'the server ready under its segment');
+    await waitFor(() => h.proxy.status()['MCP SQLite Server']?.state === 'ready', 10_000, 'the server ready (status is keyed by name)');
     for (const path of ['/mcp-sqlite-server/mcp', '/MCP-SQLite-Server/mcp']) {
       const init = await post(`${h.url}${path}`, initMsg(), { accept: 'application/json' });
       assert.equal(init.status, 200, `${path}: ${init.text}`);
     }
     assert.equal((await post(`${h.url}/MCP%20SQLite%20Server/mcp`, initMsg(), { accept: 'application/json' })).status, 404);
-    await waitFor(() => h.proxy.status()['broken-thing']?.state === 'errored', 15_000, 'the broken server errored');
+    await waitFor(() => h.proxy.status()['Broken Thing']?.state === 'errored', 15_000, 'the broken server errored');
+    assert.equal((await request(`${h.url}/readyz?server=broken-thing`)).status, 503);
+    assert.deepEqual(JSON.parse((await request(`${h.url}/readyz`)).text).errored, ['Broken Thing']);
     const gaveUp = lines.find((l) => l.startsWith('error [Broken Thing]') && l.includes('gave up'));
     assert.ok(gaveUp, lines.join('\n'));
     assert.match(gaveUp!, /Cannot find module better-sqlite3/);
     assert.doesNotMatch(gaveUp!, /A complete log/);
+  });
+
+  it('when every server has given up, /readyz is 503: the instance serves nothing', { timeout: 30_000 }, async (t) => {
+    const h = await harness(t, { servers: [fixture('c1', 'crash'), fixture('c2', 'crash')] }, {
+      limits: { ...FAST, restartMinDelayMs: 20, restartMaxDelayMs: 80, maxUnstableRestarts: 2 },
+    });
+    await waitFor(() => h.proxy.status().c1!.state === 'errored' && h.proxy.status().c2!.state === 'errored', 15_000, 'both errored');
+    const ready = await request(`${h.url}/readyz`);
+    assert.equal(ready.status, 503, ready.text);
+    assert.deepEqual(JSON.parse(ready.text).errored, ['c1', 'c2']);
   });
 
   it('a server that always crashes becomes errored: its endpoints → 503, others keep working; /readyz stays 200 and names it, /readyz?server=crashy → 503', { timeout: 30_000 }, async (t) => {
@@ -8634,6 +8646,27 @@ describe('12. CLI and main', () => {
       s.child.kill('SIGTERM');
       assert.equal(answerText(await within(slow, 10_000, 'the slow call\'s answer')), 'slow done');
       assert.deepEqual(await within(s.exited, 15_000, 'exit after SIGTERM'), { code: 0, signal: null });
+      await assertAllGone(pids);
+    });
+
+    it('SIGTERM does not wait for a request whose client has left: the drain ends at once and the proxy exits 0', { timeout: 40_000 }, async (t) => {
+      const s = await serve(t, []);
+      const base = `http://127.0.0.1:${s.port}`;
+      await waitFor(async () => (await request(`${base}/readyz`)).status === 200, 10_000, 'ready');
+      const sid = await rawSession(base, 'fix');
+      const body = JSON.stringify(call('left', { what: 'slow', ms: 30_000 }));
+      const req = http.request(`${base}/fix/mcp`, { method: 'POST', headers: { ...sessionHeaders(sid), 'content-type': 'application/json', accept: 'application/json, text/event-stream' } });
+      req.on('error', () => {});
+      req.end(body);
+      await waitFor(() => s.output().includes('slow started'), 5_000, 'the slow call running on the child');
+      req.destroy();
+      const pids = s.childPids();
+      const t0 = Date.now();
+      // The proxy sees the close before the signal: a request on another connection is answered after it.
+      await post(`${base}/fix/mcp`, { jsonrpc: '2.0', id: 'after', method: 'ping' }, sessionHeaders(sid));
+      s.child.kill('SIGTERM');
+      assert.deepEqual(await within(s.exited, 15_000, 'exit after SIGTERM'), { code: 0, signal: null });
+      assert.ok(Date.now() - t0 < 4_500, `the drain waited for a client that left (${Date.now() - t0} ms; the grace is 5 s)`);
       await assertAllGone(pids);
     });
 

@@ -693,7 +693,7 @@ type ModernCall = {
   /** The HTTP request waiting for this call; null while the client holds an input_required answer. */
   exchange: Exchange | null;
   /** The child's requests to the client not answered yet, by key (the child's id as a string). */
-  asked: Map<string, { childId: JsonRpcId; method: string; params: Record<string, unknown> }>;
+  asked: Map<string, { childId: JsonRpcId; method: string; params: Record<string, unknown> }> | null;
   askScheduled: boolean;
   round: number;
   /** Set once the call was answered input_required: its key in proxy.continuations. */
@@ -1058,7 +1058,7 @@ function parseServer(name: string, entry: unknown, ctx: ParseContext): ServerCon
   const at = `${ctx.source}: mcpServers.${/^[A-Za-z0-9._-]+$/.test(name) ? name : JSON.stringify(name)}`;
   const problem = (field: string, value: unknown, expected: string) =>
     ctx.errors.push(`${at}.${field}: got ${typeName(value)}, expected ${expected}`);
-  if (name.length > MAX_SERVER_NAME_CHARS || serverSegment(name) === '') {
+  if (name.length > MAX_SERVER_NAME_CHARS || !/[a-z0-9]/.test(serverSegment(name))) {
     ctx.errors.push(`${at}: invalid server name; it needs a letter or digit (its URL segment is made of them) and at most ${MAX_SERVER_NAME_CHARS} characters`);
     return null;
   }
@@ -2459,7 +2459,7 @@ function failPending(up: Upstream, message: string): void {
     const call = pending.session?.call;
     // A call waiting for its client's retry keeps the reason for it (until it expires): the retry gets it.
     if (call?.continuation && !call.finished && !call.exchange) {
-      call.asked.clear();
+      call.asked = null;
       call.lateAnswer = { jsonrpc: '2.0', id: call.clientId, error: { code: SERVER_EXITED, message } };
     } else if (call) endCall(call);
   }
@@ -2595,7 +2595,7 @@ function routeChildNotification(up: Upstream, msg: JsonRpcMessage, line: string)
     if (!target) return;
     up.serverRequests.delete(params.requestId as JsonRpcId);
     target.session.serverRequests?.delete(target.proxyId);
-    target.session.call?.asked.delete(target.proxyId);
+    target.session.call?.asked?.delete(target.proxyId);
     return deliver(target.session, null, JSON.stringify({ ...msg, params: { ...params, requestId: target.proxyId } }));
   }
   if (up.listeners.size) notifyListeners(up, msg);
@@ -3187,12 +3187,14 @@ function readiness(proxy: Proxy, res: http.ServerResponse, detailed: boolean, qu
   const servers: Record<string, { state: ServerState }> = {};
   const errored: string[] = [];
   let ready = true;
-  for (const [name, server] of proxy.servers) {
+  for (const server of proxy.servers.values()) {
     const state = serverState(server);
-    servers[name] = { state };
-    if (state === 'errored') errored.push(name);
+    servers[server.config.name] = { state };
+    if (state === 'errored') errored.push(server.config.name);
     else if (state !== 'ready') ready = false;
   }
+  // …but an instance whose every server gave up serves nothing: out of the load balancer.
+  if (proxy.servers.size > 0 && errored.length === proxy.servers.size) ready = false;
   sendJson(res, ready ? 200 : 503, JSON.stringify(detailed ? { ready, servers, errored } : { ready }));
 }
 
@@ -3651,18 +3653,20 @@ function startModernCall(up: Upstream, msg: JsonRpcMessage, accepts: Accepts, re
   const call: ModernCall = {
     // Only a call that may be answered input_required needs its params bound into a requestState.
     up, session, credential, method: msg.method!, digest: mayAsk(up, msg.method!) ? paramsDigest(msg.params!) : '', clientId: id, childId: -1,
-    exchange: null, asked: new Map(), askScheduled: false, round: 0, continuation: null, expiry: null, lateAnswer: null, finished: false,
+    // asked is made on the first ask: most calls never ask, and a Map per call shows in the GC's share.
+    exchange: null, asked: null, askScheduled: false, round: 0, continuation: null, expiry: null, lateAnswer: null, finished: false,
     offered: isObject(msg.params!.inputResponses) ? msg.params!.inputResponses : null,
   };
   session.call = call;
   up.modernInflight.set(credential, inflight + 1);
   call.exchange = modernExchange(call, accepts, res, wantsProgress(msg));
   stripModernMeta(msg);
-  const start = () => forwardCall(call, msg);
-  const gone = () => call.finished || !call.exchange || call.exchange.done;
-  const entry = mayAsk(up, call.method) ? enterLane(up, { credential, session: null, clientId: null, exchange: null, start, gone, drop: () => {} }) : 'now';
+  const entry = mayAsk(up, call.method) ? enterLane(up, {
+    credential, session: null, clientId: null, exchange: null, start: () => forwardCall(call, msg),
+    gone: () => call.finished || !call.exchange || call.exchange.done, drop: () => {},
+  }) : 'now';
   if (entry === 'full') return finishCall(call, errorText(id, SERVER_ERROR, 'Too many requests waiting for this server; retry later'));
-  if (entry === 'now') start();
+  if (entry === 'now') forwardCall(call, msg);
 }
 
 /** The exchange one HTTP request of a call is answered through; its close before the answer cancels the call. */
@@ -3757,11 +3761,11 @@ function endCall(call: ModernCall): void {
   call.expiry = null;
   if (call.continuation) up.server.proxy.continuations.delete(call.continuation);
   call.continuation = null;
-  for (const { childId } of call.asked.values()) {
+  for (const { childId } of call.asked?.values() ?? []) {
     if (!up.serverRequests.delete(childId)) continue;
     writeToChild(up, errorText(childId, INTERNAL_ERROR, 'The client request this was for has ended'));
   }
-  call.asked.clear();
+  call.asked = null;
 }
 
 /**
@@ -3860,7 +3864,7 @@ function askClient(call: ModernCall, msg: JsonRpcMessage): void {
     return void writeToChild(up, JSON.stringify({ jsonrpc: '2.0', id, error }));
   }
   const key = String(id);
-  if (call.asked.has(key) || call.asked.size >= up.server.proxy.limits.maxServerRequestsPerChild) {
+  if (call.asked?.has(key) || (call.asked?.size ?? 0) >= up.server.proxy.limits.maxServerRequestsPerChild) {
     return void writeToChild(up, errorText(id, INVALID_REQUEST, 'Duplicate or too many input requests'));
   }
   // Answers offered up front are used once each, and only when they are results (objects).
@@ -3871,7 +3875,7 @@ function askClient(call: ModernCall, msg: JsonRpcMessage): void {
   }
   const params = { ...msg.params };
   delete params.elicitationId; // removed in 2026-07-28 (URL mode carries no id)
-  call.asked.set(key, { childId: id, method, params });
+  (call.asked ??= new Map()).set(key, { childId: id, method, params });
   up.serverRequests.set(id, { session: call.session, proxyId: key });
   scheduleRound(call);
 }
@@ -3892,12 +3896,12 @@ function scheduleRound(call: ModernCall): void {
 function sendRound(call: ModernCall): void {
   call.askScheduled = false;
   const exchange = call.exchange;
-  if (call.finished || call.asked.size === 0) return;
+  if (call.finished || !call.asked?.size) return;
   // Asked between rounds (the client holds the last one): it goes out with the next round, after the retry.
   if (!exchange) return;
   if (exchange.done) return cancelCall(call, 'client gone');
   const proxy = call.up.server.proxy;
-  const inputRequests = Object.fromEntries([...call.asked].map(([key, { method, params }]) => [key, { method, params }]));
+  const inputRequests = Object.fromEntries([...call.asked!].map(([key, { method, params }]) => [key, { method, params }]));
   call.round++;
   if (!call.continuation) {
     call.continuation = randomBytes(16).toString('base64url');
@@ -3956,14 +3960,14 @@ function resumeCall(up: Upstream, msg: JsonRpcMessage, accepts: Accepts, res: ht
   if (call.expiry) clearTimeout(call.expiry);
   call.expiry = null;
   if (call.lateAnswer) return onCallAnswer(call, call.lateAnswer);
-  for (const [key, { childId }] of [...call.asked]) {
+  for (const [key, { childId }] of [...call.asked ?? []]) {
     const response = responses && Object.hasOwn(responses, key) ? responses[key] : undefined;
     if (!isObject(response)) continue;
-    call.asked.delete(key);
+    call.asked!.delete(key);
     up.serverRequests.delete(childId);
     writeToChild(up, resultText(childId, response));
   }
-  if (call.asked.size) scheduleRound(call);
+  if (call.asked?.size) scheduleRound(call);
 }
 
 type StatePayload = { c: string; r: number; p: string; m: string; d: string; e: number };
@@ -5534,7 +5538,8 @@ async function waitReady(proxy: Proxy, timeoutMs: number): Promise<void> {
 
 function statusOf(proxy: Proxy): Record<string, ServerStatus> {
   const out: Record<string, ServerStatus> = {};
-  for (const [name, server] of proxy.servers) {
+  for (const server of proxy.servers.values()) {
+    const name = server.config.name;
     const ups = [...server.upstreams];
     const pids = ups.flatMap((up) => (up.proc?.pid ? [up.proc.pid] : []));
     out[name] = {
@@ -5548,13 +5553,21 @@ function statusOf(proxy: Proxy): Record<string, ServerStatus> {
   return out;
 }
 
-/** Client requests a child is working on whose client still waits (calls held for a retry do not count). */
+/**
+ * Client requests a child is working on whose client still waits. Not counted: calls held for a retry, those
+ * whose client left, and those waiting for their client's answer to the child's own request (new requests,
+ * that answer included, are refused while shutting down, so they cannot finish).
+ */
 function requestsInFlight(proxy: Proxy): number {
   let count = 0;
   for (const server of proxy.servers.values()) {
     for (const up of server.upstreams) {
-      for (const pending of up.pending.values()) if (pending.session && (!pending.session.call || pending.session.call.exchange)) count++;
-      count += up.laneQueue.length;
+      for (const pending of up.pending.values()) {
+        const session = pending.session;
+        if (!session || session.closed || pending.exchange?.done || session.serverRequests?.size) continue;
+        if (session.call ? session.call.exchange : true) count++;
+      }
+      for (const entry of up.laneQueue) if (!entry.gone()) count++;
     }
   }
   return count;
