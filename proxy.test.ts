@@ -371,6 +371,9 @@ function onMessage(msg) {
       if (process.env.FIXTURE_LOG) fs.appendFileSync(process.env.FIXTURE_LOG, 'hang ' + JSON.stringify(msg.id) + '\n');
       return;
     case 'seen': return text(msg.id, JSON.stringify(seen));
+    case 'raw':
+      // Writes a.text as its answer line, with every $ID replaced by this call's id (layouts, duplicates).
+      return void process.stdout.write(a.text.split('$ID').join(JSON.stringify(msg.id)) + '\n');
     case 'slow':
       // Answered a.ms later; says on stderr that it started (the proxy logs child stderr at info).
       process.stderr.write('slow started\n');
@@ -5122,6 +5125,34 @@ function onMessage(msg) {
   }
 }
 `;
+
+  it('results are stamped by splicing the child\'s line when that is exact, and re-serialised otherwise: both serialiser layouts, an empty result, a result with its own _meta, duplicate result members, a large non-ASCII line', { timeout: 20_000 }, async (t) => {
+    const h = await harness(t, { servers: [fixture('fix')] }, { limits: FAST });
+    await h.proxy.ready(10_000);
+    const url = `${h.url}/fix/mcp`;
+    const big = 'é'.repeat(20_000);
+    const cases: [string, Json][] = [
+      ['{"jsonrpc":"2.0","id":$ID,"result":{"content":[{"type":"text","text":"a"}]}}', { content: [{ type: 'text', text: 'a' }] }],
+      ['{"result":{"content":[{"type":"text","text":"b"}]},"jsonrpc":"2.0","id":$ID}', { content: [{ type: 'text', text: 'b' }] }],
+      ['{"jsonrpc":"2.0","id":$ID,"result":{}}', {}],
+      ['{"result":{},"jsonrpc":"2.0","id":$ID}', {}],
+      ['{"jsonrpc":"2.0","id":$ID,"result":{"content":[],"_meta":{"mine":1}}}', { content: [], _meta: { mine: 1 } }],
+      ['{"jsonrpc":"2.0","id":$ID,"result":{"x":1},"result":{"y":2}}', { y: 2 }],
+      ['{"jsonrpc":"2.0","id":$ID,"result":{"nested":{"result":{"r":1}}}}', { nested: { result: { r: 1 } } }],
+      [`{"result":{"content":[{"type":"text","text":"${big}"}]},"jsonrpc":"2.0","id":$ID}`, { content: [{ type: 'text', text: big }] }],
+    ];
+    for (const [i, [line, expected]] of cases.entries()) {
+      const res = await modernPost(url, `req-${i}`, 'tools/call', { name: 'do', arguments: { what: 'raw', text: line } });
+      const msg = onlyMessage(res);
+      assert.equal(msg.id, `req-${i}`, `${i}: ${res.text.slice(0, 200)}`);
+      const { resultType, _meta, ...rest } = msg.result;
+      assert.equal(resultType, 'complete', `${i}`);
+      assert.deepEqual(_meta?.['io.modelcontextprotocol/serverInfo'], { name: 'fixture', version: '1.0.0' }, `${i}`);
+      const { _meta: expectedMeta, ...expectedRest } = expected as Record<string, Json>;
+      assert.deepEqual(rest, expectedRest, `${i}`);
+      if (expectedMeta) assert.equal(_meta.mine, 1, `${i}: the child's own _meta is kept`);
+    }
+  });
 
   describe('the hostile review of this path, finding by finding (fixed in dcc846c)', () => {
     it('with maxLaneQueue 4 (below the per-credential share): requests whose clients left do not fill the queue, another credential\'s request is queued', { timeout: 30_000 }, async (t) => {

@@ -618,7 +618,7 @@ type Pending = {
   /** URI of a resources/subscribe or unsubscribe, so the reference count follows the answer. */
   uri: string | undefined;
   sentAtMs: number;
-  onAnswer: ((msg: JsonRpcMessage) => void) | null;
+  onAnswer: ((msg: JsonRpcMessage, line: string, raw: Buffer | null) => void) | null;
 };
 
 /** One Streamable HTTP POST that carried requests, waiting for their answers. */
@@ -1668,7 +1668,7 @@ function failAnswer(up: Upstream, id: number | undefined, code: number, message:
   const pending = id === undefined ? undefined : up.pending.get(id);
   if (!pending) return;
   settlePending(up, id!);
-  if (pending.onAnswer) return pending.onAnswer({ jsonrpc: '2.0', id: id!, error: { code, message } });
+  if (pending.onAnswer) return pending.onAnswer({ jsonrpc: '2.0', id: id!, error: { code, message } }, '', null);
   answerPending(pending, errorText(pending.clientId, code, message));
 }
 
@@ -2424,7 +2424,7 @@ function routeChildResponse(up: Upstream, msg: JsonRpcMessage, line: string, raw
     return;
   }
   settlePending(up, msg.id as number);
-  if (pending.onAnswer) return pending.onAnswer(msg);
+  if (pending.onAnswer) return pending.onAnswer(msg, line, raw);
   if (msg.error !== undefined && pending.method === 'resources/subscribe' && pending.session && pending.uri !== undefined) {
     dropSubscription(pending.session, pending.uri); // roll back the reference taken optimistically
   }
@@ -3624,6 +3624,38 @@ function modernAnswer(up: Upstream, msg: JsonRpcMessage, method: string, id: Jso
   return { text: resultText(id, result), status: 200 };
 }
 
+/**
+ * The same stamp as modernAnswer, spliced into the child's line instead of re-serialising its result (a
+ * 100 KB result costs a JSON.stringify otherwise). Only for the two layouts serialisers write, and only when
+ * the splice is exact: the answer has just jsonrpc, id and result; the result is an object without the
+ * fields the stamp adds; the line names no second "id" (hasOneIdMember) and no second "result" (a parser
+ * would take the last). Anything else is null, and modernAnswer re-serialises.
+ */
+function stampedLine(up: Upstream, msg: JsonRpcMessage, line: string, raw: Buffer | null, method: string, id: JsonRpcId): Outgoing | null {
+  const result = msg.result;
+  if (!isObject(result) || 'resultType' in result || '_meta' in result || 'ttlMs' in result || 'cacheScope' in result) return null;
+  if (Object.keys(msg).length !== 3 || typeof msg.id !== 'number') return null;
+  const childId = String(msg.id);
+  const first = `{"jsonrpc":"2.0","id":${childId},"result":{`; // …result's members…}}
+  const last = `},"jsonrpc":"2.0","id":${childId}}`; // {"result":{…result's members…
+  let from: number;
+  let to: number;
+  if (line.startsWith(first) && line.endsWith('}}')) [from, to] = [first.length, line.length - 2];
+  else if (line.startsWith('{"result":{') && line.endsWith(last)) [from, to] = ['{"result":{'.length, line.length - last.length];
+  else return null;
+  if (line.indexOf('"result":', from) !== -1 || !hasOneIdMember(line, raw)) return null;
+  const cache = cacheFields(up, method);
+  const head = `{"jsonrpc":"2.0","id":${JSON.stringify(id)},"result":{"resultType":"complete",` +
+    ('ttlMs' in cache ? `"ttlMs":${cache.ttlMs},"cacheScope":"${cache.cacheScope}",` : '') +
+    `"_meta":{${JSON.stringify(META_SERVER_INFO)}:${JSON.stringify(serverInfoOf(up))}}${to > from ? ',' : ''}`;
+  // A large line goes out as the child's own bytes: the prefix and suffix cut off are ASCII, so their lengths
+  // in characters are their lengths in bytes.
+  if (raw && raw.length >= RAW_PASSTHROUGH_MIN_BYTES) {
+    return [Buffer.from(head), raw.subarray(from, raw.length - (line.length - to)), Buffer.from('}}')];
+  }
+  return head + line.slice(from, to) + '}}';
+}
+
 /** HTTP status of a modern error (basic/index §Error Codes; transports: unknown method is 404). */
 function modernStatus(code: unknown): number {
   if (code === METHOD_NOT_FOUND) return 404;
@@ -3694,7 +3726,7 @@ function forwardCall(call: ModernCall, msg: JsonRpcMessage): void {
   const clientToken = isObject(meta) && (typeof meta.progressToken === 'string' || typeof meta.progressToken === 'number') ? meta.progressToken : undefined;
   up.pending.set(childId, {
     session, clientId: call.clientId, clientToken, exchange: call.exchange, method: call.method, uri: undefined,
-    sentAtMs: Date.now(), onAnswer: (answer) => onCallAnswer(call, answer),
+    sentAtMs: Date.now(), onAnswer: (answer, line, raw) => onCallAnswer(call, answer, line, raw),
   });
   session.inflight++;
   if (mayAsk(up, call.method)) up.laneHolder = childId;
@@ -3724,17 +3756,19 @@ function stripModernMeta(msg: JsonRpcMessage): void {
  * input_required and has not retried yet), it is kept for the retry, and answered under the retry's id: the
  * child may answer without the input.
  */
-function onCallAnswer(call: ModernCall, msg: JsonRpcMessage): void {
+function onCallAnswer(call: ModernCall, msg: JsonRpcMessage, line = '', raw: Buffer | null = null): void {
   if (!call.exchange && call.continuation && !call.finished) return void (call.lateAnswer = msg);
+  const spliced = line ? stampedLine(call.up, msg, line, raw, call.method, call.clientId) : null;
+  if (spliced) return finishCall(call, spliced);
   const { text, status } = modernAnswer(call.up, msg, call.method, call.clientId);
   finishCall(call, text, status);
 }
 
-function finishCall(call: ModernCall, text: string, status = 200): void {
+function finishCall(call: ModernCall, text: Outgoing, status = 200): void {
   const exchange = call.exchange;
   if (!exchange || exchange.done) return endCall(call);
   endCall(call);
-  if (exchange.sse || status === 200) return answerExchange(exchange, text);
+  if (exchange.sse || status === 200 || typeof text !== 'string') return answerExchange(exchange, text);
   exchange.done = true;
   if (!exchange.res.destroyed) sendJson(exchange.res, status, text);
 }
