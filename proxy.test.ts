@@ -258,6 +258,24 @@ function srv(name: string, args: string[], extra: Partial<ServerConfig> & Record
 }
 const everything = (name = 'everything'): ServerConfig => srv(name, [EVERYTHING, 'stdio']);
 
+/**
+ * Source shared by the fixture servers below: stdin read as JSON lines, each message (a batch is split, what
+ * is not an object skipped) handed to the fixture's onMessage(msg). Each fixture says what end of input does.
+ */
+const STDIN_LINES = String.raw`let buf = '';
+process.stdin.setEncoding('utf8');
+process.stdin.on('data', (chunk) => {
+  buf += chunk;
+  let i;
+  while ((i = buf.indexOf('\n')) >= 0) {
+    const line = buf.slice(0, i);
+    buf = buf.slice(i + 1);
+    let msg;
+    try { msg = JSON.parse(line); } catch { continue; }
+    for (const m of Array.isArray(msg) ? msg : [msg]) if (m && typeof m === 'object') onMessage(m);
+  }
+});`;
+
 // A minimal stdio MCP server. argv[1] picks a start-up mode; tools/call {what} picks a behaviour.
 const FIXTURE = String.raw`
 'use strict';
@@ -841,20 +859,7 @@ const text = (id, t) => reply(id, { content: [{ type: 'text', text: String(t) }]
 const hung = [];
 const asks = new Map();
 let askSeq = 0;
-let buf = '';
-process.stdin.setEncoding('utf8');
-process.stdin.on('data', (chunk) => {
-  buf += chunk;
-  let i;
-  while ((i = buf.indexOf('\n')) >= 0) {
-    const line = buf.slice(0, i);
-    buf = buf.slice(i + 1);
-    if (!line.trim()) continue;
-    let msg;
-    try { msg = JSON.parse(line); } catch { continue; }
-    for (const m of Array.isArray(msg) ? msg : [msg]) onMessage(m);
-  }
-});
+${STDIN_LINES}
 process.stdin.on('end', () => { if (mode === 'ok') process.exit(0); });
 function onMessage(msg) {
   if (msg.method === 'initialize') {
@@ -4538,22 +4543,6 @@ describe('8b. MCP 2026-07-28: subscriptions/listen and input requests', () => {
   // A stdio server for listen tests. FIXTURE_CAPS: the capabilities it declares. FIXTURE_LOG gets "subscribe URI",
   // "unsubscribe URI" and "call ID" lines. tools/call {what:'notify', notes:[{method, params}]} writes those
   // notifications, then answers; {what:'echo', text} answers text.
-  /** Shared by the fixtures below: JSON lines from stdin to onMessage(msg); exit at end of input. */
-  const STDIN_LINES = String.raw`let buf = '';
-process.stdin.setEncoding('utf8');
-process.stdin.on('data', (chunk) => {
-  buf += chunk;
-  let i;
-  while ((i = buf.indexOf('\n')) >= 0) {
-    const line = buf.slice(0, i);
-    buf = buf.slice(i + 1);
-    if (!line.trim()) continue;
-    let msg;
-    try { msg = JSON.parse(line); } catch { continue; }
-    onMessage(msg);
-  }
-});
-process.stdin.on('end', () => process.exit(0));`;
   const LISTEN_FIXTURE = String.raw`
 'use strict';
 const fs = require('node:fs');
@@ -4562,6 +4551,7 @@ const logLine = (s) => { if (process.env.FIXTURE_LOG) fs.appendFileSync(process.
 const send = (m) => process.stdout.write(JSON.stringify(m) + '\n');
 const reply = (id, result) => send({ jsonrpc: '2.0', id, result });
 ${STDIN_LINES}
+process.stdin.on('end', () => process.exit(0));
 function onMessage(msg) {
   if (msg.id === undefined || msg.method === undefined) return;
   if (msg.method === 'initialize') return reply(msg.id, { protocolVersion: msg.params.protocolVersion, capabilities: caps, serverInfo: { name: 'listen-fixture', version: '1.0.0' } });
@@ -5057,6 +5047,7 @@ function ask(call, method, params, id) {
   return { jsonrpc: '2.0', id, method, params };
 }
 ${STDIN_LINES}
+process.stdin.on('end', () => process.exit(0));
 process.on('SIGUSR2', () => { clearInterval(keepAlive); process.stdin.resume(); });
 function onMessage(msg) {
   const p = msg.params || {};
@@ -9128,19 +9119,7 @@ describe('Properties: message parsing and id/progress-token rewriting (fast-chec
   const ECHO = String.raw`
 'use strict';
 const send = (m) => process.stdout.write(JSON.stringify(m) + '\n');
-let buf = '';
-process.stdin.setEncoding('utf8');
-process.stdin.on('data', (chunk) => {
-  buf += chunk;
-  let i;
-  while ((i = buf.indexOf('\n')) >= 0) {
-    const line = buf.slice(0, i);
-    buf = buf.slice(i + 1);
-    let msg;
-    try { msg = JSON.parse(line); } catch { continue; }
-    for (const m of Array.isArray(msg) ? msg : [msg]) if (m && typeof m === 'object') onMessage(m);
-  }
-});
+${STDIN_LINES}
 process.stdin.on('end', () => process.exit(0));
 function onMessage(msg) {
   if (msg.id === undefined || typeof msg.method !== 'string') return;

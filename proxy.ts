@@ -2258,6 +2258,18 @@ function forwardRequest(session: Session, msg: JsonRpcMessage, exchange: Exchang
     if (!takeSubscription(session, uri)) return reply(resultText(id, {}));
   }
   if (msg.method === 'resources/unsubscribe' && uri !== undefined && !dropSubscription(session, uri)) return reply(resultText(id, {}));
+  if (sendRequest(session, msg, exchange, uri, null) === null) reply(errorText(id, SERVER_ERROR, NOT_ACCEPTING_INPUT));
+}
+
+const NOT_ACCEPTING_INPUT = 'MCP server is not accepting input; try again later';
+
+/**
+ * Sends a client request to the session's child under a fresh id, with a Pending entry that routes its
+ * answer and progress back (and takes the lane if the request may ask). Returns the child id, or null when
+ * the child's input is full (nothing is left pending). Shared by sessions and 2026-07-28 calls.
+ */
+function sendRequest(session: Session, msg: JsonRpcMessage, exchange: Exchange | null, uri: string | undefined, onAnswer: Pending['onAnswer']): number | null {
+  const up = session.upstream;
   // One counter per child, never reset (it survives restarts), so a child id is never reused while an answer
   // to it could still arrive. Clients all count from 0 (SDK), so their ids collide; ours cannot.
   const childId = up.nextId++;
@@ -2267,17 +2279,16 @@ function forwardRequest(session: Session, msg: JsonRpcMessage, exchange: Exchang
   const clientToken = isObject(meta) && (typeof meta.progressToken === 'string' || typeof meta.progressToken === 'number')
     ? meta.progressToken : undefined;
   up.pending.set(childId, {
-    session, clientId: id, clientToken, exchange, method: msg.method!, uri, sentAtMs: Date.now(), onAnswer: null,
+    session, clientId: msg.id as JsonRpcId, clientToken, exchange, method: msg.method!, uri, sentAtMs: Date.now(), onAnswer,
   });
   session.inflight++;
   if (mayAsk(up, msg.method!)) up.laneHolder = childId;
   // Rewrite in place: the parsed message is ours and is not used again after this.
   msg.id = childId;
   if (clientToken !== undefined) (meta as Record<string, unknown>).progressToken = childId;
-  if (!writeToChild(up, JSON.stringify(msg))) {
-    settlePending(up, childId);
-    reply(errorText(id, SERVER_ERROR, 'MCP server is not accepting input; try again later'));
-  }
+  if (writeToChild(up, JSON.stringify(msg))) return childId;
+  settlePending(up, childId);
+  return null;
 }
 
 /** A legacy request let into the lane (its client is still there): unless its session ended meanwhile. */
@@ -2349,9 +2360,13 @@ function subscriptionRefusal(session: Session, uri: string): string | null {
 function takeSubscription(session: Session, uri: string): boolean {
   if (session.subscriptions?.has(uri)) return false;
   (session.subscriptions ??= new Set()).add(uri);
-  const subs = session.upstream.subscriptions;
-  const count = subs.get(uri) ?? 0;
-  subs.set(uri, count + 1);
+  return holdUri(session.upstream, uri);
+}
+
+/** One more reference to a subscribed URI on the child; true for the first (the caller subscribes the child). */
+function holdUri(up: Upstream, uri: string): boolean {
+  const count = up.subscriptions.get(uri) ?? 0;
+  up.subscriptions.set(uri, count + 1);
   return count === 0;
 }
 
@@ -3720,22 +3735,9 @@ function forwardCall(call: ModernCall, msg: JsonRpcMessage): void {
   if (call.finished) return;
   if (!call.exchange || call.exchange.done) return endCall(call);
   if (up.state !== 'ready') return finishCall(call, errorText(call.clientId, SERVER_ERROR, `MCP server is ${up.state}; try again later`));
-  const childId = up.nextId++;
+  const childId = sendRequest(session, msg, call.exchange, undefined, (answer, line, raw) => onCallAnswer(call, answer, line, raw));
+  if (childId === null) return finishCall(call, errorText(call.clientId, SERVER_ERROR, NOT_ACCEPTING_INPUT));
   call.childId = childId;
-  const meta = msg.params?._meta;
-  const clientToken = isObject(meta) && (typeof meta.progressToken === 'string' || typeof meta.progressToken === 'number') ? meta.progressToken : undefined;
-  up.pending.set(childId, {
-    session, clientId: call.clientId, clientToken, exchange: call.exchange, method: call.method, uri: undefined,
-    sentAtMs: Date.now(), onAnswer: (answer, line, raw) => onCallAnswer(call, answer, line, raw),
-  });
-  session.inflight++;
-  if (mayAsk(up, call.method)) up.laneHolder = childId;
-  msg.id = childId;
-  if (clientToken !== undefined) (meta as Record<string, unknown>).progressToken = childId;
-  if (!writeToChild(up, JSON.stringify(msg))) {
-    settlePending(up, childId);
-    finishCall(call, errorText(call.clientId, SERVER_ERROR, 'MCP server is not accepting input; try again later'));
-  }
 }
 
 /** The 2026 `_meta` keys are for the proxy; the child speaks 2025 and would not know them. */
@@ -4110,11 +4112,7 @@ function openListener(up: Upstream, msg: JsonRpcMessage, accepts: Accepts, res: 
   const listener: Listener = { up, credential, id, honoured, uris: new Set(subscribed), stream: null! };
   listener.stream = openStream(up.server.proxy, res, {}, () => dropListener(listener));
   up.listeners.add(listener);
-  for (const uri of listener.uris) {
-    const count = up.subscriptions.get(uri) ?? 0;
-    up.subscriptions.set(uri, count + 1);
-    if (count === 0) sendOwnRequest(up, 'resources/subscribe', { uri });
-  }
+  for (const uri of listener.uris) if (holdUri(up, uri)) sendOwnRequest(up, 'resources/subscribe', { uri });
   writeEvent(listener.stream, JSON.stringify({
     jsonrpc: '2.0', method: 'notifications/subscriptions/acknowledged',
     params: { notifications: honoured, _meta: { [META_SUBSCRIPTION_ID]: id } },
@@ -5617,8 +5615,9 @@ function closeProxy(proxy: Proxy, drain: boolean): Promise<void> {
   proxy.closed = (async () => {
     const httpClosed = new Promise<void>((resolve) => proxy.http.close(() => resolve()));
     // New requests get 503 from here on; those in flight may finish (the sweep and keep-alives run meanwhile).
-    if (drain && requestsInFlight(proxy) > 0) {
-      proxy.log.info('proxy', `waiting up to ${proxy.limits.drainGraceMs} ms for ${requestsInFlight(proxy)} requests in flight`);
+    const inFlight = drain ? requestsInFlight(proxy) : 0;
+    if (inFlight > 0) {
+      proxy.log.info('proxy', `waiting up to ${proxy.limits.drainGraceMs} ms for ${inFlight} requests in flight`);
       await waitUntil(() => requestsInFlight(proxy) === 0, proxy.limits.drainGraceMs);
     }
     for (const timer of proxy.timers) clearInterval(timer);
