@@ -43,6 +43,7 @@ import {
   SUPPORTED_PROTOCOL_VERSIONS,
   createIdScanner,
   createLineFramer,
+  diffConfigs,
   doctor,
   fetchClientMetadata,
   jsonDepthExceeds,
@@ -1100,9 +1101,66 @@ describe('3. Small utilities', () => {
   });
 });
 
-// ── 4. Config: load, validate ───────────────────────────────────────────────────────────────────────────
+// ── 4. Config: load, validate, diff ─────────────────────────────────────────────────────────────────────
 
-describe('4. Config: load, validate', () => {
+describe('4. Config: load, validate, diff', () => {
+  describe('diffConfigs(), by server name', () => {
+    const base = (name: string, extra: Partial<ServerConfig> = {}) => srv(name, ['a.js'], extra);
+    const names = (list: readonly { name: string }[]) => list.map((s) => s.name).sort();
+
+    it('sorts every server into added, removed, changed (naming the fields), updated in place, unchanged', () => {
+      const before = { servers: [
+        base('same'), base('gone'), base('cmd'), base('args'), base('env', { env: { A: '1', B: '2' } }), base('cwd'),
+        base('mode'), base('roots'), base('caps'), base('line'), base('ttl'), base('idle'), base('start', { startTimeoutMs: 5_000 }),
+      ] };
+      const after = { servers: [
+        base('same'), base('new'), { ...base('cmd'), command: '/usr/bin/other' }, base('args', { args: ['b.js'] }),
+        base('env', { env: { A: '1', B: 'rotated', C: 'x' } }), base('cwd', { cwd: '/tmp' }), base('mode', { sessions: 'per-session' }),
+        base('roots', { roots: ['/data'] }), base('caps', { clientCapabilities: ['sampling'] }), base('line', { maxLineBytes: 1_000 }),
+        base('ttl', { listTtlMs: 0 }), base('idle', { idleTimeoutMs: 60_000 }), base('start', { startTimeoutMs: 90_000 }),
+      ] };
+      const diff = diffConfigs(before, after);
+      assert.deepEqual(names(diff.added), ['new']);
+      assert.deepEqual(names(diff.removed), ['gone']);
+      assert.deepEqual(names(diff.unchanged), ['same']);
+      assert.deepEqual(names(diff.updated), ['idle', 'start', 'ttl']);
+      assert.deepEqual(Object.fromEntries(diff.changed.map((c) => [c.config.name, c.fields])), {
+        cmd: ['command'], args: ['args'], env: ['env.B', 'env.C'], cwd: ['cwd'], mode: ['sessions'], roots: ['roots'],
+        caps: ['clientCapabilities'], line: ['maxLineBytes'],
+      });
+      // The new config's objects are what the diff hands back (the running server takes them).
+      assert.equal(diff.changed.find((c) => c.config.name === 'env')!.config, after.servers[4]);
+    });
+
+    it('names changed variables, never their values; a rotated ${file:} secret is an env change of its server only', () => {
+      const dir = tmpDir('diff');
+      const secret = path.join(dir, 'token');
+      const text = JSON.stringify({ mcpServers: {
+        uses: { command: 'x', env: { TOKEN: `\${file:${secret}}` } }, other: { command: 'y', env: { PLAIN: 'p' } },
+      } });
+      fs.writeFileSync(secret, 'old-secret-value-1234\n');
+      const before = parseConfig(text, 'c.json');
+      assert.deepEqual(before.config!.servers[0]!.secretFiles, [secret]);
+      fs.writeFileSync(secret, 'new-secret-value-5678\n');
+      const diff = diffConfigs(before.config!, parseConfig(text, 'c.json').config!);
+      assert.deepEqual(diff.changed.map((c) => [c.config.name, c.fields]), [['uses', ['env.TOKEN']]]);
+      assert.deepEqual(names(diff.unchanged), ['other']);
+      assert.doesNotMatch(JSON.stringify(diff.changed.map((c) => c.fields)), /secret-value/);
+    });
+
+    it('argument order and array contents count; object key order does not; equal configs give an empty diff', () => {
+      const a = { servers: [base('s', { args: ['1', '2'], env: { X: '1', Y: '2' }, clientCapabilities: ['sampling', 'elicitation'] })] };
+      const sameButReordered = { servers: [base('s', { args: ['1', '2'], env: { Y: '2', X: '1' }, clientCapabilities: ['sampling', 'elicitation'] })] };
+      const swapped = { servers: [base('s', { args: ['2', '1'], env: { X: '1', Y: '2' }, clientCapabilities: ['sampling', 'elicitation'] })] };
+      assert.deepEqual(diffConfigs(a, sameButReordered), { added: [], removed: [], changed: [], updated: [], unchanged: [sameButReordered.servers[0]] });
+      assert.deepEqual(diffConfigs(a, swapped).changed.map((c) => c.fields), [['args']]);
+      assert.deepEqual(diffConfigs(a, { servers: [] }).removed, a.servers);
+      // A renamed server (even only its case) is a removal and an addition: names are the config's keys.
+      const renamed = diffConfigs(a, { servers: [base('S', { args: ['1', '2'] })] });
+      assert.deepEqual([names(renamed.removed), names(renamed.added)], [['s'], ['S']]);
+    });
+  });
+
   const parse = (obj: unknown, env: Record<string, string | undefined> = {}, readFile?: (p: string) => string) =>
     parseConfig(typeof obj === 'string' ? obj : JSON.stringify(obj), 'config.json', env, readFile);
   const byName = (servers: readonly ServerConfig[], name: string) => {
@@ -7826,7 +7884,167 @@ describe('9. OAuth: metadata, registration, consent, tokens', () => {
 
 // ── 10. Lifecycle: start, shutdown ───────────────────────────────────────────────────────────────────────
 
-describe('10. Lifecycle: start, shutdown', () => {
+describe('10. Lifecycle: start, reload, shutdown', () => {
+  describe('reload: the config file watched by hand, only the difference applied', () => {
+    /** A config entry for the fixture (FIXTURE_LOG set: the test sees what reached it). */
+    const fx = (env: Record<string, string> = {}) => ({ command: NODE, args: ['-e', FIXTURE, 'ok'], env });
+    const memory = { command: NODE, args: [MEMORY] };
+    const json = (servers: Record<string, unknown>) => JSON.stringify({ mcpServers: servers }, null, 2);
+    const sessionOf = (client: Client) => (client.transport as StreamableHTTPClientTransport).sessionId;
+    const pidCall = async (client: Client) => Number(textOf(await client.callTool({ name: 'x', arguments: { what: 'pid' } })));
+
+    async function watched(t: TestContext, file: string, lines: string[], limits: Partial<Limits> = FAST) {
+      const loaded = loadConfigFile(file);
+      assert.ok(loaded.config, loaded.errors.join('\n'));
+      const h = await harness(t, loaded.config, { configPath: file, watchConfig: true, log: captureLog(lines), limits });
+      await h.proxy.ready(15_000);
+      return h;
+    }
+
+    it('a rewritten file: an added server answers, a removed one\'s clients get a clear error, a changed one restarts, an unchanged one keeps its session and child', { timeout: 60_000 }, async (t) => {
+      const dir = tmpDir('reload');
+      const file = path.join(dir, 'config.json');
+      const hangLog = path.join(dir, 'hangs');
+      fs.writeFileSync(file, json({ keep: memory, gone: fx({ FIXTURE_LOG: hangLog }), change: fx({ LEVEL: '1' }) }));
+      const lines: string[] = [];
+      const h = await watched(t, file, lines);
+      const keep = await h.client('keep', 'mcp');
+      const gone = await h.client('gone', 'mcp');
+      const changeSse = await h.client('change', 'sse');
+      const before = h.proxy.status();
+      const keepSession = sessionOf(keep);
+      const oldChangePid = await pidCall(changeSse);
+      // A call in flight on the server about to be removed.
+      const inFlight = gone.callTool({ name: 'x', arguments: { what: 'hang' } }).then(() => 'answered', (err: Error) => err.message);
+      await waitFor(() => fileLines(hangLog).some((l) => l.startsWith('hang ')), 5_000, 'the call to reach the child');
+
+      fs.writeFileSync(file, json({ keep: memory, change: fx({ LEVEL: '2' }), added: fx() }));
+      await waitFor(() => h.proxy.status().added?.state === 'ready', 10_000, 'the added server to be ready');
+      await waitFor(() => !h.proxy.status().gone, 5_000, 'the removed server to be gone');
+      assert.match(await within(inFlight, 5_000, 'the in-flight call'), /removed from the proxy config/);
+      // Its client's next request: 404, saying why.
+      await assert.rejects(gone.listTools(), /removed from the proxy config/);
+      const raw = await post(`${h.url}/gone/mcp`, { jsonrpc: '2.0', id: 1, method: 'ping' });
+      assert.equal(raw.status, 404);
+      assert.match(JSON.parse(raw.text).error.message, /removed from the proxy config/);
+
+      // Unchanged: same child, same session, no reconnect.
+      assert.equal(h.proxy.status().keep!.pid, before.keep!.pid);
+      assert.ok((await keep.listTools()).tools.length > 0);
+      assert.equal(sessionOf(keep), keepSession);
+      // Changed: a new child with the new environment; the old session is over.
+      await waitFor(() => h.proxy.status().change?.state === 'ready' && h.proxy.status().change!.pid !== before.change!.pid, 10_000, 'change restarted');
+      await assert.rejects(pidCall(changeSse));
+      const changed = await h.client('change', 'mcp');
+      assert.notEqual(await pidCall(changed), oldChangePid);
+      assert.equal(JSON.parse(textOf(await changed.callTool({ name: 'x', arguments: { what: 'env' } }))).LEVEL, '2');
+      const added = await h.client('added', 'mcp');
+      assert.equal(textOf(await added.callTool({ name: 'x', arguments: { what: 'echo', text: 'hi' } })), 'hi');
+
+      const reloaded = lines.filter((l) => l.includes('reloaded'));
+      assert.deepEqual(reloaded, [`info [config] reloaded ${file}: started "added"; stopped "gone"; restarted "change" (env.LEVEL changed); 1 unchanged`]);
+      assert.ok(lines.some((l) => /^info \[added\] serving at http:\/\/127\.0\.0\.1:\d+\/added\/mcp /.test(l)), lines.join('\n'));
+      // Each stop is logged at info with its reason.
+      assert.ok(lines.some((l) => /^info \[gone\] pid \d+ stopped \(removed from the config\)$/.test(l)), lines.join('\n'));
+      assert.ok(lines.some((l) => /^info \[change\] pid \d+ stopped \(its config changed\)$/.test(l)), lines.join('\n'));
+      assert.ok(!pidAlive(before.gone!.pid!) && !pidAlive(before.change!.pid!), 'the old children are gone');
+    });
+
+    it('a rename-replace save and a Kubernetes-style ..data symlink swap are both seen; an invalid edit changes nothing and logs one precise line', { timeout: 60_000 }, async (t) => {
+      const dir = tmpDir('reload-k8s');
+      // The layout a ConfigMap volume has: config.json → ..data/config.json, ..data → ..2026_12_02_v1.
+      const version = (n: number, servers: Record<string, unknown>) => {
+        fs.mkdirSync(path.join(dir, `..v${n}`));
+        fs.writeFileSync(path.join(dir, `..v${n}`, 'config.json'), json(servers));
+      };
+      version(1, { a: fx() });
+      fs.symlinkSync('..v1', path.join(dir, '..data'));
+      fs.symlinkSync('..data/config.json', path.join(dir, 'config.json'));
+      const file = path.join(dir, 'config.json');
+      const lines: string[] = [];
+      const h = await watched(t, file, lines);
+      const a = await h.client('a', 'mcp');
+      const aPid = h.proxy.status().a!.pid;
+      const aSession = sessionOf(a);
+
+      // The kubelet's swap: a new version directory, a new link renamed over ..data, the old version removed.
+      version(2, { a: fx(), b: fx() });
+      fs.symlinkSync('..v2', path.join(dir, '..data_tmp'));
+      fs.renameSync(path.join(dir, '..data_tmp'), path.join(dir, '..data'));
+      fs.rmSync(path.join(dir, '..v1'), { recursive: true });
+      await waitFor(() => h.proxy.status().b?.state === 'ready', 10_000, 'b after the symlink swap');
+      const b = await h.client('b', 'mcp');
+      assert.equal(textOf(await b.callTool({ name: 'x', arguments: { what: 'echo', text: 'b' } })), 'b');
+
+      // An editor's save: a temporary file renamed over the config (here over the link itself).
+      const tmp = path.join(dir, '.config.json.swp');
+      fs.writeFileSync(tmp, json({ a: fx(), c: fx() }));
+      fs.renameSync(tmp, file);
+      await waitFor(() => h.proxy.status().c?.state === 'ready' && !h.proxy.status().b, 10_000, 'c added and b removed after the rename');
+
+      // Invalid edits: a field of the wrong type, then broken JSON. Nothing changes; one line each.
+      const countBefore = lines.length;
+      fs.writeFileSync(file, json({ a: { command: NODE, args: 5 }, c: fx(), d: fx() }));
+      const refused = await waitFor(() => lines.slice(countBefore).find((l) => l.includes('reload refused')), 5_000, 'the refusal');
+      assert.equal(refused, `error [config] reload refused, still serving the previous config: ${file}: mcpServers.a.args: got number, expected an array of strings`);
+      fs.writeFileSync(file, '{"mcpServers": {"a": ');
+      await waitFor(() => lines.slice(countBefore).filter((l) => l.includes('reload refused')).length === 2, 5_000, 'the second refusal');
+      assert.match(lines.filter((l) => l.includes('reload refused'))[1]!, /config\.json: not valid JSON( at line 1, column \d+)?$/);
+      assert.deepEqual(Object.keys(h.proxy.status()).sort(), ['a', 'c']);
+      assert.equal(h.proxy.status().a!.pid, aPid);
+      assert.equal(sessionOf(a), aSession);
+      assert.equal(textOf(await a.callTool({ name: 'x', arguments: { what: 'echo', text: 'still' } })), 'still');
+      assert.deepEqual(lines.slice(countBefore).filter((l) => l.startsWith('error')).length, 2, lines.slice(countBefore).join('\n'));
+      // Fixed: applied.
+      fs.writeFileSync(file, json({ a: fx(), c: fx(), d: fx() }));
+      await waitFor(() => h.proxy.status().d?.state === 'ready', 10_000, 'd once the file is valid again');
+      assert.equal(h.proxy.status().a!.pid, aPid);
+    });
+
+    it('a rotated ${file:} secret restarts only the server that reads it; no value reaches the log', { timeout: 60_000 }, async (t) => {
+      const dir = tmpDir('reload-secret');
+      const secrets = tmpDir('reload-secret-dir'); // another directory: it is watched too
+      const secret = path.join(secrets, 'api-key');
+      fs.writeFileSync(secret, 'first-secret-value-0001\n');
+      const file = path.join(dir, 'config.json');
+      fs.writeFileSync(file, json({ uses: fx({ API_KEY: `\${file:${secret}}` }), other: fx() }));
+      const lines: string[] = [];
+      const h = await watched(t, file, lines);
+      const uses = await h.client('uses', 'mcp');
+      const other = await h.client('other', 'mcp');
+      const before = h.proxy.status();
+      assert.equal(JSON.parse(textOf(await uses.callTool({ name: 'x', arguments: { what: 'env' } }))).API_KEY, 'first-secret-value-0001');
+      // Rotated the way Kubernetes and editors do: a new file renamed over the old one.
+      fs.writeFileSync(`${secret}.new`, 'second-secret-value-0002\n');
+      fs.renameSync(`${secret}.new`, secret);
+      await waitFor(() => h.proxy.status().uses?.state === 'ready' && h.proxy.status().uses!.pid !== before.uses!.pid, 10_000, 'uses restarted');
+      const again = await h.client('uses', 'mcp');
+      assert.equal(JSON.parse(textOf(await again.callTool({ name: 'x', arguments: { what: 'env' } }))).API_KEY, 'second-secret-value-0002');
+      assert.equal(h.proxy.status().other!.pid, before.other!.pid);
+      assert.ok((await other.listTools()).tools.length >= 0);
+      assert.ok(lines.some((l) => l.includes('restarted "uses" (env.API_KEY changed)')), lines.join('\n'));
+      assert.ok(!lines.some((l) => /secret-value/.test(l)), 'a secret value reached the log');
+      void uses;
+    });
+
+    it('reload(config) from code: a segment clash throws and changes nothing; settings read as used are updated in place, without a restart', { timeout: 30_000 }, async (t) => {
+      const lines: string[] = [];
+      const h = await harness(t, { servers: [fixture('one')] }, { log: captureLog(lines), limits: FAST });
+      await h.proxy.ready(10_000);
+      const pid = h.proxy.status().one!.pid;
+      await assert.rejects(h.proxy.reload({ servers: [fixture('one'), fixture('Two'), fixture('two')] }), (err: ProxyError) => err.code === 'SEGMENT_CLASH');
+      assert.deepEqual(Object.keys(h.proxy.status()), ['one']);
+      const diff = await h.proxy.reload({ servers: [fixture('one', 'ok', { idleTimeoutMs: 60_000, listTtlMs: 0 })] });
+      assert.deepEqual(diff!.updated.map((s) => s.name), ['one']);
+      assert.equal(h.proxy.status().one!.pid, pid);
+      assert.ok(lines.some((l) => l.includes('updated "one" in place')), lines.join('\n'));
+      // An unchanged config is no reload at all.
+      const same = await h.proxy.reload({ servers: [fixture('one', 'ok', { idleTimeoutMs: 60_000, listTtlMs: 0 })] });
+      assert.deepEqual(same!.unchanged.map((s) => s.name), ['one']);
+      assert.equal(lines.filter((l) => l.includes('reloaded')).length, 1);
+    });
+  });
+
   it('startProxy() listens on an ephemeral port and ready() waits for initialize', { timeout: 20_000 }, async (t) => {
     const h = await harness(t, { servers: [fixture('fix')] }, { limits: FAST });
     assert.ok(h.proxy.port > 0);
@@ -9000,37 +9218,69 @@ describe('12. CLI and main', () => {
       });
     });
 
+    /** dist/proxy.js on a config of `servers` in its own directory, killed (and its children checked gone) after the test. */
+    async function spawnDist(t: TestContext, prefix: string, servers: (pidFile: string) => Record<string, unknown>, args: string[] = []) {
+      const dir = tmpDir(prefix);
+      const pidFile = path.join(dir, 'pids');
+      const cfg = path.join(dir, 'config.json');
+      fs.writeFileSync(cfg, JSON.stringify({ mcpServers: servers(pidFile) }));
+      const port = await freePort();
+      const child: ChildProcess = spawn(NODE, [DIST, '--config', cfg, '--port', String(port), ...args], { cwd: dir, env: cleanEnv(), stdio: ['ignore', 'pipe', 'pipe'] });
+      let out = '';
+      child.stdout!.on('data', (d: Buffer) => (out += d.toString()));
+      child.stderr!.on('data', (d: Buffer) => (out += d.toString()));
+      const exited = new Promise<{ code: number | null; signal: NodeJS.Signals | null }>((resolve) => child.on('exit', (code, sig) => resolve({ code, signal: sig })));
+      const pids = () => fileLines(pidFile).map(Number);
+      onCleanup(t, async () => {
+        if (child.exitCode === null && child.signalCode === null) child.kill('SIGKILL');
+        await exited;
+        await assertAllGone(pids());
+      });
+      await waitFor(() => out.includes('listening on') && pids().length > 0, 10_000, `start-up (${out})`);
+      await waitFor(async () => (await request(`http://127.0.0.1:${port}/readyz`)).status === 200, 10_000, 'ready');
+      return { child, cfg, port, exited, pids, output: () => out };
+    }
+
     // F8. dist/proxy.js died on SIGHUP, SIGQUIT and SIGUSR2 without stopping its children (they lead their own groups).
-    it('F8 dist/proxy.js on SIGHUP, SIGQUIT and SIGUSR2 logs "SIGNAL: shutting down", exits 0 and leaves no child (one that ignores stdin EOF)', { timeout: 30_000 }, async (t) => {
+    // SIGHUP now reloads the config (the next test).
+    it('F8 dist/proxy.js on SIGQUIT and SIGUSR2 logs "SIGNAL: shutting down", exits 0 and leaves no child (one that ignores stdin EOF)', { timeout: 30_000 }, async (t) => {
       const run = async (signal: NodeJS.Signals) => {
-        const dir = tmpDir('f8');
-        const pidFile = path.join(dir, 'pids');
-        const cfg = path.join(dir, 'config.json');
-        fs.writeFileSync(cfg, JSON.stringify({ mcpServers: { fix: { command: NODE, args: ['-e', REVIEW_FIXTURE, 'noeof'], env: { FIXTURE_PIDFILE: pidFile } } } }));
-        const port = await freePort();
-        const child: ChildProcess = spawn(NODE, [DIST, '--config', cfg, '--port', String(port)], { cwd: dir, env: cleanEnv(), stdio: ['ignore', 'pipe', 'pipe'] });
-        let out = '';
-        child.stdout!.on('data', (d: Buffer) => (out += d.toString()));
-        child.stderr!.on('data', (d: Buffer) => (out += d.toString()));
-        const exited = new Promise<{ code: number | null; signal: NodeJS.Signals | null }>((resolve) => child.on('exit', (code, sig) => resolve({ code, signal: sig })));
-        const pids = () => fileLines(pidFile).map(Number);
-        onCleanup(t, async () => {
-          if (child.exitCode === null && child.signalCode === null) child.kill('SIGKILL');
-          await exited;
-          await assertAllGone(pids());
-        });
-        await waitFor(() => out.includes('listening on') && pids().length > 0, 10_000, `start-up (${out})`);
-        await waitFor(async () => (await request(`http://127.0.0.1:${port}/readyz`)).status === 200, 10_000, 'ready');
+        const { child, exited, pids, output } = await spawnDist(t, 'f8', (pidFile) => ({ fix: { command: NODE, args: ['-e', REVIEW_FIXTURE, 'noeof'], env: { FIXTURE_PIDFILE: pidFile } } }));
         child.kill(signal);
         const exit = await within(exited, 10_000, `exit after ${signal}`);
-        assert.deepEqual(exit, { code: 0, signal: null }, `${signal}: ${out}`);
-        assert.match(out, new RegExp(`info  \\[proxy\\] ${signal}: shutting down`));
+        assert.deepEqual(exit, { code: 0, signal: null }, `${signal}: ${output()}`);
+        assert.match(output(), new RegExp(`info  \\[proxy\\] ${signal}: shutting down`));
         // The child ignores EOF, so only the proxy's TERM stops it: it is gone by the time the proxy has exited.
         assert.deepEqual(pids().filter(pidAlive), [], `${signal}: children left running`);
       };
       // allSettled: each run reaches its own end (pid file written) before any after hook kills and checks it.
-      const outcomes = await Promise.allSettled((['SIGHUP', 'SIGQUIT', 'SIGUSR2'] as const).map(run));
+      const outcomes = await Promise.allSettled((['SIGQUIT', 'SIGUSR2'] as const).map(run));
       for (const o of outcomes) if (o.status === 'rejected') throw o.reason;
+    });
+
+    it('SIGHUP reloads the config (here with --no-watch, so only the signal can): the added server answers, the running one keeps its child; the proxy keeps running', { timeout: 30_000 }, async (t) => {
+      let entry: Record<string, unknown> = {};
+      const { child, cfg, port, exited, pids, output } = await spawnDist(t, 'sighup', (pidFile) => {
+        entry = { command: NODE, args: ['-e', FIXTURE], env: { FIXTURE_PIDFILE: pidFile } };
+        return { one: entry };
+      }, ['--no-watch']);
+      const first = pids();
+      fs.writeFileSync(cfg, JSON.stringify({ mcpServers: { one: entry, two: entry } }));
+      // Not watched (--no-watch): only the signal reloads; without a SIGHUP handler the signal would end the process.
+      child.kill('SIGHUP');
+      await waitFor(() => output().includes('reloaded'), 10_000, `the reload (${output()})`);
+      const out = output();
+      assert.match(out, /info {2}\[config\] SIGHUP: reloading the config/);
+      assert.match(out, /info {2}\[config\] reloaded .*config\.json: started "two"; 1 unchanged/);
+      assert.match(out, new RegExp(`info {2}\\[two\\] serving at http://127\\.0\\.0\\.1:${port}/two/mcp`));
+      const init = { jsonrpc: '2.0', id: 1, method: 'initialize', params: { protocolVersion: '2025-11-25', capabilities: {}, clientInfo: { name: 't', version: '1' } } };
+      await waitFor(async () => (await post(`http://127.0.0.1:${port}/two/mcp`, init)).status === 200, 10_000, 'two answers');
+      assert.deepEqual(pids().slice(0, first.length), first);
+      assert.ok(first.every(pidAlive), 'the first server kept its child');
+      assert.equal(child.exitCode, null, 'the proxy is still running');
+      assert.equal(output().split('reloaded').length, 2, output());
+      child.kill('SIGTERM');
+      assert.deepEqual(await within(exited, 10_000, 'exit after SIGTERM'), { code: 0, signal: null });
     });
 
     // F12. A token with a space could never be sent; loopback binds other than 127.0.0.1 refused their own Origin;

@@ -37,20 +37,20 @@
 //   1. Limits and defaults                7. HTTP: guards, /mcp, /sse, health
 //   2. Types                              8. MCP 2026-07-28: sessionless requests, discover, listen, input requests
 //   3. Small utilities                    9. OAuth: metadata, registration, consent, tokens
-//   4. Config: load, validate            10. Lifecycle: start, shutdown
+//   4. Config: load, validate, diff      10. Lifecycle: start, reload, shutdown
 //   5. Children: spawn, framing, restart, kill
 //   6. Sessions and id routing           11. Doctor: replay Claude.ai's connect
 //                                        12. CLI and main
 
 import { spawn, type ChildProcess } from 'node:child_process';
 import { createHash, createHmac, randomBytes, scryptSync, timingSafeEqual } from 'node:crypto';
-import { closeSync, fsyncSync, mkdirSync, openSync, readSync, realpathSync, renameSync, statSync, writeSync } from 'node:fs';
+import { closeSync, fsyncSync, mkdirSync, openSync, readSync, realpathSync, renameSync, statSync, watch, writeSync, type FSWatcher } from 'node:fs';
 import http from 'node:http';
 import https from 'node:https';
 import { lookup as dnsLookup } from 'node:dns';
 import { BlockList, isIP, type Socket } from 'node:net';
 import { homedir } from 'node:os';
-import { basename, isAbsolute, join, resolve as resolvePath, sep } from 'node:path';
+import { basename, dirname, isAbsolute, join, resolve as resolvePath, sep } from 'node:path';
 import { pathToFileURL } from 'node:url';
 
 // ── 1. Limits and defaults ──────────────────────────────────────────────────────────────────────────────
@@ -321,6 +321,15 @@ const MIN_START_TIMEOUT_MS = 1_000;
  * rarely DELETEs its sessions; four Playwright sessions held 36 Chromium processes for the 30-minute default).
  */
 const PER_SESSION_IDLE_MS = 5 * 60_000;
+/**
+ * Quiet time after the last event in a watched directory before the config is re-read: an editor's save, a
+ * Kubernetes ConfigMap swap and a secret rotation are each a burst of events.
+ */
+const CONFIG_DEBOUNCE_MS = 250;
+/** Directories watched for the config and its `${file:…}` secrets (each costs an inotify watch). */
+const MAX_WATCHED_DIRS = 64;
+/** Servers removed by reloads whose URL still answers "removed" (404) rather than a bare Not Found. */
+const MAX_REMOVED_REMEMBERED = 64;
 /** A requestState we issue is ~250 characters; anything much longer is not one of ours. */
 const MAX_REQUEST_STATE_CHARS = 1024;
 
@@ -421,6 +430,8 @@ export type ServerConfig = Readonly<{
   startTimeoutMs?: number;
   /** Values that came from the environment or a file through `${…}`; masked in every log line. */
   secrets: readonly string[];
+  /** The files its `${file:…}` expansions read: a change to one reloads the config (section 10). */
+  secretFiles?: readonly string[];
 }>;
 
 /**
@@ -477,9 +488,14 @@ export type Options = {
    * connector has been reported to send exactly that pair (github.com/anthropics/claude-code/issues/93290).
    */
   strictProtocolHeader: boolean;
+  /** Reload when the config file or a `${file:…}` secret it reads changes (the CLI turns this on). */
+  watchConfig: boolean;
 };
 
 type ServerState = 'starting' | 'ready' | 'restarting' | 'errored' | 'stopped';
+
+/** Why a session ends or a child is stopped: logged at info, and told to the requests it leaves unanswered. */
+type StopReason = 'session ended' | 'idle' | 'evicted' | 'removed from the config' | 'its config changed' | 'shutdown';
 
 type Logger = {
   error(scope: string, text: string): void;
@@ -530,8 +546,19 @@ type Proxy = {
   continuations: Map<string, ModernCall>;
   /** HMAC key of requestState, loaded from the state directory on first use. */
   stateKey: Buffer | null;
+  /** Values masked in every log line: tokens, the passphrase, and the secrets of the config now and before the last reload. */
+  secrets: readonly string[];
+  /** The directories watched for config and secret-file changes (options.watchConfig), or null. */
+  watcher: DirWatcher | null;
+  /** URL segments of servers removed by a reload (MAX_REMOVED_REMEMBERED), so their clients are told why: 404. */
+  removed: Set<string>;
+  /** Where the proxy listens, as printed (http://127.0.0.1:8080). */
+  url: string;
   closed: Promise<void> | null;
 };
+
+/** Watches directories; `watch` replaces the set (section 10). */
+type DirWatcher = { watch(dirs: readonly string[]): void; close(): void };
 
 /** A configured server and its running parts; the unit that can be added, stopped or restarted alone. */
 type ServerRuntime = {
@@ -952,7 +979,14 @@ export function jsonDepthExceeds(text: string, max: number): boolean {
   return false;
 }
 
-// ── 4. Config: load, validate ───────────────────────────────────────────────────────────────────────────
+/** JSON with object keys sorted: equal values give equal text (config diffs, requestState digests). */
+function canonicalJson(value: unknown): string {
+  if (Array.isArray(value)) return `[${value.map(canonicalJson).join(',')}]`;
+  if (!isObject(value)) return JSON.stringify(value) ?? 'null';
+  return `{${Object.keys(value).sort().map((key) => `${JSON.stringify(key)}:${canonicalJson(value[key])}`).join(',')}}`;
+}
+
+// ── 4. Config: load, validate, diff ─────────────────────────────────────────────────────────────────────
 //
 // The file is claude_desktop_config.json as users already have it: {"mcpServers": {NAME: {command, args, env}}}.
 // Unknown keys are ignored so a real file loads unchanged. Our extensions: "cwd" and "sessions".
@@ -1072,7 +1106,8 @@ function parseServer(name: string, entry: unknown, ctx: ParseContext): ServerCon
   if (entry.type !== undefined && entry.type !== 'stdio') problem('type', entry.type, '"stdio" or a remote type');
   const errorsBefore = ctx.errors.length;
   const secrets: string[] = [];
-  const expand = (value: string, field: string) => expandValue(value, { ...ctx, at: `${at}.${field}`, secrets });
+  const files: string[] = [];
+  const expand = (value: string, field: string) => expandValue(value, { ...ctx, at: `${at}.${field}`, secrets, files });
   const command = typeof entry.command === 'string' && entry.command.trim() ? entry.command : undefined;
   if (!command) problem('command', entry.command, 'a non-empty string');
   const args = parseStringArray(entry.args, 'args', problem).map((arg, i) => expand(arg, `args[${i}]`));
@@ -1101,7 +1136,7 @@ function parseServer(name: string, entry: unknown, ctx: ParseContext): ServerCon
   return Object.freeze({
     name, command, args: Object.freeze(args), env: Object.freeze(env), cwd,
     sessions: sessions as ServerConfig['sessions'], roots, clientCapabilities, maxLineBytes: maxLineBytes as number | undefined,
-    listTtlMs, idleTimeoutMs, startTimeoutMs, secrets: Object.freeze(secrets),
+    listTtlMs, idleTimeoutMs, startTimeoutMs, secrets: Object.freeze(secrets), secretFiles: Object.freeze(files),
   });
 }
 
@@ -1164,18 +1199,21 @@ function parseEnv(
   return out;
 }
 
+type Expansion = ParseContext & { at: string; secrets: string[]; files: string[] };
+
 /**
  * Expands ${VAR}, ${VAR:-default} and ${file:/path} (Docker/Kubernetes secrets). An unset variable without
  * a default, or an unreadable file, is an error naming the field and the variable, never the value.
  */
-function expandValue(value: string, ctx: ParseContext & { at: string; secrets: string[] }): string {
+function expandValue(value: string, ctx: Expansion): string {
   return value.replace(EXPANSION_RE, (_match, expr: string) => expandOne(expr, ctx) ?? '');
 }
 
 /** One expansion. Values from the environment or a file are recorded as secrets; defaults are the config's own. */
-function expandOne(expr: string, ctx: ParseContext & { at: string; secrets: string[] }): string | undefined {
+function expandOne(expr: string, ctx: Expansion): string | undefined {
   if (expr.startsWith('file:')) {
     const path = expr.slice('file:'.length);
+    ctx.files.push(path); // watched even when unreadable now: the reload that follows its creation fixes the config
     try {
       const value = ctx.readFile(path, MAX_SECRET_FILE_BYTES).replace(/\r?\n$/, '');
       ctx.secrets.push(value);
@@ -1199,6 +1237,69 @@ function expandOne(expr: string, ctx: ParseContext & { at: string; secrets: stri
   }
   ctx.secrets.push(fromEnv);
   return fromEnv;
+}
+
+/**
+ * What a reload changes, by server name: servers to start, to stop, to restart (`fields` names what differs,
+ * never a value), to update in place (only settings read as they are used: listTtlMs, idleTimeoutMs,
+ * startTimeoutMs) and to leave alone with their children and sessions.
+ */
+export type ConfigDiff = {
+  added: ServerConfig[];
+  removed: ServerConfig[];
+  changed: { config: ServerConfig; fields: string[] }[];
+  updated: ServerConfig[];
+  unchanged: ServerConfig[];
+};
+
+/** Fields a running child was started with: a change to one restarts the server. */
+const LAUNCH_FIELDS = ['command', 'args', 'env', 'cwd', 'sessions', 'roots', 'clientCapabilities', 'maxLineBytes'] as const;
+/** Fields read when they are used: a change to one is applied in place. */
+const LIVE_FIELDS = ['listTtlMs', 'idleTimeoutMs', 'startTimeoutMs'] as const;
+
+/** Pure: compares two loaded configs (every `${…}` already expanded, so a rotated secret is an env change). */
+export function diffConfigs(before: Config, after: Config): ConfigDiff {
+  const old = new Map(before.servers.map((server) => [server.name, server]));
+  const diff: ConfigDiff = { added: [], removed: [], changed: [], updated: [], unchanged: [] };
+  for (const next of after.servers) {
+    const prev = old.get(next.name);
+    old.delete(next.name);
+    if (!prev) {
+      diff.added.push(next);
+      continue;
+    }
+    const fields = LAUNCH_FIELDS.flatMap((field) => changedFields(field, prev[field], next[field]));
+    if (fields.length) diff.changed.push({ config: next, fields });
+    else if (LIVE_FIELDS.some((field) => prev[field] !== next[field])) diff.updated.push(next);
+    else diff.unchanged.push(next);
+  }
+  diff.removed.push(...old.values());
+  return diff;
+}
+
+/** The names of what differs: `env.KEY` for each changed variable (its value is a secret), else the field. */
+function changedFields(field: string, a: unknown, b: unknown): string[] {
+  if (field !== 'env') return canonicalJson(a ?? null) === canonicalJson(b ?? null) ? [] : [field];
+  const x = a as Readonly<Record<string, string>>;
+  const y = b as Readonly<Record<string, string>>;
+  const keys = [...new Set([...Object.keys(x), ...Object.keys(y)])].sort();
+  return keys.filter((key) => x[key] !== y[key]).map((key) => `env.${key}`);
+}
+
+/** Every directory that must be watched to see `paths` change (section 10). */
+function watchedDirs(paths: readonly string[]): string[] {
+  const dirs = new Set<string>();
+  for (const path of paths) {
+    // The directory, not the file: editors save by rename and Kubernetes swaps a ConfigMap's `..data` symlink,
+    // and a watch on the old inode goes silent. The target's directory too, when the path is a symlink.
+    dirs.add(dirname(resolvePath(path)));
+    try {
+      dirs.add(dirname(realpathSync(path)));
+    } catch {
+      // Missing for now (mid-swap, or a secret file yet to be written): its directory is watched already.
+    }
+  }
+  return [...dirs];
 }
 
 // ── 5. Children: spawn, framing, restart, kill ──────────────────────────────────────────────────────────
@@ -1908,7 +2009,7 @@ function groupAlive(pid: number): boolean {
  * Stops a child in steps (spec lifecycle §Shutdown, SDK client close()): close stdin, wait, SIGTERM the group,
  * wait, SIGKILL the group. Then strays left in the group (grandchildren) are killed too.
  */
-async function stopUpstream(up: Upstream): Promise<void> {
+async function stopUpstream(up: Upstream, why: StopReason): Promise<void> {
   up.state = 'stopped';
   up.server.upstreams.delete(up); // no longer counts against maxChildrenPerServer while it winds down…
   if (up.proc) up.server.windingDown.add(up); // …but against twice that
@@ -1931,6 +2032,7 @@ async function stopUpstream(up: Upstream): Promise<void> {
       }
     }
     await reapGroup(proxy, proc.pid);
+    proxy.log.info(up.server.config.name, `pid ${proc.pid} stopped (${why === 'idle' ? `session idle for ${idleTimeoutOf(up.server)} ms` : why})`);
   }
   releaseStartSlot(up);
   failPending(up, 'MCP server stopped');
@@ -2090,7 +2192,7 @@ function evictForChild(server: ServerRuntime, credential: string | null): boolea
   for (const session of server.sessions.values()) {
     if (session.inflight > 0 || session.exchanges?.size || (credential !== null && session.credential !== credential)) continue;
     server.proxy.log.info(server.config.name, 'per-session children at their cap; ended the least recently active session to make room');
-    endSession(session);
+    endSession(session, 'evicted');
     return true;
   }
   return false;
@@ -2105,7 +2207,7 @@ function evictIdleSession(server: ServerRuntime): boolean {
   for (const session of server.sessions.values()) {
     if (!isIdle(session)) continue;
     server.proxy.log.debug(server.config.name, 'session cap reached; evicted the least recently active idle session');
-    endSession(session);
+    endSession(session, 'evicted');
     return true;
   }
   return false;
@@ -2119,8 +2221,14 @@ function touchSession(session: Session): void {
   sessions.set(session.id, session);
 }
 
+/** What a request in flight hears when its session ends: why, when the client should do something about it. */
+const ENDED_MESSAGES: Readonly<Partial<Record<StopReason, string>>> = {
+  'removed from the config': 'Session ended: this server was removed from the proxy config',
+  'its config changed': 'Session ended: this server restarted with a new config; reconnect',
+};
+
 /** Ends a session: its streams close, its subscriptions are released, child→client requests are refused. */
-function endSession(session: Session): void {
+function endSession(session: Session, why: StopReason = 'session ended'): void {
   if (session.closed) return;
   session.closed = true;
   const { server, upstream } = session;
@@ -2128,7 +2236,7 @@ function endSession(session: Session): void {
   upstream.sessions.delete(session);
   for (const uri of session.subscriptions ?? []) releaseSubscription(upstream, uri);
   session.subscriptions = null;
-  abandonRequests(session);
+  abandonRequests(session, ENDED_MESSAGES[why] ?? 'Session ended');
   // The child is waiting on this session for roots/sampling/elicitation answers that will never come.
   for (const childId of session.serverRequests?.values() ?? []) {
     upstream.serverRequests.delete(childId);
@@ -2137,7 +2245,7 @@ function endSession(session: Session): void {
   session.serverRequests = null;
   for (const exchange of session.exchanges ?? []) closeStream(exchange.sse!);
   if (session.stream) closeStream(session.stream);
-  if (!server.shared) void stopUpstream(upstream);
+  if (!server.shared) void stopUpstream(upstream, why);
 }
 
 /**
@@ -2145,11 +2253,11 @@ function endSession(session: Session): void {
  * pending entries must not outlive the session, or ending sessions would get around maxPendingPerSession),
  * and a POST still waiting for an answer gets an error instead of hanging.
  */
-function abandonRequests(session: Session): void {
+function abandonRequests(session: Session, message: string): void {
   const up = session.upstream;
   if (session.inflight === 0) return;
   for (const [childId, pending] of up.pending) {
-    if (pending.session === session) abortPending(up, childId, pending, 'session ended', SESSION_ENDED, 'Session ended');
+    if (pending.session === session) abortPending(up, childId, pending, 'session ended', SESSION_ENDED, message);
   }
 }
 
@@ -3168,12 +3276,18 @@ function handleRequest(proxy: Proxy, req: http.IncomingMessage, res: http.Server
   if (typeof credential !== 'string') {
     return reject(res, 401, SERVER_ERROR, 'Unauthorized', { 'WWW-Authenticate': bearerChallenge(proxy, route, credential.failure) });
   }
-  if (!route) return reject(res, 404, SERVER_ERROR, 'Not Found');
+  if (!route) return reject(res, 404, SERVER_ERROR, removedRoute(proxy, path) ? 'Not Found: this server was removed from the proxy config' : 'Not Found');
   const { server, leaf } = route;
   if (leaf === 'mcp') return handleMcp(server, req, res, credential);
   if (leaf === 'sse') return handleSseGet(server, req, res, credential, route.prefix);
   if (leaf === 'messages') return handleSseMessage(server, req, res, query, credential);
   reject(res, 404, SERVER_ERROR, 'Not Found');
+}
+
+/** /{segment}/… of a server a reload removed (the segment may come back with a later reload). */
+function removedRoute(proxy: Proxy, path: string): boolean {
+  const parts = path.split('/');
+  return parts.length === 3 && proxy.removed.has(parts[1].toLowerCase());
 }
 
 function preflight(res: http.ServerResponse): void {
@@ -4039,12 +4153,6 @@ function principalOf(credential: string): string {
 function paramsDigest(params: Record<string, unknown>): string {
   const { _meta, inputResponses, requestState, ...rest } = params;
   return createHash('sha256').update(canonicalJson(rest)).digest('base64url');
-}
-
-function canonicalJson(value: unknown): string {
-  if (Array.isArray(value)) return `[${value.map(canonicalJson).join(',')}]`;
-  if (!isObject(value)) return JSON.stringify(value) ?? 'null';
-  return `{${Object.keys(value).sort().map((key) => `${JSON.stringify(key)}:${canonicalJson(value[key])}`).join(',')}}`;
 }
 
 /**
@@ -5281,7 +5389,7 @@ function routeOAuth(proxy: Proxy, req: http.IncomingMessage, res: http.ServerRes
   return false;
 }
 
-// ── 10. Lifecycle: start, shutdown ──────────────────────────────────────────────────────────────────────
+// ── 10. Lifecycle: start, reload, shutdown ──────────────────────────────────────────────────────────────
 
 /** What `startProxy` returns: the running proxy's handle for main() and the tests. */
 export type RunningProxy = {
@@ -5295,6 +5403,12 @@ export type RunningProxy = {
    * `drain`, requests in flight first get up to limits.drainGraceMs to be answered (SIGTERM does this).
    */
   close(options?: { drain?: boolean }): Promise<void>;
+  /**
+   * Applies a new config, or re-reads options.configPath: only the difference (diffConfigs). Resolves with
+   * the diff once stopped servers' children are gone; null when the file was refused (logged) or the proxy is
+   * closing. A config given here that is invalid throws (ProxyError SEGMENT_CLASH).
+   */
+  reload(config?: Config): Promise<ConfigDiff | null>;
 };
 
 export type ServerStatus = { state: ServerState; pid: number | null; pids: number[]; restarts: number; sessions: number };
@@ -5326,12 +5440,8 @@ export async function startProxy(config: Config, start: StartOptions = {}): Prom
       'with --public-url), bind 127.0.0.1, or accept the risk with ' +
       '--allow-unauthenticated (MCP_PROXY_ALLOW_UNAUTHENTICATED=1)');
   }
-  const secrets = [...new Set([
-    ...config.servers.flatMap((server) => server.secrets), ...options.tokens,
-    ...(options.passphrase ? [options.passphrase] : []), ...(options.oauthClient ? [options.oauthClient.secret] : []),
-  ])];
   const proxy: Proxy = {
-    options, limits, log: safeLogger(log, () => secrets), servers: new Map(),
+    options, limits, log: safeLogger(log, () => proxy.secrets), servers: new Map(),
     http: http.createServer({
       requestTimeout: limits.httpRequestTimeoutMs, headersTimeout: limits.headersTimeoutMs,
       keepAliveTimeout: limits.keepAliveTimeoutMs, connectionsCheckingInterval: limits.connectionsCheckIntervalMs,
@@ -5343,7 +5453,8 @@ export async function startProxy(config: Config, start: StartOptions = {}): Prom
       ...(oauth ? [oauth.publicUrl.hostname] : []),
     ]),
     connections: new Set(), backlogged: new Set(), maxConnections: connectionCap(limits.maxConnections), bodyBytesInFlight: 0, heldAnswerBytes: 0,
-    groups: new Map(), continuations: new Map(), stateKey: null, closed: null,
+    groups: new Map(), continuations: new Map(), stateKey: null, secrets: secretsOf(options, config.servers), watcher: null,
+    removed: new Set(), url: '', closed: null,
   };
   proxy.http.maxHeadersCount = limits.maxHeadersCount;
   if (proxy.maxConnections < FEW_CONNECTIONS) {
@@ -5352,19 +5463,27 @@ export async function startProxy(config: Config, start: StartOptions = {}): Prom
   proxy.http.on('connection', (socket: Socket) => onConnection(proxy, socket));
   proxy.http.on('request', (req, res) => serveRequest(proxy, req, res));
   await listen(proxy.http, options.host, options.port);
+  const port = (proxy.http.address() as { port: number }).port;
+  proxy.url = `http://${options.host.includes(':') ? `[${options.host}]` : options.host}:${port}`;
   LIVE_PROXIES.add(proxy);
   for (const server of config.servers) addServer(proxy, server);
+  if (options.watchConfig) {
+    proxy.watcher = createDirWatcher(proxy, () => void reloadFromFile(proxy).catch((err) => {
+      proxy.log.error('config', `reload failed: ${describeError(err)}`);
+    }));
+    proxy.watcher.watch(watchedDirs(watchedPaths(proxy)));
+  }
   proxy.timers.push(
     setInterval(() => guarded(proxy, 'proxy', 'the sweep', () => sweep(proxy)), limits.sweepIntervalMs),
     setInterval(() => guarded(proxy, 'proxy', 'keep-alives', () => keepalive(proxy)), limits.sseKeepaliveMs),
   );
   for (const timer of proxy.timers) timer.unref();
-  const port = (proxy.http.address() as { port: number }).port;
   return {
     port,
-    url: `http://${options.host.includes(':') ? `[${options.host}]` : options.host}:${port}`,
+    url: proxy.url,
     ready: (timeoutMs = limits.initTimeoutMs) => waitReady(proxy, timeoutMs),
     status: () => statusOf(proxy),
+    reload: (next) => (next ? applyConfig(proxy, next) : reloadFromFile(proxy)),
     close: (options) => closeProxy(proxy, options?.drain ?? false),
   };
 }
@@ -5461,7 +5580,7 @@ function defaultOptions(): Options {
     configPath: DEFAULT_CONFIG_PATH, host: DEFAULT_HOST, port: DEFAULT_PORT, tokens: [], allowUnauthenticated: false,
     allowedOrigins: [], corsOrigins: [], logLevel: 'info', logFormat: 'text', packagesDir: undefined,
     publicUrl: undefined, baseDomain: undefined, passphrase: undefined, stateDir: defaultStateDir(process.env), oauthClient: undefined,
-    clientMetadataHosts: [], trustProxy: [], strictProtocolHeader: false,
+    clientMetadataHosts: [], trustProxy: [], strictProtocolHeader: false, watchConfig: false,
   };
 }
 
@@ -5518,15 +5637,150 @@ function addServer(proxy: Proxy, config: ServerConfig): void {
   proxy.servers.set(segment, server);
 }
 
-/** Removes one server: its sessions end and its children stop. */
-async function removeServer(proxy: Proxy, name: string): Promise<void> {
-  const server = proxy.servers.get(name);
+/** Removes one server: its sessions end (requests in flight get an error saying why) and its children stop. */
+async function removeServer(proxy: Proxy, segment: string, why: StopReason): Promise<void> {
+  const server = proxy.servers.get(segment);
   if (!server) return;
-  proxy.servers.delete(name);
+  proxy.servers.delete(segment);
   const upstreams = [...server.upstreams];
-  for (const session of [...server.sessions.values()]) endSession(session);
+  for (const session of [...server.sessions.values()]) endSession(session, why);
   for (const up of upstreams) endListeners(up);
-  await Promise.all(upstreams.map(stopUpstream));
+  await Promise.all(upstreams.map((up) => stopUpstream(up, why)));
+}
+
+// Reload ───────
+
+/**
+ * SIGHUP, a change in a watched directory, or RunningProxy.reload(): the whole file is loaded and validated
+ * first. An invalid one changes nothing: one log line (the file, the server, the field, the problem; never a
+ * value) and the old config keeps serving.
+ */
+async function reloadFromFile(proxy: Proxy): Promise<ConfigDiff | null> {
+  if (proxy.state !== 'RUNNING') return null;
+  const path = proxy.options.configPath;
+  const loaded = loadConfigFile(path);
+  if (!loaded.config) {
+    proxy.log.error('config', `reload refused, still serving the previous config: ${loaded.errors.join('; ')}`);
+    return null;
+  }
+  for (const warning of loaded.warnings) proxy.log.warn('config', warning);
+  return applyConfig(proxy, loaded.config);
+}
+
+/**
+ * Applies only the difference, through the server table: removed servers stop, changed ones restart, added
+ * ones start, updated ones take their new settings in place; unchanged servers keep their children and
+ * sessions. The table changes at once (requests meanwhile see either the old server or the new one); the
+ * returned promise waits for the stopped children.
+ */
+async function applyConfig(proxy: Proxy, config: Config): Promise<ConfigDiff | null> {
+  if (proxy.state !== 'RUNNING') return null;
+  const clashes = segmentClashes(config.servers);
+  if (clashes.length) throw new ProxyError('SEGMENT_CLASH', clashes.join('; '));
+  const before = [...proxy.servers.values()].map((server) => server.config);
+  const diff = diffConfigs({ servers: before }, config);
+  if (isEmptyDiff(diff)) return void proxy.log.debug('config', 'reload: nothing changed'), diff;
+  // The old secrets stay masked while the children that had them wind down.
+  proxy.secrets = secretsOf(proxy.options, [...config.servers, ...before]);
+  const stopped = [
+    ...diff.removed.map((server) => removeServer(proxy, serverSegment(server.name), 'removed from the config')),
+    ...diff.changed.map(({ config: server }) => removeServer(proxy, serverSegment(server.name), 'its config changed')),
+  ];
+  for (const server of diff.removed) rememberRemoved(proxy, serverSegment(server.name));
+  for (const server of diff.updated) proxy.servers.get(serverSegment(server.name))!.config = server;
+  for (const server of [...diff.changed.map((c) => c.config), ...diff.added]) {
+    proxy.removed.delete(serverSegment(server.name));
+    addServer(proxy, server);
+  }
+  proxy.watcher?.watch(watchedDirs(watchedPaths(proxy)));
+  logReload(proxy, config, diff);
+  await Promise.all(stopped);
+  proxy.secrets = secretsOf(proxy.options, config.servers);
+  return diff;
+}
+
+function isEmptyDiff(diff: ConfigDiff): boolean {
+  return !diff.added.length && !diff.removed.length && !diff.changed.length && !diff.updated.length;
+}
+
+function rememberRemoved(proxy: Proxy, segment: string): void {
+  if (proxy.removed.size >= MAX_REMOVED_REMEMBERED) proxy.removed.delete(proxy.removed.values().next().value!);
+  proxy.removed.add(segment);
+}
+
+/** One line for the whole reload, and the URLs of each server that started. */
+function logReload(proxy: Proxy, config: Config, diff: ConfigDiff): void {
+  const names = (servers: readonly ServerConfig[]) => servers.map((server) => JSON.stringify(server.name)).join(', ');
+  const parts = [
+    ...(diff.added.length ? [`started ${names(diff.added)}`] : []),
+    ...(diff.removed.length ? [`stopped ${names(diff.removed)}`] : []),
+    ...diff.changed.map(({ config: server, fields }) => `restarted ${JSON.stringify(server.name)} (${fields.join(', ')} changed)`),
+    ...(diff.updated.length ? [`updated ${names(diff.updated)} in place`] : []),
+    `${diff.unchanged.length} unchanged`,
+  ];
+  proxy.log.info('config', `reloaded ${proxy.options.configPath}: ${parts.join('; ')}`);
+  for (const server of [...diff.added, ...diff.changed.map((c) => c.config)]) {
+    proxy.log.info(server.name, `serving at ${serverUrls(config, proxy.options, proxy.url, serverSegment(server.name)).join('  ')}`);
+  }
+}
+
+/** What the log masks: the static credentials and every secret the given servers' `${…}` expanded. */
+function secretsOf(options: Options, servers: readonly ServerConfig[]): readonly string[] {
+  return [...new Set([
+    ...servers.flatMap((server) => server.secrets), ...options.tokens,
+    ...(options.passphrase ? [options.passphrase] : []), ...(options.oauthClient ? [options.oauthClient.secret] : []),
+  ])];
+}
+
+/** The config file and every secret file the running servers read. */
+function watchedPaths(proxy: Proxy): string[] {
+  return [proxy.options.configPath, ...[...proxy.servers.values()].flatMap((server) => server.config.secretFiles ?? [])];
+}
+
+/**
+ * fs.watch on directories, by hand (no chokidar): any event in one schedules a reload after CONFIG_DEBOUNCE_MS
+ * of quiet (an editor's save, a `..data` symlink swap and a secret rotation are each several events). The
+ * event's file name is not trusted (inotify reports `..data`, not the config's name, on a Kubernetes swap,
+ * and may report none): the reload re-reads and diffs, and an unrelated file changes nothing.
+ */
+function createDirWatcher(proxy: Proxy, onChange: () => void): DirWatcher {
+  const watchers = new Map<string, FSWatcher>();
+  let timer: NodeJS.Timeout | null = null;
+  const changed = () => {
+    if (timer) clearTimeout(timer);
+    timer = setTimeout(() => {
+      timer = null;
+      guarded(proxy, 'config', 'a config reload', onChange);
+    }, CONFIG_DEBOUNCE_MS);
+  };
+  const unwatch = (dir: string) => {
+    watchers.get(dir)?.close();
+    watchers.delete(dir);
+  };
+  return {
+    watch(all) {
+      const dirs = all.slice(0, MAX_WATCHED_DIRS);
+      if (all.length > dirs.length) {
+        proxy.log.warn('config', `${all.length} directories hold the config and its secret files; watching the first ${MAX_WATCHED_DIRS}: send SIGHUP after changing the others`);
+      }
+      for (const dir of [...watchers.keys()]) if (!dirs.includes(dir)) unwatch(dir);
+      for (const dir of dirs) {
+        if (watchers.has(dir)) continue;
+        try {
+          const watcher = watch(dir, { persistent: false }, changed);
+          // The directory itself went away (a swapped Kubernetes `..2024_…` target): the next reload re-arms.
+          watcher.on('error', () => unwatch(dir));
+          watchers.set(dir, watcher);
+        } catch (err) {
+          proxy.log.warn('config', `cannot watch ${JSON.stringify(dir)} (${readFailure(err)}); send SIGHUP to reload after a change there`);
+        }
+      }
+    },
+    close() {
+      if (timer) clearTimeout(timer);
+      for (const dir of [...watchers.keys()]) unwatch(dir);
+    },
+  };
 }
 
 /** The single periodic sweep: idle Streamable sessions expire and overdue requests are answered. */
@@ -5537,8 +5791,7 @@ function sweep(proxy: Proxy): void {
     for (const session of [...server.sessions.values()]) {
       if (now - session.lastActiveMs < idleMs) break; // the map is in activity order
       if (session.transport !== 'streamable' || !isIdle(session)) continue;
-      if (!server.shared) proxy.log.info(server.config.name, `a session idle for ${idleMs} ms ended; its child stops`);
-      endSession(session);
+      endSession(session, 'idle');
     }
     for (const up of server.upstreams) expireRequests(up, now);
   }
@@ -5621,8 +5874,9 @@ function closeProxy(proxy: Proxy, drain: boolean): Promise<void> {
       await waitUntil(() => requestsInFlight(proxy) === 0, proxy.limits.drainGraceMs);
     }
     for (const timer of proxy.timers) clearInterval(timer);
-    const names = [...proxy.servers.keys()];
-    const stopped = Promise.all(names.map((name) => removeServer(proxy, name)));
+    proxy.watcher?.close();
+    const segments = [...proxy.servers.keys()];
+    const stopped = Promise.all(segments.map((segment) => removeServer(proxy, segment, 'shutdown')));
     for (const stream of [...proxy.streams]) closeStream(stream);
     proxy.startQueue = [];
     // Children stop in steps, and groups of children that crashed earlier may still be emptying.
@@ -5954,6 +6208,8 @@ Options (each also as an environment variable):
   --packages-dir DIR         run \`npx [-y] PKG\` from DIR/node_modules/PKG   MCP_PROXY_PACKAGES_DIR
   --strict-protocol-header   refuse a 2026-07-28 request sent with MCP-Protocol-Version 2025-11-25
                              (Claude's connector sends that pair)   MCP_PROXY_STRICT_PROTOCOL_HEADER=1
+  --no-watch                 do not reload when the config or a \${file:} secret changes (SIGHUP still
+                             reloads)                                     MCP_PROXY_WATCH=0
 
 OAuth for Claude.ai (on when a passphrase is set):
   MCP_PROXY_PASSWORD         the passphrase the consent page asks for, or its scrypt hash (hash-password)
@@ -5997,7 +6253,7 @@ export function parseCli(argv: readonly string[], env: Env, readFile: ReadFile =
     }
     const eq = arg.indexOf('=');
     const name = arg.startsWith('--') && eq !== -1 ? arg.slice(0, eq) : arg;
-    if (name === '--allow-unauthenticated' || name === '--strict-protocol-header') {
+    if (name === '--allow-unauthenticated' || name === '--strict-protocol-header' || name === '--no-watch') {
       flags.set(name, ['true']);
       continue;
     }
@@ -6033,6 +6289,7 @@ function buildOptions(command: Exclude<Command, 'help'>, flags: Map<string, stri
   if (weak) return { error: `--token: ${weak}` };
   const allowRaw = flags.has('--allow-unauthenticated') ? 'true' : (env.MCP_PROXY_ALLOW_UNAUTHENTICATED ?? '');
   const strictRaw = flags.has('--strict-protocol-header') ? 'true' : (env.MCP_PROXY_STRICT_PROTOCOL_HEADER ?? '');
+  const watchRaw = flags.has('--no-watch') ? 'false' : (env.MCP_PROXY_WATCH ?? 'true');
   const options: Options = {
     configPath: one('--config', 'MCP_PROXY_CONFIG') ?? DEFAULT_CONFIG_PATH,
     host: one('--host', 'MCP_PROXY_HOST') ?? DEFAULT_HOST,
@@ -6052,6 +6309,7 @@ function buildOptions(command: Exclude<Command, 'help'>, flags: Map<string, stri
     clientMetadataHosts: list('--client-metadata-host', 'MCP_PROXY_CLIENT_METADATA_HOSTS').map((host) => host.toLowerCase()),
     trustProxy: list('--trust-proxy', 'MCP_PROXY_TRUST_PROXY'),
     strictProtocolHeader: strictRaw === '1' || strictRaw.toLowerCase() === 'true',
+    watchConfig: !(watchRaw === '0' || watchRaw.toLowerCase() === 'false'),
   };
   const clientId = one('--oauth-client-id', 'MCP_PROXY_OAUTH_CLIENT_ID');
   if (clientId !== undefined) {
@@ -6158,10 +6416,15 @@ async function serve(config: Config, options: Options, log: Logger): Promise<voi
     log.info('proxy', `${signal}: shutting down (requests in flight get up to ${DEFAULT_LIMITS.drainGraceMs} ms; send it again to exit at once)`);
     proxy.close({ drain: true }).then(() => process.exit(0), () => process.exit(1));
   };
-  // Every signal whose default would end the process without stopping the children: SIGHUP when the
-  // terminal closes, SIGQUIT, SIGUSR2. SIGKILL cannot be caught. Kept after the first: a second one must not
-  // take the default action (exit without stopping the children).
-  for (const signal of ['SIGTERM', 'SIGINT', 'SIGHUP', 'SIGQUIT', 'SIGUSR2'] as const) process.on(signal, stop);
+  // Every signal whose default would end the process without stopping the children: SIGQUIT, SIGUSR2.
+  // SIGKILL cannot be caught. Kept after the first: a second one must not take the default action (exit
+  // without stopping the children). SIGHUP reloads the config, as for nginx and most daemons.
+  for (const signal of ['SIGTERM', 'SIGINT', 'SIGQUIT', 'SIGUSR2'] as const) process.on(signal, stop);
+  process.on('SIGHUP', () => {
+    if (!proxy || stopping) return;
+    log.info('config', 'SIGHUP: reloading the config');
+    proxy.reload().catch((err) => log.error('config', `reload failed: ${describeError(err)}`));
+  });
   let running: RunningProxy;
   try {
     running = await startProxy(config, { ...options, log });

@@ -32,7 +32,12 @@
 //   COLD_TRIALS=3 cold-start trials (median printed; QUICK: 1)
 //   ROUNDS=10     leak-check rounds;  LEAK_C = concurrency in leak rounds (default max CONCS)
 //   ONLY=direct,http-sse,http-stream,relay-sse,relay-stream,ours-sse,ours-stream,ours-modern   run a subset
-//   PHASES=cold,load,idle   run a subset of phases (cold start, load matrix, idle sessions)
+//   PHASES=cold,load,idle   run a subset of phases (cold start, load matrix, idle sessions);
+//                 `reload` (not in the default set): for each of our targets, one load cell (the
+//                 largest CONCS, the smallest PAYLOADS) quiet, then the same cell while the config
+//                 file is rewritten in a loop (a second server added, then removed), each reload
+//                 applied (checked on /readyz) before the next write; prints p50/p99 of both
+//   RELOAD_PAUSE_MS=100 quiet time after each applied reload before the next write
 //   TIMEOUT_MS=10000 per-request timeout;  MAX_MINUTES=40 watchdog for the whole run
 //   OUT=file.json also write the raw results as JSON
 //   PROXY_JS=path  the proxy build to measure (default dist/proxy.js), for A/B runs of two builds
@@ -89,6 +94,7 @@ const MAX_MINUTES = num(env.MAX_MINUTES, 40);
 const ONLY = env.ONLY ? env.ONLY.split(",").map((s) => s.trim()) : null;
 const PROXY_NODE_ARGS = env.PROXY_NODE_ARGS ? env.PROXY_NODE_ARGS.split(/\s+/).filter(Boolean) : [];
 const PHASES = (env.PHASES ?? "cold,load,idle").split(",").map((s) => s.trim());
+const RELOAD_PAUSE_MS = num(env.RELOAD_PAUSE_MS, 100);
 
 const bad = [];
 if (!(DUR > 0 && DUR <= 600)) bad.push("DUR must be in (0, 600]");
@@ -99,7 +105,8 @@ if (!(Number.isInteger(SESSIONS) && SESSIONS >= 32 && SESSIONS <= 20_000)) bad.p
 if (!(Number.isInteger(COLD_TRIALS) && COLD_TRIALS >= 1 && COLD_TRIALS <= 50)) bad.push("COLD_TRIALS must be in 1..50");
 if (!(Number.isInteger(ROUNDS) && ROUNDS >= 2 && ROUNDS <= 100)) bad.push("ROUNDS must be in 2..100");
 if (!(Number.isInteger(LEAK_C) && LEAK_C >= 1 && LEAK_C <= 1000)) bad.push("LEAK_C must be in 1..1000");
-if (PHASES.some((p) => !["cold", "load", "idle"].includes(p))) bad.push("PHASES is a list of cold, load, idle");
+if (PHASES.some((p) => !["cold", "load", "idle", "reload"].includes(p))) bad.push("PHASES is a list of cold, load, idle, reload");
+if (!(RELOAD_PAUSE_MS >= 0 && RELOAD_PAUSE_MS <= 60_000)) bad.push("RELOAD_PAUSE_MS must be in [0, 60000]");
 if (bad.length) {
   console.error(`bench: ${bad.join("; ")}`);
   process.exit(2);
@@ -128,7 +135,8 @@ if (!TARGETS.length) {
 // ---------------------------------------------------------------- cleanup
 const TMP = fs.mkdtempSync(path.join(os.tmpdir(), "rmp-bench-"));
 const CONFIG = path.join(TMP, "config.json");
-fs.writeFileSync(CONFIG, JSON.stringify({ mcpServers: { echo: { command: NODE, args: [ECHO] } } }));
+const BASE_SERVERS = { echo: { command: NODE, args: [ECHO] } };
+fs.writeFileSync(CONFIG, JSON.stringify({ mcpServers: BASE_SERVERS }));
 function removeTmp() {
   try {
     fs.rmSync(TMP, { recursive: true, force: true });
@@ -438,6 +446,75 @@ async function phaseLoad(t, R) {
   }
 }
 
+/**
+ * The same load cell quiet and during a reload loop: the config file is rewritten (a server "extra" added,
+ * then removed: a child started, then stopped), the proxy's watcher reloads it, and the next write waits
+ * until /readyz shows the change and RELOAD_PAUSE_MS more. The echo server is unchanged throughout, so
+ * its sessions must see nothing but the cost of the reloads.
+ */
+async function phaseReload(t, R) {
+  if (t.kind !== "ours") return;
+  log(`[reload] ${t.label}`);
+  const C = Math.max(...CONCS);
+  const payload = Math.min(...PAYLOADS);
+  const srv = await startServer("ours");
+  const port = Number(new URL(srv.base).port);
+  try {
+    R.reloadQuiet = await loadCell(t, srv, C, payload, DUR, WARMUP, R.errors);
+    let looping = true;
+    let reloads = 0;
+    const loop = (async () => {
+      for (let extra = true; looping; extra = !extra) {
+        const servers = extra ? { ...BASE_SERVERS, extra: { command: NODE, args: [ECHO] } } : BASE_SERVERS;
+        fs.writeFileSync(CONFIG, JSON.stringify({ mcpServers: servers }));
+        const deadline = performance.now() + 10_000;
+        while (looping && performance.now() < deadline && (await readyzHas(port, "extra")) !== extra) await sleep(10);
+        reloads++;
+        await sleep(RELOAD_PAUSE_MS);
+      }
+    })();
+    R.reloadLoop = await loadCell(t, srv, C, payload, DUR, WARMUP, R.errors);
+    looping = false;
+    await loop;
+    R.reloadLoop.reloads = reloads;
+    log(`  quiet p99 ${fmt(R.reloadQuiet.p99)} µs, during ${reloads} reloads p99 ${fmt(R.reloadLoop.p99)} µs, errors so far ${R.errors.total}`);
+  } finally {
+    fs.writeFileSync(CONFIG, JSON.stringify({ mcpServers: BASE_SERVERS }));
+    await srv.stop();
+  }
+}
+
+/** Whether /readyz (detailed: no token on loopback) lists server `name`. */
+function readyzHas(port, name) {
+  return new Promise((resolve) => {
+    const req = http.get({ host: "127.0.0.1", port, path: "/readyz", timeout: 1000 }, (res) => {
+      let body = "";
+      res.on("data", (d) => (body += d));
+      res.on("end", () => {
+        try {
+          resolve(name in (JSON.parse(body).servers ?? {}));
+        } catch {
+          resolve(null);
+        }
+      });
+    });
+    req.on("timeout", () => req.destroy());
+    req.on("error", () => resolve(null));
+  });
+}
+
+function reloadTable(res) {
+  const rows = ["| target | cell | req/s quiet | req/s during reloads | p50 quiet µs | p50 during | p99 quiet µs | p99 during | max during µs | reloads applied |", "|---|---|---|---|---|---|---|---|---|---|"];
+  for (const t of TARGETS) {
+    const r = res[t.key];
+    if (!r.reloadQuiet) continue;
+    const q = r.reloadQuiet;
+    const l = r.reloadLoop;
+    rows.push(`| ${t.label} | C=${q.C} ${PAYLOAD_LABEL(q.payload)} | ${fmt(q.rps)} | ${fmt(l.rps)} | ${fmt(q.p50)} | ${fmt(l.p50)} | ${fmt(q.p99)} | ${fmt(l.p99)} | ${fmt(l.max)} | ${l.reloads} |`);
+  }
+  return rows.join("\n");
+}
+
 /** Spawn -> first initialize answered, COLD_TRIALS times; a fresh process each time. */
 async function phaseColdStart(t, R) {
   log(`[cold start] ${t.label}`);
@@ -717,6 +794,7 @@ async function main() {
   if (PHASES.includes("load")) for (const t of TARGETS) await phaseLoad(t, res[t.key]);
   // 2026-07-28 has no sessions to hold idle.
   if (PHASES.includes("idle")) for (const t of TARGETS) if (t.transport !== "modern") await phaseIdle(t, res[t.key]);
+  if (PHASES.includes("reload")) for (const t of TARGETS) await phaseReload(t, res[t.key]);
   const notes = [];
   if (PHASES.includes("idle") && SESSIONS < 2000) notes.push(`- SESSIONS=${SESSIONS}: at small N the KB per idle session is mostly heap noise; use SESSIONS ≥ 2000 for that row.`);
   for (const t of TARGETS) {
@@ -730,6 +808,7 @@ async function main() {
       mainTable(res),
       "",
       targetsTable(res),
+      ...(PHASES.includes("reload") ? ["", reloadTable(res)] : []),
       "",
       "Ratios are ours ÷ floor (for req/s higher is better, for everything else lower). \"tree\" = the server process and its descendants " +
         "(ours and the relay: server + echo child; HTTP floor: its one process; direct: the echo child). The two-hop relay is bench/http-floor.mjs --relay: the HTTP floor with the echo child behind one pipe (ids swapped, one write per message, no checks). CPU = utime+stime of the tree over the measured window ÷ correct responses. " +
