@@ -8873,6 +8873,19 @@ describe('12. CLI and main', () => {
       assert.ok(events.some((e) => e.component === 'server' && e.server === 'fix' && /^ready/.test(e.msg)), lines.join('\n'));
       s.child.kill('SIGTERM');
       assert.deepEqual(await within(s.exited, 15_000, 'exit after SIGTERM'), { code: 0, signal: null });
+      // The child's stop, with its reason, at info; and still one object a line.
+      const after = s.output().split('\n').filter(Boolean).map((line) => JSON.parse(line));
+      assert.ok(after.some((e) => e.level === 'info' && e.server === 'fix' && /^pid \d+ stopped \(shutdown\)$/.test(e.msg)), s.output());
+      // A config that cannot load, and a refused start, are JSON lines too (for the collector), not plain text.
+      const bad = writeConfig({ mcpServers: { fix: { command: NODE, args: 5 } } });
+      const refused = await run(['--config', bad, '--log-format', 'json']);
+      assert.equal(refused.code, 1);
+      const [event] = refused.stderr.split('\n').filter(Boolean).map((line) => JSON.parse(line));
+      assert.deepEqual({ level: event.level, component: event.component }, { level: 'error', component: 'config' });
+      assert.match(event.msg, /mcpServers\.fix\.args: got number, expected an array of strings$/);
+      const unsafe = await run(['--config', writeConfig({ mcpServers: {} }), '--log-format', 'json', '--host', '0.0.0.0', '--port', String(await freePort())]);
+      assert.equal(unsafe.code, 1);
+      assert.match(JSON.parse(unsafe.stderr.split('\n').filter(Boolean).at(-1)!).msg, /refusing to serve without authentication/);
     });
 
     it('SIGTERM with a request in flight: it is answered within the drain grace, then the proxy exits 0 and no child remains', { timeout: 40_000 }, async (t) => {

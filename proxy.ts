@@ -6352,7 +6352,9 @@ async function main(): Promise<void> {
   const loaded = loadConfigFile(cli.options.configPath);
   for (const warning of loaded.warnings) log.warn('config', warning);
   if (!loaded.config) {
-    for (const error of loaded.errors) writeStderr(`error: ${error}`);
+    // `check` and text logs print plain lines for a person; JSON logs keep one object a line for the collector.
+    const json = cli.command === 'serve' && cli.options.logFormat === 'json';
+    for (const error of loaded.errors) json ? log.error('config', error) : writeStderr(`error: ${error}`);
     process.exit(1);
   }
   if (cli.command === 'check') {
@@ -6430,7 +6432,8 @@ async function serve(config: Config, options: Options, log: Logger): Promise<voi
     running = await startProxy(config, { ...options, log });
   } catch (err) {
     if (!(err instanceof ProxyError)) throw err;
-    writeStderr(`${PROXY_NAME}: ${err.message}`);
+    if (options.logFormat === 'json') log.error('proxy', err.message);
+    else writeStderr(`${PROXY_NAME}: ${err.message}`);
     process.exit(1);
   }
   proxy = running;
