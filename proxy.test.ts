@@ -1041,7 +1041,7 @@ describe('1. Limits and defaults', () => {
       sweepIntervalMs: 10_000,
       sseKeepaliveMs: 15_000,
       initTimeoutMs: 120_000,
-      requestTimeoutMs: 10 * 60_000,
+      requestTimeoutMs: 300_000,
       killGraceMs: 2_000,
       restartMinDelayMs: 1_000,
       restartMaxDelayMs: 30_000,
@@ -5750,7 +5750,115 @@ describe('8. MCP 2026-07-28: the conformance suite against a legacy child', () =
   });
 });
 
-// ── 9. OAuth helpers ────────────────────────────────────────────────────────────────────────────────────
+// ── 9. Operator controls: tool policy, request timeouts ──────────────────────────────────────────────────────
+
+describe('9. Operator controls: tool policy, request timeouts', () => {
+  it('per-server "requestTimeoutMs": that server\'s unanswered call gets -32003 and the child a notifications/cancelled (its mapping released: a late answer goes nowhere); another server keeps the proxy-wide limit', { timeout: 30_000 }, async (t) => {
+    const log = path.join(tmpDir('timeout'), 'log');
+    const h = await harness(t, { servers: [fixture('quick', 'ok', { requestTimeoutMs: 1_000, env: { FIXTURE_LOG: log } }), fixture('patient')] },
+      { limits: { ...FAST, sweepIntervalMs: 50, requestTimeoutMs: 60_000 } });
+    await h.proxy.ready(10_000);
+    const quick = await h.client('quick', 'mcp');
+    const patient = await h.client('patient', 'mcp');
+    const slow = patient.callTool({ name: 'do', arguments: { what: 'slow', ms: 2_000 } });
+    const started = Date.now();
+    await assert.rejects(quick.callTool({ name: 'do', arguments: { what: 'hang' } }), (err: Error & { code?: number }) => err.code === -32003);
+    assert.ok(Date.now() - started >= 1_000, 'not before its requestTimeoutMs');
+    const hung = fileLines(log).find((l) => l.startsWith('hang '))!.slice(5);
+    await waitFor(() => fileLines(log).includes(`cancelled ${hung}`), 5_000, 'the cancel on the child');
+    assert.equal(textOf(await slow), 'slow done'); // 2 s > 1 s: the other server's call was not timed out
+    assert.equal(textOf(await quick.callTool({ name: 'do', arguments: { what: 'echo', text: 'ok' } })), 'ok');
+    assert.match(parseConfig(JSON.stringify({ mcpServers: { s: { command: 'x', requestTimeoutMs: 10 } } }), 'c.json').errors[0]!,
+      /^c\.json: mcpServers\.s\.requestTimeoutMs: got number, expected an integer from 1000 to 86400000 \(milliseconds\)$/);
+  });
+
+  it('"tools" is validated at load, naming the server and the field: allow with deny, an unknown key (a typo must not expose everything), names that are not non-empty strings, readOnly not a boolean', () => {
+    const r = parseConfig(JSON.stringify({ mcpServers: {
+      both: { command: 'x', tools: { allow: ['a'], deny: ['b'] } },
+      typo: { command: 'x', tools: { alow: ['a'] } },
+      names: { command: 'x', tools: { deny: ['a', 3, ''] } },
+      ro: { command: 'x', tools: { readOnly: 'yes' } },
+      list: { command: 'x', tools: ['a'] },
+      fine: { command: 'x', tools: { deny: ['a'], readOnly: true } },
+    } }), 'c.json');
+    assert.equal(r.config, null);
+    const errors = r.errors.join('\n');
+    assert.match(errors, /^c\.json: mcpServers\.both\.tools: "allow" and "deny" together; use one/m);
+    assert.match(errors, /^c\.json: mcpServers\.typo\.tools\."alow": unknown key; expected "allow", "deny" or "readOnly"$/m);
+    assert.match(errors, /^c\.json: mcpServers\.names\.tools\.deny: got array, expected an array of tool names \(non-empty strings\)$/m);
+    assert.match(errors, /^c\.json: mcpServers\.ro\.tools\.readOnly: got string.*, expected a boolean$/m);
+    assert.match(errors, /^c\.json: mcpServers\.list\.tools: got array, expected an object/m);
+    assert.doesNotMatch(errors, /mcpServers\.fine/);
+    const fine = parseConfig(JSON.stringify({ mcpServers: { fine: { command: 'x', tools: { deny: ['a'], readOnly: true } } } }), 'c.json');
+    assert.deepEqual(fine.config!.servers[0]!.tools, { deny: ['a'], readOnly: true });
+  });
+
+  it('"allow" on server-everything: every transport and revision lists only the allowed tools, and a call to another is -32602 without reaching the child', { timeout: 60_000 }, async (t) => {
+    const h = await harness(t, { servers: [everything('ev')].map((s) => ({ ...s, tools: { allow: ['echo', 'get-sum'] } })) }, { limits: FAST });
+    await h.proxy.ready(20_000);
+    const names = (list: { tools: { name: string }[] }) => list.tools.map((tool) => tool.name).sort();
+    const stream = await h.client('ev', 'mcp');
+    const sse = await h.client('ev', 'sse');
+    const { client: v2 } = await v2Client(t, `${h.url}/ev/mcp`, 'pin');
+    for (const client of [stream, sse]) {
+      assert.deepEqual(names(await client.listTools()), ['echo', 'get-sum']);
+      assert.equal(textOf(await client.callTool({ name: 'echo', arguments: { message: 'hi' } })), 'Echo: hi');
+      await assert.rejects(client.callTool({ name: 'toggle-simulated-logging', arguments: {} }), (err: Error & { code?: number }) => {
+        assert.equal(err.code, -32602);
+        assert.match(err.message, /tool policy does not allow it/);
+        return true;
+      });
+    }
+    assert.deepEqual(names(await v2.listTools() as Json), ['echo', 'get-sum']);
+    await assert.rejects(v2.callTool({ name: 'toggle-simulated-logging', arguments: {} }), /tool policy does not allow it/);
+    // Raw 2026-07-28: the answer keeps its stamping (resultType, ttl) after filtering.
+    const raw = await postModern(`${h.url}/ev/mcp`, modernMsg(9, 'tools/list'));
+    const body = JSON.parse(raw.text);
+    assert.equal(raw.status, 200, raw.text);
+    assert.deepEqual(body.result.tools.map((tool: Json) => tool.name).sort(), ['echo', 'get-sum']);
+    assert.equal(body.result.resultType, 'complete');
+    assert.equal(body.id, 9);
+  });
+
+  it('"deny" hides the named tools and refuses their calls before the child (the fixture logs every call it gets); batches too', { timeout: 30_000 }, async (t) => {
+    const log = path.join(tmpDir('policy'), 'log');
+    const h = await harness(t, { servers: [fixture('fix', 'ok', { env: { FIXTURE_LOG: log }, tools: { deny: ['do'] } })] }, { limits: FAST });
+    await h.proxy.ready(10_000);
+    const client = await h.client('fix', 'mcp');
+    assert.deepEqual((await client.listTools()).tools, []);
+    await assert.rejects(client.callTool({ name: 'do', arguments: { what: 'hang' } }), /tool policy does not allow it/);
+    const sid = await rawSession(h.url, 'fix', '2025-03-26');
+    const batch = await post(`${h.url}/fix/mcp`, [call(1, { what: 'hang' }), { jsonrpc: '2.0', id: 2, method: 'tools/call', params: { name: 'other', arguments: { what: 'echo', text: 'ok' } } }],
+      { ...sessionHeaders(sid), 'mcp-protocol-version': '2025-03-26', accept: 'application/json' });
+    const answers = JSON.parse(batch.text);
+    assert.ok(Array.isArray(answers), batch.text);
+    assert.deepEqual(answers.find((a: Json) => a.id === 1).error, { code: -32602, message: 'Tool not available: this server\'s tool policy does not allow it' });
+    assert.equal(answers.find((a: Json) => a.id === 2).result.content[0].text, 'ok');
+    assert.ok(!fileLines(log).some((line) => line.startsWith('hang ')), 'a denied call reached the child');
+  });
+
+  it('"readOnly" on server-everything exposes only tools annotated readOnlyHint: true, judges a call before any tools/list (annotations learned at start), and follows a reload that turns it off, in place', { timeout: 60_000 }, async (t) => {
+    const ev = { ...everything('ev'), tools: { readOnly: true } };
+    const h = await harness(t, { servers: [ev] }, { limits: FAST });
+    await h.proxy.ready(20_000);
+    const client = await h.client('ev', 'mcp');
+    // No tools/list yet on this session: the proxy's own list at start decides.
+    await assert.rejects(client.callTool({ name: 'toggle-simulated-logging', arguments: {} }), /tool policy does not allow it/);
+    assert.equal(textOf(await client.callTool({ name: 'echo', arguments: { message: 'ro' } })), 'Echo: ro');
+    const listed = (await client.listTools()).tools;
+    assert.ok(listed.length >= 3, JSON.stringify(listed.map((tool) => tool.name)));
+    for (const tool of listed) assert.equal(tool.annotations?.readOnlyHint, true, tool.name);
+    assert.ok(!listed.some((tool) => tool.name === 'toggle-simulated-logging'));
+    const pid = h.proxy.status().ev!.pid;
+    const diff = await h.proxy.reload({ servers: [{ ...ev, tools: undefined }] });
+    assert.deepEqual(diff!.updated.map((server) => server.name), ['ev']);
+    assert.equal(h.proxy.status().ev!.pid, pid);
+    assert.ok((await client.listTools()).tools.some((tool) => tool.name === 'toggle-simulated-logging'));
+    await client.callTool({ name: 'toggle-simulated-logging', arguments: {} });
+  });
+});
+
+// ── 10. OAuth helpers ───────────────────────────────────────────────────────────────────────────────────
 //
 // A real proxy on a port picked before listening (the public URL must be known first), the official SDK's
 // client-side OAuth (auth() through an OAuthClientProvider, in both client transports), and a raw client that
@@ -6323,9 +6431,9 @@ function oauthLongUri(length: number, tag = 'cb', fill = 'x'): string {
 const CHROMIUM = '/usr/bin/chromium';
 const CHROMIUM_ARGS = ['--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run', '--disable-background-networking', '--disable-component-update', '--disable-sync'];
 
-// ── 9. OAuth: metadata, registration, consent, tokens ──────────────────────────────────────────────────
+// ── 10. OAuth: metadata, registration, consent, tokens ─────────────────────────────────────────────────
 
-describe('9. OAuth: metadata, registration, consent, tokens', () => {
+describe('10. OAuth: metadata, registration, consent, tokens', () => {
   // Metadata and the 401 challenge ───────
 
   it('protected resource metadata: one document per endpoint (/mcp and /sse of each server), resource exactly that URL, the issuer at the origin root; none at the root with two servers', { timeout: 20_000 }, async (t) => {
@@ -7882,9 +7990,9 @@ describe('9. OAuth: metadata, registration, consent, tokens', () => {
   });
 });
 
-// ── 10. Lifecycle: start, shutdown ───────────────────────────────────────────────────────────────────────
+// ── 11. Lifecycle: start, reload, shutdown ─────────────────────────────────────────────────────────────────────
 
-describe('10. Lifecycle: start, reload, shutdown', () => {
+describe('11. Lifecycle: start, reload, shutdown', () => {
   describe('reload: the config file watched by hand, only the difference applied', () => {
     /** A config entry for the fixture (FIXTURE_LOG set: the test sees what reached it). */
     const fx = (env: Record<string, string> = {}) => ({ command: NODE, args: ['-e', FIXTURE, 'ok'], env });
@@ -8393,9 +8501,9 @@ describe('10. Lifecycle: start, reload, shutdown', () => {
   });
 });
 
-// ── 11. Doctor: replay Claude.ai's connect ──────────────────────────────────────────────────────────────
+// ── 12. Doctor: replay Claude.ai's connect ──────────────────────────────────────────────────────────────
 
-describe('11. Doctor: replay Claude.ai\'s connect', () => {
+describe('12. Doctor: replay Claude.ai\'s connect', () => {
   before(async () => {
     await new Promise<void>((resolve, reject) => execFile(NODE, ['build.mjs'], { cwd: HERE }, (err) => (err ? reject(err) : resolve())));
   });
@@ -8648,9 +8756,9 @@ describe('11. Doctor: replay Claude.ai\'s connect', () => {
     }
   });
 });
-// ── 12. CLI and main ────────────────────────────────────────────────────────────────────────────────────
+// ── 13. CLI and main ───────────────────────────────────────────────────────────────────────────────────
 
-describe('12. CLI and main', () => {
+describe('13. CLI and main', () => {
 
   it('parseCli() defaults: serve ./config.json on 127.0.0.1:8080 with no tokens', () => {
     const r = parseCli([], {});

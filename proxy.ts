@@ -36,11 +36,12 @@
 // Contents
 //   1. Limits and defaults                7. HTTP: guards, /mcp, /sse, health
 //   2. Types                              8. MCP 2026-07-28: sessionless requests, discover, listen, input requests
-//   3. Small utilities                    9. OAuth: metadata, registration, consent, tokens
-//   4. Config: load, validate, diff      10. Lifecycle: start, reload, shutdown
+//   3. Small utilities                    9. Operator controls: tool policy, request timeouts
+//   4. Config: load, validate, diff      10. OAuth: metadata, registration, consent, tokens
 //   5. Children: spawn, framing, restart, kill
-//   6. Sessions and id routing           11. Doctor: replay Claude.ai's connect
-//                                        12. CLI and main
+//   6. Sessions and id routing           11. Lifecycle: start, reload, shutdown
+//                                        12. Doctor: replay Claude.ai's connect
+//                                        13. CLI and main
 
 import { spawn, type ChildProcess } from 'node:child_process';
 import { createHash, createHmac, randomBytes, scryptSync, timingSafeEqual } from 'node:crypto';
@@ -107,7 +108,10 @@ export type Limits = {
   sseKeepaliveMs: number;
   /** A child must answer initialize within this. Generous: `npx -y` may install the package first. */
   initTimeoutMs: number;
-  /** A request the child never answers gets an error after this (Claude.ai allows 300 s per tool call). */
+  /**
+   * A request the child has not answered gets an error after this (checked every sweepIntervalMs), the child
+   * a cancel. Claude.ai gives a tool call 300 s (claude.com/docs/connectors/faq); an answer after that reaches nobody.
+   */
   requestTimeoutMs: number;
   /** A 2026-07-28 request (server/discover first of all) waits this long for a starting server before 503. */
   startWaitMs: number;
@@ -210,7 +214,7 @@ export const DEFAULT_LIMITS: Readonly<Limits> = Object.freeze({
   sweepIntervalMs: 10_000,
   sseKeepaliveMs: 15_000,
   initTimeoutMs: 120_000,
-  requestTimeoutMs: 10 * 60_000,
+  requestTimeoutMs: 300_000,
   startWaitMs: 30_000,
   continuationTtlMs: 2 * 60_000,
   listTtlMs: 60_000,
@@ -316,6 +320,7 @@ const MAX_LIST_TTL_MS = 24 * 3_600_000;
 const MAX_SERVER_DURATION_MS = 24 * 3_600_000;
 const MIN_IDLE_TIMEOUT_MS = 1_000;
 const MIN_START_TIMEOUT_MS = 1_000;
+const MIN_REQUEST_TIMEOUT_MS = 1_000;
 /**
  * Idle timeout of a per-session server's sessions when its config names none: each holds a process (Claude.ai
  * rarely DELETEs its sessions; four Playwright sessions held 36 Chromium processes for the 30-minute default).
@@ -330,6 +335,10 @@ const CONFIG_DEBOUNCE_MS = 250;
 const MAX_WATCHED_DIRS = 64;
 /** Servers removed by reloads whose URL still answers "removed" (404) rather than a bare Not Found. */
 const MAX_REMOVED_REMEMBERED = 64;
+/** Tool names whose readOnlyHint is remembered per child under a "readOnly" policy (section 9). */
+const MAX_TOOLS_TRACKED = 10_000;
+/** Pages of the proxy's own tools/list followed to learn annotations (a cursor loop must end). */
+const MAX_TOOL_LIST_PAGES = 100;
 /** A requestState we issue is ~250 characters; anything much longer is not one of ours. */
 const MAX_REQUEST_STATE_CHARS = 1024;
 
@@ -366,6 +375,8 @@ const INHERITED_ENV_VARS: readonly string[] = [
 const PARSE_ERROR = -32700;
 const INVALID_REQUEST = -32600;
 const METHOD_NOT_FOUND = -32601;
+/** Also MCP's answer to an unknown tool (spec 2025-11-25 server/tools §Error Handling). */
+const INVALID_PARAMS = -32602;
 const INTERNAL_ERROR = -32603;
 /** Generic: a server unavailable, a request refused by a limit. */
 const SERVER_ERROR = -32000;
@@ -428,6 +439,10 @@ export type ServerConfig = Readonly<{
   idleTimeoutMs?: number;
   /** Overrides limits.initTimeoutMs: how long this child may take to answer initialize (`npx -y` may build). */
   startTimeoutMs?: number;
+  /** Overrides limits.requestTimeoutMs: how long a request may wait for this child's answer. */
+  requestTimeoutMs?: number;
+  /** Which of its tools clients see and may call (section 9); undefined: all. */
+  tools?: ToolPolicy;
   /** Values that came from the environment or a file through `${…}`; masked in every log line. */
   secrets: readonly string[];
   /** The files its `${file:…}` expansions read: a change to one reloads the config (section 10). */
@@ -630,6 +645,8 @@ type Upstream = {
   listeners: Set<Listener>;
   /** 2026-07-28 calls in flight per credential (limits.maxPendingPerSession: there is no session to count them). */
   modernInflight: Map<string, number>;
+  /** A "readOnly" tool policy (section 9): each tool name seen in a tools/list answer → its readOnlyHint (MAX_TOOLS_TRACKED). */
+  toolHints: Map<string, boolean>;
 };
 
 /** A request in flight on a child: who asked, under which id, and where the answer goes. */
@@ -1128,6 +1145,8 @@ function parseServer(name: string, entry: unknown, ctx: ParseContext): ServerCon
   const listTtlMs = durationField(entry, 'listTtlMs', 0, MAX_LIST_TTL_MS, problem);
   const idleTimeoutMs = durationField(entry, 'idleTimeoutMs', MIN_IDLE_TIMEOUT_MS, MAX_SERVER_DURATION_MS, problem);
   const startTimeoutMs = durationField(entry, 'startTimeoutMs', MIN_START_TIMEOUT_MS, MAX_SERVER_DURATION_MS, problem);
+  const requestTimeoutMs = durationField(entry, 'requestTimeoutMs', MIN_REQUEST_TIMEOUT_MS, MAX_SERVER_DURATION_MS, problem);
+  const tools = parseToolPolicy(entry.tools, problem, (field, text) => ctx.errors.push(`${at}.${field}: ${text}`));
   // spawn() throws on a NUL in any of these; it can never start, so it is a config error, not a crash loop.
   const withNul = [['command', command ?? ''], ...args.map((arg, i) => [`args[${i}]`, arg]),
     ...Object.entries(env).map(([key, value]) => [`env.${key}`, value]), ['cwd', cwd ?? '']].find(([, v]) => v.includes('\0'));
@@ -1136,7 +1155,7 @@ function parseServer(name: string, entry: unknown, ctx: ParseContext): ServerCon
   return Object.freeze({
     name, command, args: Object.freeze(args), env: Object.freeze(env), cwd,
     sessions: sessions as ServerConfig['sessions'], roots, clientCapabilities, maxLineBytes: maxLineBytes as number | undefined,
-    listTtlMs, idleTimeoutMs, startTimeoutMs, secrets: Object.freeze(secrets), secretFiles: Object.freeze(files),
+    listTtlMs, idleTimeoutMs, startTimeoutMs, requestTimeoutMs, tools, secrets: Object.freeze(secrets), secretFiles: Object.freeze(files),
   });
 }
 
@@ -1242,7 +1261,7 @@ function expandOne(expr: string, ctx: Expansion): string | undefined {
 /**
  * What a reload changes, by server name: servers to start, to stop, to restart (`fields` names what differs,
  * never a value), to update in place (only settings read as they are used: listTtlMs, idleTimeoutMs,
- * startTimeoutMs) and to leave alone with their children and sessions.
+ * startTimeoutMs, requestTimeoutMs, tools) and to leave alone with their children and sessions.
  */
 export type ConfigDiff = {
   added: ServerConfig[];
@@ -1255,7 +1274,7 @@ export type ConfigDiff = {
 /** Fields a running child was started with: a change to one restarts the server. */
 const LAUNCH_FIELDS = ['command', 'args', 'env', 'cwd', 'sessions', 'roots', 'clientCapabilities', 'maxLineBytes'] as const;
 /** Fields read when they are used: a change to one is applied in place. */
-const LIVE_FIELDS = ['listTtlMs', 'idleTimeoutMs', 'startTimeoutMs'] as const;
+const LIVE_FIELDS = ['listTtlMs', 'idleTimeoutMs', 'startTimeoutMs', 'requestTimeoutMs', 'tools'] as const;
 
 /** Pure: compares two loaded configs (every `${…}` already expanded, so a rotated secret is an env change). */
 export function diffConfigs(before: Config, after: Config): ConfigDiff {
@@ -1270,7 +1289,7 @@ export function diffConfigs(before: Config, after: Config): ConfigDiff {
     }
     const fields = LAUNCH_FIELDS.flatMap((field) => changedFields(field, prev[field], next[field]));
     if (fields.length) diff.changed.push({ config: next, fields });
-    else if (LIVE_FIELDS.some((field) => prev[field] !== next[field])) diff.updated.push(next);
+    else if (LIVE_FIELDS.some((field) => changedFields(field, prev[field], next[field]).length)) diff.updated.push(next);
     else diff.unchanged.push(next);
   }
   diff.removed.push(...old.values());
@@ -1615,7 +1634,7 @@ function newUpstream(server: ServerRuntime): Upstream {
     initResult: null, protocolVersion: SUPPORTED_PROTOCOL_VERSIONS[0], nextId: 1,
     pending: new Map(), serverRequests: new Map(), sessions: new Set(), subscriptions: new Map(),
     restartTimer: null, initTimer: null, waiters: [], owner: null, abandoned: new Map(), abandonedOverflowUntilMs: 0, holdsStartSlot: false, exited: Promise.resolve(), recentStderr: [],
-    outQueue: [], outBytes: 0, laneHolder: null, laneQueue: [], laneGranting: false, listeners: new Set(), modernInflight: new Map(),
+    outQueue: [], outBytes: 0, laneHolder: null, laneQueue: [], laneGranting: false, listeners: new Set(), modernInflight: new Map(), toolHints: new Map(),
   };
 }
 
@@ -1880,8 +1899,6 @@ function onInitializeTimeout(up: Upstream): void {
 
 function onInitializeAnswer(up: Upstream, msg: JsonRpcMessage): void {
   const { proxy, config } = up.server;
-  if (up.initTimer) clearTimeout(up.initTimer);
-  up.initTimer = null;
   // Stopped while it was starting: its answer must not revive it (it would be restarted and owned by nothing).
   if (up.state === 'stopped') return;
   const result = msg.result;
@@ -1895,6 +1912,17 @@ function onInitializeAnswer(up: Upstream, msg: JsonRpcMessage): void {
   up.protocolVersion = result.protocolVersion;
   writeToChild(up, '{"jsonrpc":"2.0","method":"notifications/initialized"}');
   resubscribe(up);
+  // A readOnly tool policy judges calls by the tools' annotations: they are known before the first call can come
+  // (still within the start timeout).
+  if (config.tools?.readOnly) refreshToolHints(up, () => becomeReady(up));
+  else becomeReady(up);
+}
+
+function becomeReady(up: Upstream): void {
+  const { proxy, config } = up.server;
+  if (up.state !== 'starting' && up.state !== 'restarting') return; // stopped or timed out meanwhile
+  if (up.initTimer) clearTimeout(up.initTimer);
+  up.initTimer = null;
   up.state = 'ready';
   releaseStartSlot(up);
   notifySettled(up);
@@ -2350,6 +2378,7 @@ function forwardRequest(session: Session, msg: JsonRpcMessage, exchange: Exchang
   if (msg.method === 'ping') return reply(resultText(id, {}));
   if (msg.method === 'initialize') return reply(errorText(id, INVALID_REQUEST, 'Session is already initialized'));
   if (up.state !== 'ready') return reply(errorText(id, SERVER_ERROR, `MCP server is ${up.state}; try again later`));
+  if (toolBlocked(up, msg)) return reply(errorText(id, INVALID_PARAMS, TOOL_BLOCKED));
   if (mayAsk(up, msg.method!)) {
     const entry = enterLane(up, {
       credential: session.credential, session, clientId: id, exchange, start: () => forwardQueued(session, msg, exchange),
@@ -2547,6 +2576,8 @@ function routeChildResponse(up: Upstream, msg: JsonRpcMessage, line: string, raw
     return;
   }
   settlePending(up, msg.id as number);
+  // A filtered list is re-serialised: the child's own bytes still hold the tools it removed.
+  if (pending.method === 'tools/list' && filterToolList(up, msg)) return answerFiltered(pending, msg);
   if (pending.onAnswer) return pending.onAnswer(msg, line, raw);
   if (msg.error !== undefined && pending.method === 'resources/subscribe' && pending.session && pending.uri !== undefined) {
     dropSubscription(pending.session, pending.uri); // roll back the reference taken optimistically
@@ -2721,6 +2752,7 @@ function routeChildNotification(up: Upstream, msg: JsonRpcMessage, line: string)
     target.session.call?.asked?.delete(target.proxyId);
     return deliver(target.session, null, JSON.stringify({ ...msg, params: { ...params, requestId: target.proxyId } }));
   }
+  if (msg.method === 'notifications/tools/list_changed' && up.server.config.tools?.readOnly) refreshToolHints(up);
   if (up.listeners.size) notifyListeners(up, msg);
   const uri = msg.method === 'notifications/resources/updated' ? params.uri : undefined;
   for (const session of up.sessions) {
@@ -3579,7 +3611,6 @@ const LENIENT_HEADER_VERSION = '2025-11-25';
 const HEADER_MISMATCH = -32020;
 const MISSING_CLIENT_CAPABILITY = -32021;
 const UNSUPPORTED_PROTOCOL_VERSION = -32022;
-const INVALID_PARAMS = -32602;
 /** 2025's "resource not found"; 2026-07-28 answers -32602 instead (server/resources §Error Handling). */
 const LEGACY_RESOURCE_NOT_FOUND = -32002;
 
@@ -3636,6 +3667,7 @@ async function handleModern(
   if (res.destroyed) return;
   if (method === 'server/discover') return sendJson(res, 200, resultText(id, discoverResult(up)));
   if (method === 'subscriptions/listen') return openListener(up, msg, accepts, res, credential);
+  if (toolBlocked(up, msg)) return sendJson(res, 200, errorText(id, INVALID_PARAMS, TOOL_BLOCKED));
   const state = msg.params?.requestState;
   if (state !== undefined) return resumeCall(up, msg, accepts, res, credential);
   startModernCall(up, msg, accepts, res, credential);
@@ -4259,7 +4291,111 @@ function endListeners(up: Upstream): void {
   }
 }
 
-// ── 9. OAuth: metadata, registration, consent, tokens ───────────────────────────────────────────────────
+// ── 9. Operator controls: tool policy, request timeouts ─────────────────────────────────────────────────
+//
+// "tools" in a server's config decides which of its tools clients see and may call:
+//   {"allow": [names]}   only these            {"deny": [names]}   all but these
+//   {"readOnly": true}   only tools the server annotates readOnlyHint: true (spec 2025-11-25 server/tools
+//                        §Tool Annotations); combines with allow or deny
+// A filtered tool is removed from every tools/list answer (every transport and protocol revision: each answer
+// passes routeChildResponse), and a tools/call of it is answered -32602 without reaching the child. The
+// readOnly test trusts the server's own annotations, as the operator trusts the server they configured; a
+// tool whose annotations the proxy has not seen yet (a call before any tools/list) is refused.
+
+type ToolPolicy = Readonly<{ allow?: readonly string[]; deny?: readonly string[]; readOnly?: boolean }>;
+
+const TOOL_POLICY_KEYS: ReadonlySet<string> = new Set(['allow', 'deny', 'readOnly']);
+/** Fixed text: whether a tool exists behind the policy is not the client's to learn. */
+const TOOL_BLOCKED = 'Tool not available: this server\'s tool policy does not allow it';
+
+/**
+ * "tools" at load: an object of allow or deny (not both: which would win?) and readOnly. An unknown key is an
+ * error, not ignored: a misspelt "alow" would otherwise expose every tool.
+ */
+function parseToolPolicy(
+  value: unknown, problem: (f: string, v: unknown, e: string) => void, error: (field: string, text: string) => void,
+): ToolPolicy | undefined {
+  if (value === undefined) return undefined;
+  if (!isObject(value)) return problem('tools', value, 'an object with "allow" or "deny" (arrays of tool names) and/or "readOnly": true'), undefined;
+  let ok = true;
+  const fail = (field: string, v: unknown, e: string) => ((ok = false), problem(field, v, e));
+  for (const key of Object.keys(value)) {
+    if (TOOL_POLICY_KEYS.has(key)) continue;
+    ok = false;
+    error(`tools.${JSON.stringify(key)}`, 'unknown key; expected "allow", "deny" or "readOnly"');
+  }
+  const names = (key: 'allow' | 'deny') => {
+    const list = value[key];
+    if (list === undefined) return undefined;
+    if (!Array.isArray(list) || !list.every((name) => typeof name === 'string' && name !== '')) {
+      return fail(`tools.${key}`, list, 'an array of tool names (non-empty strings)'), undefined;
+    }
+    return Object.freeze([...list] as string[]);
+  };
+  const allow = names('allow');
+  const deny = names('deny');
+  if (allow && deny) {
+    ok = false;
+    error('tools', '"allow" and "deny" together; use one (with "allow", every other tool is hidden already)');
+  }
+  if (value.readOnly !== undefined && typeof value.readOnly !== 'boolean') fail('tools.readOnly', value.readOnly, 'a boolean');
+  if (!ok) return undefined;
+  return Object.freeze({ ...(allow ? { allow } : {}), ...(deny ? { deny } : {}), ...(value.readOnly ? { readOnly: true } : {}) });
+}
+
+function toolAllowed(policy: ToolPolicy, name: string, readOnlyHint: boolean | undefined): boolean {
+  if (policy.allow && !policy.allow.includes(name)) return false;
+  if (policy.deny?.includes(name)) return false;
+  return !policy.readOnly || readOnlyHint === true;
+}
+
+/** A tools/call the policy does not allow (a call without a string name is the child's to refuse). */
+function toolBlocked(up: Upstream, msg: JsonRpcMessage): boolean {
+  const policy = up.server.config.tools;
+  if (!policy || msg.method !== 'tools/call' || typeof msg.params?.name !== 'string') return false;
+  return !toolAllowed(policy, msg.params.name, up.toolHints.get(msg.params.name));
+}
+
+/**
+ * A tools/list answer from a server with a policy: each tool's readOnlyHint is remembered (the answer to a
+ * later tools/call depends on it), and the tools the policy hides are removed. True when the list changed.
+ */
+function filterToolList(up: Upstream, msg: JsonRpcMessage): boolean {
+  const policy = up.server.config.tools;
+  const result = msg.result;
+  if (!policy || !isObject(result) || !Array.isArray(result.tools)) return false;
+  const tools: unknown[] = result.tools;
+  for (const tool of tools) {
+    if (!isObject(tool) || typeof tool.name !== 'string') continue;
+    if (up.toolHints.size >= MAX_TOOLS_TRACKED && !up.toolHints.has(tool.name)) break;
+    up.toolHints.set(tool.name, isObject(tool.annotations) && tool.annotations.readOnlyHint === true);
+  }
+  const kept = tools.filter((tool) => isObject(tool) && typeof tool.name === 'string' && toolAllowed(policy, tool.name, up.toolHints.get(tool.name)));
+  if (kept.length === tools.length) return false;
+  result.tools = kept;
+  return true;
+}
+
+/** Delivers a filtered list: to the call's own handler (2026-07-28, the proxy's own request) or to its client. */
+function answerFiltered(pending: Pending, msg: JsonRpcMessage): void {
+  if (pending.onAnswer) return pending.onAnswer(msg, '', null); // no line: stamped by re-serialising
+  answerPending(pending, resultText(pending.clientId, msg.result));
+}
+
+/**
+ * Learns every tool's annotations with the proxy's own tools/list, page by page (MAX_TOOL_LIST_PAGES): when the
+ * child is ready and when it says its list changed, so a readOnly policy can judge a call before any client
+ * has listed the tools.
+ */
+function refreshToolHints(up: Upstream, done: () => void = () => {}, cursor?: string, page = 1): void {
+  sendOwnRequest(up, 'tools/list', cursor === undefined ? {} : { cursor }, (msg) => {
+    const next = isObject(msg.result) ? msg.result.nextCursor : undefined;
+    if (typeof next === 'string' && page < MAX_TOOL_LIST_PAGES) refreshToolHints(up, done, next, page + 1);
+    else done();
+  });
+}
+
+// ── 10. OAuth: metadata, registration, consent, tokens ───────────────────────────────────────────────────
 //
 // A built-in OAuth 2.1 authorization server (draft-ietf-oauth-v2-1), on only when the operator sets a
 // passphrase (MCP_PROXY_PASSWORD) and the public URL: Claude.ai's connectors authenticate with OAuth or not at
@@ -5389,7 +5525,7 @@ function routeOAuth(proxy: Proxy, req: http.IncomingMessage, res: http.ServerRes
   return false;
 }
 
-// ── 10. Lifecycle: start, reload, shutdown ──────────────────────────────────────────────────────────────
+// ── 11. Lifecycle: start, reload, shutdown ──────────────────────────────────────────────────────────────
 
 /** What `startProxy` returns: the running proxy's handle for main() and the tests. */
 export type RunningProxy = {
@@ -5687,7 +5823,7 @@ async function applyConfig(proxy: Proxy, config: Config): Promise<ConfigDiff | n
     ...diff.changed.map(({ config: server }) => removeServer(proxy, serverSegment(server.name), 'its config changed')),
   ];
   for (const server of diff.removed) rememberRemoved(proxy, serverSegment(server.name));
-  for (const server of diff.updated) proxy.servers.get(serverSegment(server.name))!.config = server;
+  for (const server of diff.updated) updateServer(proxy.servers.get(serverSegment(server.name))!, server);
   for (const server of [...diff.changed.map((c) => c.config), ...diff.added]) {
     proxy.removed.delete(serverSegment(server.name));
     addServer(proxy, server);
@@ -5697,6 +5833,12 @@ async function applyConfig(proxy: Proxy, config: Config): Promise<ConfigDiff | n
   await Promise.all(stopped);
   proxy.secrets = secretsOf(proxy.options, config.servers);
   return diff;
+}
+
+/** Settings read as they are used take effect at once; a new readOnly policy needs the child's annotations. */
+function updateServer(server: ServerRuntime, config: ServerConfig): void {
+  server.config = config;
+  if (config.tools?.readOnly) for (const up of server.upstreams) if (up.state === 'ready') refreshToolHints(up);
 }
 
 function isEmptyDiff(diff: ConfigDiff): boolean {
@@ -5800,8 +5942,9 @@ function sweep(proxy: Proxy): void {
 
 /** A request the child has not answered in requestTimeoutMs: the client gets an error, the child a cancel. */
 function expireRequests(up: Upstream, now: number): void {
+  const timeoutMs = up.server.config.requestTimeoutMs ?? up.server.proxy.limits.requestTimeoutMs;
   for (const [childId, pending] of up.pending) {
-    if (now - pending.sentAtMs < up.server.proxy.limits.requestTimeoutMs || pending.method === 'initialize') continue;
+    if (now - pending.sentAtMs < timeoutMs || pending.method === 'initialize') continue;
     abortPending(up, childId, pending, 'timeout', REQUEST_TIMEOUT, 'Request timed out');
   }
 }
@@ -5893,7 +6036,7 @@ function closeProxy(proxy: Proxy, drain: boolean): Promise<void> {
   return proxy.closed;
 }
 
-// ── 11. Doctor: replay Claude.ai's connect ──────────────────────────────────────────────────────────────
+// ── 12. Doctor: replay Claude.ai's connect ──────────────────────────────────────────────────────────────
 //
 // `doctor [URL]` does against a running proxy what Claude.ai does when a user adds a connector, step by
 // step, and says in plain words which step fails and why: the unauthenticated POST and its 401 challenge,
@@ -6179,7 +6322,7 @@ async function doctorCommand(target: string | undefined, options: Options): Prom
   process.exit(ok ? 0 : 1);
 }
 
-// ── 12. CLI and main ────────────────────────────────────────────────────────────────────────────────────
+// ── 13. CLI and main ────────────────────────────────────────────────────────────────────────────────────
 
 const USAGE = `Usage: node dist/proxy.js [check | healthcheck | hash-password | doctor [URL]] [options]
 
