@@ -43,14 +43,15 @@
 //                                        12. CLI and main
 
 import { spawn, type ChildProcess } from 'node:child_process';
-import { createHash, createHmac, randomBytes, scryptSync, timingSafeEqual } from 'node:crypto';
-import { closeSync, fsyncSync, mkdirSync, openSync, readSync, realpathSync, renameSync, statSync, writeSync } from 'node:fs';
+import { X509Certificate, createHash, createHmac, createPrivateKey, randomBytes, scryptSync, timingSafeEqual } from 'node:crypto';
+import { closeSync, fsyncSync, mkdirSync, openSync, readSync, realpathSync, renameSync, statSync, watch, writeSync, type FSWatcher } from 'node:fs';
 import http from 'node:http';
 import https from 'node:https';
 import { lookup as dnsLookup } from 'node:dns';
 import { BlockList, isIP, type Socket } from 'node:net';
 import { homedir } from 'node:os';
-import { basename, isAbsolute, join, resolve as resolvePath, sep } from 'node:path';
+import { basename, dirname, isAbsolute, join, resolve as resolvePath, sep } from 'node:path';
+import { createSecureContext } from 'node:tls';
 import { pathToFileURL } from 'node:url';
 
 // ── 1. Limits and defaults ──────────────────────────────────────────────────────────────────────────────
@@ -321,6 +322,13 @@ const MIN_START_TIMEOUT_MS = 1_000;
  * rarely DELETEs its sessions; four Playwright sessions held 36 Chromium processes for the 30-minute default).
  */
 const PER_SESSION_IDLE_MS = 5 * 60_000;
+/** --tls-cert / --tls-key files: a Let's Encrypt fullchain.pem is about 6 KB, an RSA-4096 key about 3 KB. */
+const MAX_PEM_FILE_BYTES = 256 * 1024;
+/**
+ * Quiet time after the last change in the certificate's or key's directory before the pair is re-read:
+ * certbot swaps the live/ symlinks one at a time, and a read between two swaps sees a mismatched pair.
+ */
+const TLS_RELOAD_DEBOUNCE_MS = 500;
 /** A requestState we issue is ~250 characters; anything much longer is not one of ours. */
 const MAX_REQUEST_STATE_CHARS = 1024;
 
@@ -477,6 +485,12 @@ export type Options = {
    * connector has been reported to send exactly that pair (github.com/anthropics/claude-code/issues/93290).
    */
   strictProtocolHeader: boolean;
+  /**
+   * PEM certificate chain and private key files: both set, the proxy serves HTTPS and re-reads them when they
+   * change (renewals); both undefined, plain HTTP (a reverse proxy terminates TLS). One alone is refused.
+   */
+  tlsCert: string | undefined;
+  tlsKey: string | undefined;
 };
 
 type ServerState = 'starting' | 'ready' | 'restarting' | 'errored' | 'stopped';
@@ -530,6 +544,8 @@ type Proxy = {
   continuations: Map<string, ModernCall>;
   /** HMAC key of requestState, loaded from the state directory on first use. */
   stateKey: Buffer | null;
+  /** Stops the certificate watchers and their pending reload (TLS only; null without TLS). */
+  stopTlsWatch: (() => void) | null;
   closed: Promise<void> | null;
 };
 
@@ -5326,16 +5342,19 @@ export async function startProxy(config: Config, start: StartOptions = {}): Prom
       'with --public-url), bind 127.0.0.1, or accept the risk with ' +
       '--allow-unauthenticated (MCP_PROXY_ALLOW_UNAUTHENTICATED=1)');
   }
+  const tls = options.tlsCert === undefined && options.tlsKey === undefined ? null : readTlsPair(options.tlsCert, options.tlsKey);
+  const serverOptions: http.ServerOptions = {
+    requestTimeout: limits.httpRequestTimeoutMs, headersTimeout: limits.headersTimeoutMs,
+    keepAliveTimeout: limits.keepAliveTimeoutMs, connectionsCheckingInterval: limits.connectionsCheckIntervalMs,
+  };
   const secrets = [...new Set([
     ...config.servers.flatMap((server) => server.secrets), ...options.tokens,
     ...(options.passphrase ? [options.passphrase] : []), ...(options.oauthClient ? [options.oauthClient.secret] : []),
   ])];
   const proxy: Proxy = {
     options, limits, log: safeLogger(log, () => secrets), servers: new Map(),
-    http: http.createServer({
-      requestTimeout: limits.httpRequestTimeoutMs, headersTimeout: limits.headersTimeoutMs,
-      keepAliveTimeout: limits.keepAliveTimeoutMs, connectionsCheckingInterval: limits.connectionsCheckIntervalMs,
-    }),
+    // A TLS handshake comes before the headers: one that stalls gets no longer than they would (slowloris).
+    http: tls ? https.createServer({ ...serverOptions, ...tls, handshakeTimeout: limits.headersTimeoutMs }) : http.createServer(serverOptions),
     state: 'RUNNING', streams: new Set(), timers: [], startQueue: [], starting: 0,
     tokens: options.tokens.map(sha256), oauth, publicUrl: oauth?.publicUrl ?? (options.publicUrl ? new URL(options.publicUrl) : null), trustedProxies: trustList(options.trustProxy), loopbackBind,
     allowedHosts: new Set([
@@ -5343,7 +5362,7 @@ export async function startProxy(config: Config, start: StartOptions = {}): Prom
       ...(oauth ? [oauth.publicUrl.hostname] : []),
     ]),
     connections: new Set(), backlogged: new Set(), maxConnections: connectionCap(limits.maxConnections), bodyBytesInFlight: 0, heldAnswerBytes: 0,
-    groups: new Map(), continuations: new Map(), stateKey: null, closed: null,
+    groups: new Map(), continuations: new Map(), stateKey: null, stopTlsWatch: null, closed: null,
   };
   proxy.http.maxHeadersCount = limits.maxHeadersCount;
   if (proxy.maxConnections < FEW_CONNECTIONS) {
@@ -5352,6 +5371,7 @@ export async function startProxy(config: Config, start: StartOptions = {}): Prom
   proxy.http.on('connection', (socket: Socket) => onConnection(proxy, socket));
   proxy.http.on('request', (req, res) => serveRequest(proxy, req, res));
   await listen(proxy.http, options.host, options.port);
+  if (tls) proxy.stopTlsWatch = watchTlsFiles(proxy, proxy.http as https.Server, options.tlsCert!, options.tlsKey!, tls);
   LIVE_PROXIES.add(proxy);
   for (const server of config.servers) addServer(proxy, server);
   proxy.timers.push(
@@ -5362,7 +5382,7 @@ export async function startProxy(config: Config, start: StartOptions = {}): Prom
   const port = (proxy.http.address() as { port: number }).port;
   return {
     port,
-    url: `http://${options.host.includes(':') ? `[${options.host}]` : options.host}:${port}`,
+    url: `${tls ? 'https' : 'http'}://${options.host.includes(':') ? `[${options.host}]` : options.host}:${port}`,
     ready: (timeoutMs = limits.initTimeoutMs) => waitReady(proxy, timeoutMs),
     status: () => statusOf(proxy),
     close: (options) => closeProxy(proxy, options?.drain ?? false),
@@ -5461,7 +5481,7 @@ function defaultOptions(): Options {
     configPath: DEFAULT_CONFIG_PATH, host: DEFAULT_HOST, port: DEFAULT_PORT, tokens: [], allowUnauthenticated: false,
     allowedOrigins: [], corsOrigins: [], logLevel: 'info', logFormat: 'text', packagesDir: undefined,
     publicUrl: undefined, baseDomain: undefined, passphrase: undefined, stateDir: defaultStateDir(process.env), oauthClient: undefined,
-    clientMetadataHosts: [], trustProxy: [], strictProtocolHeader: false,
+    clientMetadataHosts: [], trustProxy: [], strictProtocolHeader: false, tlsCert: undefined, tlsKey: undefined,
   };
 }
 
@@ -5490,6 +5510,95 @@ function normalizeOrigin(origin: string): string {
 function isLoopbackHost(host: string): boolean {
   if (host === 'localhost' || host === '::1') return true;
   return isIP(host) === 4 && host.startsWith('127.');
+}
+
+type TlsPair = { cert: string; key: string };
+
+/**
+ * The certificate chain and private key, read (bounded) and checked: each parses and the key belongs to the
+ * first certificate. A ProxyError names the file and the problem, never the contents or OpenSSL's text.
+ */
+export function readTlsPair(certPath: string | undefined, keyPath: string | undefined, readFile: ReadFile = readUtf8): TlsPair {
+  const fail = (text: string) => new ProxyError('TLS', text);
+  if (!certPath || !keyPath) throw fail('TLS needs both --tls-cert and --tls-key (MCP_PROXY_TLS_CERT, MCP_PROXY_TLS_KEY), or neither');
+  const read = (flag: string, path: string) => {
+    try {
+      return readFile(path, MAX_PEM_FILE_BYTES);
+    } catch (err) {
+      throw fail(`${flag} ${JSON.stringify(path)}: cannot read (${readFailure(err)})`);
+    }
+  };
+  const cert = read('--tls-cert', certPath);
+  const key = read('--tls-key', keyPath);
+  let leaf: X509Certificate;
+  try {
+    leaf = new X509Certificate(cert);
+  } catch {
+    throw fail(`--tls-cert ${JSON.stringify(certPath)}: not a PEM certificate`);
+  }
+  let privateKey;
+  try {
+    privateKey = createPrivateKey(key);
+  } catch {
+    throw fail(`--tls-key ${JSON.stringify(keyPath)}: not a PEM private key (or one encrypted with a passphrase)`);
+  }
+  if (!leaf.checkPrivateKey(privateKey)) throw fail(`--tls-key ${JSON.stringify(keyPath)}: does not match the certificate in ${JSON.stringify(certPath)}`);
+  try {
+    createSecureContext({ cert, key });
+  } catch (err) {
+    throw fail(`--tls-cert ${JSON.stringify(certPath)}: OpenSSL refuses the pair (${(err as NodeJS.ErrnoException).code ?? 'error'})`);
+  }
+  return { cert, key };
+}
+
+/**
+ * Re-reads the certificate and key when their directories change, and serves a new valid pair to new
+ * connections (server.setSecureContext, https://nodejs.org/api/tls.html#serversetsecurecontextoptions);
+ * connections already open keep the context they were made with. A bad pair (a half-done renewal) is logged
+ * in one line and the old one keeps serving. The directories are watched, not the files: certbot swaps
+ * live/ symlinks, Kubernetes swaps its ..data link and editors rename over a file, and a watch on the old
+ * inode goes silent (https://nodejs.org/api/fs.html#inodes). Any event there triggers a re-read, since the
+ * name in it may be a link's (..data) rather than the file's; an unchanged pair is not re-applied.
+ * Not handled: the directory itself replaced (watch its parent's path instead: mount the parent).
+ */
+function watchTlsFiles(proxy: Proxy, server: https.Server, certPath: string, keyPath: string, initial: TlsPair): () => void {
+  let serving = initial;
+  let timer: NodeJS.Timeout | null = null;
+  const reload = () => {
+    timer = null;
+    let next: TlsPair;
+    try {
+      next = readTlsPair(certPath, keyPath);
+    } catch (err) {
+      return proxy.log.error('proxy', `TLS not reloaded, the previous certificate keeps serving: ${(err as Error).message}`);
+    }
+    if (next.cert === serving.cert && next.key === serving.key) return;
+    server.setSecureContext(next);
+    serving = next;
+    proxy.log.info('proxy', `TLS certificate reloaded from ${certPath} (valid until ${new X509Certificate(next.cert).validTo})`);
+  };
+  const tlsDirOnChange = () => {
+    if (timer) clearTimeout(timer);
+    timer = setTimeout(() => guarded(proxy, 'proxy', 'a certificate reload', reload), TLS_RELOAD_DEBOUNCE_MS);
+    timer.unref();
+  };
+  const watchers: FSWatcher[] = [];
+  for (const dir of new Set([dirname(resolvePath(certPath)), dirname(resolvePath(keyPath))])) {
+    try {
+      const watcher = watch(dir, tlsDirOnChange);
+      watcher.on('error', (err: NodeJS.ErrnoException) => {
+        proxy.log.warn('proxy', `stopped watching ${dir} (${err.code ?? 'error'}): certificate renewals there need a restart`);
+        watcher.close();
+      });
+      watchers.push(watcher);
+    } catch (err) {
+      proxy.log.warn('proxy', `cannot watch ${dir} (${(err as NodeJS.ErrnoException).code ?? 'error'}): certificate renewals there need a restart`);
+    }
+  }
+  return () => {
+    if (timer) clearTimeout(timer);
+    for (const watcher of watchers) watcher.close();
+  };
 }
 
 function listen(server: http.Server, host: string, port: number): Promise<void> {
@@ -5621,6 +5730,7 @@ function closeProxy(proxy: Proxy, drain: boolean): Promise<void> {
       await waitUntil(() => requestsInFlight(proxy) === 0, proxy.limits.drainGraceMs);
     }
     for (const timer of proxy.timers) clearInterval(timer);
+    proxy.stopTlsWatch?.();
     const names = [...proxy.servers.keys()];
     const stopped = Promise.all(names.map((name) => removeServer(proxy, name)));
     for (const stream of [...proxy.streams]) closeStream(stream);
@@ -5902,7 +6012,7 @@ function doctorRequest(method: string, where: string, body: string | undefined, 
 
 /** The endpoints doctor checks without a URL: every server's /mcp on the public URL (or the local address). */
 function doctorTargets(config: Config, options: Options): string[] {
-  const base = options.publicUrl ? new URL(options.publicUrl).origin : `http://${options.host.includes(':') ? `[${options.host}]` : options.host}:${options.port}`;
+  const base = options.publicUrl ? new URL(options.publicUrl).origin : `${options.tlsCert ? 'https' : 'http'}://${options.host.includes(':') ? `[${options.host}]` : options.host}:${options.port}`;
   return config.servers.map((server) => `${base}/${serverSegment(server.name)}/mcp`);
 }
 
@@ -5954,6 +6064,9 @@ Options (each also as an environment variable):
   --packages-dir DIR         run \`npx [-y] PKG\` from DIR/node_modules/PKG   MCP_PROXY_PACKAGES_DIR
   --strict-protocol-header   refuse a 2026-07-28 request sent with MCP-Protocol-Version 2025-11-25
                              (Claude's connector sends that pair)   MCP_PROXY_STRICT_PROTOCOL_HEADER=1
+  --tls-cert PATH            serve HTTPS with this PEM certificate chain   MCP_PROXY_TLS_CERT
+  --tls-key PATH             …and this PEM private key (both or neither;   MCP_PROXY_TLS_KEY
+                             both are re-read when their directory changes)
 
 OAuth for Claude.ai (on when a passphrase is set):
   MCP_PROXY_PASSWORD         the passphrase the consent page asks for, or its scrypt hash (hash-password)
@@ -5977,6 +6090,7 @@ type CliResult = { command: Command; options: Options; target?: string } | { err
 const VALUE_FLAGS: ReadonlySet<string> = new Set([
   '--config', '--host', '--port', '--token', '--token-file', '--allow-origin', '--cors-origin', '--log-level', '--log-format',
   '--packages-dir', '--public-url', '--base-domain', '--state-dir', '--password-file', '--oauth-client-id', '--client-metadata-host', '--trust-proxy',
+  '--tls-cert', '--tls-key',
 ]);
 
 /** Flags win over MCP_PROXY_* variables, which win over the defaults. Pure but for reading a token file. */
@@ -6031,6 +6145,11 @@ function buildOptions(command: Exclude<Command, 'help'>, flags: Map<string, stri
   }
   const weak = tokenProblem(tokens);
   if (weak) return { error: `--token: ${weak}` };
+  const tlsCert = one('--tls-cert', 'MCP_PROXY_TLS_CERT');
+  const tlsKey = one('--tls-key', 'MCP_PROXY_TLS_KEY');
+  if ((tlsCert === undefined) !== (tlsKey === undefined)) {
+    return { error: `${tlsCert === undefined ? '--tls-key' : '--tls-cert'} needs ${tlsCert === undefined ? '--tls-cert' : '--tls-key'} too (MCP_PROXY_TLS_CERT and MCP_PROXY_TLS_KEY): HTTPS needs both the certificate and its key` };
+  }
   const allowRaw = flags.has('--allow-unauthenticated') ? 'true' : (env.MCP_PROXY_ALLOW_UNAUTHENTICATED ?? '');
   const strictRaw = flags.has('--strict-protocol-header') ? 'true' : (env.MCP_PROXY_STRICT_PROTOCOL_HEADER ?? '');
   const options: Options = {
@@ -6052,6 +6171,8 @@ function buildOptions(command: Exclude<Command, 'help'>, flags: Map<string, stri
     clientMetadataHosts: list('--client-metadata-host', 'MCP_PROXY_CLIENT_METADATA_HOSTS').map((host) => host.toLowerCase()),
     trustProxy: list('--trust-proxy', 'MCP_PROXY_TRUST_PROXY'),
     strictProtocolHeader: strictRaw === '1' || strictRaw.toLowerCase() === 'true',
+    tlsCert,
+    tlsKey,
   };
   const clientId = one('--oauth-client-id', 'MCP_PROXY_OAUTH_CLIENT_ID');
   if (clientId !== undefined) {
@@ -6099,6 +6220,13 @@ async function main(): Promise<void> {
   }
   if (cli.command === 'check') {
     const problems = checkHost(loaded.config, cli.options.configPath);
+    if (cli.options.tlsCert !== undefined) {
+      try {
+        readTlsPair(cli.options.tlsCert, cli.options.tlsKey);
+      } catch (err) {
+        problems.push((err as Error).message);
+      }
+    }
     for (const problem of problems) writeStderr(`error: ${problem}`);
     if (problems.length) process.exit(1);
     const names = loaded.config.servers.map((server) => server.name).join(', ') || 'none';
@@ -6214,11 +6342,16 @@ async function hashPasswordCommand(): Promise<void> {
 /** For container HEALTHCHECKs: no shell or curl needed. */
 async function healthcheck(options: Options): Promise<void> {
   const host = options.host === '0.0.0.0' || options.host === '::' ? DEFAULT_HOST : options.host;
+  const target = { host, port: options.port, path: '/healthz', timeout: DEFAULT_LIMITS.headersTimeoutMs };
   const ok = await new Promise<boolean>((resolve) => {
-    const req = http.get({ host, port: options.port, path: '/healthz', timeout: DEFAULT_LIMITS.headersTimeoutMs }, (res) => {
+    const onResponse = (res: http.IncomingMessage) => {
       res.resume();
       resolve(res.statusCode === 200);
-    });
+    };
+    // With TLS the probe does not verify the certificate: it names the public host, not the address probed
+    // here, so a correct setup would fail. Nothing is at stake: the probe sends no credential and reads only
+    // the status of /healthz from this container's own port.
+    const req = options.tlsCert ? https.get({ ...target, rejectUnauthorized: false }, onResponse) : http.get(target, onResponse);
     req.on('timeout', () => req.destroy());
     req.on('error', () => resolve(false));
   });
