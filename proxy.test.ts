@@ -43,6 +43,7 @@ import {
   DEFAULT_LIMITS,
   ProxyError,
   SUPPORTED_PROTOCOL_VERSIONS,
+  checkHost,
   createIdScanner,
   createLineFramer,
   doctor,
@@ -8762,6 +8763,83 @@ describe('12. CLI and main', () => {
     assert.deepEqual(parseCli([], { MCP_PROXY_TLS_KEY: '/k.pem' }), { error: '--tls-key needs --tls-cert too (MCP_PROXY_TLS_CERT and MCP_PROXY_TLS_KEY): HTTPS needs both the certificate and its key' });
   });
 
+  it('parseCli() --start-concurrency (MCP_PROXY_START_CONCURRENCY) takes 1 to 64; 0, 65, 1.5, -1 and words are refused', () => {
+    for (const n of ['1', '64']) {
+      const r = parseCli(['--start-concurrency', n], {});
+      assert.ok(!('error' in r) && r.options.startConcurrency === Number(n), n);
+    }
+    const env = parseCli([], { MCP_PROXY_START_CONCURRENCY: '2' });
+    assert.ok(!('error' in env) && env.options.startConcurrency === 2);
+    const unset = parseCli([], {});
+    assert.ok(!('error' in unset) && unset.options.startConcurrency === undefined);
+    for (const n of ['0', '65', '1.5', '-1', 'four']) {
+      assert.deepEqual(parseCli(['--start-concurrency', n], {}), { error: `--start-concurrency: got ${JSON.stringify(n)}, expected an integer from 1 to 64` }, n);
+    }
+    assert.deepEqual(parseCli([], { MCP_PROXY_START_CONCURRENCY: '0' }), { error: '--start-concurrency: got "0", expected an integer from 1 to 64' });
+  });
+
+  it('startProxy() startConcurrency: 1 starts one child at a time (three 600 ms initializes take at least 1.8 s)', { timeout: 20_000 }, async (t) => {
+    const servers = ['s1', 's2', 's3'].map((name) => fixture(name, 'slowinit', { env: { FIXTURE_INIT_DELAY_MS: '600' } }));
+    const t0 = Date.now();
+    const h = await harness(t, { servers }, { limits: FAST, startConcurrency: 1 });
+    await h.proxy.ready(10_000);
+    // In turn they cannot be faster than 3 × 600 ms; together (the default, 4) they took 0.9 s here, loaded.
+    assert.ok(Date.now() - t0 >= 1_800, `ready after ${Date.now() - t0} ms: the children initialized together`);
+  });
+
+  it('checkHost() warns, naming the server and the fix: a command not on the PATH the child gets or not executable, an npx package not baked into --packages-dir, a per-session server at the default idle timeout', () => {
+    const dir = tmpDir('check');
+    const bin = path.join(dir, 'bin');
+    const elsewhere = path.join(dir, 'elsewhere');
+    fs.mkdirSync(bin);
+    fs.mkdirSync(elsewhere);
+    fs.writeFileSync(path.join(bin, 'mytool'), '#!/bin/sh\n', { mode: 0o755 });
+    fs.writeFileSync(path.join(bin, 'notexec'), '#!/bin/sh\n', { mode: 0o644 });
+    fs.writeFileSync(path.join(elsewhere, 'onlyhere'), '#!/bin/sh\n', { mode: 0o755 });
+    const packagesDir = path.join(dir, 'packages');
+    fs.mkdirSync(path.join(packagesDir, 'node_modules', 'baked-pkg'), { recursive: true });
+    fs.writeFileSync(path.join(packagesDir, 'node_modules', 'baked-pkg', 'package.json'), JSON.stringify({ name: 'baked-pkg', bin: 'cli.js' }));
+    const servers = [
+      srv('found', [], { command: 'mytool' }),
+      srv('absolute', [], { command: NODE }),
+      srv('own-path', [], { command: 'onlyhere', env: { PATH: elsewhere } }), // the config's env.PATH is the one searched
+      srv('relative', [], { command: './mytool', cwd: bin }),
+      srv('baked', ['-y', 'baked-pkg@1.0.0'], { command: 'npx' }),
+      srv('short', [], { command: 'mytool', sessions: 'per-session', idleTimeoutMs: 60_000 }),
+      srv('missing', [], { command: 'no-such-command-xyz' }),
+      srv('noexec', [], { command: 'notexec' }),
+      srv('abs-missing', [], { command: path.join(dir, 'absent') }),
+      srv('unbaked', ['-y', '@scope/not-baked@2'], { command: 'npx' }),
+      srv('each', [], { command: 'mytool', sessions: 'per-session' }),
+    ];
+    const { errors, warnings } = checkHost({ servers }, 'cfg.json', { env: { PATH: bin }, packagesDir });
+    assert.deepEqual(errors, []);
+    assert.deepEqual(warnings, [
+      'cfg.json: mcpServers.missing.command: "no-such-command-xyz" is not found on the PATH the server gets (the proxy\'s PATH, or its "env".PATH): install it, or give its absolute path',
+      `cfg.json: mcpServers.noexec.command: "notexec" resolves to ${path.join(bin, 'notexec')}, which is not an executable file: chmod +x it, or name the interpreter`,
+      `cfg.json: mcpServers.abs-missing.command: ${JSON.stringify(path.join(dir, 'absent'))} does not exist: give the path of an installed program`,
+      `cfg.json: mcpServers.unbaked.command: \`npx @scope/not-baked\` is not baked into ${packagesDir}, and npx is not on the PATH the server gets; the distroless image has neither npx nor network: ` +
+        `bake it into the image (docker build --build-arg MCP_NPM_PACKAGES="@scope/not-baked" …), or install it under ${packagesDir}/node_modules`,
+      'cfg.json: mcpServers.each: "sessions": "per-session" keeps a process for each client session until it has been idle 300000 ms (clients rarely end their sessions); set a shorter "idleTimeoutMs", e.g. 60000',
+    ]);
+    // Without --packages-dir an npx command is a command like any other; with npx on the PATH the package is downloaded.
+    fs.writeFileSync(path.join(bin, 'npx'), '#!/bin/sh\n', { mode: 0o755 });
+    const unbaked = servers.filter((server) => server.name === 'unbaked');
+    assert.deepEqual(checkHost({ servers: unbaked }, 'cfg.json', { env: { PATH: bin }, packagesDir: undefined }).warnings, []);
+    assert.match(checkHost({ servers: unbaked }, 'cfg.json', { env: { PATH: bin }, packagesDir }).warnings.join('\n'), /is not baked into .*, and npx downloads it at every start \(that needs the network\)/);
+  });
+
+  it('parseConfig() lists each ${VAR:-default} whose VAR is unset or empty (server, field and variable, never a value) for check; a set VAR is not listed', () => {
+    const text = JSON.stringify({ mcpServers: { s: { command: 'x', args: ['--level=${LEVEL:-info}', '${SET_VAR:-nope}'], env: { K: '${EMPTY:-d}' } } } });
+    const r = parseConfig(text, 'cfg.json', { SET_VAR: 'value-of-set-var', EMPTY: '' });
+    assert.ok(r.config, r.errors.join('\n'));
+    assert.deepEqual(r.defaulted, [
+      'cfg.json: mcpServers.s.args[0]: ${LEVEL} is not set, so the default written in the config is used',
+      'cfg.json: mcpServers.s.env.K: ${EMPTY} is empty, so the default written in the config is used',
+    ]);
+    assert.deepEqual(r.warnings, []);
+  });
+
   describe('node dist/proxy.js', () => {
     before(async () => {
       await new Promise<void>((resolve, reject) =>
@@ -8798,6 +8876,25 @@ describe('12. CLI and main', () => {
       const r = await run(['check', '--config', cfg]);
       assert.equal(r.code, 0, r.stderr);
       assert.match(r.stdout + r.stderr, /config OK/);
+    });
+
+    it('check warns (exit 0, a "warning: " line each, config OK) about a command not on the PATH, an npx package not baked, ${VAR:-default} with VAR unset and a per-session server without idleTimeoutMs', async () => {
+      const packages = tmpDir('cli-packages');
+      const cfg = writeConfig({ mcpServers: {
+        gone: { command: 'no-such-command-xyz' },
+        unbaked: { command: 'npx', args: ['-y', '@example/not-baked'] },
+        dflt: { command: NODE, args: ['${RMP_TEST_UNSET_VAR:-fallback-value}'] },
+        each: { command: NODE, args: ['x.js'], sessions: 'per-session' },
+      } });
+      const r = await run(['check', '--config', cfg, '--packages-dir', packages]);
+      assert.equal(r.code, 0, r.stderr);
+      assert.match(r.stdout, /config OK/);
+      assert.equal(r.stderr.split('\n').filter((l) => l.startsWith('warning: ')).length, 4, r.stderr);
+      assert.match(r.stderr, /^warning: .*mcpServers\.gone\.command: "no-such-command-xyz" is not found on the PATH/m);
+      assert.match(r.stderr, /^warning: .*mcpServers\.unbaked\.command: `npx @example\/not-baked` is not baked into .*MCP_NPM_PACKAGES="@example\/not-baked"/m);
+      assert.match(r.stderr, /^warning: .*mcpServers\.dflt\.args\[0\]: \$\{RMP_TEST_UNSET_VAR\} is not set, so the default written in the config is used$/m);
+      assert.match(r.stderr, /^warning: .*mcpServers\.each: "sessions": "per-session" .*"idleTimeoutMs", e\.g\. 60000$/m);
+      assert.doesNotMatch(r.stderr, /fallback-value/);
     });
 
     it('check with a bad config exits 1 and prints each error line on stderr', async () => {

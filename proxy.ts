@@ -44,13 +44,13 @@
 
 import { spawn, type ChildProcess } from 'node:child_process';
 import { X509Certificate, createHash, createHmac, createPrivateKey, randomBytes, scryptSync, timingSafeEqual } from 'node:crypto';
-import { closeSync, fsyncSync, mkdirSync, openSync, readSync, realpathSync, renameSync, statSync, watch, writeSync, type FSWatcher } from 'node:fs';
+import { accessSync, closeSync, constants as fsConstants, fsyncSync, mkdirSync, openSync, readSync, realpathSync, renameSync, statSync, watch, writeSync, type FSWatcher } from 'node:fs';
 import http from 'node:http';
 import https from 'node:https';
 import { lookup as dnsLookup } from 'node:dns';
 import { BlockList, isIP, type Socket } from 'node:net';
 import { homedir } from 'node:os';
-import { basename, dirname, isAbsolute, join, resolve as resolvePath, sep } from 'node:path';
+import { basename, delimiter, dirname, isAbsolute, join, resolve as resolvePath, sep } from 'node:path';
 import { createSecureContext } from 'node:tls';
 import { pathToFileURL } from 'node:url';
 
@@ -322,6 +322,10 @@ const MIN_START_TIMEOUT_MS = 1_000;
  * rarely DELETEs its sessions; four Playwright sessions held 36 Chromium processes for the 30-minute default).
  */
 const PER_SESSION_IDLE_MS = 5 * 60_000;
+/** What `check` suggests for a per-session server left at PER_SESSION_IDLE_MS: a process per session, briefly. */
+const SUGGESTED_PER_SESSION_IDLE_MS = 60_000;
+/** --start-concurrency at most: each starting child may be an `npx -y` install; more at once is a typo. */
+const MAX_START_CONCURRENCY = 64;
 /** --tls-cert / --tls-key files: a Let's Encrypt fullchain.pem is about 6 KB, an RSA-4096 key about 3 KB. */
 const MAX_PEM_FILE_BYTES = 256 * 1024;
 /**
@@ -491,6 +495,8 @@ export type Options = {
    */
   tlsCert: string | undefined;
   tlsKey: string | undefined;
+  /** Overrides limits.startConcurrency (children initializing at once); undefined: the limit's default. */
+  startConcurrency: number | undefined;
 };
 
 type ServerState = 'starting' | 'ready' | 'restarting' | 'errored' | 'stopped';
@@ -975,7 +981,8 @@ export function jsonDepthExceeds(text: string, max: number): boolean {
 // Validation collects every problem, one line each, naming the server, the field, what it got and what it
 // expected; nothing is started unless the whole file is valid.
 
-type ConfigResult = { config: Config | null; errors: string[]; warnings: string[] };
+/** `defaulted` (with a config): each ${VAR:-default} whose VAR was unset or empty, by field, for `check`. */
+type ConfigResult = { config: Config | null; errors: string[]; warnings: string[]; defaulted?: string[] };
 type Env = Readonly<Record<string, string | undefined>>;
 /** Reads a whole file as UTF-8, refusing more than `maxBytes` (default MAX_CONFIG_FILE_BYTES). */
 type ReadFile = (path: string, maxBytes?: number) => string;
@@ -1014,14 +1021,15 @@ export function parseConfig(text: string, source: string, env: Env = process.env
   const table = root.mcpServers;
   if (!isObject(table)) return fail(`${source}: mcpServers: got ${typeName(table)}, expected an object of servers`);
   const servers: ServerConfig[] = [];
+  const defaulted: string[] = [];
   for (const [name, entry] of Object.entries(table)) {
-    const server = parseServer(name, entry, { source, env, readFile, errors, warnings });
+    const server = parseServer(name, entry, { source, env, readFile, errors, warnings, defaulted });
     if (server) servers.push(server);
   }
   for (const clash of segmentClashes(servers)) errors.push(`${source}: mcpServers ${clash}`);
   if (errors.length) return { config: null, errors, warnings };
   if (servers.length === 0) warnings.push(`${source}: no enabled stdio servers; nothing will be served`);
-  return { config: Object.freeze({ servers: Object.freeze(servers) }), errors, warnings };
+  return { config: Object.freeze({ servers: Object.freeze(servers) }), errors, warnings, defaulted };
 
   function fail(line: string): ConfigResult {
     return { config: null, errors: [line], warnings };
@@ -1068,7 +1076,7 @@ function lineColumn(text: string, offset: number): string {
   return `line ${before.length}, column ${before[before.length - 1].length + 1}`;
 }
 
-type ParseContext = { source: string; env: Env; readFile: ReadFile; errors: string[]; warnings: string[] };
+type ParseContext = { source: string; env: Env; readFile: ReadFile; errors: string[]; warnings: string[]; defaulted: string[] };
 
 function parseServer(name: string, entry: unknown, ctx: ParseContext): ServerConfig | null {
   const at = `${ctx.source}: mcpServers.${/^[A-Za-z0-9._-]+$/.test(name) ? name : JSON.stringify(name)}`;
@@ -1208,7 +1216,10 @@ function expandOne(expr: string, ctx: ParseContext & { at: string; secrets: stri
     return undefined;
   }
   const fromEnv = ctx.env[name];
-  if (sep !== -1 && !fromEnv) return expr.slice(sep + 2);
+  if (sep !== -1 && !fromEnv) {
+    ctx.defaulted.push(`${ctx.at}: \${${name}} is ${fromEnv === undefined ? 'not set' : 'empty'}, so the default written in the config is used`);
+    return expr.slice(sep + 2);
+  }
   if (fromEnv === undefined) {
     ctx.errors.push(`${ctx.at}: environment variable ${name} is not set (use \${${name}:-default} for a default)`);
     return undefined;
@@ -1469,10 +1480,10 @@ export function nextRestart(unstableRestarts: number, uptimeMs: number, limits: 
 }
 
 /** The child's environment: an allow-list of ours (SDK DEFAULT_INHERITED_ENV_VARS) plus the configured env. */
-function childEnv(config: ServerConfig): Record<string, string> {
+function childEnv(config: Pick<ServerConfig, 'env'>, inherited: Env = process.env): Record<string, string> {
   const env: Record<string, string> = {};
   for (const key of INHERITED_ENV_VARS) {
-    const value = process.env[key];
+    const value = inherited[key];
     // Skip exported bash functions ("() { …"), as the SDK does: they are code, not configuration.
     if (value !== undefined && !value.startsWith('()')) env[key] = value;
   }
@@ -1490,14 +1501,9 @@ const NPM_NAME_RE = /^(@[a-z0-9][a-z0-9._~-]*\/)?[a-z0-9][a-z0-9._~-]*$/i;
  * The version in the spec is not checked: the image pins what was baked at build time.
  */
 export function resolveBakedPackage(config: Pick<ServerConfig, 'command' | 'args'>, packagesDir: string | undefined, readFile: ReadFile = readUtf8): Launch | null {
-  if (!packagesDir || basename(config.command) !== 'npx') return null;
-  let i = 0;
-  while (i < config.args.length && NPX_QUIET_FLAGS.has(config.args[i])) i++;
-  const spec = config.args[i];
-  if (spec === undefined) return null;
-  const at = spec.indexOf('@', 1);
-  const name = at === -1 ? spec : spec.slice(0, at);
-  if (!NPM_NAME_RE.test(name)) return null;
+  const npx = packagesDir ? npxPackage(config) : null;
+  if (!packagesDir || !npx) return null;
+  const { name, i } = npx;
   const dir = resolvePath(packagesDir, 'node_modules', name);
   let manifest: unknown;
   try {
@@ -1510,6 +1516,18 @@ export function resolveBakedPackage(config: Pick<ServerConfig, 'command' | 'args
   const file = resolvePath(dir, bin);
   if (!file.startsWith(dir + sep)) return null;
   return { command: process.execPath, args: [file, ...config.args.slice(i + 1)] };
+}
+
+/** The package `npx [-y] PKG[@version] …` runs (its name, and the index of PKG in args), or null. */
+function npxPackage(config: Pick<ServerConfig, 'command' | 'args'>): { name: string; i: number } | null {
+  if (basename(config.command) !== 'npx') return null;
+  let i = 0;
+  while (i < config.args.length && NPX_QUIET_FLAGS.has(config.args[i])) i++;
+  const spec = config.args[i];
+  if (spec === undefined) return null;
+  const at = spec.indexOf('@', 1);
+  const name = at === -1 ? spec : spec.slice(0, at);
+  return NPM_NAME_RE.test(name) ? { name, i } : null;
 }
 
 /** The package's bin: a string, the entry named like the unscoped package, or the only entry. */
@@ -5327,7 +5345,8 @@ const LIVE_PROXIES = new Set<Proxy>();
 
 export async function startProxy(config: Config, start: StartOptions = {}): Promise<RunningProxy> {
   const options: Options = { ...defaultOptions(), ...stripUndefined(start) };
-  const limits = validateLimits({ ...DEFAULT_LIMITS, ...start.limits });
+  const concurrency = options.startConcurrency === undefined ? {} : { startConcurrency: options.startConcurrency };
+  const limits = validateLimits({ ...DEFAULT_LIMITS, ...concurrency, ...start.limits });
   const weak = tokenProblem(options.tokens);
   if (weak) throw new ProxyError('WEAK_TOKEN', weak);
   const clashes = segmentClashes(config.servers);
@@ -5481,7 +5500,7 @@ function defaultOptions(): Options {
     configPath: DEFAULT_CONFIG_PATH, host: DEFAULT_HOST, port: DEFAULT_PORT, tokens: [], allowUnauthenticated: false,
     allowedOrigins: [], corsOrigins: [], logLevel: 'info', logFormat: 'text', packagesDir: undefined,
     publicUrl: undefined, baseDomain: undefined, passphrase: undefined, stateDir: defaultStateDir(process.env), oauthClient: undefined,
-    clientMetadataHosts: [], trustProxy: [], strictProtocolHeader: false, tlsCert: undefined, tlsKey: undefined,
+    clientMetadataHosts: [], trustProxy: [], strictProtocolHeader: false, tlsCert: undefined, tlsKey: undefined, startConcurrency: undefined,
   };
 }
 
@@ -6064,6 +6083,7 @@ Options (each also as an environment variable):
   --packages-dir DIR         run \`npx [-y] PKG\` from DIR/node_modules/PKG   MCP_PROXY_PACKAGES_DIR
   --strict-protocol-header   refuse a 2026-07-28 request sent with MCP-Protocol-Version 2025-11-25
                              (Claude's connector sends that pair)   MCP_PROXY_STRICT_PROTOCOL_HEADER=1
+  --start-concurrency N      children starting at once, 1 to ${MAX_START_CONCURRENCY}  MCP_PROXY_START_CONCURRENCY  (default ${DEFAULT_LIMITS.startConcurrency})
   --tls-cert PATH            serve HTTPS with this PEM certificate chain   MCP_PROXY_TLS_CERT
   --tls-key PATH             …and this PEM private key (both or neither;   MCP_PROXY_TLS_KEY
                              both are re-read when their directory changes)
@@ -6090,7 +6110,7 @@ type CliResult = { command: Command; options: Options; target?: string } | { err
 const VALUE_FLAGS: ReadonlySet<string> = new Set([
   '--config', '--host', '--port', '--token', '--token-file', '--allow-origin', '--cors-origin', '--log-level', '--log-format',
   '--packages-dir', '--public-url', '--base-domain', '--state-dir', '--password-file', '--oauth-client-id', '--client-metadata-host', '--trust-proxy',
-  '--tls-cert', '--tls-key',
+  '--tls-cert', '--tls-key', '--start-concurrency',
 ]);
 
 /** Flags win over MCP_PROXY_* variables, which win over the defaults. Pure but for reading a token file. */
@@ -6150,6 +6170,11 @@ function buildOptions(command: Exclude<Command, 'help'>, flags: Map<string, stri
   if ((tlsCert === undefined) !== (tlsKey === undefined)) {
     return { error: `${tlsCert === undefined ? '--tls-key' : '--tls-cert'} needs ${tlsCert === undefined ? '--tls-cert' : '--tls-key'} too (MCP_PROXY_TLS_CERT and MCP_PROXY_TLS_KEY): HTTPS needs both the certificate and its key` };
   }
+  const concurrencyText = one('--start-concurrency', 'MCP_PROXY_START_CONCURRENCY');
+  const startConcurrency = concurrencyText === undefined ? undefined : /^\d+$/.test(concurrencyText) ? Number(concurrencyText) : NaN;
+  if (startConcurrency !== undefined && !(startConcurrency >= 1 && startConcurrency <= MAX_START_CONCURRENCY)) {
+    return { error: `--start-concurrency: got ${JSON.stringify(concurrencyText)}, expected an integer from 1 to ${MAX_START_CONCURRENCY}` };
+  }
   const allowRaw = flags.has('--allow-unauthenticated') ? 'true' : (env.MCP_PROXY_ALLOW_UNAUTHENTICATED ?? '');
   const strictRaw = flags.has('--strict-protocol-header') ? 'true' : (env.MCP_PROXY_STRICT_PROTOCOL_HEADER ?? '');
   const options: Options = {
@@ -6173,6 +6198,7 @@ function buildOptions(command: Exclude<Command, 'help'>, flags: Map<string, stri
     strictProtocolHeader: strictRaw === '1' || strictRaw.toLowerCase() === 'true',
     tlsCert,
     tlsKey,
+    startConcurrency,
   };
   const clientId = one('--oauth-client-id', 'MCP_PROXY_OAUTH_CLIENT_ID');
   if (clientId !== undefined) {
@@ -6219,16 +6245,17 @@ async function main(): Promise<void> {
     process.exit(1);
   }
   if (cli.command === 'check') {
-    const problems = checkHost(loaded.config, cli.options.configPath);
+    const host = checkHost(loaded.config, cli.options.configPath, { env: process.env, packagesDir: cli.options.packagesDir });
+    for (const warning of [...(loaded.defaulted ?? []), ...host.warnings]) writeStderr(`warning: ${warning}`);
     if (cli.options.tlsCert !== undefined) {
       try {
         readTlsPair(cli.options.tlsCert, cli.options.tlsKey);
       } catch (err) {
-        problems.push((err as Error).message);
+        host.errors.push((err as Error).message);
       }
     }
-    for (const problem of problems) writeStderr(`error: ${problem}`);
-    if (problems.length) process.exit(1);
+    for (const problem of host.errors) writeStderr(`error: ${problem}`);
+    if (host.errors.length) process.exit(1);
     const names = loaded.config.servers.map((server) => server.name).join(', ') || 'none';
     return void process.stdout.write(`config OK: ${cli.options.configPath}: ${loaded.config.servers.length} servers (${names})\n`);
   }
@@ -6236,21 +6263,82 @@ async function main(): Promise<void> {
   await serve(loaded.config, cli.options, log);
 }
 
-/** What `check` can see beyond the file itself: a working directory that does not exist or is not one. */
-export function checkHost(config: Config, source: string): string[] {
-  const problems: string[] = [];
+/** What `check` finds beyond the file: errors stop a start; warnings may fail at run time (or be meant). */
+export type HostCheck = { errors: string[]; warnings: string[] };
+
+/**
+ * What `check` can see beyond the file itself. An error: a working directory that does not exist or is not
+ * one. Warnings, since the config may be meant for another machine or image: a command not found where the
+ * child's spawn would look, an `npx` package not baked into --packages-dir, and a per-session server whose
+ * sessions each hold a process for the PER_SESSION_IDLE_MS default. `runtime.env` is the proxy's environment.
+ */
+export function checkHost(config: Config, source: string, runtime: { env: Env; packagesDir: string | undefined }): HostCheck {
+  const errors: string[] = [];
+  const warnings: string[] = [];
   for (const server of config.servers) {
-    if (server.cwd === undefined) continue;
-    let isDir = false;
-    let why = 'not a directory';
-    try {
-      isDir = statSync(server.cwd).isDirectory();
-    } catch (err) {
-      why = `cannot be read (${(err as NodeJS.ErrnoException).code ?? 'error'})`;
+    const at = `${source}: mcpServers.${server.name}`;
+    const cwdProblem = server.cwd === undefined ? null : directoryProblem(server.cwd);
+    if (cwdProblem) errors.push(`${at}.cwd: ${JSON.stringify(server.cwd)} is ${cwdProblem}`);
+    const launch = launchWarning(server, runtime);
+    if (launch) warnings.push(`${at}.command: ${launch}`);
+    const idleMs = server.idleTimeoutMs ?? PER_SESSION_IDLE_MS;
+    if (server.sessions === 'per-session' && idleMs >= PER_SESSION_IDLE_MS) {
+      warnings.push(`${at}: "sessions": "per-session" keeps a process for each client session until it has been idle ${idleMs} ms ` +
+        `(clients rarely end their sessions); set a shorter "idleTimeoutMs", e.g. ${SUGGESTED_PER_SESSION_IDLE_MS}`);
     }
-    if (!isDir) problems.push(`${source}: mcpServers.${server.name}.cwd: ${JSON.stringify(server.cwd)} is ${why === 'not a directory' ? why : `a path that ${why}`}`);
   }
-  return problems;
+  return { errors, warnings };
+}
+
+function directoryProblem(path: string): string | null {
+  try {
+    return statSync(path).isDirectory() ? null : 'not a directory';
+  } catch (err) {
+    return `a path that cannot be read (${(err as NodeJS.ErrnoException).code ?? 'error'})`;
+  }
+}
+
+/** Why the server's command may not start here, naming the fix; null when it resolves to an executable. */
+function launchWarning(server: ServerConfig, runtime: { env: Env; packagesDir: string | undefined }): string | null {
+  const path = childEnv(server, runtime.env).PATH ?? '';
+  const npx = npxPackage(server);
+  if (npx && runtime.packagesDir) {
+    if (resolveBakedPackage(server, runtime.packagesDir)) return null; // runs with this node, not npx
+    const how = findExecutable(server.command, path, server.cwd).found ? 'npx downloads it at every start (that needs the network)' : 'npx is not on the PATH the server gets';
+    return `\`npx ${npx.name}\` is not baked into ${runtime.packagesDir}, and ${how}; the distroless image has neither npx nor network: ` +
+      `bake it into the image (docker build --build-arg MCP_NPM_PACKAGES="${npx.name}" …), or install it under ${runtime.packagesDir}/node_modules`;
+  }
+  const found = findExecutable(server.command, path, server.cwd);
+  if (found.found) return null;
+  if (found.notExecutable) return `${JSON.stringify(server.command)} resolves to ${found.notExecutable}, which is not an executable file: chmod +x it, or name the interpreter`;
+  return server.command.includes('/')
+    ? `${JSON.stringify(server.command)} does not exist: give the path of an installed program`
+    : `${JSON.stringify(server.command)} is not found on the PATH the server gets (the proxy's PATH, or its "env".PATH): install it, or give its absolute path`;
+}
+
+/**
+ * Where spawn would find `command`, as execvp(3) does: a name with a '/' is taken as it is (relative to the
+ * child's cwd), a bare name is looked for in each PATH entry (empty: the cwd), and only a regular file with
+ * the execute bit counts. The PATH is the child's own (https://nodejs.org/api/child_process.html#child_processspawncommand-args-options).
+ */
+function findExecutable(command: string, path: string, cwd: string | undefined): { found: boolean; notExecutable?: string } {
+  const base = cwd ?? process.cwd();
+  const candidates = command.includes('/') ? [resolvePath(base, command)] : path.split(delimiter).map((dir) => resolvePath(base, dir, command));
+  let notExecutable: string | undefined;
+  for (const file of candidates) {
+    try {
+      if (!statSync(file).isFile()) continue;
+    } catch {
+      continue; // not there: execvp tries the next entry
+    }
+    try {
+      accessSync(file, fsConstants.X_OK);
+      return { found: true };
+    } catch {
+      notExecutable ??= file; // execvp goes on too, and reports EACCES only if nothing later runs
+    }
+  }
+  return { found: false, notExecutable };
 }
 
 /**
