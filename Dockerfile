@@ -10,6 +10,12 @@
 #   docker run -d -p 8080:8080 -v "$PWD/config:/config:ro" -v mcp-data:/data \
 #     -e MCP_PROXY_TOKEN="$(openssl rand -hex 32)" remote-mcp-proxy
 #
+#   HTTPS without a reverse proxy (the files are re-read when renewed; HEALTHCHECK follows the variables):
+#   docker run -d -p 443:8443 -v "$PWD/config:/config:ro" -v mcp-data:/data -v /etc/letsencrypt:/etc/letsencrypt:ro \
+#     -e MCP_PROXY_PORT=8443 -e MCP_PROXY_TLS_CERT=/etc/letsencrypt/live/mcp.example.com/fullchain.pem \
+#     -e MCP_PROXY_TLS_KEY=/etc/letsencrypt/live/mcp.example.com/privkey.pem \
+#     -e MCP_PROXY_TOKEN="$(openssl rand -hex 32)" remote-mcp-proxy
+#
 # Default target: gcr.io/distroless/nodejs24-debian12:nonroot with dist/proxy.js, the baked npm packages and
 # tini (static) as PID 1. No shell, no npm: `npx -y PKG …` entries of the config run the baked PKG with the
 # image's node (MCP_PROXY_PACKAGES_DIR); any other command must exist in the image.

@@ -10,15 +10,17 @@
 import { after, before, describe, it, type TestContext } from 'node:test';
 import assert from 'node:assert/strict';
 import childProcess, { execFile, spawn, type ChildProcess } from 'node:child_process';
-import { createHash, randomBytes } from 'node:crypto';
+import { X509Certificate, createHash, generateKeyPairSync, randomBytes, sign } from 'node:crypto';
 import dns from 'node:dns';
 import fs from 'node:fs';
 import http from 'node:http';
+import https from 'node:https';
 import { syncBuiltinESMExports } from 'node:module';
 import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import { Readable } from 'node:stream';
+import tls from 'node:tls';
 import { fileURLToPath, pathToFileURL } from 'node:url';
 import v8 from 'node:v8';
 import vm from 'node:vm';
@@ -41,6 +43,7 @@ import {
   DEFAULT_LIMITS,
   ProxyError,
   SUPPORTED_PROTOCOL_VERSIONS,
+  checkHost,
   createIdScanner,
   createLineFramer,
   diffConfigs,
@@ -7990,6 +7993,105 @@ describe('10. OAuth: metadata, registration, consent, tokens', () => {
   });
 });
 
+// ── TLS helpers: self-signed certificates made in pure Node (CI has no openssl CLI) ──────────────────────
+
+/** One DER tag-length-value (ITU-T X.690 §8.1): definite lengths up to 64 KiB, enough for a certificate. */
+function der(tag: number, ...parts: Buffer[]): Buffer {
+  const body = Buffer.concat(parts);
+  const n = body.length;
+  const length = n < 0x80 ? [n] : n < 0x100 ? [0x81, n] : [0x82, n >> 8, n & 0xff];
+  return Buffer.concat([Buffer.from([tag, ...length]), body]);
+}
+const derSeq = (...parts: Buffer[]): Buffer => der(0x30, ...parts);
+
+/** An OBJECT IDENTIFIER (X.690 §8.19): first two arcs in one byte, the rest base-128. */
+function derOid(oid: string): Buffer {
+  const [first, second, ...rest] = oid.split('.').map(Number);
+  const bytes = [40 * first + second];
+  for (const arc of rest) {
+    const groups = [arc & 0x7f];
+    for (let v = arc >> 7; v > 0; v >>= 7) groups.unshift((v & 0x7f) | 0x80);
+    bytes.push(...groups);
+  }
+  return der(0x06, Buffer.from(bytes));
+}
+
+/** UTCTime YYMMDDHHMMSSZ (RFC 5280 §4.1.2.5.1). */
+const derUtcTime = (date: Date): Buffer => der(0x17, Buffer.from(date.toISOString().replace(/[-:T]|\.\d+/g, '').slice(2), 'ascii'));
+/** A Name of one commonName (RFC 5280 §4.1.2.4). */
+const derName = (cn: string): Buffer => derSeq(der(0x31, derSeq(derOid('2.5.4.3'), der(0x0c, Buffer.from(cn)))));
+
+type TestCert = { cert: string; key: string; fingerprint: string };
+
+/**
+ * A self-signed X.509 v3 certificate (RFC 5280 §4.1) for 127.0.0.1 and localhost, on a fresh P-256 key,
+ * signed with ecdsa-with-SHA256. `fingerprint` is what getPeerCertificate().fingerprint256 reports for it.
+ */
+function selfSignedCert(cn: string): TestCert {
+  const { privateKey, publicKey } = generateKeyPairSync('ec', { namedCurve: 'prime256v1' });
+  const ecdsaSha256 = derSeq(derOid('1.2.840.10045.4.3.2'));
+  const san = derSeq(derOid('2.5.29.17'), der(0x04, derSeq(der(0x87, Buffer.from([127, 0, 0, 1])), der(0x82, Buffer.from('localhost')))));
+  const now = Date.now();
+  const tbs = derSeq(
+    der(0xa0, der(0x02, Buffer.from([2]))), // [0] version v3
+    der(0x02, Buffer.concat([Buffer.from([1]), randomBytes(8)])), // positive serial
+    ecdsaSha256,
+    derName(cn),
+    derSeq(derUtcTime(new Date(now - 3_600_000)), derUtcTime(new Date(now + 24 * 3_600_000))),
+    derName(cn),
+    publicKey.export({ type: 'spki', format: 'der' }),
+    der(0xa3, derSeq(san)), // [3] extensions
+  );
+  const signature = sign('sha256', tbs, privateKey); // DER ECDSA-Sig-Value, as the BIT STRING wants
+  const certDer = derSeq(tbs, ecdsaSha256, der(0x03, Buffer.from([0]), signature));
+  const cert = `-----BEGIN CERTIFICATE-----\n${certDer.toString('base64').replace(/.{64}/g, '$&\n')}\n-----END CERTIFICATE-----\n`;
+  return { cert, key: privateKey.export({ type: 'pkcs8', format: 'pem' }) as string, fingerprint: new X509Certificate(cert).fingerprint256 };
+}
+
+/** Writes `content` beside `file` and renames it over the file, as editors and renewal tools do. */
+function replaceByRename(file: string, content: string): void {
+  fs.writeFileSync(`${file}.tmp`, content);
+  fs.renameSync(`${file}.tmp`, file);
+}
+
+/** The fingerprint of the certificate a NEW TLS connection to the proxy presents (trusting `ca`). */
+function newConnectionFingerprint(port: number, ca: string[]): Promise<string> {
+  return new Promise((resolve, reject) => {
+    const req = https.get({ host: '127.0.0.1', port, path: '/healthz', agent: false, ca }, (res) => {
+      res.resume();
+      resolve((res.socket as tls.TLSSocket).getPeerCertificate().fingerprint256);
+    });
+    req.on('error', reject);
+  });
+}
+
+/**
+ * A fetch for the SDK's transports over node:https through `agent` (whose `ca` trusts the test certificates:
+ * Node's global fetch reads NODE_EXTRA_CA_CERTS only at start). Each response's socket is recorded by method.
+ */
+function httpsFetch(agent: https.Agent, sockets: { method: string; socket: tls.TLSSocket }[]): typeof fetch {
+  return ((input: string | URL | Request, init: RequestInit = {}) => new Promise<Response>((resolve, reject) => {
+    const url = new URL(input instanceof Request ? input.url : String(input));
+    const method = init.method ?? 'GET';
+    const req = https.request(url, { method, headers: Object.fromEntries(new Headers(init.headers)), agent }, (res) => {
+      sockets.push({ method, socket: res.socket as tls.TLSSocket });
+      const headers = new Headers();
+      for (const [name, value] of Object.entries(res.headers)) if (value !== undefined) headers.set(name, Array.isArray(value) ? value.join(', ') : value);
+      const status = res.statusCode ?? 0;
+      // 202 (a notification accepted) has no body: read to its end here, so the socket goes back to the agent.
+      const noBody = status === 202 || status === 204 || status === 304;
+      if (noBody) res.resume();
+      resolve(new Response(noBody ? null : (Readable.toWeb(res) as ReadableStream), { status, headers }));
+    });
+    init.signal?.addEventListener('abort', () => req.destroy(new Error('aborted')));
+    req.on('error', reject);
+    req.end(init.body == null ? undefined : String(init.body));
+  })) as typeof fetch;
+}
+
+/** fs.watch handles this process holds (process.getActiveResourcesInfo lists each as FSEventWrap). */
+const fsWatchHandles = (): number => process.getActiveResourcesInfo().filter((name) => name === 'FSEventWrap').length;
+
 // ── 11. Lifecycle: start, reload, shutdown ─────────────────────────────────────────────────────────────────────
 
 describe('11. Lifecycle: start, reload, shutdown', () => {
@@ -8499,6 +8601,126 @@ describe('11. Lifecycle: start, reload, shutdown', () => {
       assert.equal(await outcome(limits), 'started', JSON.stringify(limits));
     }
   });
+
+  it('startProxy() with tlsCert/tlsKey serves HTTPS; a pair replaced by rename reaches new connections while the open session keeps its connection; a bad new pair is logged once and the previous one keeps serving', { timeout: 40_000 }, async (t) => {
+    // Verified red, each on a broken copy of proxy.ts: without setSecureContext the wait for cert B times out;
+    // with closeAllConnections() after it, the "same connection" check fails; watching the two files instead of
+    // their directory, the first rename is seen and the second never is (the wait for the bad pair times out).
+    const dir = tmpDir('tls');
+    const certFile = path.join(dir, 'cert.pem');
+    const keyFile = path.join(dir, 'key.pem');
+    const [a, b, c] = [selfSignedCert('cert A'), selfSignedCert('cert B'), selfSignedCert('cert C')];
+    fs.writeFileSync(certFile, a.cert);
+    fs.writeFileSync(keyFile, a.key);
+    const lines: string[] = [];
+    // keepAliveTimeoutMs is long so that the open connection is still there after the reload.
+    const h = await harness(t, { servers: [fixture('fix')] }, { tlsCert: certFile, tlsKey: keyFile, log: captureLog(lines), limits: { ...FAST, keepAliveTimeoutMs: 60_000 } });
+    assert.equal(h.proxy.url, `https://127.0.0.1:${h.proxy.port}`);
+    await h.proxy.ready(10_000);
+    const ca = [a.cert, b.cert, c.cert];
+    assert.equal(await newConnectionFingerprint(h.proxy.port, ca), a.fingerprint);
+    // The SDK client over node:https. Two sockets: its GET stream holds one, its POSTs reuse the other. No TLS
+    // session resumption, so that every connection shows its peer certificate (a resumed one may not).
+    const agent = new https.Agent({ keepAlive: true, maxSockets: 2, maxCachedSessions: 0, ca });
+    const sockets: { method: string; socket: tls.TLSSocket }[] = [];
+    const client = new Client({ name: 'tls-test', version: '1.0.0' });
+    const transport = new StreamableHTTPClientTransport(new URL(`${h.url}/fix/mcp`), { fetch: httpsFetch(agent, sockets) });
+    onCleanup(t, async () => {
+      await client.close();
+      agent.destroy();
+    });
+    await client.connect(transport);
+    const echo = async (text: string) => textOf(await client.callTool({ name: 'do', arguments: { what: 'echo', text } }));
+    assert.equal(await echo('before'), 'before');
+    const lastPost = () => sockets.filter((s) => s.method === 'POST').at(-1)!.socket;
+    const open = lastPost();
+    const sid = transport.sessionId;
+    assert.equal(open.getPeerCertificate().fingerprint256, a.fingerprint);
+
+    replaceByRename(certFile, b.cert);
+    replaceByRename(keyFile, b.key);
+    await waitFor(async () => (await newConnectionFingerprint(h.proxy.port, ca)) === b.fingerprint, 10_000, 'a new connection to present cert B');
+    assert.ok(lines.some((l) => /^info \[proxy\] TLS certificate reloaded from .*cert\.pem \(valid until /.test(l)), lines.join('\n'));
+    assert.equal(await echo('after'), 'after');
+    assert.equal(transport.sessionId, sid);
+    assert.equal(lastPost(), open, 'the call after the reload went over the connection opened before it');
+    assert.equal(open.getPeerCertificate().fingerprint256, a.fingerprint, 'an open connection keeps the certificate it was made with');
+
+    replaceByRename(keyFile, c.key); // cert B with key C: no pair
+    await waitFor(() => lines.some((l) => l.includes('TLS not reloaded')), 10_000, 'the bad pair logged');
+    const bad = lines.filter((l) => l.includes('TLS not reloaded'));
+    assert.equal(bad.length, 1, bad.join('\n'));
+    assert.match(bad[0], /^error \[proxy\] TLS not reloaded, the previous certificate keeps serving: --tls-key ".*key\.pem": does not match the certificate in ".*cert\.pem"$/);
+    for (const pem of [a.key, b.key, c.key]) assert.ok(!lines.join('\n').includes(pem.split('\n')[1]), 'no key material in the log');
+    assert.equal(await newConnectionFingerprint(h.proxy.port, ca), b.fingerprint, 'new connections still get cert B');
+    assert.equal(await echo('still'), 'still');
+  });
+
+  it('startProxy() with TLS: live/ symlinks re-pointed as certbot renews (unlink, symlink) are picked up; one watcher for one directory, closed by close()', { timeout: 30_000 }, async (t) => {
+    const dir = tmpDir('tls');
+    fs.mkdirSync(path.join(dir, 'archive'));
+    fs.mkdirSync(path.join(dir, 'live'));
+    const certs = [selfSignedCert('renewal 1'), selfSignedCert('renewal 2')];
+    certs.forEach((c, i) => {
+      fs.writeFileSync(path.join(dir, 'archive', `fullchain${i + 1}.pem`), c.cert);
+      fs.writeFileSync(path.join(dir, 'archive', `privkey${i + 1}.pem`), c.key);
+    });
+    const link = (name: string, version: number) => fs.symlinkSync(`../archive/${name}${version}.pem`, path.join(dir, 'live', `${name}.pem`));
+    link('fullchain', 1);
+    link('privkey', 1);
+    const watchesBefore = fsWatchHandles();
+    const proxy = await startProxy({ servers: [] }, {
+      host: '127.0.0.1', port: 0, logLevel: 'error',
+      tlsCert: path.join(dir, 'live', 'fullchain.pem'), tlsKey: path.join(dir, 'live', 'privkey.pem'),
+    });
+    onCleanup(t, () => proxy.close());
+    assert.equal(fsWatchHandles(), watchesBefore + 1, 'one watcher: both files are in live/');
+    const ca = certs.map((c) => c.cert);
+    assert.equal(await newConnectionFingerprint(proxy.port, ca), certs[0].fingerprint);
+    for (const name of ['fullchain', 'privkey']) {
+      fs.unlinkSync(path.join(dir, 'live', `${name}.pem`));
+      link(name, 2);
+    }
+    await waitFor(async () => (await newConnectionFingerprint(proxy.port, ca)) === certs[1].fingerprint, 10_000, 'a new connection to present the renewed certificate');
+    await proxy.close();
+    // Verified red: with proxy.stopTlsWatch?.() removed from closeProxy, this times out at one watcher left.
+    await waitFor(() => fsWatchHandles() === watchesBefore, 2_000, 'the certificate watcher closed');
+  });
+
+  it('startProxy() refuses a TLS pair it cannot serve (TLS), naming the file and never its contents: one file alone, missing, not PEM, a key of another certificate, over MAX_PEM_FILE_BYTES', { timeout: 20_000 }, async () => {
+    const dir = tmpDir('tls');
+    const good = selfSignedCert('good');
+    const other = selfSignedCert('other');
+    const file = (name: string, content: string) => {
+      fs.writeFileSync(path.join(dir, name), content);
+      return path.join(dir, name);
+    };
+    const cert = file('cert.pem', good.cert);
+    const key = file('key.pem', good.key);
+    const pemMax = 256 * 1024; // MAX_PEM_FILE_BYTES
+    const atMax = file('at-max.pem', good.cert.padEnd(pemMax, '\n'));
+    const overMax = file('over-max.pem', good.cert.padEnd(pemMax + 1, '\n'));
+    const cases: [Partial<Record<'tlsCert' | 'tlsKey', string>>, RegExp][] = [
+      [{ tlsCert: cert }, /^TLS needs both --tls-cert and --tls-key/],
+      [{ tlsKey: key }, /^TLS needs both --tls-cert and --tls-key/],
+      [{ tlsCert: path.join(dir, 'absent.pem'), tlsKey: key }, /^--tls-cert ".*absent\.pem": cannot read \(ENOENT\)$/],
+      [{ tlsCert: file('garbage.pem', 'not a certificate\n'), tlsKey: key }, /^--tls-cert ".*garbage\.pem": not a PEM certificate$/],
+      [{ tlsCert: cert, tlsKey: file('cert-as-key.pem', good.cert) }, /^--tls-key ".*cert-as-key\.pem": not a PEM private key/],
+      [{ tlsCert: cert, tlsKey: file('other.pem', other.key) }, /^--tls-key ".*other\.pem": does not match the certificate in ".*cert\.pem"$/],
+      [{ tlsCert: overMax, tlsKey: key }, /^--tls-cert ".*over-max\.pem": cannot read \(larger than 262144 bytes\)$/],
+    ];
+    for (const [files, message] of cases) {
+      await assert.rejects(startProxy({ servers: [] }, { host: '127.0.0.1', port: 0, logLevel: 'error', ...files }), (err: Error & { code?: string }) => {
+        assert.equal(err.code, 'TLS', err.message);
+        assert.match(err.message, message);
+        assert.ok(!err.message.includes(good.key.split('\n')[1]) && !err.message.includes(other.key.split('\n')[1]), 'no key material');
+        return true;
+      }, JSON.stringify(files));
+    }
+    const proxy = await startProxy({ servers: [] }, { host: '127.0.0.1', port: 0, logLevel: 'error', tlsCert: atMax, tlsKey: key });
+    await proxy.close();
+    assert.equal(proxy.url.slice(0, 8), 'https://');
+  });
 });
 
 // ── 12. Doctor: replay Claude.ai's connect ──────────────────────────────────────────────────────────────
@@ -8856,6 +9078,96 @@ describe('13. CLI and main', () => {
     for (const [argv, error] of cases) assert.deepEqual(parseCli(argv, {}), { error }, argv.join(' '));
   });
 
+  it('parseCli() --tls-cert/--tls-key (MCP_PROXY_TLS_CERT/_KEY) go together; one alone is an error naming the other', () => {
+    const both = parseCli(['--tls-cert', '/c.pem', '--tls-key', '/k.pem'], {});
+    assert.ok(!('error' in both) && both.options.tlsCert === '/c.pem' && both.options.tlsKey === '/k.pem', JSON.stringify(both));
+    const env = parseCli([], { MCP_PROXY_TLS_CERT: '/env/c.pem', MCP_PROXY_TLS_KEY: '/env/k.pem' });
+    assert.ok(!('error' in env) && env.options.tlsCert === '/env/c.pem' && env.options.tlsKey === '/env/k.pem', JSON.stringify(env));
+    const flagWins = parseCli(['--tls-cert', '/flag.pem'], { MCP_PROXY_TLS_CERT: '/env/c.pem', MCP_PROXY_TLS_KEY: '/env/k.pem' });
+    assert.ok(!('error' in flagWins) && flagWins.options.tlsCert === '/flag.pem' && flagWins.options.tlsKey === '/env/k.pem');
+    const none = parseCli([], {});
+    assert.ok(!('error' in none) && none.options.tlsCert === undefined && none.options.tlsKey === undefined);
+    assert.deepEqual(parseCli(['--tls-cert', '/c.pem'], {}), { error: '--tls-cert needs --tls-key too (MCP_PROXY_TLS_CERT and MCP_PROXY_TLS_KEY): HTTPS needs both the certificate and its key' });
+    assert.deepEqual(parseCli([], { MCP_PROXY_TLS_KEY: '/k.pem' }), { error: '--tls-key needs --tls-cert too (MCP_PROXY_TLS_CERT and MCP_PROXY_TLS_KEY): HTTPS needs both the certificate and its key' });
+  });
+
+  it('parseCli() --start-concurrency (MCP_PROXY_START_CONCURRENCY) takes 1 to 64; 0, 65, 1.5, -1 and words are refused', () => {
+    for (const n of ['1', '64']) {
+      const r = parseCli(['--start-concurrency', n], {});
+      assert.ok(!('error' in r) && r.options.startConcurrency === Number(n), n);
+    }
+    const env = parseCli([], { MCP_PROXY_START_CONCURRENCY: '2' });
+    assert.ok(!('error' in env) && env.options.startConcurrency === 2);
+    const unset = parseCli([], {});
+    assert.ok(!('error' in unset) && unset.options.startConcurrency === undefined);
+    for (const n of ['0', '65', '1.5', '-1', 'four']) {
+      assert.deepEqual(parseCli(['--start-concurrency', n], {}), { error: `--start-concurrency: got ${JSON.stringify(n)}, expected an integer from 1 to 64` }, n);
+    }
+    assert.deepEqual(parseCli([], { MCP_PROXY_START_CONCURRENCY: '0' }), { error: '--start-concurrency: got "0", expected an integer from 1 to 64' });
+  });
+
+  it('startProxy() startConcurrency: 1 starts one child at a time (three 600 ms initializes take at least 1.8 s)', { timeout: 20_000 }, async (t) => {
+    const servers = ['s1', 's2', 's3'].map((name) => fixture(name, 'slowinit', { env: { FIXTURE_INIT_DELAY_MS: '600' } }));
+    const t0 = Date.now();
+    const h = await harness(t, { servers }, { limits: FAST, startConcurrency: 1 });
+    await h.proxy.ready(10_000);
+    // In turn they cannot be faster than 3 × 600 ms; together (the default, 4) they took 0.9 s here, loaded.
+    assert.ok(Date.now() - t0 >= 1_800, `ready after ${Date.now() - t0} ms: the children initialized together`);
+  });
+
+  it('checkHost() warns, naming the server and the fix: a command not on the PATH the child gets or not executable, an npx package not baked into --packages-dir, a per-session server at the default idle timeout', () => {
+    const dir = tmpDir('check');
+    const bin = path.join(dir, 'bin');
+    const elsewhere = path.join(dir, 'elsewhere');
+    fs.mkdirSync(bin);
+    fs.mkdirSync(elsewhere);
+    fs.writeFileSync(path.join(bin, 'mytool'), '#!/bin/sh\n', { mode: 0o755 });
+    fs.writeFileSync(path.join(bin, 'notexec'), '#!/bin/sh\n', { mode: 0o644 });
+    fs.writeFileSync(path.join(elsewhere, 'onlyhere'), '#!/bin/sh\n', { mode: 0o755 });
+    const packagesDir = path.join(dir, 'packages');
+    fs.mkdirSync(path.join(packagesDir, 'node_modules', 'baked-pkg'), { recursive: true });
+    fs.writeFileSync(path.join(packagesDir, 'node_modules', 'baked-pkg', 'package.json'), JSON.stringify({ name: 'baked-pkg', bin: 'cli.js' }));
+    const servers = [
+      srv('found', [], { command: 'mytool' }),
+      srv('absolute', [], { command: NODE }),
+      srv('own-path', [], { command: 'onlyhere', env: { PATH: elsewhere } }), // the config's env.PATH is the one searched
+      srv('relative', [], { command: './mytool', cwd: bin }),
+      srv('baked', ['-y', 'baked-pkg@1.0.0'], { command: 'npx' }),
+      srv('short', [], { command: 'mytool', sessions: 'per-session', idleTimeoutMs: 60_000 }),
+      srv('missing', [], { command: 'no-such-command-xyz' }),
+      srv('noexec', [], { command: 'notexec' }),
+      srv('abs-missing', [], { command: path.join(dir, 'absent') }),
+      srv('unbaked', ['-y', '@scope/not-baked@2'], { command: 'npx' }),
+      srv('each', [], { command: 'mytool', sessions: 'per-session' }),
+    ];
+    const { errors, warnings } = checkHost({ servers }, 'cfg.json', { env: { PATH: bin }, packagesDir });
+    assert.deepEqual(errors, []);
+    assert.deepEqual(warnings, [
+      'cfg.json: mcpServers.missing.command: "no-such-command-xyz" is not found on the PATH the server gets (the proxy\'s PATH, or its "env".PATH): install it, or give its absolute path',
+      `cfg.json: mcpServers.noexec.command: "notexec" resolves to ${path.join(bin, 'notexec')}, which is not an executable file: chmod +x it, or name the interpreter`,
+      `cfg.json: mcpServers.abs-missing.command: ${JSON.stringify(path.join(dir, 'absent'))} does not exist: give the path of an installed program`,
+      `cfg.json: mcpServers.unbaked.command: \`npx @scope/not-baked\` is not baked into ${packagesDir}, and npx is not on the PATH the server gets; the distroless image has neither npx nor network: ` +
+        `bake it into the image (docker build --build-arg MCP_NPM_PACKAGES="@scope/not-baked" …), or install it under ${packagesDir}/node_modules`,
+      'cfg.json: mcpServers.each: "sessions": "per-session" keeps a process for each client session until it has been idle 300000 ms (clients rarely end their sessions); set a shorter "idleTimeoutMs", e.g. 60000',
+    ]);
+    // Without --packages-dir an npx command is a command like any other; with npx on the PATH the package is downloaded.
+    fs.writeFileSync(path.join(bin, 'npx'), '#!/bin/sh\n', { mode: 0o755 });
+    const unbaked = servers.filter((server) => server.name === 'unbaked');
+    assert.deepEqual(checkHost({ servers: unbaked }, 'cfg.json', { env: { PATH: bin }, packagesDir: undefined }).warnings, []);
+    assert.match(checkHost({ servers: unbaked }, 'cfg.json', { env: { PATH: bin }, packagesDir }).warnings.join('\n'), /is not baked into .*, and npx downloads it at every start \(that needs the network\)/);
+  });
+
+  it('parseConfig() lists each ${VAR:-default} whose VAR is unset or empty (server, field and variable, never a value) for check; a set VAR is not listed', () => {
+    const text = JSON.stringify({ mcpServers: { s: { command: 'x', args: ['--level=${LEVEL:-info}', '${SET_VAR:-nope}'], env: { K: '${EMPTY:-d}' } } } });
+    const r = parseConfig(text, 'cfg.json', { SET_VAR: 'value-of-set-var', EMPTY: '' });
+    assert.ok(r.config, r.errors.join('\n'));
+    assert.deepEqual(r.defaulted, [
+      'cfg.json: mcpServers.s.args[0]: ${LEVEL} is not set, so the default written in the config is used',
+      'cfg.json: mcpServers.s.env.K: ${EMPTY} is empty, so the default written in the config is used',
+    ]);
+    assert.deepEqual(r.warnings, []);
+  });
+
   describe('node dist/proxy.js', () => {
     before(async () => {
       await new Promise<void>((resolve, reject) =>
@@ -8892,6 +9204,25 @@ describe('13. CLI and main', () => {
       const r = await run(['check', '--config', cfg]);
       assert.equal(r.code, 0, r.stderr);
       assert.match(r.stdout + r.stderr, /config OK/);
+    });
+
+    it('check warns (exit 0, a "warning: " line each, config OK) about a command not on the PATH, an npx package not baked, ${VAR:-default} with VAR unset and a per-session server without idleTimeoutMs', async () => {
+      const packages = tmpDir('cli-packages');
+      const cfg = writeConfig({ mcpServers: {
+        gone: { command: 'no-such-command-xyz' },
+        unbaked: { command: 'npx', args: ['-y', '@example/not-baked'] },
+        dflt: { command: NODE, args: ['${RMP_TEST_UNSET_VAR:-fallback-value}'] },
+        each: { command: NODE, args: ['x.js'], sessions: 'per-session' },
+      } });
+      const r = await run(['check', '--config', cfg, '--packages-dir', packages]);
+      assert.equal(r.code, 0, r.stderr);
+      assert.match(r.stdout, /config OK/);
+      assert.equal(r.stderr.split('\n').filter((l) => l.startsWith('warning: ')).length, 4, r.stderr);
+      assert.match(r.stderr, /^warning: .*mcpServers\.gone\.command: "no-such-command-xyz" is not found on the PATH/m);
+      assert.match(r.stderr, /^warning: .*mcpServers\.unbaked\.command: `npx @example\/not-baked` is not baked into .*MCP_NPM_PACKAGES="@example\/not-baked"/m);
+      assert.match(r.stderr, /^warning: .*mcpServers\.dflt\.args\[0\]: \$\{RMP_TEST_UNSET_VAR\} is not set, so the default written in the config is used$/m);
+      assert.match(r.stderr, /^warning: .*mcpServers\.each: "sessions": "per-session" .*"idleTimeoutMs", e\.g\. 60000$/m);
+      assert.doesNotMatch(r.stderr, /fallback-value/);
     });
 
     it('check with a bad config exits 1 and prints each error line on stderr', async () => {
@@ -8944,7 +9275,7 @@ describe('13. CLI and main', () => {
         await exited;
         await assertAllGone(childPids());
       });
-      await waitFor(() => out.includes(`http://127.0.0.1:${port}/fix/mcp`) || child.exitCode !== null, 15_000, 'start-up log');
+      await waitFor(() => out.includes(`://127.0.0.1:${port}/fix/mcp`) || child.exitCode !== null, 15_000, 'start-up log'); // http or https
       await waitFor(() => childPids().length > 0, 10_000, 'child spawned');
       return { child, port, exited, output: () => out, childPids };
     }
@@ -8962,6 +9293,30 @@ describe('13. CLI and main', () => {
       const exit = await within(s.exited, 15_000, 'exit after SIGTERM');
       assert.deepEqual(exit, { code: 0, signal: null });
       await assertAllGone(pids);
+    });
+
+    it('serve --tls-cert/--tls-key prints https:// URLs and serves HTTPS; healthcheck with MCP_PROXY_TLS_* exits 0 (without: 1); check refuses a key of another certificate', { timeout: 40_000 }, async (t) => {
+      const dir = tmpDir('cli-tls');
+      const [mine, other] = [selfSignedCert('cli'), selfSignedCert('other')];
+      const certFile = path.join(dir, 'cert.pem');
+      const keyFile = path.join(dir, 'key.pem');
+      const otherKey = path.join(dir, 'other-key.pem');
+      fs.writeFileSync(certFile, mine.cert);
+      fs.writeFileSync(keyFile, mine.key);
+      fs.writeFileSync(otherKey, other.key);
+      const s = await serve(t, ['--tls-cert', certFile, '--tls-key', keyFile]);
+      assert.ok(s.output().includes(`listening on https://127.0.0.1:${s.port} `), s.output());
+      assert.ok(s.output().includes(`https://127.0.0.1:${s.port}/fix/mcp`), s.output());
+      assert.equal(await newConnectionFingerprint(s.port, [mine.cert]), mine.fingerprint);
+      const tlsEnv = { ...cleanEnv(), MCP_PROXY_TLS_CERT: certFile, MCP_PROXY_TLS_KEY: keyFile };
+      assert.equal((await run(['healthcheck', '--port', String(s.port)], tlsEnv)).code, 0, 'healthcheck over HTTPS');
+      assert.equal((await run(['healthcheck', '--port', String(s.port)])).code, 1, 'plain HTTP to the HTTPS port fails');
+      const cfg = writeConfig({ mcpServers: { a: { command: NODE, args: ['x.js'] } } });
+      const bad = await run(['check', '--config', cfg, '--tls-cert', certFile, '--tls-key', otherKey]);
+      assert.equal(bad.code, 1, bad.stderr);
+      assert.match(bad.stderr, /^error: --tls-key ".*other-key\.pem": does not match the certificate in ".*cert\.pem"$/m);
+      s.child.kill('SIGTERM');
+      assert.deepEqual(await within(s.exited, 15_000, 'exit after SIGTERM'), { code: 0, signal: null });
     });
 
     it('--log-format json: every line is one JSON object with time, level and component, and a server\'s lines name it', { timeout: 40_000 }, async (t) => {

@@ -44,14 +44,15 @@
 //                                        13. CLI and main
 
 import { spawn, type ChildProcess } from 'node:child_process';
-import { createHash, createHmac, randomBytes, scryptSync, timingSafeEqual } from 'node:crypto';
-import { closeSync, fsyncSync, mkdirSync, openSync, readSync, realpathSync, renameSync, statSync, watch, writeSync, type FSWatcher } from 'node:fs';
+import { X509Certificate, createHash, createHmac, createPrivateKey, randomBytes, scryptSync, timingSafeEqual } from 'node:crypto';
+import { accessSync, closeSync, constants as fsConstants, fsyncSync, mkdirSync, openSync, readSync, realpathSync, renameSync, statSync, watch, writeSync, type FSWatcher } from 'node:fs';
 import http from 'node:http';
 import https from 'node:https';
 import { lookup as dnsLookup } from 'node:dns';
 import { BlockList, isIP, type Socket } from 'node:net';
 import { homedir } from 'node:os';
-import { basename, dirname, isAbsolute, join, resolve as resolvePath, sep } from 'node:path';
+import { basename, delimiter, dirname, isAbsolute, join, resolve as resolvePath, sep } from 'node:path';
+import { createSecureContext } from 'node:tls';
 import { pathToFileURL } from 'node:url';
 
 // ── 1. Limits and defaults ──────────────────────────────────────────────────────────────────────────────
@@ -339,6 +340,17 @@ const MAX_REMOVED_REMEMBERED = 64;
 const MAX_TOOLS_TRACKED = 10_000;
 /** Pages of the proxy's own tools/list followed to learn annotations (a cursor loop must end). */
 const MAX_TOOL_LIST_PAGES = 100;
+/** What `check` suggests for a per-session server left at PER_SESSION_IDLE_MS: a process per session, briefly. */
+const SUGGESTED_PER_SESSION_IDLE_MS = 60_000;
+/** --start-concurrency at most: each starting child may be an `npx -y` install; more at once is a typo. */
+const MAX_START_CONCURRENCY = 64;
+/** --tls-cert / --tls-key files: a Let's Encrypt fullchain.pem is about 6 KB, an RSA-4096 key about 3 KB. */
+const MAX_PEM_FILE_BYTES = 256 * 1024;
+/**
+ * Quiet time after the last change in the certificate's or key's directory before the pair is re-read:
+ * certbot swaps the live/ symlinks one at a time, and a read between two swaps sees a mismatched pair.
+ */
+const TLS_RELOAD_DEBOUNCE_MS = 500;
 /** A requestState we issue is ~250 characters; anything much longer is not one of ours. */
 const MAX_REQUEST_STATE_CHARS = 1024;
 
@@ -505,6 +517,14 @@ export type Options = {
   strictProtocolHeader: boolean;
   /** Reload when the config file or a `${file:…}` secret it reads changes (the CLI turns this on). */
   watchConfig: boolean;
+  /**
+   * PEM certificate chain and private key files: both set, the proxy serves HTTPS and re-reads them when they
+   * change (renewals); both undefined, plain HTTP (a reverse proxy terminates TLS). One alone is refused.
+   */
+  tlsCert: string | undefined;
+  tlsKey: string | undefined;
+  /** Overrides limits.startConcurrency (children initializing at once); undefined: the limit's default. */
+  startConcurrency: number | undefined;
 };
 
 type ServerState = 'starting' | 'ready' | 'restarting' | 'errored' | 'stopped';
@@ -569,6 +589,8 @@ type Proxy = {
   removed: Set<string>;
   /** Where the proxy listens, as printed (http://127.0.0.1:8080). */
   url: string;
+  /** Stops the certificate watchers and their pending reload (TLS only; null without TLS). */
+  stopTlsWatch: (() => void) | null;
   closed: Promise<void> | null;
 };
 
@@ -1010,7 +1032,8 @@ function canonicalJson(value: unknown): string {
 // Validation collects every problem, one line each, naming the server, the field, what it got and what it
 // expected; nothing is started unless the whole file is valid.
 
-type ConfigResult = { config: Config | null; errors: string[]; warnings: string[] };
+/** `defaulted` (with a config): each ${VAR:-default} whose VAR was unset or empty, by field, for `check`. */
+type ConfigResult = { config: Config | null; errors: string[]; warnings: string[]; defaulted?: string[] };
 type Env = Readonly<Record<string, string | undefined>>;
 /** Reads a whole file as UTF-8, refusing more than `maxBytes` (default MAX_CONFIG_FILE_BYTES). */
 type ReadFile = (path: string, maxBytes?: number) => string;
@@ -1049,14 +1072,15 @@ export function parseConfig(text: string, source: string, env: Env = process.env
   const table = root.mcpServers;
   if (!isObject(table)) return fail(`${source}: mcpServers: got ${typeName(table)}, expected an object of servers`);
   const servers: ServerConfig[] = [];
+  const defaulted: string[] = [];
   for (const [name, entry] of Object.entries(table)) {
-    const server = parseServer(name, entry, { source, env, readFile, errors, warnings });
+    const server = parseServer(name, entry, { source, env, readFile, errors, warnings, defaulted });
     if (server) servers.push(server);
   }
   for (const clash of segmentClashes(servers)) errors.push(`${source}: mcpServers ${clash}`);
   if (errors.length) return { config: null, errors, warnings };
   if (servers.length === 0) warnings.push(`${source}: no enabled stdio servers; nothing will be served`);
-  return { config: Object.freeze({ servers: Object.freeze(servers) }), errors, warnings };
+  return { config: Object.freeze({ servers: Object.freeze(servers) }), errors, warnings, defaulted };
 
   function fail(line: string): ConfigResult {
     return { config: null, errors: [line], warnings };
@@ -1103,7 +1127,7 @@ function lineColumn(text: string, offset: number): string {
   return `line ${before.length}, column ${before[before.length - 1].length + 1}`;
 }
 
-type ParseContext = { source: string; env: Env; readFile: ReadFile; errors: string[]; warnings: string[] };
+type ParseContext = { source: string; env: Env; readFile: ReadFile; errors: string[]; warnings: string[]; defaulted: string[] };
 
 function parseServer(name: string, entry: unknown, ctx: ParseContext): ServerConfig | null {
   const at = `${ctx.source}: mcpServers.${/^[A-Za-z0-9._-]+$/.test(name) ? name : JSON.stringify(name)}`;
@@ -1249,7 +1273,10 @@ function expandOne(expr: string, ctx: Expansion): string | undefined {
     return undefined;
   }
   const fromEnv = ctx.env[name];
-  if (sep !== -1 && !fromEnv) return expr.slice(sep + 2);
+  if (sep !== -1 && !fromEnv) {
+    ctx.defaulted.push(`${ctx.at}: \${${name}} is ${fromEnv === undefined ? 'not set' : 'empty'}, so the default written in the config is used`);
+    return expr.slice(sep + 2);
+  }
   if (fromEnv === undefined) {
     ctx.errors.push(`${ctx.at}: environment variable ${name} is not set (use \${${name}:-default} for a default)`);
     return undefined;
@@ -1573,10 +1600,10 @@ export function nextRestart(unstableRestarts: number, uptimeMs: number, limits: 
 }
 
 /** The child's environment: an allow-list of ours (SDK DEFAULT_INHERITED_ENV_VARS) plus the configured env. */
-function childEnv(config: ServerConfig): Record<string, string> {
+function childEnv(config: Pick<ServerConfig, 'env'>, inherited: Env = process.env): Record<string, string> {
   const env: Record<string, string> = {};
   for (const key of INHERITED_ENV_VARS) {
-    const value = process.env[key];
+    const value = inherited[key];
     // Skip exported bash functions ("() { …"), as the SDK does: they are code, not configuration.
     if (value !== undefined && !value.startsWith('()')) env[key] = value;
   }
@@ -1594,14 +1621,9 @@ const NPM_NAME_RE = /^(@[a-z0-9][a-z0-9._~-]*\/)?[a-z0-9][a-z0-9._~-]*$/i;
  * The version in the spec is not checked: the image pins what was baked at build time.
  */
 export function resolveBakedPackage(config: Pick<ServerConfig, 'command' | 'args'>, packagesDir: string | undefined, readFile: ReadFile = readUtf8): Launch | null {
-  if (!packagesDir || basename(config.command) !== 'npx') return null;
-  let i = 0;
-  while (i < config.args.length && NPX_QUIET_FLAGS.has(config.args[i])) i++;
-  const spec = config.args[i];
-  if (spec === undefined) return null;
-  const at = spec.indexOf('@', 1);
-  const name = at === -1 ? spec : spec.slice(0, at);
-  if (!NPM_NAME_RE.test(name)) return null;
+  const npx = packagesDir ? npxPackage(config) : null;
+  if (!packagesDir || !npx) return null;
+  const { name, i } = npx;
   const dir = resolvePath(packagesDir, 'node_modules', name);
   let manifest: unknown;
   try {
@@ -1614,6 +1636,18 @@ export function resolveBakedPackage(config: Pick<ServerConfig, 'command' | 'args
   const file = resolvePath(dir, bin);
   if (!file.startsWith(dir + sep)) return null;
   return { command: process.execPath, args: [file, ...config.args.slice(i + 1)] };
+}
+
+/** The package `npx [-y] PKG[@version] …` runs (its name, and the index of PKG in args), or null. */
+function npxPackage(config: Pick<ServerConfig, 'command' | 'args'>): { name: string; i: number } | null {
+  if (basename(config.command) !== 'npx') return null;
+  let i = 0;
+  while (i < config.args.length && NPX_QUIET_FLAGS.has(config.args[i])) i++;
+  const spec = config.args[i];
+  if (spec === undefined) return null;
+  const at = spec.indexOf('@', 1);
+  const name = at === -1 ? spec : spec.slice(0, at);
+  return NPM_NAME_RE.test(name) ? { name, i } : null;
 }
 
 /** The package's bin: a string, the entry named like the unscoped package, or the only entry. */
@@ -5561,7 +5595,8 @@ const LIVE_PROXIES = new Set<Proxy>();
 
 export async function startProxy(config: Config, start: StartOptions = {}): Promise<RunningProxy> {
   const options: Options = { ...defaultOptions(), ...stripUndefined(start) };
-  const limits = validateLimits({ ...DEFAULT_LIMITS, ...start.limits });
+  const concurrency = options.startConcurrency === undefined ? {} : { startConcurrency: options.startConcurrency };
+  const limits = validateLimits({ ...DEFAULT_LIMITS, ...concurrency, ...start.limits });
   const weak = tokenProblem(options.tokens);
   if (weak) throw new ProxyError('WEAK_TOKEN', weak);
   const clashes = segmentClashes(config.servers);
@@ -5576,12 +5611,15 @@ export async function startProxy(config: Config, start: StartOptions = {}): Prom
       'with --public-url), bind 127.0.0.1, or accept the risk with ' +
       '--allow-unauthenticated (MCP_PROXY_ALLOW_UNAUTHENTICATED=1)');
   }
+  const tls = options.tlsCert === undefined && options.tlsKey === undefined ? null : readTlsPair(options.tlsCert, options.tlsKey);
+  const serverOptions: http.ServerOptions = {
+    requestTimeout: limits.httpRequestTimeoutMs, headersTimeout: limits.headersTimeoutMs,
+    keepAliveTimeout: limits.keepAliveTimeoutMs, connectionsCheckingInterval: limits.connectionsCheckIntervalMs,
+  };
   const proxy: Proxy = {
     options, limits, log: safeLogger(log, () => proxy.secrets), servers: new Map(),
-    http: http.createServer({
-      requestTimeout: limits.httpRequestTimeoutMs, headersTimeout: limits.headersTimeoutMs,
-      keepAliveTimeout: limits.keepAliveTimeoutMs, connectionsCheckingInterval: limits.connectionsCheckIntervalMs,
-    }),
+    // A TLS handshake comes before the headers: one that stalls gets no longer than they would (slowloris).
+    http: tls ? https.createServer({ ...serverOptions, ...tls, handshakeTimeout: limits.headersTimeoutMs }) : http.createServer(serverOptions),
     state: 'RUNNING', streams: new Set(), timers: [], startQueue: [], starting: 0,
     tokens: options.tokens.map(sha256), oauth, publicUrl: oauth?.publicUrl ?? (options.publicUrl ? new URL(options.publicUrl) : null), trustedProxies: trustList(options.trustProxy), loopbackBind,
     allowedHosts: new Set([
@@ -5590,7 +5628,7 @@ export async function startProxy(config: Config, start: StartOptions = {}): Prom
     ]),
     connections: new Set(), backlogged: new Set(), maxConnections: connectionCap(limits.maxConnections), bodyBytesInFlight: 0, heldAnswerBytes: 0,
     groups: new Map(), continuations: new Map(), stateKey: null, secrets: secretsOf(options, config.servers), watcher: null,
-    removed: new Set(), url: '', closed: null,
+    removed: new Set(), url: '', stopTlsWatch: null, closed: null,
   };
   proxy.http.maxHeadersCount = limits.maxHeadersCount;
   if (proxy.maxConnections < FEW_CONNECTIONS) {
@@ -5600,7 +5638,8 @@ export async function startProxy(config: Config, start: StartOptions = {}): Prom
   proxy.http.on('request', (req, res) => serveRequest(proxy, req, res));
   await listen(proxy.http, options.host, options.port);
   const port = (proxy.http.address() as { port: number }).port;
-  proxy.url = `http://${options.host.includes(':') ? `[${options.host}]` : options.host}:${port}`;
+  proxy.url = `${tls ? 'https' : 'http'}://${options.host.includes(':') ? `[${options.host}]` : options.host}:${port}`;
+  if (tls) proxy.stopTlsWatch = watchTlsFiles(proxy, proxy.http as https.Server, options.tlsCert!, options.tlsKey!, tls);
   LIVE_PROXIES.add(proxy);
   for (const server of config.servers) addServer(proxy, server);
   if (options.watchConfig) {
@@ -5716,7 +5755,8 @@ function defaultOptions(): Options {
     configPath: DEFAULT_CONFIG_PATH, host: DEFAULT_HOST, port: DEFAULT_PORT, tokens: [], allowUnauthenticated: false,
     allowedOrigins: [], corsOrigins: [], logLevel: 'info', logFormat: 'text', packagesDir: undefined,
     publicUrl: undefined, baseDomain: undefined, passphrase: undefined, stateDir: defaultStateDir(process.env), oauthClient: undefined,
-    clientMetadataHosts: [], trustProxy: [], strictProtocolHeader: false, watchConfig: false,
+    clientMetadataHosts: [], trustProxy: [], strictProtocolHeader: false, watchConfig: false, tlsCert: undefined, tlsKey: undefined,
+    startConcurrency: undefined,
   };
 }
 
@@ -5745,6 +5785,95 @@ function normalizeOrigin(origin: string): string {
 function isLoopbackHost(host: string): boolean {
   if (host === 'localhost' || host === '::1') return true;
   return isIP(host) === 4 && host.startsWith('127.');
+}
+
+type TlsPair = { cert: string; key: string };
+
+/**
+ * The certificate chain and private key, read (bounded) and checked: each parses and the key belongs to the
+ * first certificate. A ProxyError names the file and the problem, never the contents or OpenSSL's text.
+ */
+export function readTlsPair(certPath: string | undefined, keyPath: string | undefined, readFile: ReadFile = readUtf8): TlsPair {
+  const fail = (text: string) => new ProxyError('TLS', text);
+  if (!certPath || !keyPath) throw fail('TLS needs both --tls-cert and --tls-key (MCP_PROXY_TLS_CERT, MCP_PROXY_TLS_KEY), or neither');
+  const read = (flag: string, path: string) => {
+    try {
+      return readFile(path, MAX_PEM_FILE_BYTES);
+    } catch (err) {
+      throw fail(`${flag} ${JSON.stringify(path)}: cannot read (${readFailure(err)})`);
+    }
+  };
+  const cert = read('--tls-cert', certPath);
+  const key = read('--tls-key', keyPath);
+  let leaf: X509Certificate;
+  try {
+    leaf = new X509Certificate(cert);
+  } catch {
+    throw fail(`--tls-cert ${JSON.stringify(certPath)}: not a PEM certificate`);
+  }
+  let privateKey;
+  try {
+    privateKey = createPrivateKey(key);
+  } catch {
+    throw fail(`--tls-key ${JSON.stringify(keyPath)}: not a PEM private key (or one encrypted with a passphrase)`);
+  }
+  if (!leaf.checkPrivateKey(privateKey)) throw fail(`--tls-key ${JSON.stringify(keyPath)}: does not match the certificate in ${JSON.stringify(certPath)}`);
+  try {
+    createSecureContext({ cert, key });
+  } catch (err) {
+    throw fail(`--tls-cert ${JSON.stringify(certPath)}: OpenSSL refuses the pair (${(err as NodeJS.ErrnoException).code ?? 'error'})`);
+  }
+  return { cert, key };
+}
+
+/**
+ * Re-reads the certificate and key when their directories change, and serves a new valid pair to new
+ * connections (server.setSecureContext, https://nodejs.org/api/tls.html#serversetsecurecontextoptions);
+ * connections already open keep the context they were made with. A bad pair (a half-done renewal) is logged
+ * in one line and the old one keeps serving. The directories are watched, not the files: certbot swaps
+ * live/ symlinks, Kubernetes swaps its ..data link and editors rename over a file, and a watch on the old
+ * inode goes silent (https://nodejs.org/api/fs.html#inodes). Any event there triggers a re-read, since the
+ * name in it may be a link's (..data) rather than the file's; an unchanged pair is not re-applied.
+ * Not handled: the directory itself replaced (watch its parent's path instead: mount the parent).
+ */
+function watchTlsFiles(proxy: Proxy, server: https.Server, certPath: string, keyPath: string, initial: TlsPair): () => void {
+  let serving = initial;
+  let timer: NodeJS.Timeout | null = null;
+  const reload = () => {
+    timer = null;
+    let next: TlsPair;
+    try {
+      next = readTlsPair(certPath, keyPath);
+    } catch (err) {
+      return proxy.log.error('proxy', `TLS not reloaded, the previous certificate keeps serving: ${(err as Error).message}`);
+    }
+    if (next.cert === serving.cert && next.key === serving.key) return;
+    server.setSecureContext(next);
+    serving = next;
+    proxy.log.info('proxy', `TLS certificate reloaded from ${certPath} (valid until ${new X509Certificate(next.cert).validTo})`);
+  };
+  const tlsDirOnChange = () => {
+    if (timer) clearTimeout(timer);
+    timer = setTimeout(() => guarded(proxy, 'proxy', 'a certificate reload', reload), TLS_RELOAD_DEBOUNCE_MS);
+    timer.unref();
+  };
+  const watchers: FSWatcher[] = [];
+  for (const dir of new Set([dirname(resolvePath(certPath)), dirname(resolvePath(keyPath))])) {
+    try {
+      const watcher = watch(dir, tlsDirOnChange);
+      watcher.on('error', (err: NodeJS.ErrnoException) => {
+        proxy.log.warn('proxy', `stopped watching ${dir} (${err.code ?? 'error'}): certificate renewals there need a restart`);
+        watcher.close();
+      });
+      watchers.push(watcher);
+    } catch (err) {
+      proxy.log.warn('proxy', `cannot watch ${dir} (${(err as NodeJS.ErrnoException).code ?? 'error'}): certificate renewals there need a restart`);
+    }
+  }
+  return () => {
+    if (timer) clearTimeout(timer);
+    for (const watcher of watchers) watcher.close();
+  };
 }
 
 function listen(server: http.Server, host: string, port: number): Promise<void> {
@@ -6018,6 +6147,7 @@ function closeProxy(proxy: Proxy, drain: boolean): Promise<void> {
     }
     for (const timer of proxy.timers) clearInterval(timer);
     proxy.watcher?.close();
+    proxy.stopTlsWatch?.();
     const segments = [...proxy.servers.keys()];
     const stopped = Promise.all(segments.map((segment) => removeServer(proxy, segment, 'shutdown')));
     for (const stream of [...proxy.streams]) closeStream(stream);
@@ -6299,7 +6429,7 @@ function doctorRequest(method: string, where: string, body: string | undefined, 
 
 /** The endpoints doctor checks without a URL: every server's /mcp on the public URL (or the local address). */
 function doctorTargets(config: Config, options: Options): string[] {
-  const base = options.publicUrl ? new URL(options.publicUrl).origin : `http://${options.host.includes(':') ? `[${options.host}]` : options.host}:${options.port}`;
+  const base = options.publicUrl ? new URL(options.publicUrl).origin : `${options.tlsCert ? 'https' : 'http'}://${options.host.includes(':') ? `[${options.host}]` : options.host}:${options.port}`;
   return config.servers.map((server) => `${base}/${serverSegment(server.name)}/mcp`);
 }
 
@@ -6353,6 +6483,10 @@ Options (each also as an environment variable):
                              (Claude's connector sends that pair)   MCP_PROXY_STRICT_PROTOCOL_HEADER=1
   --no-watch                 do not reload when the config or a \${file:} secret changes (SIGHUP still
                              reloads)                                     MCP_PROXY_WATCH=0
+  --start-concurrency N      children starting at once, 1 to ${MAX_START_CONCURRENCY}  MCP_PROXY_START_CONCURRENCY  (default ${DEFAULT_LIMITS.startConcurrency})
+  --tls-cert PATH            serve HTTPS with this PEM certificate chain   MCP_PROXY_TLS_CERT
+  --tls-key PATH             …and this PEM private key (both or neither;   MCP_PROXY_TLS_KEY
+                             both are re-read when their directory changes)
 
 OAuth for Claude.ai (on when a passphrase is set):
   MCP_PROXY_PASSWORD         the passphrase the consent page asks for, or its scrypt hash (hash-password)
@@ -6376,6 +6510,7 @@ type CliResult = { command: Command; options: Options; target?: string } | { err
 const VALUE_FLAGS: ReadonlySet<string> = new Set([
   '--config', '--host', '--port', '--token', '--token-file', '--allow-origin', '--cors-origin', '--log-level', '--log-format',
   '--packages-dir', '--public-url', '--base-domain', '--state-dir', '--password-file', '--oauth-client-id', '--client-metadata-host', '--trust-proxy',
+  '--tls-cert', '--tls-key', '--start-concurrency',
 ]);
 
 /** Flags win over MCP_PROXY_* variables, which win over the defaults. Pure but for reading a token file. */
@@ -6430,6 +6565,16 @@ function buildOptions(command: Exclude<Command, 'help'>, flags: Map<string, stri
   }
   const weak = tokenProblem(tokens);
   if (weak) return { error: `--token: ${weak}` };
+  const tlsCert = one('--tls-cert', 'MCP_PROXY_TLS_CERT');
+  const tlsKey = one('--tls-key', 'MCP_PROXY_TLS_KEY');
+  if ((tlsCert === undefined) !== (tlsKey === undefined)) {
+    return { error: `${tlsCert === undefined ? '--tls-key' : '--tls-cert'} needs ${tlsCert === undefined ? '--tls-cert' : '--tls-key'} too (MCP_PROXY_TLS_CERT and MCP_PROXY_TLS_KEY): HTTPS needs both the certificate and its key` };
+  }
+  const concurrencyText = one('--start-concurrency', 'MCP_PROXY_START_CONCURRENCY');
+  const startConcurrency = concurrencyText === undefined ? undefined : /^\d+$/.test(concurrencyText) ? Number(concurrencyText) : NaN;
+  if (startConcurrency !== undefined && !(startConcurrency >= 1 && startConcurrency <= MAX_START_CONCURRENCY)) {
+    return { error: `--start-concurrency: got ${JSON.stringify(concurrencyText)}, expected an integer from 1 to ${MAX_START_CONCURRENCY}` };
+  }
   const allowRaw = flags.has('--allow-unauthenticated') ? 'true' : (env.MCP_PROXY_ALLOW_UNAUTHENTICATED ?? '');
   const strictRaw = flags.has('--strict-protocol-header') ? 'true' : (env.MCP_PROXY_STRICT_PROTOCOL_HEADER ?? '');
   const watchRaw = flags.has('--no-watch') ? 'false' : (env.MCP_PROXY_WATCH ?? 'true');
@@ -6453,6 +6598,9 @@ function buildOptions(command: Exclude<Command, 'help'>, flags: Map<string, stri
     trustProxy: list('--trust-proxy', 'MCP_PROXY_TRUST_PROXY'),
     strictProtocolHeader: strictRaw === '1' || strictRaw.toLowerCase() === 'true',
     watchConfig: !(watchRaw === '0' || watchRaw.toLowerCase() === 'false'),
+    tlsCert,
+    tlsKey,
+    startConcurrency,
   };
   const clientId = one('--oauth-client-id', 'MCP_PROXY_OAUTH_CLIENT_ID');
   if (clientId !== undefined) {
@@ -6501,9 +6649,17 @@ async function main(): Promise<void> {
     process.exit(1);
   }
   if (cli.command === 'check') {
-    const problems = checkHost(loaded.config, cli.options.configPath);
-    for (const problem of problems) writeStderr(`error: ${problem}`);
-    if (problems.length) process.exit(1);
+    const host = checkHost(loaded.config, cli.options.configPath, { env: process.env, packagesDir: cli.options.packagesDir });
+    for (const warning of [...(loaded.defaulted ?? []), ...host.warnings]) writeStderr(`warning: ${warning}`);
+    if (cli.options.tlsCert !== undefined) {
+      try {
+        readTlsPair(cli.options.tlsCert, cli.options.tlsKey);
+      } catch (err) {
+        host.errors.push((err as Error).message);
+      }
+    }
+    for (const problem of host.errors) writeStderr(`error: ${problem}`);
+    if (host.errors.length) process.exit(1);
     const names = loaded.config.servers.map((server) => server.name).join(', ') || 'none';
     return void process.stdout.write(`config OK: ${cli.options.configPath}: ${loaded.config.servers.length} servers (${names})\n`);
   }
@@ -6511,21 +6667,82 @@ async function main(): Promise<void> {
   await serve(loaded.config, cli.options, log);
 }
 
-/** What `check` can see beyond the file itself: a working directory that does not exist or is not one. */
-export function checkHost(config: Config, source: string): string[] {
-  const problems: string[] = [];
+/** What `check` finds beyond the file: errors stop a start; warnings may fail at run time (or be meant). */
+export type HostCheck = { errors: string[]; warnings: string[] };
+
+/**
+ * What `check` can see beyond the file itself. An error: a working directory that does not exist or is not
+ * one. Warnings, since the config may be meant for another machine or image: a command not found where the
+ * child's spawn would look, an `npx` package not baked into --packages-dir, and a per-session server whose
+ * sessions each hold a process for the PER_SESSION_IDLE_MS default. `runtime.env` is the proxy's environment.
+ */
+export function checkHost(config: Config, source: string, runtime: { env: Env; packagesDir: string | undefined }): HostCheck {
+  const errors: string[] = [];
+  const warnings: string[] = [];
   for (const server of config.servers) {
-    if (server.cwd === undefined) continue;
-    let isDir = false;
-    let why = 'not a directory';
-    try {
-      isDir = statSync(server.cwd).isDirectory();
-    } catch (err) {
-      why = `cannot be read (${(err as NodeJS.ErrnoException).code ?? 'error'})`;
+    const at = `${source}: mcpServers.${server.name}`;
+    const cwdProblem = server.cwd === undefined ? null : directoryProblem(server.cwd);
+    if (cwdProblem) errors.push(`${at}.cwd: ${JSON.stringify(server.cwd)} is ${cwdProblem}`);
+    const launch = launchWarning(server, runtime);
+    if (launch) warnings.push(`${at}.command: ${launch}`);
+    const idleMs = server.idleTimeoutMs ?? PER_SESSION_IDLE_MS;
+    if (server.sessions === 'per-session' && idleMs >= PER_SESSION_IDLE_MS) {
+      warnings.push(`${at}: "sessions": "per-session" keeps a process for each client session until it has been idle ${idleMs} ms ` +
+        `(clients rarely end their sessions); set a shorter "idleTimeoutMs", e.g. ${SUGGESTED_PER_SESSION_IDLE_MS}`);
     }
-    if (!isDir) problems.push(`${source}: mcpServers.${server.name}.cwd: ${JSON.stringify(server.cwd)} is ${why === 'not a directory' ? why : `a path that ${why}`}`);
   }
-  return problems;
+  return { errors, warnings };
+}
+
+function directoryProblem(path: string): string | null {
+  try {
+    return statSync(path).isDirectory() ? null : 'not a directory';
+  } catch (err) {
+    return `a path that cannot be read (${(err as NodeJS.ErrnoException).code ?? 'error'})`;
+  }
+}
+
+/** Why the server's command may not start here, naming the fix; null when it resolves to an executable. */
+function launchWarning(server: ServerConfig, runtime: { env: Env; packagesDir: string | undefined }): string | null {
+  const path = childEnv(server, runtime.env).PATH ?? '';
+  const npx = npxPackage(server);
+  if (npx && runtime.packagesDir) {
+    if (resolveBakedPackage(server, runtime.packagesDir)) return null; // runs with this node, not npx
+    const how = findExecutable(server.command, path, server.cwd).found ? 'npx downloads it at every start (that needs the network)' : 'npx is not on the PATH the server gets';
+    return `\`npx ${npx.name}\` is not baked into ${runtime.packagesDir}, and ${how}; the distroless image has neither npx nor network: ` +
+      `bake it into the image (docker build --build-arg MCP_NPM_PACKAGES="${npx.name}" …), or install it under ${runtime.packagesDir}/node_modules`;
+  }
+  const found = findExecutable(server.command, path, server.cwd);
+  if (found.found) return null;
+  if (found.notExecutable) return `${JSON.stringify(server.command)} resolves to ${found.notExecutable}, which is not an executable file: chmod +x it, or name the interpreter`;
+  return server.command.includes('/')
+    ? `${JSON.stringify(server.command)} does not exist: give the path of an installed program`
+    : `${JSON.stringify(server.command)} is not found on the PATH the server gets (the proxy's PATH, or its "env".PATH): install it, or give its absolute path`;
+}
+
+/**
+ * Where spawn would find `command`, as execvp(3) does: a name with a '/' is taken as it is (relative to the
+ * child's cwd), a bare name is looked for in each PATH entry (empty: the cwd), and only a regular file with
+ * the execute bit counts. The PATH is the child's own (https://nodejs.org/api/child_process.html#child_processspawncommand-args-options).
+ */
+function findExecutable(command: string, path: string, cwd: string | undefined): { found: boolean; notExecutable?: string } {
+  const base = cwd ?? process.cwd();
+  const candidates = command.includes('/') ? [resolvePath(base, command)] : path.split(delimiter).map((dir) => resolvePath(base, dir, command));
+  let notExecutable: string | undefined;
+  for (const file of candidates) {
+    try {
+      if (!statSync(file).isFile()) continue;
+    } catch {
+      continue; // not there: execvp tries the next entry
+    }
+    try {
+      accessSync(file, fsConstants.X_OK);
+      return { found: true };
+    } catch {
+      notExecutable ??= file; // execvp goes on too, and reports EACCES only if nothing later runs
+    }
+  }
+  return { found: false, notExecutable };
 }
 
 /**
@@ -6623,11 +6840,16 @@ async function hashPasswordCommand(): Promise<void> {
 /** For container HEALTHCHECKs: no shell or curl needed. */
 async function healthcheck(options: Options): Promise<void> {
   const host = options.host === '0.0.0.0' || options.host === '::' ? DEFAULT_HOST : options.host;
+  const target = { host, port: options.port, path: '/healthz', timeout: DEFAULT_LIMITS.headersTimeoutMs };
   const ok = await new Promise<boolean>((resolve) => {
-    const req = http.get({ host, port: options.port, path: '/healthz', timeout: DEFAULT_LIMITS.headersTimeoutMs }, (res) => {
+    const onResponse = (res: http.IncomingMessage) => {
       res.resume();
       resolve(res.statusCode === 200);
-    });
+    };
+    // With TLS the probe does not verify the certificate: it names the public host, not the address probed
+    // here, so a correct setup would fail. Nothing is at stake: the probe sends no credential and reads only
+    // the status of /healthz from this container's own port.
+    const req = options.tlsCert ? https.get({ ...target, rejectUnauthorized: false }, onResponse) : http.get(target, onResponse);
     req.on('timeout', () => req.destroy());
     req.on('error', () => resolve(false));
   });
