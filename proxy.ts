@@ -5437,7 +5437,8 @@ function shellExitCode(code: number | null, signal: NodeJS.Signals | null): numb
 function recordingProblems(base: Logger, servers: ReadonlyMap<string, ServerRuntime>): Logger {
   const record = (level: Problem['level'], scope: string, text: string) => {
     const server = servers.get(serverSegment(scope));
-    if (!server || server.config.name !== scope) return; // 'http', 'proxy', 'oauth', or a name that was masked
+    // Not a server: 'http', 'proxy', 'oauth' (a server named so gets those lines too), or a name that was masked.
+    if (!server || server.config.name !== scope) return;
     const problems = server.stats.problems;
     problems.push({ atMs: Date.now(), level, text: text.length > RECENT_PROBLEM_CHARS ? `${text.slice(0, RECENT_PROBLEM_CHARS)}…` : text });
     if (problems.length > RECENT_PROBLEMS_PER_SERVER) problems.shift();
@@ -5619,7 +5620,7 @@ function statusPage(proxy: Proxy, now: number): string {
   const count = `${proxy.servers.size} server${proxy.servers.size === 1 ? '' : 's'}`;
   return '<!doctype html><html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width">' +
     `<meta http-equiv="refresh" content="${STATUS_REFRESH_S}"><title>${PROXY_NAME}: status</title><style>${STATUS_CSS}</style></head><body>` +
-    `<h1>${PROXY_NAME}</h1><p class="meta">${PROXY_VERSION} · up ${formatDuration(process.uptime() * 1000)} · ${count} · ` +
+    `<h1>${PROXY_NAME}</h1><p class="meta">version ${PROXY_VERSION} · up ${formatDuration(process.uptime() * 1000)} · ${count} · ` +
     `${new Date(now).toISOString().slice(0, 19)}Z, refreshed every ${STATUS_REFRESH_S} s</p>${sections.join('')}</body></html>`;
 }
 
