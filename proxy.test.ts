@@ -2829,8 +2829,8 @@ describe('7. HTTP: guards, /mcp, /sse, health', () => {
     });
 
     it('an unknown server name → 404 without listing the configured names', async () => {
-      // (/FIX/mcp is /fix/mcp: paths are matched case-insensitively, section 4.)
-      for (const p of ['/nope/mcp', '/nope/sse', '/', '/fix', '/fix/other', '/fix/mcp/extra', '/fi%78/mcp']) {
+      // (/FIX/mcp is /fix/mcp: paths are matched case-insensitively, section 4. / is the status page, section 10.)
+      for (const p of ['/nope/mcp', '/nope/sse', '/fix', '/fix/other', '/fix/mcp/extra', '/fi%78/mcp']) {
         const res = await request(`${h.url}${p}`, { method: 'GET', headers: { accept: 'text/event-stream' } });
         assert.equal(assertRpcError(res, 404, -32000).error.message, 'Not Found', p);
         for (const name of ['everything', 'memory', 'filesystem']) assert.ok(!res.text.includes(name), `${p} body lists ${name}`);
@@ -7993,6 +7993,300 @@ describe('10. OAuth: metadata, registration, consent, tokens', () => {
   });
 });
 
+// ── 11. Operations: metrics and status page ─────────────────────────────────────────────────────────────
+
+/** One sample of the text format: its metric name, labels (unescaped) and value. */
+type Sample = { name: string; labels: Record<string, string>; value: number };
+type Family = { type: string; help: string; samples: Sample[] };
+
+const METRIC_NAME_RE = /^[a-zA-Z_:][a-zA-Z0-9_:]*$/;
+const LABEL_NAME_RE = /^[a-zA-Z_][a-zA-Z0-9_]*$/;
+/** Go's ParseFloat, as the format says values are parsed: decimals, exponents, ±Inf, NaN. */
+const SAMPLE_VALUE_RE = /^(?:[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?|[+-]?Inf|NaN)$/;
+
+/**
+ * Parses Prometheus text format 0.0.4 (https://prometheus.io/docs/instrumenting/exposition_formats/) strictly,
+ * throwing on the first line that breaks the grammar: HELP and TYPE once per family and before its samples,
+ * names and label names by their regexes, label values with only \\, \" and \n escapes, numeric values, no
+ * duplicate series, and every histogram's buckets in increasing le ending at +Inf, cumulative, with _sum and a
+ * _count equal to the +Inf bucket.
+ */
+function parseExposition(text: string): Map<string, Family> {
+  assert.ok(text.endsWith('\n'), 'the exposition ends with a line feed');
+  const families = new Map<string, Family>();
+  const series = new Set<string>();
+  let current: string | null = null;
+  for (const [i, line] of text.slice(0, -1).split('\n').entries()) {
+    const where = `line ${i + 1}: ${JSON.stringify(line)}`;
+    const comment = /^# (HELP|TYPE) (\S+) (.*)$/.exec(line);
+    if (comment) {
+      const [, kind, name, rest] = comment as unknown as [string, string, string, string];
+      assert.match(name, METRIC_NAME_RE, where);
+      const family = families.get(name) ?? { type: '', help: '', samples: [] };
+      if (family.samples.length) assert.fail(`${kind} after the samples of ${name}: ${where}`);
+      if (kind === 'HELP') {
+        assert.equal(family.help, '', `a second HELP: ${where}`);
+        assert.ok(!/\\(?![\\n])/.test(rest), `HELP escapes only \\\\ and \\n: ${where}`);
+        family.help = rest;
+      } else {
+        assert.equal(family.type, '', `a second TYPE: ${where}`);
+        assert.match(rest, /^(counter|gauge|histogram|summary|untyped)$/, where);
+        family.type = rest;
+      }
+      families.set(name, family);
+      current = name;
+      continue;
+    }
+    assert.ok(!line.startsWith('#') && line.trim() !== '', `only HELP, TYPE and samples are written: ${where}`);
+    const sample = parseSampleLine(line, where);
+    assert.ok(current, `a sample before any TYPE: ${where}`);
+    const family = families.get(current)!;
+    const own = family.type === 'histogram' ? [`${current}_bucket`, `${current}_sum`, `${current}_count`] : [current];
+    assert.ok(own.includes(sample.name), `${sample.name} is not of the family ${current} (${family.type}): ${where}`);
+    const key = `${sample.name}{${Object.entries(sample.labels).sort().map(([k, v]) => `${k}=${JSON.stringify(v)}`).join(',')}}`;
+    assert.ok(!series.has(key), `duplicate series ${key}`);
+    series.add(key);
+    family.samples.push(sample);
+  }
+  for (const [name, family] of families) {
+    assert.ok(family.help && family.type, `${name} has HELP and TYPE`);
+    assert.ok(family.samples.length > 0, `${name} has samples`);
+    if (family.type === 'histogram') checkHistogram(name, family.samples);
+  }
+  return families;
+}
+
+function parseSampleLine(line: string, where: string): Sample {
+  const name = /^[^{\s]+/.exec(line)?.[0] ?? '';
+  assert.match(name, METRIC_NAME_RE, where);
+  let at = name.length;
+  const labels: Record<string, string> = {};
+  if (line[at] === '{') {
+    at++;
+    while (line[at] !== '}') {
+      const label = /^([^=]+)="/.exec(line.slice(at));
+      assert.ok(label, `a label name="value": ${where}`);
+      assert.match(label[1]!, LABEL_NAME_RE, where);
+      at += label[0].length;
+      let value = '';
+      for (;;) {
+        const c = line[at++];
+        assert.ok(c !== undefined, `an unterminated label value: ${where}`);
+        if (c === '"') break;
+        if (c === '\\') {
+          const e = line[at++];
+          assert.ok(e === '\\' || e === '"' || e === 'n', `only \\\\, \\" and \\n are escapes: ${where}`);
+          value += e === 'n' ? '\n' : e;
+        } else value += c;
+      }
+      assert.ok(!(label[1]! in labels), `label ${label[1]} twice: ${where}`);
+      labels[label[1]!] = value;
+      if (line[at] === ',') at++;
+      else assert.equal(line[at], '}', `labels are separated by commas: ${where}`);
+    }
+    at++;
+  }
+  const rest = line.slice(at);
+  const value = /^ (\S+)(?: (-?\d+))?$/.exec(rest);
+  assert.ok(value, `one space, a value and an optional timestamp: ${where}`);
+  assert.match(value[1]!, SAMPLE_VALUE_RE, where);
+  return { name, labels, value: Number(value[1]!.replace(/Inf$/, 'Infinity')) };
+}
+
+function checkHistogram(name: string, samples: Sample[]): void {
+  const groups = new Map<string, Sample[]>();
+  for (const s of samples) {
+    const { le, ...rest } = s.labels;
+    const key = JSON.stringify(Object.entries(rest).sort());
+    if (s.name === `${name}_bucket`) assert.ok(le !== undefined, `${name}_bucket has le`);
+    else assert.equal(le, undefined, `${s.name} has no le`);
+    groups.set(key, [...(groups.get(key) ?? []), s]);
+  }
+  for (const [key, group] of groups) {
+    const buckets = group.filter((s) => s.name === `${name}_bucket`);
+    assert.ok(buckets.length >= 2, `${name}${key}: buckets`);
+    const les = buckets.map((b) => b.labels.le!);
+    assert.equal(les.at(-1), '+Inf', `${name}${key}: the last bucket is +Inf`);
+    for (let i = 1; i < buckets.length; i++) {
+      assert.ok(Number(les[i]!.replace('+Inf', 'Infinity')) > Number(les[i - 1]), `${name}${key}: le increases (${les[i - 1]}, ${les[i]})`);
+      assert.ok(buckets[i]!.value >= buckets[i - 1]!.value, `${name}${key}: bucket counts are cumulative`);
+    }
+    const sums = group.filter((s) => s.name === `${name}_sum`);
+    const counts = group.filter((s) => s.name === `${name}_count`);
+    assert.equal(sums.length, 1, `${name}${key}: one _sum`);
+    assert.equal(counts.length, 1, `${name}${key}: one _count`);
+    assert.equal(counts[0]!.value, buckets.at(-1)!.value, `${name}${key}: _count equals the +Inf bucket`);
+  }
+}
+
+/** The value of one series (0 when absent: counters start absent), found by name and exact labels. */
+function metricValue(families: Map<string, Family>, name: string, labels: Record<string, string>): number {
+  const family = families.get(name.replace(/_(bucket|sum|count)$/, '')) ?? families.get(name);
+  const want = JSON.stringify(Object.entries(labels).sort());
+  const found = family?.samples.filter((s) => s.name === name && JSON.stringify(Object.entries(s.labels).sort()) === want) ?? [];
+  assert.ok(found.length <= 1, `one series ${name}${want}`);
+  return found[0]?.value ?? 0;
+}
+
+async function scrape(base: string, headers: Record<string, string> = {}): Promise<Map<string, Family>> {
+  const res = await request(`${base}/metrics`, { headers });
+  assert.equal(res.status, 200, res.text);
+  assert.equal(res.headers['content-type'], 'text/plain; version=0.0.4; charset=utf-8');
+  return parseExposition(res.text);
+}
+
+/** A name with every character the format escapes except the line feed (config names cannot hold one). */
+const ODD_NAME = 'odd "name" \\ 1';
+
+describe('11. Operations: metrics and status page', () => {
+  it('GET /metrics: every line parses as text format 0.0.4, label values are escaped, and counters move under a real SDK client (requests by method, bytes, latency); an unknown method counts as "other"', { timeout: 60_000 }, async (t) => {
+    const h = await harness(t, { servers: [everything(), fixture(ODD_NAME)] }, { limits: FAST });
+    await h.proxy.ready(30_000);
+    const before = await scrape(h.url);
+    const every = { server: 'everything' };
+    assert.equal(metricValue(before, 'mcp_proxy_server_state', { ...every, state: 'ready' }), 1);
+    assert.equal(metricValue(before, 'mcp_proxy_server_state', { ...every, state: 'errored' }), 0);
+    assert.equal(metricValue(before, 'mcp_proxy_children_started_total', every), 1);
+    assert.equal(metricValue(before, 'mcp_proxy_requests_total', { ...every, method: 'tools/call' }), 0);
+    for (const name of ['mcp_proxy_process_resident_memory_bytes', 'mcp_proxy_uptime_seconds', 'mcp_proxy_process_open_fds']) {
+      assert.ok(metricValue(before, name, {}) > 0, name);
+    }
+
+    // A real client: its initialize is answered by the proxy (not forwarded); list and calls are.
+    const client = await h.client('everything', 'mcp');
+    await client.listTools();
+    const calls = 5;
+    for (let i = 0; i < calls; i++) assert.equal(textOf(await client.callTool({ name: 'echo', arguments: { message: `hi ${i}` } })), `Echo: hi ${i}`);
+    const sid = await rawSession(h.url, 'everything');
+    const unknown = await post(`${h.url}/everything/mcp`, { jsonrpc: '2.0', id: 7, method: 'no/such-method', params: {} }, sessionHeaders(sid));
+    assert.equal(onlyMessage(unknown).error.code, -32601);
+    // The odd name's server: a call through its segment, so its series have samples to escape.
+    const oddSid = await rawSession(h.url, serverSegment(ODD_NAME));
+    const odd = await post(`${h.url}/${serverSegment(ODD_NAME)}/mcp`, call(3, { what: 'echo', text: 'x' }), sessionHeaders(oddSid));
+    assert.equal(textOf(onlyMessage(odd).result), 'x');
+
+    const res = await request(`${h.url}/metrics`);
+    assert.equal(res.headers['cache-control'], 'no-store');
+    assert.ok(res.text.includes('server="odd \\"name\\" \\\\ 1"'), 'the name is written escaped');
+    const after = parseExposition(res.text);
+    for (const name of after.keys()) assert.match(name, /^mcp_proxy_/);
+    assert.equal(metricValue(after, 'mcp_proxy_requests_total', { ...every, method: 'tools/call' }), calls);
+    assert.ok(metricValue(after, 'mcp_proxy_requests_total', { ...every, method: 'tools/list' }) >= 1);
+    assert.equal(metricValue(after, 'mcp_proxy_requests_total', { ...every, method: 'initialize' }), 0, "clients' initialize is answered by the proxy");
+    assert.equal(metricValue(after, 'mcp_proxy_requests_total', { ...every, method: 'other' }), 1);
+    assert.equal(metricValue(after, 'mcp_proxy_request_errors_total', { ...every, method: 'other' }), 1);
+    assert.equal(metricValue(after, 'mcp_proxy_request_errors_total', { ...every, method: 'tools/call' }), 0);
+    assert.ok(!res.text.includes('no/such-method'), 'a method outside the list never becomes a label');
+    const forwarded = after.get('mcp_proxy_requests_total')!.samples.filter((s) => s.labels.server === 'everything').reduce((sum, s) => sum + s.value, 0);
+    assert.equal(metricValue(after, 'mcp_proxy_request_duration_seconds_count', every), forwarded, 'every forwarded request was answered and observed');
+    assert.ok(metricValue(after, 'mcp_proxy_request_duration_seconds_sum', every) > 0);
+    for (const name of ['mcp_proxy_child_stdin_bytes_total', 'mcp_proxy_child_stdout_bytes_total']) {
+      assert.ok(metricValue(after, name, every) > metricValue(before, name, every), `${name} grew`);
+    }
+    assert.equal(metricValue(after, 'mcp_proxy_sessions', { ...every, transport: 'streamable' }), 2);
+    assert.equal(metricValue(after, 'mcp_proxy_sessions', { ...every, transport: 'sse' }), 0);
+    const oddLabels = { server: ODD_NAME, method: 'tools/call' };
+    assert.equal(metricValue(after, 'mcp_proxy_requests_total', oddLabels), 1, 'the escaped label reads back as the name');
+    await h.client('everything', 'sse');
+    assert.equal(metricValue(await scrape(h.url), 'mcp_proxy_sessions', { ...every, transport: 'sse' }), 1);
+  });
+
+  it('a crash: restarts, children started and the last exit code; a child that gives up shows errored', { timeout: 30_000 }, async (t) => {
+    const h = await harness(t, { servers: [fixture('crashy'), fixture('broken', 'initerror')] }, { limits: FAST, log: captureLog([]) });
+    await waitFor(() => h.proxy.status().crashy!.state === 'ready', 10_000, 'crashy ready'); // broken never is: no ready()
+    const sid = await rawSession(h.url, 'crashy');
+    const died = await post(`${h.url}/crashy/mcp`, call(1, { what: 'die' }), sessionHeaders(sid));
+    assert.equal(onlyMessage(died).error.code, -32005);
+    await waitFor(() => h.proxy.status().crashy!.state === 'ready' && h.proxy.status().crashy!.restarts === 1, 10_000, 'crashy restarted');
+    await waitFor(() => h.proxy.status().broken!.state === 'errored', 20_000, 'broken errored');
+    const m = await scrape(h.url);
+    const crashy = { server: 'crashy' };
+    assert.equal(metricValue(m, 'mcp_proxy_restarts_total', crashy), 1);
+    assert.equal(metricValue(m, 'mcp_proxy_children_started_total', crashy), 2);
+    assert.equal(metricValue(m, 'mcp_proxy_last_exit_code', crashy), 1);
+    assert.equal(metricValue(m, 'mcp_proxy_request_errors_total', { ...crashy, method: 'tools/call' }), 1);
+    assert.equal(metricValue(m, 'mcp_proxy_server_state', { server: 'broken', state: 'errored' }), 1);
+    assert.equal(metricValue(m, 'mcp_proxy_restarts_total', { server: 'broken' }), DEFAULT_LIMITS.maxUnstableRestarts);
+    assert.equal(metricValue(m, 'mcp_proxy_children', { server: 'broken' }), 0);
+  });
+
+  it('/metrics and / are guarded like /mcp: 401 without a token or with a wrong one, 200 with it; an OAuth token for one server gets 403, one for every server 200', { timeout: 60_000 }, async (t) => {
+    const token = 'ops-token-0123456789abcdef';
+    const h = await harness(t, { servers: [fixture('fix')] }, { limits: FAST, tokens: [token] });
+    for (const path of ['/metrics', '/']) {
+      assertRpcError(await request(`${h.url}${path}`), 401, -32000);
+      assertRpcError(await request(`${h.url}${path}`, { headers: { authorization: 'Bearer wrong-token-0123456789' } }), 401, -32000);
+      const ok = await request(`${h.url}${path}`, { headers: { authorization: `Bearer ${token}` } });
+      assert.equal(ok.status, 200, `${path}: ${ok.text}`);
+      assert.equal(ok.headers['x-content-type-options'], 'nosniff');
+      assert.equal(ok.headers['cache-control'], 'no-store');
+      assertRpcError(await request(`${h.url}${path}`, { method: 'POST', headers: { authorization: `Bearer ${token}` }, body: '{}' }), 405, -32000);
+    }
+    const op = await oauthProxy(t, TWO_FIXTURES());
+    const one = await oauthGrant(op.base, 'alpha');
+    const all = await oauthGrant(op.base, 'alpha', { all: true });
+    for (const path of ['/metrics', '/']) {
+      assert.equal(await oauthProbe(op.base, one.access), 404, 'the one-server token is good for its server');
+      assertRpcError(await request(`${op.base}${path}`, { headers: bearer(one.access) }), 403, -32000);
+      assert.equal((await request(`${op.base}${path}`, { headers: bearer(all.access) })).status, 200, path);
+      assertRpcError(await request(`${op.base}${path}`), 401, -32000);
+    }
+  });
+
+  it('the status page in headless Chromium: each server with its state, restarts after a crash, masked recent errors and its URLs; no script, no request but the page, no CSP violation (STATUS_SCREENSHOT=file.png saves a screenshot)', { timeout: 60_000 }, async (t) => {
+    assert.ok(fs.existsSync(CHROMIUM), `${CHROMIUM} is missing: this test needs Debian's chromium package (apt-get install chromium; .ci/run installs it)`);
+    const secret = 'sk-status-page-SECRET-4242';
+    const odd = '<i>odd</i> & "co"';
+    const h = await harness(t, {
+      servers: [everything(), fixture('crashy'), fixture('broken', 'initerror', { env: { API_KEY: secret }, secrets: [secret] }), fixture(odd)],
+    }, { limits: FAST, log: captureLog([]) });
+    await waitFor(() => h.proxy.status().crashy!.state === 'ready', 10_000, 'crashy ready'); // broken never is: no ready()
+    const sid = await rawSession(h.url, 'crashy');
+    assert.equal(onlyMessage(await post(`${h.url}/crashy/mcp`, call(1, { what: 'die' }), sessionHeaders(sid))).error.code, -32005);
+    await waitFor(() => h.proxy.status().crashy!.state === 'ready' && h.proxy.status().crashy!.restarts === 1, 10_000, 'crashy restarted');
+    await waitFor(() => h.proxy.status().broken!.state === 'errored', 20_000, 'broken errored');
+    await waitFor(() => h.proxy.status().everything!.state === 'ready', 20_000, 'everything ready');
+    await h.client('everything', 'mcp');
+
+    const browser = await chromium.launch({ executablePath: CHROMIUM, headless: true, args: CHROMIUM_ARGS });
+    onCleanup(t, () => browser.close());
+    const page = await browser.newPage({ viewport: { width: 900, height: 1200 } });
+    const requests: string[] = [];
+    const consoleMessages: string[] = [];
+    page.on('request', (r) => requests.push(r.url()));
+    page.on('console', (m) => consoleMessages.push(m.text()));
+    const response = await page.goto(`${h.url}/`);
+    assert.equal(response?.status(), 200);
+    const headers = response!.headers();
+    assert.match(headers['content-security-policy']!, /^default-src 'none'; style-src 'sha256-[A-Za-z0-9+/]+=*'; frame-ancestors 'none'/);
+    assert.equal(headers['x-frame-options'], 'DENY');
+    assert.equal(await page.locator('script').count(), 0);
+    assert.equal(await page.locator('meta[http-equiv=refresh]').getAttribute('content'), '10');
+
+    const section = (name: string) => page.locator('section').filter({ has: page.locator('h2', { hasText: name }) });
+    assert.deepEqual(await page.locator('section h2').allInnerTexts().then((all) => all.map((s) => s.replace(/\s*(ready|starting|restarting|errored|stopped)$/, ''))),
+      ['everything', 'crashy', 'broken', odd]);
+    assert.equal(await section('crashy').locator('.state').innerText(), 'ready');
+    assert.equal(await section('crashy').locator('td.restarts').innerText(), '1');
+    assert.match(await section('crashy').locator('td.exit').innerText(), /^exit 1, \d\d:\d\d:\d\d UTC$/);
+    assert.match(await section('crashy').locator('.problems').innerText(), /exit 1 after \d+ ms; restarting/);
+    assert.equal(await section('broken').locator('.state').innerText(), 'errored');
+    assert.equal(await section('broken').locator('.problems li').count(), 5, 'the last RECENT_PROBLEMS_PER_SERVER lines');
+    assert.match(await section('broken').locator('.problems').innerText(), /bad api key \*\*\*/);
+    assert.equal(await section('everything').locator('td.sessions').innerText(), '1 Streamable HTTP, 0 SSE');
+    assert.match(await section('everything').locator('td.uptime').innerText(), /^\d+ s$|min/);
+    assert.deepEqual(await section('everything').locator('.urls code').allInnerTexts(), [`${h.url}/everything/mcp`, `${h.url}/everything/sse`]);
+    // The odd name is text, not markup; its URL uses its segment.
+    assert.equal(await page.locator('section i').count(), 0);
+    assert.equal(await section(odd).locator('.urls code').first().innerText(), `${h.url}/${serverSegment(odd)}/mcp`);
+    const html = await page.content();
+    assert.ok(!html.includes(secret), 'the secret is masked on the page');
+    assert.deepEqual(requests, [`${h.url}/`], 'the page loads nothing else');
+    assert.deepEqual(consoleMessages.filter((m) => /Content Security Policy/i.test(m)), []);
+    if (process.env.STATUS_SCREENSHOT) await page.screenshot({ path: process.env.STATUS_SCREENSHOT, fullPage: true });
+  });
+});
+
 // ── TLS helpers: self-signed certificates made in pure Node (CI has no openssl CLI) ──────────────────────
 
 /** One DER tag-length-value (ITU-T X.690 §8.1): definite lengths up to 64 KiB, enough for a certificate. */
@@ -8092,9 +8386,9 @@ function httpsFetch(agent: https.Agent, sockets: { method: string; socket: tls.T
 /** fs.watch handles this process holds (process.getActiveResourcesInfo lists each as FSEventWrap). */
 const fsWatchHandles = (): number => process.getActiveResourcesInfo().filter((name) => name === 'FSEventWrap').length;
 
-// ── 11. Lifecycle: start, reload, shutdown ─────────────────────────────────────────────────────────────────────
+// ── 12. Lifecycle: start, reload, shutdown ─────────────────────────────────────────────────────────────────────
 
-describe('11. Lifecycle: start, reload, shutdown', () => {
+describe('12. Lifecycle: start, reload, shutdown', () => {
   describe('reload: the config file watched by hand, only the difference applied', () => {
     /** A config entry for the fixture (FIXTURE_LOG set: the test sees what reached it). */
     const fx = (env: Record<string, string> = {}) => ({ command: NODE, args: ['-e', FIXTURE, 'ok'], env });
@@ -8723,9 +9017,9 @@ describe('11. Lifecycle: start, reload, shutdown', () => {
   });
 });
 
-// ── 12. Doctor: replay Claude.ai's connect ──────────────────────────────────────────────────────────────
+// ── 13. Doctor: replay Claude.ai's connect ──────────────────────────────────────────────────────────────
 
-describe('12. Doctor: replay Claude.ai\'s connect', () => {
+describe('13. Doctor: replay Claude.ai\'s connect', () => {
   before(async () => {
     await new Promise<void>((resolve, reject) => execFile(NODE, ['build.mjs'], { cwd: HERE }, (err) => (err ? reject(err) : resolve())));
   });
@@ -8978,9 +9272,9 @@ describe('12. Doctor: replay Claude.ai\'s connect', () => {
     }
   });
 });
-// ── 13. CLI and main ───────────────────────────────────────────────────────────────────────────────────
+// ── 14. CLI and main ────────────────────────────────────────────────────────────────────────────────────
 
-describe('13. CLI and main', () => {
+describe('14. CLI and main', () => {
 
   it('parseCli() defaults: serve ./config.json on 127.0.0.1:8080 with no tokens', () => {
     const r = parseCli([], {});

@@ -39,18 +39,19 @@
 //   3. Small utilities                    9. Operator controls: tool policy, request timeouts
 //   4. Config: load, validate, diff      10. OAuth: metadata, registration, consent, tokens
 //   5. Children: spawn, framing, restart, kill
-//   6. Sessions and id routing           11. Lifecycle: start, reload, shutdown
-//                                        12. Doctor: replay Claude.ai's connect
-//                                        13. CLI and main
+//   6. Sessions and id routing           11. Operations: metrics and status page
+//                                        12. Lifecycle: start, reload, shutdown
+//                                        13. Doctor: replay Claude.ai's connect
+//                                        14. CLI and main
 
 import { spawn, type ChildProcess } from 'node:child_process';
 import { X509Certificate, createHash, createHmac, createPrivateKey, randomBytes, scryptSync, timingSafeEqual } from 'node:crypto';
-import { accessSync, closeSync, constants as fsConstants, fsyncSync, mkdirSync, openSync, readSync, realpathSync, renameSync, statSync, watch, writeSync, type FSWatcher } from 'node:fs';
+import { accessSync, closeSync, constants as fsConstants, fsyncSync, mkdirSync, openSync, readdirSync, readSync, realpathSync, renameSync, statSync, watch, writeSync, type FSWatcher } from 'node:fs';
 import http from 'node:http';
 import https from 'node:https';
 import { lookup as dnsLookup } from 'node:dns';
 import { BlockList, isIP, type Socket } from 'node:net';
-import { homedir } from 'node:os';
+import { constants as osConstants, homedir } from 'node:os';
 import { basename, delimiter, dirname, isAbsolute, join, resolve as resolvePath, sep } from 'node:path';
 import { createSecureContext } from 'node:tls';
 import { pathToFileURL } from 'node:url';
@@ -353,6 +354,27 @@ const MAX_PEM_FILE_BYTES = 256 * 1024;
 const TLS_RELOAD_DEBOUNCE_MS = 500;
 /** A requestState we issue is ~250 characters; anything much longer is not one of ours. */
 const MAX_REQUEST_STATE_CHARS = 1024;
+/** Warning and error log lines kept per server for the status page (section 10): the last few say why it fails. */
+const RECENT_PROBLEMS_PER_SERVER = 5;
+/** Characters of one such line kept (an exit line quotes up to STDERR_REASON_LINES stderr lines). */
+const RECENT_PROBLEM_CHARS = 600;
+/** The status page reloads itself this often: a meta refresh, so no script and a strict CSP. */
+const STATUS_REFRESH_S = 10;
+/**
+ * Upper bounds of the request latency histogram, in seconds: the Prometheus clients' defaults (5 ms … 10 s),
+ * extended to 300 s, the time Claude.ai allows a tool call. One bucket array per server: bounded by the config.
+ */
+const LATENCY_BUCKETS_S: readonly number[] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300];
+/**
+ * The `method` label of the request metrics (section 10): client→server requests of the spec's schema
+ * (2025-11-25 ClientRequest, and 2026-07-28's server/discover and subscriptions/listen). Any other method is
+ * counted as "other", so a client cannot grow the label set; the per-method counters are this long plus one.
+ */
+const MCP_METHODS: readonly string[] = [
+  'initialize', 'ping', 'tools/list', 'tools/call', 'resources/list', 'resources/templates/list', 'resources/read',
+  'resources/subscribe', 'resources/unsubscribe', 'prompts/list', 'prompts/get', 'completion/complete', 'logging/setLevel',
+  'tasks/get', 'tasks/result', 'tasks/list', 'tasks/cancel', 'server/discover', 'subscriptions/listen',
+];
 
 /** Newest first. The child is initialized with the first; sessions may negotiate any of them (spec basic/lifecycle §Version Negotiation). */
 export const SUPPORTED_PROTOCOL_VERSIONS: readonly string[] = Object.freeze([
@@ -613,6 +635,8 @@ type ServerRuntime = {
   upstreams: Set<Upstream>;
   /** Children being stopped: still processes, so they count against twice the per-session caps. */
   windingDown: Set<Upstream>;
+  /** Counters for /metrics and the status page (section 10); they outlive child restarts, not the server's removal. */
+  stats: ServerStats;
 };
 
 type Launch = Readonly<{ command: string; args: readonly string[] }>;
@@ -669,6 +693,8 @@ type Upstream = {
   modernInflight: Map<string, number>;
   /** A "readOnly" tool policy (section 9): each tool name seen in a tools/list answer → its readOnlyHint (MAX_TOOLS_TRACKED). */
   toolHints: Map<string, boolean>;
+  /** Of this process's stdin.bytesWritten, what is already added to server.stats.stdinBytes (0 at each spawn). */
+  stdinBytesCounted: number;
 };
 
 /** A request in flight on a child: who asked, under which id, and where the answer goes. */
@@ -978,6 +1004,11 @@ function safeLogger(base: Logger, secrets: () => readonly string[]): Logger {
     debug: (scope, text) => base.debug(clean(scope), clean(text)),
     enabled: (level) => base.enabled(level),
   };
+}
+
+/** For text put into HTML (the consent page, the status page): the five characters that can end a text or an attribute. */
+function escapeHtml(text: string): string {
+  return text.replace(/[&<>"']/g, (c) => `&#${c.charCodeAt(0)};`);
 }
 
 /** Reads a file of at most `maxBytes` (throws FILE_TOO_LARGE past it): a path to /dev/zero must not hang us. */
@@ -1669,6 +1700,7 @@ function newUpstream(server: ServerRuntime): Upstream {
     pending: new Map(), serverRequests: new Map(), sessions: new Set(), subscriptions: new Map(),
     restartTimer: null, initTimer: null, waiters: [], owner: null, abandoned: new Map(), abandonedOverflowUntilMs: 0, holdsStartSlot: false, exited: Promise.resolve(), recentStderr: [],
     outQueue: [], outBytes: 0, laneHolder: null, laneQueue: [], laneGranting: false, listeners: new Set(), modernInflight: new Map(), toolHints: new Map(),
+    stdinBytesCounted: 0,
   };
 }
 
@@ -1712,14 +1744,18 @@ function spawnChild(up: Upstream): void {
     return onSpawnFailure(up, null, err as NodeJS.ErrnoException);
   }
   up.proc = proc;
-  if (proc.pid !== undefined) proxy.groups.set(proc.pid, null);
+  up.stdinBytesCounted = 0;
+  if (proc.pid !== undefined) {
+    proxy.groups.set(proc.pid, null);
+    up.server.stats.childrenStarted++;
+  }
   up.exited = new Promise<void>((resolve) => {
     let gone = false;
     const onGone = (code: number | null, signal: NodeJS.Signals | null, why?: string) => {
       if (gone) return;
       gone = true;
       resolve();
-      guarded(proxy, config.name, 'a child exit', () => onChildExit(up, proc, why ?? describeExit(code, signal)));
+      guarded(proxy, config.name, 'a child exit', () => onChildExit(up, proc, why ?? describeExit(code, signal), shellExitCode(code, signal)));
     };
     proc.once('exit', (code, signal) => onGone(code, signal));
     proc.once('error', (err: NodeJS.ErrnoException) => {
@@ -1780,7 +1816,11 @@ function attachChildStreams(up: Upstream, proc: ChildProcess): void {
     (bytes, head) => childStderrLine(up, `${maskSecrets(head, config.secrets).slice(0, maxStderrLineBytes)}… (${bytes} bytes, truncated)`),
     maxStderrLineBytes + slack,
   );
-  proc.stdout!.on('data', (chunk: Buffer) => stdout.push(chunk));
+  const stats = up.server.stats;
+  proc.stdout!.on('data', (chunk: Buffer) => {
+    stats.stdoutBytes += chunk.length;
+    stdout.push(chunk);
+  });
   proc.stdout!.on('end', () => {
     stdout.end();
     onStdoutEnd(up, proc);
@@ -1822,6 +1862,7 @@ function failAnswer(up: Upstream, id: number | undefined, code: number, message:
   const pending = id === undefined ? undefined : up.pending.get(id);
   if (!pending) return;
   settlePending(up, id!);
+  countAnswer(up.server, pending, true);
   if (pending.onAnswer) return pending.onAnswer({ jsonrpc: '2.0', id: id!, error: { code, message } }, '', null);
   answerPending(pending, errorText(pending.clientId, code, message));
 }
@@ -1984,10 +2025,11 @@ function whenSettled(up: Upstream): Promise<void> {
  * A child exited: everything in flight on it is answered with an error at once (no client waits for a
  * timeout), strays left in its process group are signalled, and the restart policy decides what is next.
  */
-function onChildExit(up: Upstream, proc: ChildProcess | null, exit: string): void {
+function onChildExit(up: Upstream, proc: ChildProcess | null, exit: string, exitCode: number | null = null): void {
   if (proc && up.proc !== proc) return;
   const { proxy, config } = up.server;
   const uptimeMs = Date.now() - up.startedAtMs;
+  countStdinBytes(up);
   up.proc = null;
   up.abandoned.clear(); // the next process starts with nothing running
   up.abandonedOverflowUntilMs = 0;
@@ -1998,6 +2040,7 @@ function onChildExit(up: Upstream, proc: ChildProcess | null, exit: string): voi
   releaseStartSlot(up);
   failPending(up, up.state === 'stopped' ? 'MCP server stopped' : 'MCP server process exited');
   if (up.state === 'stopped') return;
+  recordExit(up.server.stats, exit, exitCode);
   const stderr = up.recentStderr.length ? `; its last stderr: ${up.recentStderr.join(' | ')}` : '';
   const decision = nextRestart(up.unstableRestarts, uptimeMs, proxy.limits);
   up.unstableRestarts = decision.unstableRestarts;
@@ -2010,6 +2053,7 @@ function onChildExit(up: Upstream, proc: ChildProcess | null, exit: string): voi
   }
   up.state = 'restarting';
   up.restarts++;
+  up.server.stats.restarts++;
   proxy.log.warn(config.name, `${exit} after ${uptimeMs} ms; restarting in ${decision.delayMs} ms${stderr}`);
   up.restartTimer = setTimeout(restartChild, decision.delayMs, up);
   up.restartTimer.unref();
@@ -2326,6 +2370,7 @@ function abandonRequests(session: Session, message: string): void {
 /** Gives up on a request in flight: the child is told to stop working on it, and whoever waits gets an error. */
 function abortPending(up: Upstream, childId: number, pending: Pending, reason: string, code: number, message: string): void {
   abandonPending(up, childId, pending);
+  countAnswer(up.server, pending, true);
   cancelOnChild(up, childId, reason);
   answerPending(pending, errorText(pending.clientId, code, message));
   if (pending.session?.call) endCall(pending.session.call);
@@ -2457,7 +2502,10 @@ function sendRequest(session: Session, msg: JsonRpcMessage, exchange: Exchange |
   // Rewrite in place: the parsed message is ours and is not used again after this.
   msg.id = childId;
   if (clientToken !== undefined) (meta as Record<string, unknown>).progressToken = childId;
-  if (writeToChild(up, JSON.stringify(msg))) return childId;
+  if (writeToChild(up, JSON.stringify(msg))) {
+    countRequest(up.server, msg.method!);
+    return childId;
+  }
   settlePending(up, childId);
   return null;
 }
@@ -2610,6 +2658,7 @@ function routeChildResponse(up: Upstream, msg: JsonRpcMessage, line: string, raw
     return;
   }
   settlePending(up, msg.id as number);
+  countAnswer(up.server, pending, msg.error !== undefined);
   // A filtered list is re-serialised: the child's own bytes still hold the tools it removed.
   if (pending.method === 'tools/list' && filterToolList(up, msg)) return answerFiltered(pending, msg);
   if (pending.onAnswer) return pending.onAnswer(msg, line, raw);
@@ -2643,6 +2692,7 @@ function failPending(up: Upstream, message: string): void {
   up.pending.clear();
   for (const [, pending] of entries) {
     if (pending.session) pending.session.inflight--;
+    countAnswer(up.server, pending, true);
     answerPending(pending, errorText(pending.clientId, SERVER_EXITED, message));
     const call = pending.session?.call;
     // A call waiting for its client's retry keeps the reason for it (until it expires): the retry gets it.
@@ -3332,6 +3382,7 @@ function handleRequest(proxy: Proxy, req: http.IncomingMessage, res: http.Server
   const query = q === -1 ? '' : url.slice(q + 1);
   const oauthAnswer = routeOAuth(proxy, req, res, path, query);
   if (oauthAnswer !== false) return oauthAnswer === true ? undefined : oauthAnswer;
+  if (path === '/metrics' || path === '/') return handleOperations(proxy, req, res, path);
   const route = routeOf(proxy, host, path);
   const credential = authorized(proxy, req.headers.authorization, route);
   if (credential === FORBIDDEN) {
@@ -5287,10 +5338,6 @@ function consentForm(client: OAuthClient, pending: PendingConsent, csrf: string,
     `<p><button type="submit" name="action" value="approve">Approve</button><button type="submit" name="action" value="deny">Deny</button></p></form>`;
 }
 
-function escapeHtml(text: string): string {
-  return text.replace(/[&<>"']/g, (c) => `&#${c.charCodeAt(0)};`);
-}
-
 // Tokens (/token, /revoke) ───────
 
 type TokenParams = URLSearchParams;
@@ -5559,7 +5606,335 @@ function routeOAuth(proxy: Proxy, req: http.IncomingMessage, res: http.ServerRes
   return false;
 }
 
-// ── 11. Lifecycle: start, reload, shutdown ──────────────────────────────────────────────────────────────
+// ── 11. Operations: metrics and status page ─────────────────────────────────────────────────────────────
+//
+// /metrics in the Prometheus text format 0.0.4 (https://prometheus.io/docs/instrumenting/exposition_formats/),
+// written by hand, and a status page at /, both on the main port behind the guards of the MCP endpoints, so
+// one port and one credential serve everything. The request path pays a few increments (countRequest,
+// countAnswer) and one per stdout chunk; sessions, queues, stdin bytes and process figures are read when
+// scraped. Label values are bounded: server names by the config, methods by MCP_METHODS ("other" for the rest).
+
+/** Per-server counters. They only grow (Prometheus counters), and live as long as the server's entry. */
+type ServerStats = {
+  /** Processes spawned: the first, each restart, each per-session child. */
+  childrenStarted: number;
+  /** Restarts after an unexpected exit (what the restart policy scheduled), over every child of the server. */
+  restarts: number;
+  /** The last unexpected exit: shell-style code (128+n for signal n; null for a spawn that failed), description, time (0: none yet). */
+  lastExitCode: number | null;
+  lastExitReason: string;
+  lastExitAtMs: number;
+  /** Client requests forwarded to a child, and those answered with an error (by the child or the proxy), by methodIndex. */
+  requests: Float64Array;
+  errors: Float64Array;
+  /** Those requests' latency: answers per LATENCY_BUCKETS_MS bucket (not cumulative; the last one is above every bound), and the sum. */
+  latencyCounts: Float64Array;
+  latencySumMs: number;
+  /** Bytes handed to children's stdin (Node's own count, read at scrape and at exit) and read from their stdout. */
+  stdinBytes: number;
+  stdoutBytes: number;
+  /** The last RECENT_PROBLEMS_PER_SERVER warnings and errors logged for the server, as logged (masked, escaped). */
+  problems: Problem[];
+};
+
+type Problem = { atMs: number; level: 'warn' | 'error'; text: string };
+
+const METHOD_INDEX: ReadonlyMap<string, number> = new Map(MCP_METHODS.map((method, i) => [method, i]));
+/** The index counting every method not in MCP_METHODS. */
+const OTHER_METHOD = MCP_METHODS.length;
+const LATENCY_BUCKETS_MS: readonly number[] = LATENCY_BUCKETS_S.map((s) => s * 1000);
+const SERVER_STATES: readonly ServerState[] = ['starting', 'ready', 'restarting', 'errored', 'stopped'];
+/** The exposition format's own content type, version included (text format 0.0.4). */
+const METRICS_CONTENT_TYPE = 'text/plain; version=0.0.4; charset=utf-8';
+const OAUTH_CREDENTIAL = 'oauth:';
+
+function newServerStats(): ServerStats {
+  return {
+    childrenStarted: 0, restarts: 0, lastExitCode: null, lastExitReason: '', lastExitAtMs: 0,
+    requests: new Float64Array(OTHER_METHOD + 1), errors: new Float64Array(OTHER_METHOD + 1),
+    latencyCounts: new Float64Array(LATENCY_BUCKETS_MS.length + 1), latencySumMs: 0, stdinBytes: 0, stdoutBytes: 0, problems: [],
+  };
+}
+
+function methodIndex(method: string): number {
+  return METHOD_INDEX.get(method) ?? OTHER_METHOD;
+}
+
+// Counting ───────
+
+/** A client request was written to a child (sendRequest). */
+function countRequest(server: ServerRuntime, method: string): void {
+  server.stats.requests[methodIndex(method)]++;
+}
+
+/**
+ * A client request got its answer: the child's, or the proxy's error when it was given up on (cancelled, timed
+ * out, its child gone). Called once per request, where its Pending entry is removed. The proxy's own requests
+ * (initialize, re-subscribe) are not clients' and are not counted.
+ */
+function countAnswer(server: ServerRuntime, pending: Pending, error: boolean): void {
+  if (!pending.session) return;
+  const stats = server.stats;
+  if (error) stats.errors[methodIndex(pending.method)]++;
+  const ms = Date.now() - pending.sentAtMs;
+  let bucket = 0;
+  while (bucket < LATENCY_BUCKETS_MS.length && ms > LATENCY_BUCKETS_MS[bucket]) bucket++; // le is inclusive
+  stats.latencyCounts[bucket]++;
+  stats.latencySumMs += ms;
+}
+
+/**
+ * Adds what this child's stdin took since it was last counted. Node counts written bytes itself (in C++, as
+ * each write completes), so the request path pays nothing here; bytes still queued in Node count as written.
+ */
+function countStdinBytes(up: Upstream): void {
+  const written = (up.proc?.stdin as Socket | null | undefined)?.bytesWritten;
+  if (typeof written !== 'number' || written <= up.stdinBytesCounted) return;
+  up.server.stats.stdinBytes += written - up.stdinBytesCounted;
+  up.stdinBytesCounted = written;
+}
+
+/** An unexpected exit (onChildExit; a child being stopped on purpose is not one). */
+function recordExit(stats: ServerStats, exit: string, exitCode: number | null): void {
+  stats.lastExitCode = exitCode;
+  stats.lastExitReason = exit;
+  stats.lastExitAtMs = Date.now();
+}
+
+/** The code a shell would report (tini): the exit code, or 128 + the signal's number. */
+function shellExitCode(code: number | null, signal: NodeJS.Signals | null): number | null {
+  if (signal) return 128 + (osConstants.signals[signal] ?? 0);
+  return code;
+}
+
+/**
+ * Keeps each server's last warnings and errors for the status page. It sits under safeLogger, so it sees lines
+ * exactly as they are logged: secrets masked, control characters escaped, never a payload (section 3). A line
+ * belongs to a server when its scope is the server's name (every child event is logged so).
+ */
+function recordingProblems(base: Logger, servers: ReadonlyMap<string, ServerRuntime>): Logger {
+  const record = (level: Problem['level'], scope: string, text: string) => {
+    const server = servers.get(serverSegment(scope));
+    // Not a server: 'http', 'proxy', 'oauth' (a server named so gets those lines too), or a name that was masked.
+    if (!server || server.config.name !== scope) return;
+    const problems = server.stats.problems;
+    problems.push({ atMs: Date.now(), level, text: text.length > RECENT_PROBLEM_CHARS ? `${text.slice(0, RECENT_PROBLEM_CHARS)}…` : text });
+    if (problems.length > RECENT_PROBLEMS_PER_SERVER) problems.shift();
+  };
+  return {
+    error: (scope, text) => (base.error(scope, text), record('error', scope, text)),
+    warn: (scope, text) => (base.warn(scope, text), record('warn', scope, text)),
+    info: (scope, text) => base.info(scope, text),
+    debug: (scope, text) => base.debug(scope, text),
+    enabled: (level) => base.enabled(level),
+  };
+}
+
+// Serving ───────
+
+/**
+ * GET /metrics and GET / (the status page). Same credentials as the MCP endpoints: a static token, anyone on
+ * a loopback bind without auth, and an OAuth access token whose grant covers every server. A token granted
+ * for one server gets 403: the operator consented to that server, and these pages name every server, its
+ * URLs and its recent errors.
+ */
+function handleOperations(proxy: Proxy, req: http.IncomingMessage, res: http.ServerResponse, path: string): void {
+  const credential = authorized(proxy, req.headers.authorization);
+  if (typeof credential !== 'string') {
+    const failure = credential === FORBIDDEN ? 'invalid' : credential.failure; // FORBIDDEN needs a route: not here
+    return reject(res, 401, SERVER_ERROR, 'Unauthorized', { 'WWW-Authenticate': bearerChallenge(proxy, null, failure) });
+  }
+  if (credential.startsWith(OAUTH_CREDENTIAL) && proxy.oauth?.grants.get(credential.slice(OAUTH_CREDENTIAL.length))?.audience !== '*') {
+    return reject(res, 403, SERVER_ERROR, 'Forbidden: this token is for one server', { 'WWW-Authenticate': 'Bearer error="insufficient_scope"' });
+  }
+  if (req.method !== 'GET' && req.method !== 'HEAD') return reject(res, 405, SERVER_ERROR, 'Method Not Allowed', { Allow: 'GET, HEAD' });
+  const now = Date.now();
+  const [body, headers] = path === '/metrics' ? [renderMetrics(proxy, now), METRICS_HEADERS] : [statusPage(proxy, now), STATUS_HEADERS];
+  res.writeHead(200, { ...headers, 'Content-Length': Buffer.byteLength(body) });
+  res.end(body);
+}
+
+const METRICS_HEADERS: Readonly<Record<string, string>> = {
+  'Content-Type': METRICS_CONTENT_TYPE, 'Cache-Control': 'no-store', 'X-Content-Type-Options': 'nosniff',
+};
+
+// Metrics ───────
+
+type MetricType = 'counter' | 'gauge' | 'histogram';
+
+/** A label value as the format requires: backslash, double quote and line feed escaped. */
+function escapeLabel(value: string): string {
+  return value.replace(/[\\"\n]/g, (c) => (c === '\n' ? '\\n' : `\\${c}`));
+}
+
+/** The whole exposition: one HELP and TYPE per family, then its samples; a family with no sample is left out. */
+function renderMetrics(proxy: Proxy, now: number): string {
+  const out: string[] = [];
+  const family = (name: string, type: MetricType, help: string, samples: string[]) => {
+    if (samples.length) out.push(`# HELP ${name} ${help}`, `# TYPE ${name} ${type}`, ...samples);
+  };
+  const servers = [...proxy.servers.values()];
+  const label = new Map(servers.map((server) => [server, `server="${escapeLabel(server.config.name)}"`]));
+  const each = (name: string, value: (server: ServerRuntime) => number | null) =>
+    servers.flatMap((server) => {
+      const v = value(server);
+      return v === null ? [] : [`${name}{${label.get(server)}} ${v}`];
+    });
+  const state = (name: string) => servers.flatMap((server) => {
+    const current = serverState(server);
+    return SERVER_STATES.map((s) => `${name}{${label.get(server)},state="${s}"} ${s === current ? 1 : 0}`);
+  });
+  family('mcp_proxy_server_state', 'gauge', 'Server state, 1 for the current one (per-session servers: ready unless a child gave up).', state('mcp_proxy_server_state'));
+  family('mcp_proxy_server_uptime_seconds', 'gauge', "Run time of a shared server's current child process.",
+    each('mcp_proxy_server_uptime_seconds', (s) => (s.shared?.proc ? (now - s.shared.startedAtMs) / 1000 : null)));
+  family('mcp_proxy_children', 'gauge', 'Child processes running.', each('mcp_proxy_children', (s) => childrenOf(s).filter((up) => up.proc).length));
+  family('mcp_proxy_children_started_total', 'counter', 'Child processes spawned, restarts and per-session children included.',
+    each('mcp_proxy_children_started_total', (s) => s.stats.childrenStarted));
+  family('mcp_proxy_restarts_total', 'counter', 'Restarts after a child exited unexpectedly.', each('mcp_proxy_restarts_total', (s) => s.stats.restarts));
+  family('mcp_proxy_last_exit_code', 'gauge', 'Exit code of the last unexpected child exit (128+n: killed by signal n).',
+    each('mcp_proxy_last_exit_code', (s) => s.stats.lastExitCode));
+  family('mcp_proxy_sessions', 'gauge', 'Client sessions open, by transport (streamable: Streamable HTTP; sse: HTTP+SSE).', servers.flatMap((server) => {
+    let streamable = 0;
+    for (const session of server.sessions.values()) if (session.transport === 'streamable') streamable++;
+    const l = label.get(server);
+    return [`mcp_proxy_sessions{${l},transport="streamable"} ${streamable}`, `mcp_proxy_sessions{${l},transport="sse"} ${server.sessions.size - streamable}`];
+  }));
+  family('mcp_proxy_requests_total', 'counter', 'Client requests forwarded to a child, by MCP method ("other": not in the spec).', byMethod(servers, label, 'mcp_proxy_requests_total', 'requests'));
+  family('mcp_proxy_request_errors_total', 'counter', 'Of those, answered with an error (by the child, or by the proxy: timeout, cancellation, child exit).',
+    byMethod(servers, label, 'mcp_proxy_request_errors_total', 'errors'));
+  family('mcp_proxy_request_duration_seconds', 'histogram', 'Time from writing a client request to a child to its answer.', servers.flatMap((s) => histogram(s, label.get(s)!)));
+  family('mcp_proxy_requests_in_flight', 'gauge', 'Requests written to a child and not answered yet.', each('mcp_proxy_requests_in_flight', (s) => sumOf(s, (up) => up.pending.size)));
+  for (const up of servers.flatMap(childrenOf)) countStdinBytes(up);
+  family('mcp_proxy_child_stdin_bytes_total', 'counter', "Bytes written to children's stdin.", each('mcp_proxy_child_stdin_bytes_total', (s) => s.stats.stdinBytes));
+  family('mcp_proxy_child_stdout_bytes_total', 'counter', "Bytes read from children's stdout.", each('mcp_proxy_child_stdout_bytes_total', (s) => s.stats.stdoutBytes));
+  family('mcp_proxy_child_stdin_queue_bytes', 'gauge', "Bytes queued for children's stdin, not yet taken by the pipe (limit: maxChildQueueBytes per child).",
+    each('mcp_proxy_child_stdin_queue_bytes', (s) => sumOf(s, (up) => up.outBytes + (up.proc?.stdin?.writableLength ?? 0))));
+  family('mcp_proxy_lane_queue_depth', 'gauge', "Requests waiting for a child's lane (servers with clientCapabilities).", each('mcp_proxy_lane_queue_depth', (s) => sumOf(s, (up) => up.laneQueue.length)));
+  family('mcp_proxy_start_queue_depth', 'gauge', 'Children waiting for a start slot (startConcurrency).', [`mcp_proxy_start_queue_depth ${proxy.startQueue.length}`]);
+  family('mcp_proxy_connections', 'gauge', 'Client connections open.', [`mcp_proxy_connections ${proxy.connections.size}`]);
+  family('mcp_proxy_process_resident_memory_bytes', 'gauge', "The proxy's resident set size.", [`mcp_proxy_process_resident_memory_bytes ${process.memoryUsage.rss()}`]);
+  const fds = openDescriptors();
+  family('mcp_proxy_process_open_fds', 'gauge', 'File descriptors the proxy has open (Linux only).', fds === null ? [] : [`mcp_proxy_process_open_fds ${fds}`]);
+  family('mcp_proxy_uptime_seconds', 'gauge', 'Time since the proxy process started.', [`mcp_proxy_uptime_seconds ${process.uptime()}`]);
+  return out.join('\n') + '\n';
+}
+
+function childrenOf(server: ServerRuntime): Upstream[] {
+  return [...server.upstreams, ...server.windingDown];
+}
+
+function sumOf(server: ServerRuntime, value: (up: Upstream) => number): number {
+  let sum = 0;
+  for (const up of childrenOf(server)) sum += value(up);
+  return sum;
+}
+
+/** One sample per method that was ever requested (its errors too, zero or not): absent methods are zero. */
+function byMethod(servers: readonly ServerRuntime[], label: ReadonlyMap<ServerRuntime, string>, name: string, field: 'requests' | 'errors'): string[] {
+  return servers.flatMap((server) => {
+    const { requests, errors } = server.stats;
+    const samples: string[] = [];
+    for (let i = 0; i <= OTHER_METHOD; i++) {
+      if (requests[i] === 0 && errors[i] === 0) continue;
+      const method = i === OTHER_METHOD ? 'other' : MCP_METHODS[i];
+      samples.push(`${name}{${label.get(server)},method="${method}"} ${server.stats[field][i]}`);
+    }
+    return samples;
+  });
+}
+
+/** Cumulative buckets in increasing `le`, then +Inf (equal to _count), _sum and _count. */
+function histogram(server: ServerRuntime, label: string): string[] {
+  const name = 'mcp_proxy_request_duration_seconds';
+  const { latencyCounts, latencySumMs } = server.stats;
+  const lines: string[] = [];
+  let cumulative = 0;
+  LATENCY_BUCKETS_S.forEach((le, i) => {
+    cumulative += latencyCounts[i];
+    lines.push(`${name}_bucket{${label},le="${le}"} ${cumulative}`);
+  });
+  cumulative += latencyCounts[LATENCY_BUCKETS_S.length];
+  lines.push(`${name}_bucket{${label},le="+Inf"} ${cumulative}`, `${name}_sum{${label}} ${latencySumMs / 1000}`, `${name}_count{${label}} ${cumulative}`);
+  return lines;
+}
+
+/** Entries of /proc/self/fd (the descriptor reading it is one of them), or null off Linux. */
+function openDescriptors(): number | null {
+  if (process.platform !== 'linux') return null;
+  try {
+    return readdirSync('/proc/self/fd').length - 1;
+  } catch {
+    return null; // no /proc (a restricted container): the metric is left out rather than guessed
+  }
+}
+
+// Status page ───────
+
+// No script, one inline style allowed by its hash, no external asset, no framing, no caching; it reloads
+// itself with a meta refresh.
+const STATUS_CSS = 'body{font:15px/1.45 system-ui,sans-serif;max-width:56em;margin:2em auto;padding:0 1em;color:#111}' +
+  'h1{font-size:1.4em;margin-bottom:.2em}h2{font-size:1.15em;margin:0 0 .5em}h3{font-size:.95em;margin:.8em 0 .3em}' +
+  '.meta{color:#555;margin-top:0}section{border:1px solid #ccc;border-radius:6px;padding:.8em 1em;margin:1em 0}' +
+  'th{text-align:left;font-weight:normal;color:#555;padding-right:1.5em}td,th{padding-top:.1em;vertical-align:top}' +
+  '.state{font-size:.8em;padding:.1em .5em;border-radius:4px;margin-left:.4em;background:#eee}.s-ready{background:#dff0d8}' +
+  '.s-starting,.s-restarting{background:#fff3cd}.s-errored{background:#f8d7da}ul,ol{margin:0;padding-left:1.2em}' +
+  'code{font-size:.95em;word-break:break-all}.problems li{font-family:ui-monospace,monospace;font-size:.85em;word-break:break-word}' +
+  '.error{color:#a00}.warn{color:#8a6100}.none{color:#555;margin:0}';
+const STATUS_CSS_HASH = `'sha256-${createHash('sha256').update(STATUS_CSS).digest('base64')}'`;
+const STATUS_HEADERS: Readonly<Record<string, string>> = {
+  'Content-Type': 'text/html; charset=utf-8',
+  'Content-Security-Policy': `default-src 'none'; style-src ${STATUS_CSS_HASH}; frame-ancestors 'none'; base-uri 'none'; form-action 'none'`,
+  'X-Frame-Options': 'DENY',
+  'X-Content-Type-Options': 'nosniff',
+  'Referrer-Policy': 'no-referrer',
+  'Cache-Control': 'no-store',
+};
+
+/** Every value on the page goes through escapeHtml: names, URLs and log lines may hold anything. */
+function statusPage(proxy: Proxy, now: number): string {
+  const config: Config = { servers: [...proxy.servers.values()].map((server) => server.config) };
+  const listening = proxy.url;
+  const sections = [...proxy.servers.values()].map((server) => serverSection(server, serverUrls(config, proxy.options, listening, server.segment), now));
+  const count = `${proxy.servers.size} server${proxy.servers.size === 1 ? '' : 's'}`;
+  return '<!doctype html><html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width">' +
+    `<meta http-equiv="refresh" content="${STATUS_REFRESH_S}"><title>${PROXY_NAME}: status</title><style>${STATUS_CSS}</style></head><body>` +
+    `<h1>${PROXY_NAME}</h1><p class="meta">version ${PROXY_VERSION} · up ${formatDuration(process.uptime() * 1000)} · ${count} · ` +
+    `${new Date(now).toISOString().slice(0, 19)}Z, refreshed every ${STATUS_REFRESH_S} s</p>${sections.join('')}</body></html>`;
+}
+
+function serverSection(server: ServerRuntime, urls: readonly string[], now: number): string {
+  const { stats, config } = server;
+  const state = serverState(server);
+  const up = server.shared;
+  const uptime = up ? (up.proc && up.state === 'ready' ? formatDuration(now - up.startedAtMs) : '–') : `per session: ${server.upstreams.size} running`;
+  const exit = stats.lastExitAtMs ? `${stats.lastExitReason}, ${clockTime(stats.lastExitAtMs)}` : 'none';
+  let streamable = 0;
+  for (const session of server.sessions.values()) if (session.transport === 'streamable') streamable++;
+  const problems = stats.problems.length
+    ? `<ol class="problems">${stats.problems.map((p) => `<li><span class="${p.level}">${clockTime(p.atMs)} ${p.level}</span> ${escapeHtml(p.text)}</li>`).join('')}</ol>`
+    : '<p class="none">none</p>';
+  const row = (name: string, cls: string, value: string) => `<tr><th>${name}</th><td class="${cls}">${escapeHtml(value)}</td></tr>`;
+  return `<section data-server="${escapeHtml(config.name)}"><h2>${escapeHtml(config.name)}<span class="state s-${state}">${state}</span></h2><table>` +
+    row('Uptime', 'uptime', uptime) + row('Restarts', 'restarts', String(stats.restarts)) + row('Last exit', 'exit', exit) +
+    row('Sessions', 'sessions', `${streamable} Streamable HTTP, ${server.sessions.size - streamable} SSE`) +
+    `</table><h3>URLs</h3><ul class="urls">${urls.map((url) => `<li><code>${escapeHtml(url)}</code></li>`).join('')}</ul>` +
+    `<h3>Recent problems</h3>${problems}</section>`;
+}
+
+/** 45 s, 3 min 20 s, 5 h 02 min, 2 d 3 h. */
+function formatDuration(ms: number): string {
+  const s = Math.floor(ms / 1000);
+  if (s < 60) return `${s} s`;
+  if (s < 3600) return `${Math.floor(s / 60)} min ${s % 60} s`;
+  if (s < 86_400) return `${Math.floor(s / 3600)} h ${String(Math.floor(s / 60) % 60).padStart(2, '0')} min`;
+  return `${Math.floor(s / 86_400)} d ${Math.floor(s / 3600) % 24} h`;
+}
+
+function clockTime(ms: number): string {
+  return `${new Date(ms).toISOString().slice(11, 19)} UTC`;
+}
+
+// ── 12. Lifecycle: start, reload, shutdown ──────────────────────────────────────────────────────────────
 
 /** What `startProxy` returns: the running proxy's handle for main() and the tests. */
 export type RunningProxy = {
@@ -5616,8 +5991,9 @@ export async function startProxy(config: Config, start: StartOptions = {}): Prom
     requestTimeout: limits.httpRequestTimeoutMs, headersTimeout: limits.headersTimeoutMs,
     keepAliveTimeout: limits.keepAliveTimeoutMs, connectionsCheckingInterval: limits.connectionsCheckIntervalMs,
   };
+  const servers = new Map<string, ServerRuntime>();
   const proxy: Proxy = {
-    options, limits, log: safeLogger(log, () => proxy.secrets), servers: new Map(),
+    options, limits, log: safeLogger(recordingProblems(log, servers), () => proxy.secrets), servers,
     // A TLS handshake comes before the headers: one that stalls gets no longer than they would (slowloris).
     http: tls ? https.createServer({ ...serverOptions, ...tls, handshakeTimeout: limits.headersTimeoutMs }) : http.createServer(serverOptions),
     state: 'RUNNING', streams: new Set(), timers: [], startQueue: [], starting: 0,
@@ -5893,7 +6269,9 @@ function addServer(proxy: Proxy, config: ServerConfig): void {
   const launch = resolveBakedPackage(config, proxy.options.packagesDir) ?? { command: config.command, args: config.args };
   if (launch.command !== config.command) proxy.log.info(config.name, `npx package baked into ${proxy.options.packagesDir}: running ${launch.args[0]}`);
   const segment = serverSegment(config.name);
-  const server: ServerRuntime = { proxy, config, segment, launch, sessions: new Map(), shared: null, upstreams: new Set(), windingDown: new Set() };
+  const server: ServerRuntime = {
+    proxy, config, segment, launch, sessions: new Map(), shared: null, upstreams: new Set(), windingDown: new Set(), stats: newServerStats(),
+  };
   if (config.sessions === 'shared') {
     server.shared = newUpstream(server);
     server.upstreams.add(server.shared);
@@ -6166,7 +6544,7 @@ function closeProxy(proxy: Proxy, drain: boolean): Promise<void> {
   return proxy.closed;
 }
 
-// ── 12. Doctor: replay Claude.ai's connect ──────────────────────────────────────────────────────────────
+// ── 13. Doctor: replay Claude.ai's connect ──────────────────────────────────────────────────────────────
 //
 // `doctor [URL]` does against a running proxy what Claude.ai does when a user adds a connector, step by
 // step, and says in plain words which step fails and why: the unauthenticated POST and its 401 challenge,
@@ -6452,7 +6830,7 @@ async function doctorCommand(target: string | undefined, options: Options): Prom
   process.exit(ok ? 0 : 1);
 }
 
-// ── 13. CLI and main ────────────────────────────────────────────────────────────────────────────────────
+// ── 14. CLI and main ────────────────────────────────────────────────────────────────────────────────────
 
 const USAGE = `Usage: node dist/proxy.js [check | healthcheck | hash-password | doctor [URL]] [options]
 
