@@ -8547,6 +8547,146 @@ describe('12. Lifecycle: start, reload, shutdown', () => {
       assert.deepEqual(same!.unchanged.map((s) => s.name), ['one']);
       assert.equal(lines.filter((l) => l.includes('reloaded')).length, 1);
     });
+
+    describe('the hostile review of reload, finding by finding', () => {
+      // R1. A request whose body was still being read when a reload removed its server started a child on the
+      // removed runtime, which nothing ever stopped (not the sweep, not a graceful shutdown).
+      it('R1 an initialize whose body arrives after a reload removed its per-session server → 404 "removed or restarted", and no child is started for it', { timeout: 30_000 }, async (t) => {
+        const pidFile = path.join(tmpDir('r1'), 'pids');
+        const ps = fixture('ps', 'ok', { sessions: 'per-session', env: { FIXTURE_PIDFILE: pidFile } });
+        const h = await harness(t, { servers: [ps, fixture('other')] }, { limits: FAST });
+        await h.proxy.ready(10_000);
+        const body = JSON.stringify(initMsg());
+        const socket = net.connect(h.proxy.port, '127.0.0.1');
+        let answer = '';
+        socket.on('data', (d: Buffer) => (answer += d.toString()));
+        socket.write(`POST /ps/mcp HTTP/1.1\r\nHost: 127.0.0.1:${h.proxy.port}\r\nContent-Type: application/json\r\n` +
+          `Accept: application/json, text/event-stream\r\nContent-Length: ${Buffer.byteLength(body)}\r\nConnection: close\r\n\r\n${body.slice(0, 10)}`);
+        await new Promise((resolve) => setTimeout(resolve, 50)).then(() => h.proxy.reload({ servers: [fixture('other')] }));
+        socket.end(body.slice(10));
+        await waitFor(() => answer.includes('\r\n\r\n{'), 5_000, 'the answer');
+        assert.match(answer, /^HTTP\/1\.1 404 /);
+        assert.match(answer, /this server was removed or restarted by a config reload; reconnect/);
+        assert.deepEqual(fileLines(pidFile), [], 'a child was started for a removed server');
+      });
+
+      // R2, R3. Every event in the config's directory reloaded: a log written there made a reload (and its
+      // warnings, or its refusal) every 250 ms for ever; a file rewritten there faster than that held reloads back.
+      it('R2 R3 events for other files in the directory neither reload nor delay one; a refusal is logged once; a config rewritten in a loop still reloads within the max wait', { timeout: 40_000 }, async (t) => {
+        const dir = tmpDir('r2');
+        const file = path.join(dir, 'config.json');
+        const fx = { command: NODE, args: ['-e', FIXTURE, 'ok'] };
+        fs.writeFileSync(file, JSON.stringify({ mcpServers: { a: fx } }));
+        const lines: string[] = [];
+        const h = await harness(t, loadConfigFile(file).config!, { configPath: file, watchConfig: true, log: captureLog(lines), limits: FAST });
+        await h.proxy.ready(10_000);
+        const noise = setInterval(() => fs.appendFileSync(path.join(dir, 'proxy.log'), 'a log line\n'), 20);
+        t.after(() => clearInterval(noise));
+        // A remote entry: a warning each time the file is loaded; broken JSON: a refusal.
+        fs.writeFileSync(file, JSON.stringify({ mcpServers: { a: fx, r: { url: 'https://x.example/mcp' } } }));
+        await waitFor(() => lines.some((l) => l.includes('skipped: a remote server')), 5_000, 'the warning');
+        fs.writeFileSync(file, '{"mcpServers": ');
+        await waitFor(() => lines.some((l) => l.includes('reload refused')), 5_000, 'the refusal');
+        const rewrite = setInterval(() => fs.writeFileSync(file, '{"mcpServers": '), 100);
+        await new Promise((resolve) => setTimeout(resolve, 1_500)); // the loop and the noise run on
+        clearInterval(rewrite);
+        assert.equal(lines.filter((l) => l.startsWith('warn [config]') && l.includes('skipped: a remote server')).length, 1, lines.join('\n'));
+        assert.equal(lines.filter((l) => l.startsWith('error [config] reload refused')).length, 1, lines.join('\n'));
+        // Rewritten every 100 ms, the config is still read within CONFIG_MAX_WAIT_MS (2 s) of the first write.
+        const good = JSON.stringify({ mcpServers: { a: fx, b: fx } });
+        const started = Date.now();
+        const loop = setInterval(() => fs.writeFileSync(file, good), 100);
+        t.after(() => clearInterval(loop));
+        await waitFor(() => h.proxy.status().b, 5_000, 'b while the file is rewritten in a loop');
+        assert.ok(Date.now() - started < 4_000, `took ${Date.now() - started} ms`);
+        clearInterval(loop);
+      });
+
+      // R4, R5, R6. The watch died with a recreated directory; a secret file named only by a refused config was
+      // never watched; a secret moved to another directory (same value) was not watched there.
+      it('R4 R5 R6 a recreated config directory is watched again; a secret file a refused config waits for is watched; a secret moved to another directory is watched there', { timeout: 60_000 }, async (t) => {
+        const root = tmpDir('r4');
+        const conf = path.join(root, 'conf');
+        fs.mkdirSync(conf);
+        const file = path.join(conf, 'config.json');
+        const fx = (env: Record<string, string> = {}) => ({ command: NODE, args: ['-e', FIXTURE, 'ok'], env });
+        fs.writeFileSync(file, JSON.stringify({ mcpServers: { a: fx() } }));
+        const lines: string[] = [];
+        const h = await harness(t, loadConfigFile(file).config!, { configPath: file, watchConfig: true, log: captureLog(lines), limits: { ...FAST, sweepIntervalMs: 100 } });
+        await h.proxy.ready(10_000);
+        fs.rmSync(conf, { recursive: true });
+        fs.mkdirSync(conf);
+        fs.writeFileSync(file, JSON.stringify({ mcpServers: { a: fx(), b: fx() } }));
+        await waitFor(() => h.proxy.status().b, 5_000, 'b after the directory was recreated');
+        fs.writeFileSync(file, JSON.stringify({ mcpServers: { a: fx(), b: fx(), c: fx() } }));
+        await waitFor(() => h.proxy.status().c, 5_000, 'c: a later edit in the new directory');
+        // R5: d needs a secret that is not there yet: refused; the secret's arrival (elsewhere) fixes it.
+        const later = path.join(tmpDir('r5'), 'token');
+        fs.writeFileSync(file, JSON.stringify({ mcpServers: { a: fx(), d: fx({ TOKEN: `\${file:${later}}` }) } }));
+        await waitFor(() => lines.some((l) => l.includes('reload refused') && l.includes('cannot read secret file')), 5_000, 'the refusal');
+        fs.writeFileSync(later, 'token-value-0001\n');
+        await waitFor(() => h.proxy.status().d, 5_000, 'd once its secret file was written');
+        // R6: d's secret moves to another directory with the same value (nothing to restart), then rotates there.
+        const moved = path.join(tmpDir('r6'), 'token');
+        fs.writeFileSync(moved, 'token-value-0001\n');
+        const dPid = h.proxy.status().d!.pid;
+        fs.writeFileSync(file, JSON.stringify({ mcpServers: { a: fx(), d: fx({ TOKEN: `\${file:${moved}}` }) } }));
+        await waitFor(() => lines.some((l) => l === 'debug [config] reload: nothing changed'), 5_000, 'the empty reload');
+        assert.equal(h.proxy.status().d!.pid, dPid);
+        fs.writeFileSync(moved, 'token-value-0002\n');
+        await waitFor(() => h.proxy.status().d?.pid !== dPid && h.proxy.status().d?.state === 'ready', 5_000, 'd restarted by the rotation in its new directory');
+      });
+
+      // R7. The root route (/mcp) followed "the only server": adding a second one took it from the clients using it.
+      it('R7 the root route stays with its server when a reload adds another; when that server goes, it passes to the only one left, with a warning', { timeout: 30_000 }, async (t) => {
+        const lines: string[] = [];
+        const h = await harness(t, { servers: [fixture('keep')] }, { log: captureLog(lines), limits: FAST });
+        await h.proxy.ready(10_000);
+        const rootSession = async () => {
+          const res = await post(`${h.url}/mcp`, initMsg(), { accept: 'application/json' });
+          assert.equal(res.status, 200, res.text);
+          return String(res.headers['mcp-session-id']);
+        };
+        const sid = await rootSession();
+        const pid = async () => answerText(await post(`${h.url}/mcp`, call(1, { what: 'pid' }), sessionHeaders(sid)));
+        const keepPid = await pid();
+        await h.proxy.reload({ servers: [fixture('keep'), fixture('other')] });
+        assert.equal(await pid(), keepPid, 'the same session at /mcp, on the same child');
+        await waitFor(() => h.proxy.status().other?.state === 'ready', 10_000, 'other');
+        await h.proxy.reload({ servers: [fixture('other')] });
+        assert.ok(lines.includes('warn [config] the root route (/mcp, /sse) served "keep", which is gone: it serves "other" now'), lines.join('\n'));
+        const fresh = await rootSession();
+        assert.equal(answerText(await post(`${h.url}/mcp`, call(2, { what: 'pid' }), sessionHeaders(fresh))), String(h.proxy.status().other!.pid));
+      });
+
+      // R9. A per-session child was stopped (and logged) twice when its server was removed.
+      it('R9 a removed per-session server\'s child is stopped once: one "stopped" line per child', { timeout: 30_000 }, async (t) => {
+        const lines: string[] = [];
+        const h = await harness(t, { servers: [fixture('ps', 'ok', { sessions: 'per-session' })] }, { log: captureLog(lines), limits: FAST });
+        await rawSession(h.url, 'ps');
+        await rawSession(h.url, 'ps');
+        await h.proxy.reload({ servers: [] });
+        const stopped = lines.filter((l) => /^info \[ps\] pid \d+ stopped \(removed from the config\)$/.test(l));
+        assert.equal(stopped.length, 2, lines.join('\n'));
+        assert.equal(new Set(stopped).size, 2);
+      });
+
+      // Design gap: a changed server's new child started while the old one was still stopping (two writers).
+      it('a changed server\'s new child starts only after the old one has exited', { timeout: 30_000 }, async (t) => {
+        const log = path.join(tmpDir('overlap'), 'log');
+        // The child logs its start and its exit; it takes 100 ms to exit after its input ends (killGraceMs is 200).
+        const slowExit = `require('fs').appendFileSync(${JSON.stringify(log)},'start '+Date.now()+'\\n');` +
+          `process.stdin.on('end',()=>setTimeout(()=>{require('fs').appendFileSync(${JSON.stringify(log)},'exit '+Date.now()+'\\n');process.exit(0)},100));`;
+        const server = (level: string) => srv('db', ['-e', slowExit + FIXTURE.replace("process.stdin.on('end', () => {", "process.stdin.on('end', () => { return;"), 'ok'], { env: { LEVEL: level } });
+        const h = await harness(t, { servers: [server('1')] }, { limits: FAST });
+        await h.proxy.ready(10_000);
+        await h.proxy.reload({ servers: [server('2')] });
+        await waitFor(() => h.proxy.status().db?.state === 'ready', 10_000, 'the new child');
+        const events = fileLines(log).map((l) => l.split(' ')).map(([what, at]) => ({ what, at: Number(at) }));
+        assert.deepEqual(events.map((e) => e.what), ['start', 'exit', 'start'], fileLines(log).join('\n'));
+        assert.ok(events[2]!.at >= events[1]!.at, 'the new child started before the old one exited');
+      });
+    });
   });
 
   it('startProxy() listens on an ephemeral port and ready() waits for initialize', { timeout: 20_000 }, async (t) => {
@@ -9884,12 +10024,16 @@ describe('14. CLI and main', () => {
       assert.match(r.error, /^--token-file: .*larger than 65536 bytes/);
     });
 
-    it('check: ${file:/dev/zero} is refused at once ("larger than 65536 bytes"), exit 1', { timeout: 30_000 }, async () => {
-      const cfg = writeConfig({ mcpServers: { z: { command: NODE, env: { K: '${file:/dev/zero}' } } } });
+    it('check: ${file:/dev/zero} and a FIFO with no writer are refused at once ("not a regular file"), exit 1', { timeout: 30_000 }, async () => {
+      // A FIFO blocked open() until a writer came: at start-up, and at a reload, with every request stalled behind it.
+      const fifo = path.join(tmpDir('fifo'), 'secret');
+      childProcess.execFileSync('mkfifo', [fifo]);
+      const cfg = writeConfig({ mcpServers: { z: { command: NODE, env: { K: '${file:/dev/zero}', F: `\${file:${fifo}}` } } } });
       const started = Date.now();
       const r = await run(['check', '--config', cfg], cleanEnv(), 15_000);
       assert.equal(r.code, 1, `${r.signal ?? ''} ${r.stderr}`);
-      assert.match(r.stderr, /mcpServers\.z\.env\.K.*larger than 65536 bytes/);
+      assert.match(r.stderr, /mcpServers\.z\.env\.K: cannot read secret file "\/dev\/zero" \(not a regular file\)/);
+      assert.match(r.stderr, /mcpServers\.z\.env\.F: cannot read secret file ".*secret" \(not a regular file\)/);
       assert.ok(Date.now() - started < 10_000);
     });
 

@@ -46,7 +46,7 @@
 
 import { spawn, type ChildProcess } from 'node:child_process';
 import { X509Certificate, createHash, createHmac, createPrivateKey, randomBytes, scryptSync, timingSafeEqual } from 'node:crypto';
-import { accessSync, closeSync, constants as fsConstants, fsyncSync, mkdirSync, openSync, readdirSync, readSync, realpathSync, renameSync, statSync, watch, writeSync, type FSWatcher } from 'node:fs';
+import { accessSync, closeSync, constants as fsConstants, fstatSync, fsyncSync, mkdirSync, openSync, readdirSync, readSync, realpathSync, renameSync, statSync, watch, writeSync, type FSWatcher } from 'node:fs';
 import http from 'node:http';
 import https from 'node:https';
 import { lookup as dnsLookup } from 'node:dns';
@@ -330,9 +330,11 @@ const MIN_REQUEST_TIMEOUT_MS = 1_000;
 const PER_SESSION_IDLE_MS = 5 * 60_000;
 /**
  * Quiet time after the last event in a watched directory before the config is re-read: an editor's save, a
- * Kubernetes ConfigMap swap and a secret rotation are each a burst of events.
+ * Kubernetes ConfigMap swap and a secret rotation are each a burst of events…
  */
 const CONFIG_DEBOUNCE_MS = 250;
+/** …but a stream of events (a file rewritten in a loop) holds a reload back no longer than this. */
+const CONFIG_MAX_WAIT_MS = 2_000;
 /** Directories watched for the config and its `${file:…}` secrets (each costs an inotify watch). */
 const MAX_WATCHED_DIRS = 64;
 /** Servers removed by reloads whose URL still answers "removed" (404) rather than a bare Not Found. */
@@ -609,6 +611,12 @@ type Proxy = {
   watcher: DirWatcher | null;
   /** URL segments of servers removed by a reload (MAX_REMOVED_REMEMBERED), so their clients are told why: 404. */
   removed: Set<string>;
+  /** The name of the server the root route (/mcp, /sse) serves, or null (see rootServer). */
+  rootName: string | null;
+  /** Configs of servers a reload is stopping: their secrets stay masked until their children are gone. */
+  retiring: Set<ServerConfig>;
+  /** What the last reload from the file said (errors and warnings), so a watched one does not repeat it. */
+  lastReload: string;
   /** Where the proxy listens, as printed (http://127.0.0.1:8080). */
   url: string;
   /** Stops the certificate watchers and their pending reload (TLS only; null without TLS). */
@@ -616,8 +624,8 @@ type Proxy = {
   closed: Promise<void> | null;
 };
 
-/** Watches directories; `watch` replaces the set (section 10). */
-type DirWatcher = { watch(dirs: readonly string[]): void; close(): void };
+/** Watches directories for events naming one of `names`; `watch` replaces both sets (section 12). */
+type DirWatcher = { watch(dirs: readonly string[], names: ReadonlySet<string>): void; close(): void };
 
 /** A configured server and its running parts; the unit that can be added, stopped or restarted alone. */
 type ServerRuntime = {
@@ -695,6 +703,8 @@ type Upstream = {
   toolHints: Map<string, boolean>;
   /** Of this process's stdin.bytesWritten, what is already added to server.stats.stdinBytes (0 at each spawn). */
   stdinBytesCounted: number;
+  /** Set once the child is being stopped for good (stopUpstream): the stop in progress. */
+  stopping: Promise<void> | null;
 };
 
 /** A request in flight on a child: who asked, under which id, and where the answer goes. */
@@ -1013,8 +1023,11 @@ function escapeHtml(text: string): string {
 
 /** Reads a file of at most `maxBytes` (throws FILE_TOO_LARGE past it): a path to /dev/zero must not hang us. */
 function readBounded(path: string, maxBytes: number): string {
-  const fd = openSync(path, 'r');
+  // Non-blocking open and a regular file only: opening a FIFO for reading blocks until a writer comes, and
+  // that would stall every request (a reload reads the config and secret files while serving).
+  const fd = openSync(path, fsConstants.O_RDONLY | fsConstants.O_NONBLOCK);
   try {
+    if (!fstatSync(fd).isFile()) throw new ProxyError('NOT_A_FILE', 'not a regular file');
     const buf = Buffer.alloc(maxBytes + 1);
     let got = 0;
     for (let n = 1; n > 0 && got <= maxBytes; got += n) n = readSync(fd, buf, got, buf.length - got, null);
@@ -1064,7 +1077,11 @@ function canonicalJson(value: unknown): string {
 // expected; nothing is started unless the whole file is valid.
 
 /** `defaulted` (with a config): each ${VAR:-default} whose VAR was unset or empty, by field, for `check`. */
-type ConfigResult = { config: Config | null; errors: string[]; warnings: string[]; defaulted?: string[] };
+type ConfigResult = {
+  config: Config | null; errors: string[]; warnings: string[]; defaulted?: string[];
+  /** Every `${file:…}` path the file names, read or not: a refused reload still watches them (section 12). */
+  files?: string[];
+};
 type Env = Readonly<Record<string, string | undefined>>;
 /** Reads a whole file as UTF-8, refusing more than `maxBytes` (default MAX_CONFIG_FILE_BYTES). */
 type ReadFile = (path: string, maxBytes?: number) => string;
@@ -1104,14 +1121,15 @@ export function parseConfig(text: string, source: string, env: Env = process.env
   if (!isObject(table)) return fail(`${source}: mcpServers: got ${typeName(table)}, expected an object of servers`);
   const servers: ServerConfig[] = [];
   const defaulted: string[] = [];
+  const files: string[] = [];
   for (const [name, entry] of Object.entries(table)) {
-    const server = parseServer(name, entry, { source, env, readFile, errors, warnings, defaulted });
+    const server = parseServer(name, entry, { source, env, readFile, errors, warnings, defaulted, files });
     if (server) servers.push(server);
   }
   for (const clash of segmentClashes(servers)) errors.push(`${source}: mcpServers ${clash}`);
-  if (errors.length) return { config: null, errors, warnings };
+  if (errors.length) return { config: null, errors, warnings, files };
   if (servers.length === 0) warnings.push(`${source}: no enabled stdio servers; nothing will be served`);
-  return { config: Object.freeze({ servers: Object.freeze(servers) }), errors, warnings, defaulted };
+  return { config: Object.freeze({ servers: Object.freeze(servers) }), errors, warnings, defaulted, files };
 
   function fail(line: string): ConfigResult {
     return { config: null, errors: [line], warnings };
@@ -1158,7 +1176,11 @@ function lineColumn(text: string, offset: number): string {
   return `line ${before.length}, column ${before[before.length - 1].length + 1}`;
 }
 
-type ParseContext = { source: string; env: Env; readFile: ReadFile; errors: string[]; warnings: string[]; defaulted: string[] };
+type ParseContext = {
+  source: string; env: Env; readFile: ReadFile; errors: string[]; warnings: string[]; defaulted: string[];
+  /** Every `${file:…}` path named, in order (each server's own are its secretFiles). */
+  files: string[];
+};
 
 function parseServer(name: string, entry: unknown, ctx: ParseContext): ServerConfig | null {
   const at = `${ctx.source}: mcpServers.${/^[A-Za-z0-9._-]+$/.test(name) ? name : JSON.stringify(name)}`;
@@ -1178,8 +1200,8 @@ function parseServer(name: string, entry: unknown, ctx: ParseContext): ServerCon
   if (entry.type !== undefined && entry.type !== 'stdio') problem('type', entry.type, '"stdio" or a remote type');
   const errorsBefore = ctx.errors.length;
   const secrets: string[] = [];
-  const files: string[] = [];
-  const expand = (value: string, field: string) => expandValue(value, { ...ctx, at: `${at}.${field}`, secrets, files });
+  const filesBefore = ctx.files.length;
+  const expand = (value: string, field: string) => expandValue(value, { ...ctx, at: `${at}.${field}`, secrets });
   const command = typeof entry.command === 'string' && entry.command.trim() ? entry.command : undefined;
   if (!command) problem('command', entry.command, 'a non-empty string');
   const args = parseStringArray(entry.args, 'args', problem).map((arg, i) => expand(arg, `args[${i}]`));
@@ -1210,7 +1232,7 @@ function parseServer(name: string, entry: unknown, ctx: ParseContext): ServerCon
   return Object.freeze({
     name, command, args: Object.freeze(args), env: Object.freeze(env), cwd,
     sessions: sessions as ServerConfig['sessions'], roots, clientCapabilities, maxLineBytes: maxLineBytes as number | undefined,
-    listTtlMs, idleTimeoutMs, startTimeoutMs, requestTimeoutMs, tools, secrets: Object.freeze(secrets), secretFiles: Object.freeze(files),
+    listTtlMs, idleTimeoutMs, startTimeoutMs, requestTimeoutMs, tools, secrets: Object.freeze(secrets), secretFiles: Object.freeze(ctx.files.slice(filesBefore)),
   });
 }
 
@@ -1273,7 +1295,7 @@ function parseEnv(
   return out;
 }
 
-type Expansion = ParseContext & { at: string; secrets: string[]; files: string[] };
+type Expansion = ParseContext & { at: string; secrets: string[] };
 
 /**
  * Expands ${VAR}, ${VAR:-default} and ${file:/path} (Docker/Kubernetes secrets). An unset variable without
@@ -1700,14 +1722,14 @@ function newUpstream(server: ServerRuntime): Upstream {
     pending: new Map(), serverRequests: new Map(), sessions: new Set(), subscriptions: new Map(),
     restartTimer: null, initTimer: null, waiters: [], owner: null, abandoned: new Map(), abandonedOverflowUntilMs: 0, holdsStartSlot: false, exited: Promise.resolve(), recentStderr: [],
     outQueue: [], outBytes: 0, laneHolder: null, laneQueue: [], laneGranting: false, listeners: new Set(), modernInflight: new Map(), toolHints: new Map(),
-    stdinBytesCounted: 0,
+    stdinBytesCounted: 0, stopping: null,
   };
 }
 
 /** Children start through a queue so at most `startConcurrency` are installing/initializing at once. */
 function requestStart(up: Upstream): void {
   const proxy = up.server.proxy;
-  if (proxy.state !== 'RUNNING' || up.state === 'stopped') return;
+  if (proxy.state !== 'RUNNING' || up.state === 'stopped' || retired(up.server)) return;
   if (proxy.starting >= proxy.limits.startConcurrency) {
     proxy.startQueue.push(up);
     return;
@@ -2115,7 +2137,13 @@ function groupAlive(pid: number): boolean {
  * Stops a child in steps (spec lifecycle §Shutdown, SDK client close()): close stdin, wait, SIGTERM the group,
  * wait, SIGKILL the group. Then strays left in the group (grandchildren) are killed too.
  */
-async function stopUpstream(up: Upstream, why: StopReason): Promise<void> {
+function stopUpstream(up: Upstream, why: StopReason): Promise<void> {
+  // Once: a per-session child is stopped by its session's end and again by its server's removal.
+  up.stopping ??= stopInSteps(up, why);
+  return up.stopping;
+}
+
+async function stopInSteps(up: Upstream, why: StopReason): Promise<void> {
   up.state = 'stopped';
   up.server.upstreams.delete(up); // no longer counts against maxChildrenPerServer while it winds down…
   if (up.proc) up.server.windingDown.add(up); // …but against twice that
@@ -2141,7 +2169,7 @@ async function stopUpstream(up: Upstream, why: StopReason): Promise<void> {
     proxy.log.info(up.server.config.name, `pid ${proc.pid} stopped (${why === 'idle' ? `session idle for ${idleTimeoutOf(up.server)} ms` : why})`);
   }
   releaseStartSlot(up);
-  failPending(up, 'MCP server stopped');
+  failPending(up, ENDED_MESSAGES[why] ?? 'MCP server stopped');
   up.server.windingDown.delete(up);
 }
 
@@ -2250,6 +2278,7 @@ function withId(line: string, raw: Buffer | null, msg: JsonRpcMessage, id: JsonR
  * In per-session mode the session gets its own child, started when its initialize says what it can do.
  */
 function createSession(server: ServerRuntime, transport: Session['transport'], credential: string): Session | null {
+  if (retired(server)) return null; // see handleMcpPost: a reload took it out of the table
   const limits = server.proxy.limits;
   if (server.sessions.size >= limits.maxSessionsPerServer && !evictIdleSession(server)) return null;
   let upstream = server.shared;
@@ -2456,6 +2485,7 @@ function forwardRequest(session: Session, msg: JsonRpcMessage, exchange: Exchang
   // ping is about the link to us (spec: answer promptly); the child's liveness is supervision's business.
   if (msg.method === 'ping') return reply(resultText(id, {}));
   if (msg.method === 'initialize') return reply(errorText(id, INVALID_REQUEST, 'Session is already initialized'));
+  if (retired(session.server)) return reply(errorText(id, SESSION_ENDED, RETIRED_MESSAGE.replace('Not Found: ', 'Session ended: ')));
   if (up.state !== 'ready') return reply(errorText(id, SERVER_ERROR, `MCP server is ${up.state}; try again later`));
   if (toolBlocked(up, msg)) return reply(errorText(id, INVALID_PARAMS, TOOL_BLOCKED));
   if (mayAsk(up, msg.method!)) {
@@ -3407,6 +3437,13 @@ function removedRoute(proxy: Proxy, path: string): boolean {
   return parts.length === 3 && proxy.removed.has(parts[1].toLowerCase());
 }
 
+const RETIRED_MESSAGE = 'Not Found: this server was removed or restarted by a config reload; reconnect';
+
+/** A server runtime a reload took out of the table (removed, or replaced by its new config's). */
+function retired(server: ServerRuntime): boolean {
+  return server.proxy.servers.get(server.segment) !== server;
+}
+
 function preflight(res: http.ServerResponse): void {
   res.writeHead(204, {
     'Access-Control-Allow-Methods': 'GET, POST, DELETE',
@@ -3492,6 +3529,8 @@ async function handleMcpPost(server: ServerRuntime, req: http.IncomingMessage, r
   if (!accepts) return reject(res, 406, SERVER_ERROR, 'Not Acceptable: Accept must allow application/json or text/event-stream');
   const parsed = await readMessages(server.proxy, req, res);
   if (!parsed) return;
+  // A reload may have removed or replaced the server while the body was read: nothing may start on it now.
+  if (retired(server)) return reject(res, 404, SERVER_ERROR, RETIRED_MESSAGE);
   // One URL, both eras: a request claiming a version in its _meta is 2026-07-28's (section 8).
   if (isModern(parsed, req.headers['mcp-protocol-version'])) return handleModern(server, req, res, parsed.messages[0], parsed.kinds[0], accepts, credential);
   const { messages, kinds } = parsed;
@@ -4842,11 +4881,20 @@ function routeOf(proxy: Proxy, host: string | undefined, path: string): Route | 
   if (parts.length !== 2) return null;
   const hosted = hostServer(proxy, host);
   if (hosted) return { server: hosted, leaf: parts[1], prefix: '', hostRoute: true };
-  if (proxy.servers.size === 1 && !isServerHost(proxy, host)) {
-    const [only] = proxy.servers.values();
-    return { server: only, leaf: parts[1], prefix: '', hostRoute: false };
-  }
+  const root = rootServer(proxy);
+  if (root && !isServerHost(proxy, host)) return { server: root, leaf: parts[1], prefix: '', hostRoute: false };
   return null;
+}
+
+/**
+ * The server /mcp and /sse serve: the only server at start, kept while that server (by name) is configured,
+ * so a reload that adds a second server does not take the root URL from the clients using it, nor ever hand
+ * it to another server while its own is there (claude-ai-mcp#214: Claude.ai users paste a bare /mcp).
+ */
+function rootServer(proxy: Proxy): ServerRuntime | undefined {
+  if (proxy.rootName === null) return undefined;
+  const server = proxy.servers.get(serverSegment(proxy.rootName));
+  return server?.config.name === proxy.rootName ? server : undefined;
 }
 
 /** The server a Host names as {name}.{baseDomain}, if host routes are on. */
@@ -5892,9 +5940,8 @@ const STATUS_HEADERS: Readonly<Record<string, string>> = {
 
 /** Every value on the page goes through escapeHtml: names, URLs and log lines may hold anything. */
 function statusPage(proxy: Proxy, now: number): string {
-  const config: Config = { servers: [...proxy.servers.values()].map((server) => server.config) };
-  const listening = proxy.url;
-  const sections = [...proxy.servers.values()].map((server) => serverSection(server, serverUrls(config, proxy.options, listening, server.segment), now));
+  const root = rootServer(proxy);
+  const sections = [...proxy.servers.values()].map((server) => serverSection(server, serverUrls(server === root, proxy.options, proxy.url, server.segment), now));
   const count = `${proxy.servers.size} server${proxy.servers.size === 1 ? '' : 's'}`;
   return '<!doctype html><html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width">' +
     `<meta http-equiv="refresh" content="${STATUS_REFRESH_S}"><title>${PROXY_NAME}: status</title><style>${STATUS_CSS}</style></head><body>` +
@@ -6004,7 +6051,7 @@ export async function startProxy(config: Config, start: StartOptions = {}): Prom
     ]),
     connections: new Set(), backlogged: new Set(), maxConnections: connectionCap(limits.maxConnections), bodyBytesInFlight: 0, heldAnswerBytes: 0,
     groups: new Map(), continuations: new Map(), stateKey: null, secrets: secretsOf(options, config.servers), watcher: null,
-    removed: new Set(), url: '', stopTlsWatch: null, closed: null,
+    removed: new Set(), rootName: config.servers.length === 1 ? config.servers[0].name : null, retiring: new Set(), lastReload: '', url: '', stopTlsWatch: null, closed: null,
   };
   proxy.http.maxHeadersCount = limits.maxHeadersCount;
   if (proxy.maxConnections < FEW_CONNECTIONS) {
@@ -6019,10 +6066,10 @@ export async function startProxy(config: Config, start: StartOptions = {}): Prom
   LIVE_PROXIES.add(proxy);
   for (const server of config.servers) addServer(proxy, server);
   if (options.watchConfig) {
-    proxy.watcher = createDirWatcher(proxy, () => void reloadFromFile(proxy).catch((err) => {
+    proxy.watcher = createDirWatcher(proxy, () => void reloadFromFile(proxy, false).catch((err) => {
       proxy.log.error('config', `reload failed: ${describeError(err)}`);
     }));
-    proxy.watcher.watch(watchedDirs(watchedPaths(proxy)));
+    rewatch(proxy);
   }
   proxy.timers.push(
     setInterval(() => guarded(proxy, 'proxy', 'the sweep', () => sweep(proxy)), limits.sweepIntervalMs),
@@ -6265,19 +6312,20 @@ function listen(server: http.Server, host: string, port: number): Promise<void> 
 }
 
 /** Adds one server to the table and starts its shared child; the others are untouched (reload adds diffs). */
-function addServer(proxy: Proxy, config: ServerConfig): void {
+function addServer(proxy: Proxy, config: ServerConfig, after?: Promise<void>): void {
   const launch = resolveBakedPackage(config, proxy.options.packagesDir) ?? { command: config.command, args: config.args };
   if (launch.command !== config.command) proxy.log.info(config.name, `npx package baked into ${proxy.options.packagesDir}: running ${launch.args[0]}`);
   const segment = serverSegment(config.name);
   const server: ServerRuntime = {
     proxy, config, segment, launch, sessions: new Map(), shared: null, upstreams: new Set(), windingDown: new Set(), stats: newServerStats(),
   };
-  if (config.sessions === 'shared') {
-    server.shared = newUpstream(server);
-    server.upstreams.add(server.shared);
-    requestStart(server.shared);
-  }
   proxy.servers.set(segment, server);
+  if (config.sessions !== 'shared') return;
+  const up = newUpstream(server);
+  server.shared = up;
+  server.upstreams.add(up);
+  if (after) void after.then(() => requestStart(up));
+  else requestStart(up);
 }
 
 /** Removes one server: its sessions end (requests in flight get an error saying why) and its children stop. */
@@ -6298,16 +6346,31 @@ async function removeServer(proxy: Proxy, segment: string, why: StopReason): Pro
  * first. An invalid one changes nothing: one log line (the file, the server, the field, the problem; never a
  * value) and the old config keeps serving.
  */
-async function reloadFromFile(proxy: Proxy): Promise<ConfigDiff | null> {
+async function reloadFromFile(proxy: Proxy, asked = true): Promise<ConfigDiff | null> {
   if (proxy.state !== 'RUNNING') return null;
   const path = proxy.options.configPath;
   const loaded = loadConfigFile(path);
+  // What this attempt says; a watched reload that would say the same again says it at debug (a log file
+  // written next to the config must not make every write a new line about it).
+  const said = [...loaded.errors, ...loaded.warnings].join('\n');
+  const repeat = !asked && said === proxy.lastReload;
+  proxy.lastReload = said;
   if (!loaded.config) {
-    proxy.log.error('config', `reload refused, still serving the previous config: ${loaded.errors.join('; ')}`);
+    const line = `reload refused, still serving the previous config: ${loaded.errors.join('; ')}`;
+    repeat ? proxy.log.debug('config', line) : proxy.log.error('config', line);
+    // Secret files the refused config names are watched too: the one not written yet fixes it when it comes.
+    rewatch(proxy, loaded.files ?? []);
     return null;
   }
-  for (const warning of loaded.warnings) proxy.log.warn('config', warning);
+  for (const warning of loaded.warnings) repeat ? proxy.log.debug('config', warning) : proxy.log.warn('config', warning);
   return applyConfig(proxy, loaded.config);
+}
+
+/** The watch set: the config file, the running servers' secret files, and any `extra` (a refused config's). */
+function rewatch(proxy: Proxy, extra: readonly string[] = []): void {
+  if (!proxy.watcher) return;
+  const paths = [...watchedPaths(proxy), ...extra];
+  proxy.watcher.watch(watchedDirs(paths), new Set(paths.flatMap(watchedNames)));
 }
 
 /**
@@ -6322,23 +6385,36 @@ async function applyConfig(proxy: Proxy, config: Config): Promise<ConfigDiff | n
   if (clashes.length) throw new ProxyError('SEGMENT_CLASH', clashes.join('; '));
   const before = [...proxy.servers.values()].map((server) => server.config);
   const diff = diffConfigs({ servers: before }, config);
-  if (isEmptyDiff(diff)) return void proxy.log.debug('config', 'reload: nothing changed'), diff;
+  // Unchanged servers take the new objects too: equal in all that runs, but a secret may now come from
+  // another file (secretFiles), which must be watched.
+  for (const server of diff.unchanged) proxy.servers.get(serverSegment(server.name))!.config = server;
+  if (isEmptyDiff(diff)) {
+    rewatch(proxy);
+    proxy.log.debug('config', 'reload: nothing changed');
+    return diff;
+  }
+  const retiring = [...diff.removed, ...diff.changed.map((c) => before.find((b) => b.name === c.config.name)!)];
+  for (const server of retiring) proxy.retiring.add(server);
   // The old secrets stay masked while the children that had them wind down.
-  proxy.secrets = secretsOf(proxy.options, [...config.servers, ...before]);
-  const stopped = [
-    ...diff.removed.map((server) => removeServer(proxy, serverSegment(server.name), 'removed from the config')),
-    ...diff.changed.map(({ config: server }) => removeServer(proxy, serverSegment(server.name), 'its config changed')),
-  ];
+  proxy.secrets = secretsOf(proxy.options, [...config.servers, ...proxy.retiring]);
+  // By segment: a server renamed only in case is a removal and an addition at the same URL.
+  const stops = new Map<string, Promise<void>>();
+  for (const server of diff.removed) stops.set(serverSegment(server.name), removeServer(proxy, serverSegment(server.name), 'removed from the config'));
+  for (const { config: server } of diff.changed) stops.set(serverSegment(server.name), removeServer(proxy, serverSegment(server.name), 'its config changed'));
   for (const server of diff.removed) rememberRemoved(proxy, serverSegment(server.name));
   for (const server of diff.updated) updateServer(proxy.servers.get(serverSegment(server.name))!, server);
+  // A changed server's new child starts once the old one has exited: two processes of one server at once could
+  // fight over its database or port.
   for (const server of [...diff.changed.map((c) => c.config), ...diff.added]) {
     proxy.removed.delete(serverSegment(server.name));
-    addServer(proxy, server);
+    addServer(proxy, server, stops.get(serverSegment(server.name)));
   }
-  proxy.watcher?.watch(watchedDirs(watchedPaths(proxy)));
+  rewatch(proxy);
+  repinRoot(proxy);
   logReload(proxy, config, diff);
-  await Promise.all(stopped);
-  proxy.secrets = secretsOf(proxy.options, config.servers);
+  await Promise.all(stops.values());
+  for (const server of retiring) proxy.retiring.delete(server);
+  proxy.secrets = secretsOf(proxy.options, [...[...proxy.servers.values()].map((server) => server.config), ...proxy.retiring]);
   return diff;
 }
 
@@ -6346,6 +6422,16 @@ async function applyConfig(proxy: Proxy, config: Config): Promise<ConfigDiff | n
 function updateServer(server: ServerRuntime, config: ServerConfig): void {
   server.config = config;
   if (config.tools?.readOnly) for (const up of server.upstreams) if (up.state === 'ready') refreshToolHints(up);
+}
+
+/** The root route stays with its server; once that is gone, it goes to the only server left, if one is. */
+function repinRoot(proxy: Proxy): void {
+  const name = proxy.rootName;
+  if (name !== null && rootServer(proxy)) return;
+  const next = proxy.servers.size === 1 ? [...proxy.servers.values()][0].config.name : null;
+  proxy.rootName = next;
+  if (name !== null) proxy.log.warn('config', `the root route (/mcp, /sse) served ${JSON.stringify(name)}, which is gone: ${next === null ? 'it answers 404 now' : `it serves ${JSON.stringify(next)} now`}`);
+  else if (next !== null) proxy.log.info('config', `the root route (/mcp, /sse) serves ${JSON.stringify(next)}, the only server`);
 }
 
 function isEmptyDiff(diff: ConfigDiff): boolean {
@@ -6369,7 +6455,8 @@ function logReload(proxy: Proxy, config: Config, diff: ConfigDiff): void {
   ];
   proxy.log.info('config', `reloaded ${proxy.options.configPath}: ${parts.join('; ')}`);
   for (const server of [...diff.added, ...diff.changed.map((c) => c.config)]) {
-    proxy.log.info(server.name, `serving at ${serverUrls(config, proxy.options, proxy.url, serverSegment(server.name)).join('  ')}`);
+    const root = rootServer(proxy)?.config.name === server.name;
+    proxy.log.info(server.name, `serving at ${serverUrls(root, proxy.options, proxy.url, serverSegment(server.name)).join('  ')}`);
   }
 }
 
@@ -6386,40 +6473,75 @@ function watchedPaths(proxy: Proxy): string[] {
   return [proxy.options.configPath, ...[...proxy.servers.values()].flatMap((server) => server.config.secretFiles ?? [])];
 }
 
+/** The names an event in a watched directory may carry for `path` to have changed. */
+function watchedNames(path: string): string[] {
+  // Kubernetes swaps a volume's `..data` link; a file reached through a symlink changes under its target's name.
+  const names = [basename(path), '..data'];
+  try {
+    names.push(basename(realpathSync(path)));
+  } catch {
+    // Missing for now: its own name is enough.
+  }
+  return names;
+}
+
 /**
- * fs.watch on directories, by hand (no chokidar): any event in one schedules a reload after CONFIG_DEBOUNCE_MS
- * of quiet (an editor's save, a `..data` symlink swap and a secret rotation are each several events). The
- * event's file name is not trusted (inotify reports `..data`, not the config's name, on a Kubernetes swap,
- * and may report none): the reload re-reads and diffs, and an unrelated file changes nothing.
+ * fs.watch on directories, by hand (no chokidar). An event naming the config, a secret file, `..data` or the
+ * directory itself (deleted or replaced), or naming nothing (the platform did not say), schedules a reload
+ * after CONFIG_DEBOUNCE_MS of quiet, and at most CONFIG_MAX_WAIT_MS after the first event: other files in the
+ * same directory (a log, a database) neither reload nor hold a reload back. The reload re-reads and diffs, so
+ * an event that changed nothing changes nothing. A directory deleted or replaced since it was watched (an
+ * event naming it, or its inode differs: inotify stays on the old one) is watched again at the next `watch()`:
+ * every reload and every sweep.
  */
 function createDirWatcher(proxy: Proxy, onChange: () => void): DirWatcher {
-  const watchers = new Map<string, FSWatcher>();
+  const watchers = new Map<string, { watcher: FSWatcher; ino: number }>();
+  let names: ReadonlySet<string> = new Set();
   let timer: NodeJS.Timeout | null = null;
-  const changed = () => {
+  let firstEventMs = 0;
+  const fire = () => {
+    timer = null;
+    firstEventMs = 0;
+    guarded(proxy, 'config', 'a config reload', onChange);
+  };
+  const changed = (dir: string, name: string | Buffer | null) => {
+    const file = name === null ? null : String(name);
+    // The directory itself was deleted or moved: this watch is on a dead inode (and a directory made again at
+    // once may get the same inode number, so the inode check below cannot tell). Re-armed by the next watch().
+    if (file === basename(dir)) unwatch(dir);
+    else if (file !== null && !names.has(file)) return;
     if (timer) clearTimeout(timer);
-    timer = setTimeout(() => {
-      timer = null;
-      guarded(proxy, 'config', 'a config reload', onChange);
-    }, CONFIG_DEBOUNCE_MS);
+    const now = Date.now();
+    if (firstEventMs === 0) firstEventMs = now;
+    timer = setTimeout(fire, Math.max(0, Math.min(CONFIG_DEBOUNCE_MS, firstEventMs + CONFIG_MAX_WAIT_MS - now)));
   };
   const unwatch = (dir: string) => {
-    watchers.get(dir)?.close();
+    watchers.get(dir)?.watcher.close();
     watchers.delete(dir);
   };
+  const inodeOf = (dir: string) => {
+    try {
+      return statSync(dir).ino;
+    } catch {
+      return -1;
+    }
+  };
   return {
-    watch(all) {
+    watch(all, watchedFileNames) {
+      names = watchedFileNames;
       const dirs = all.slice(0, MAX_WATCHED_DIRS);
       if (all.length > dirs.length) {
         proxy.log.warn('config', `${all.length} directories hold the config and its secret files; watching the first ${MAX_WATCHED_DIRS}: send SIGHUP after changing the others`);
       }
-      for (const dir of [...watchers.keys()]) if (!dirs.includes(dir)) unwatch(dir);
+      for (const dir of [...watchers.keys()]) if (!dirs.includes(dir) || watchers.get(dir)!.ino !== inodeOf(dir)) unwatch(dir);
       for (const dir of dirs) {
         if (watchers.has(dir)) continue;
+        const ino = inodeOf(dir);
+        if (ino === -1) continue; // not there (yet): the next watch() tries again
         try {
-          const watcher = watch(dir, { persistent: false }, changed);
-          // The directory itself went away (a swapped Kubernetes `..2024_…` target): the next reload re-arms.
-          watcher.on('error', () => unwatch(dir));
-          watchers.set(dir, watcher);
+          const watcher = watch(dir, { persistent: false }, (_event, name) => changed(dir, name));
+          watcher.on('error', () => unwatch(dir)); // re-armed by the next watch()
+          watchers.set(dir, { watcher, ino });
         } catch (err) {
           proxy.log.warn('config', `cannot watch ${JSON.stringify(dir)} (${readFailure(err)}); send SIGHUP to reload after a change there`);
         }
@@ -6445,6 +6567,7 @@ function sweep(proxy: Proxy): void {
     for (const up of server.upstreams) expireRequests(up, now);
   }
   if (proxy.oauth) sweepOAuth(proxy.oauth, proxy.limits, now);
+  rewatch(proxy); // a watched directory replaced meanwhile is watched again
 }
 
 /** A request the child has not answered in requestTimeoutMs: the client gets an error, the child a cancel. */
@@ -7182,7 +7305,7 @@ async function serve(config: Config, options: Options, log: Logger): Promise<voi
   const auth = methods.length ? `on (${methods.join(', ')})` : 'OFF';
   log.info('proxy', `listening on ${running.url} (${isLoopbackHost(options.host) ? 'loopback only' : 'PUBLIC interface'}), auth ${auth}`);
   for (const server of config.servers) {
-    const urls = serverUrls(config, options, running.url, serverSegment(server.name)).join('  ');
+    const urls = serverUrls(config.servers.length === 1, options, running.url, serverSegment(server.name)).join('  ');
     log.info('proxy', `${server.name}: ${urls}  (auth ${methods.length ? 'on' : 'off'}${server.sessions === 'per-session' ? ', child per session' : ''})`);
   }
   if (early) stop(early);
@@ -7190,16 +7313,16 @@ async function serve(config: Config, options: Options, log: Logger): Promise<voi
 
 /**
  * Every URL a user may paste for a server: its path route on the public URL (or the listening address), its
- * host route with a base domain, and the root route when it is the only server.
+ * host route with a base domain, and the root route when it is the server holding it (rootServer).
  */
-export function serverUrls(config: Config, options: Pick<Options, 'publicUrl' | 'baseDomain'>, listening: string, segment: string): string[] {
+export function serverUrls(root: boolean, options: Pick<Options, 'publicUrl' | 'baseDomain'>, listening: string, segment: string): string[] {
   const base = options.publicUrl ? new URL(options.publicUrl).origin : listening;
   const urls = [`${base}/${segment}/mcp`, `${base}/${segment}/sse`];
   if (options.baseDomain && options.publicUrl) {
     const { protocol, port } = new URL(options.publicUrl);
     urls.push(`${protocol}//${segment}.${options.baseDomain}${port ? `:${port}` : ''}/mcp`);
   }
-  if (config.servers.length === 1) urls.push(`${base}/mcp`);
+  if (root) urls.push(`${base}/mcp`);
   return urls;
 }
 
