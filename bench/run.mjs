@@ -58,7 +58,7 @@ import path from "node:path";
 import { fileURLToPath } from "node:url";
 import { performance } from "node:perf_hooks";
 import { makeSession, makeAgent, StdioPeer, kindOf } from "./lib/clients.mjs";
-import { startProcess, stopProcess, stopAll, killAllSync, snapshotPids, treePids, rssKb, memAvailableMb, fdLimit } from "./lib/proc.mjs";
+import { scratchDirWithCleanup, startProcess, stopProcess, stopAll, killAllSync, snapshotPids, treePids, rssKb, memAvailableMb, fdLimit } from "./lib/proc.mjs";
 
 const HERE = path.dirname(fileURLToPath(import.meta.url));
 const ROOT = path.resolve(HERE, "..");
@@ -133,34 +133,10 @@ if (!TARGETS.length) {
 }
 
 // ---------------------------------------------------------------- cleanup
-const TMP = fs.mkdtempSync(path.join(os.tmpdir(), "rmp-bench-"));
+const { dir: TMP, removeDir: removeTmp } = scratchDirWithCleanup("bench", "rmp-bench-", MAX_MINUTES);
 const CONFIG = path.join(TMP, "config.json");
 const BASE_SERVERS = { echo: { command: NODE, args: [ECHO] } };
 fs.writeFileSync(CONFIG, JSON.stringify({ mcpServers: BASE_SERVERS }));
-function removeTmp() {
-  try {
-    fs.rmSync(TMP, { recursive: true, force: true });
-  } catch {}
-}
-process.on("exit", () => {
-  killAllSync();
-  removeTmp();
-});
-for (const sig of ["SIGINT", "SIGTERM", "SIGHUP"]) {
-  process.on(sig, () => {
-    console.error(`\nbench: ${sig}, stopping everything it started`);
-    killAllSync();
-    removeTmp();
-    process.exit(130);
-  });
-}
-// Watchdog: the whole run is bounded in time whatever happens.
-setTimeout(() => {
-  console.error(`bench: watchdog: run exceeded MAX_MINUTES=${MAX_MINUTES}, aborting`);
-  killAllSync();
-  removeTmp();
-  process.exit(3);
-}, MAX_MINUTES * 60_000).unref();
 
 // ---------------------------------------------------------------- helpers
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));

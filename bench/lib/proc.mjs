@@ -6,6 +6,8 @@
 // same /proc parsing; added snapshots of a fixed pid list (no /proc rescan on
 // every sample), the process registry, process-group kills and fdLimit().
 import fs from "node:fs";
+import os from "node:os";
+import path from "node:path";
 import { spawn } from "node:child_process";
 
 const CLK_TCK = 100; // sysconf(_SC_CLK_TCK) is 100 on every Linux we run on
@@ -185,4 +187,30 @@ export function killAllSync() {
 /** Stop everything still registered (async, graceful first). */
 export async function stopAll() {
   await Promise.all([...started.values()].map((e) => stopProcess(e.cp, 3000)));
+}
+
+/**
+ * A scratch directory removed at exit, and every registered process stopped on exit, on SIGINT/SIGTERM/SIGHUP
+ * (exit 130) and by a watchdog after `maxMinutes` (exit 3): the whole run is bounded whatever happens.
+ */
+export function scratchDirWithCleanup(name, prefix, maxMinutes) {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), prefix));
+  const removeDir = () => {
+    try {
+      fs.rmSync(dir, { recursive: true, force: true });
+    } catch {}
+  };
+  const bail = (why, code) => {
+    console.error(why);
+    killAllSync();
+    removeDir();
+    process.exit(code);
+  };
+  process.on("exit", () => {
+    killAllSync();
+    removeDir();
+  });
+  for (const sig of ["SIGINT", "SIGTERM", "SIGHUP"]) process.on(sig, () => bail(`\n${name}: ${sig}, stopping everything it started`, 130));
+  setTimeout(() => bail(`${name}: watchdog: run exceeded MAX_MINUTES=${maxMinutes}, aborting`, 3), maxMinutes * 60_000).unref();
+  return { dir, removeDir };
 }
