@@ -5753,9 +5753,9 @@ describe('8. MCP 2026-07-28: the conformance suite against a legacy child', () =
   });
 });
 
-// ── 9. Operator controls: tool policy, request timeouts ──────────────────────────────────────────────────────
+// ── 9. Operator controls: tool policy, request timeouts, audit log ────────────────────────────────────────────
 
-describe('9. Operator controls: tool policy, request timeouts', () => {
+describe('9. Operator controls: tool policy, request timeouts, audit log', () => {
   it('per-server "requestTimeoutMs": that server\'s unanswered call gets -32003 and the child a notifications/cancelled (its mapping released: a late answer goes nowhere); another server keeps the proxy-wide limit', { timeout: 30_000 }, async (t) => {
     const log = path.join(tmpDir('timeout'), 'log');
     const h = await harness(t, { servers: [fixture('quick', 'ok', { requestTimeoutMs: 1_000, env: { FIXTURE_LOG: log } }), fixture('patient')] },
@@ -5858,6 +5858,59 @@ describe('9. Operator controls: tool policy, request timeouts', () => {
     assert.equal(h.proxy.status().ev!.pid, pid);
     assert.ok((await client.listTools()).tools.some((tool) => tool.name === 'toggle-simulated-logging'));
     await client.callTool({ name: 'toggle-simulated-logging', arguments: {} });
+  });
+  describe('audit log', () => {
+    const auditLines = (file: string): Json[] => fileLines(file).map((line) => JSON.parse(line));
+
+    it('--audit-log: one JSON line per session opened and closed and per tool call (ok, blocked by the policy, timed out), with credential id, server, tool, duration and outcome; never arguments, results, tokens or session ids', { timeout: 40_000 }, async (t) => {
+      const file = path.join(tmpDir('audit'), 'audit.log');
+      const token = 'audit-token-0123456789abcdef';
+      const h = await harness(t, { servers: [fixture('fix', 'ok', { tools: { deny: ['secret-tool'] }, requestTimeoutMs: 1_000 })] },
+        { tokens: ['another-token-0123456789', token], auditLog: file, limits: { ...FAST, sweepIntervalMs: 50 } });
+      await h.proxy.ready(10_000);
+      const client = await h.client('fix', 'mcp', bearer(token));
+      const ARG = 'argument-value-that-must-not-be-logged';
+      assert.equal(textOf(await client.callTool({ name: 'do', arguments: { what: 'echo', text: ARG } })), ARG);
+      await assert.rejects(client.callTool({ name: 'secret-tool', arguments: { what: 'echo', text: ARG } }));
+      await assert.rejects(client.callTool({ name: 'do', arguments: { what: 'hang' } }), (err: Error & { code?: number }) => err.code === -32003);
+      const transport = client.transport as StreamableHTTPClientTransport;
+      const sid = transport.sessionId!;
+      await transport.terminateSession(); // DELETE
+      await waitFor(() => auditLines(file).some((e) => e.event === 'session_close'), 5_000, 'the session_close line');
+      const events = auditLines(file);
+      for (const e of events) assert.equal(typeof e.time, 'string');
+      const opened = events.find((e) => e.event === 'session_open');
+      assert.deepEqual({ ...opened, time: 0 }, { time: 0, event: 'session_open', credential: 'token 2', server: 'fix', transport: 'streamable', session: opened.session });
+      assert.match(opened.session, /^[0-9a-f]{16}$/);
+      const calls = events.filter((e) => e.event === 'tool_call').map(({ time, durationMs, ...rest }) => (assert.equal(typeof durationMs, 'number'), rest));
+      assert.deepEqual(calls, [
+        { event: 'tool_call', credential: 'token 2', server: 'fix', tool: 'do', outcome: 'ok', transport: 'streamable', session: opened.session },
+        { event: 'tool_call', credential: 'token 2', server: 'fix', tool: 'secret-tool', outcome: 'blocked by the tool policy', transport: 'streamable' },
+        { event: 'tool_call', credential: 'token 2', server: 'fix', tool: 'do', outcome: 'timeout', transport: 'streamable', session: opened.session },
+      ]);
+      assert.deepEqual(events.filter((e) => e.event === 'session_close').map((e) => [e.session, e.reason]), [[opened.session, 'session ended']]);
+      const text = fs.readFileSync(file, 'utf8');
+      for (const secret of [ARG, token, sid]) assert.ok(!text.includes(secret), `the audit log holds ${secret}`);
+      assert.equal((fs.statSync(file).mode & 0o777).toString(8), '600');
+    });
+
+    it('without --audit-log the events go to the log at info, scope "audit"; OAuth grants and revocations are audited by grant id, never a token', { timeout: 30_000 }, async (t) => {
+      const op = await oauthProxy(t, { servers: [fixture('alpha')] });
+      await op.h.proxy.ready(10_000);
+      const grant = await oauthGrant(op.base);
+      const sid = await oauthSession(op.base, 'alpha', grant.access);
+      const revoke = await postForm(`${op.base}/revoke`, { token: grant.refresh, client_id: grant.client.client_id, client_secret: grant.client.client_secret ?? '' });
+      assert.equal(revoke.status, 200, revoke.text);
+      const audits = op.lines.filter((l) => l.startsWith('info [audit] ')).map((l) => JSON.parse(l.slice('info [audit] '.length)));
+      const granted = audits.find((e) => e.event === 'grant');
+      assert.ok(granted, op.lines.join('\n'));
+      assert.equal(granted.audience, 'alpha');
+      assert.match(granted.credential, /^oauth:/);
+      assert.ok(audits.some((e) => e.event === 'session_open' && e.credential === granted.credential && e.server === 'alpha'), JSON.stringify(audits));
+      assert.deepEqual(audits.filter((e) => e.event === 'revoke').map((e) => [e.credential, e.reason]), [[granted.credential, 'revoked by its client']]);
+      const all = op.lines.join('\n');
+      for (const secret of [grant.access, grant.refresh, sid]) assert.ok(!all.includes(secret), 'a token or session id reached the log');
+    });
   });
 });
 
@@ -10182,7 +10235,7 @@ describe('14. CLI and main', () => {
       fs.writeFileSync(cfg, JSON.stringify({ mcpServers: { one: entry, two: entry } }));
       // Not watched (--no-watch): only the signal reloads; without a SIGHUP handler the signal would end the process.
       child.kill('SIGHUP');
-      await waitFor(() => output().includes('reloaded'), 10_000, `the reload (${output()})`);
+      await waitFor(() => output().includes('[two] serving at'), 10_000, `the reload (${output()})`);
       const out = output();
       assert.match(out, /info {2}\[config\] SIGHUP: reloading the config/);
       assert.match(out, /info {2}\[config\] reloaded .*config\.json: started "two"; 1 unchanged/);
@@ -10195,6 +10248,23 @@ describe('14. CLI and main', () => {
       assert.equal(output().split('reloaded').length, 2, output());
       child.kill('SIGTERM');
       assert.deepEqual(await within(exited, 10_000, 'exit after SIGTERM'), { code: 0, signal: null });
+    });
+
+    it('--audit-log through dist/proxy.js: SIGUSR1 reopens the file after logrotate moved it (the old file keeps what came before)', { timeout: 30_000 }, async (t) => {
+      const dir = tmpDir('audit-cli');
+      const file = path.join(dir, 'audit.log');
+      const { child, port, output } = await spawnDist(t, 'audit', (pidFile) => ({ fix: { command: NODE, args: ['-e', FIXTURE], env: { FIXTURE_PIDFILE: pidFile } } }), ['--audit-log', file]);
+      const base = `http://127.0.0.1:${port}`;
+      const sid = await rawSession(base, 'fix');
+      assert.equal(answerText(await post(`${base}/fix/mcp`, call(1, { what: 'echo', text: 'one' }), sessionHeaders(sid))), 'one');
+      fs.renameSync(file, `${file}.1`);
+      child.kill('SIGUSR1');
+      await waitFor(() => output().includes('reopened'), 5_000, `the reopen (${output()})`);
+      assert.equal(child.exitCode, null, 'SIGUSR1 did not stop the proxy');
+      assert.equal(answerText(await post(`${base}/fix/mcp`, call(2, { what: 'echo', text: 'two' }), sessionHeaders(sid))), 'two');
+      const events = (f: string) => fileLines(f).map((line) => JSON.parse(line).event);
+      assert.deepEqual(events(`${file}.1`), ['session_open', 'tool_call']);
+      assert.deepEqual(events(file), ['tool_call']);
     });
 
     // F12. A token with a space could never be sent; loopback binds other than 127.0.0.1 refused their own Origin;

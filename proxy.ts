@@ -36,7 +36,7 @@
 // Contents
 //   1. Limits and defaults                7. HTTP: guards, /mcp, /sse, health
 //   2. Types                              8. MCP 2026-07-28: sessionless requests, discover, listen, input requests
-//   3. Small utilities                    9. Operator controls: tool policy, request timeouts
+//   3. Small utilities                    9. Operator controls: tool policy, request timeouts, audit log
 //   4. Config: load, validate, diff      10. OAuth: metadata, registration, consent, tokens
 //   5. Children: spawn, framing, restart, kill
 //   6. Sessions and id routing           11. Operations: metrics and status page
@@ -339,6 +339,10 @@ const CONFIG_MAX_WAIT_MS = 2_000;
 const MAX_WATCHED_DIRS = 64;
 /** Servers removed by reloads whose URL still answers "removed" (404) rather than a bare Not Found. */
 const MAX_REMOVED_REMEMBERED = 64;
+/** A tool name longer than this is cut in the audit log (a client chooses it). */
+const MAX_AUDIT_NAME_CHARS = 200;
+/** Hex characters of a session id's SHA-256 that name the session in the audit log. */
+const AUDIT_SESSION_DIGEST_CHARS = 16;
 /** Tool names whose readOnlyHint is remembered per child under a "readOnly" policy (section 9). */
 const MAX_TOOLS_TRACKED = 10_000;
 /** Pages of the proxy's own tools/list followed to learn annotations (a cursor loop must end). */
@@ -541,6 +545,8 @@ export type Options = {
   strictProtocolHeader: boolean;
   /** Reload when the config file or a `${file:…}` secret it reads changes (the CLI turns this on). */
   watchConfig: boolean;
+  /** Append audit events to this file (section 9) instead of the log. */
+  auditLog: string | undefined;
   /**
    * PEM certificate chain and private key files: both set, the proxy serves HTTPS and re-reads them when they
    * change (renewals); both undefined, plain HTTP (a reverse proxy terminates TLS). One alone is refused.
@@ -611,6 +617,8 @@ type Proxy = {
   watcher: DirWatcher | null;
   /** URL segments of servers removed by a reload (MAX_REMOVED_REMEMBERED), so their clients are told why: 404. */
   removed: Set<string>;
+  /** The audit log's file descriptor (--audit-log), or null: audit events go to the log (section 9). */
+  auditFd: number | null;
   /** The name of the server the root route (/mcp, /sse) serves, or null (see rootServer). */
   rootName: string | null;
   /** Configs of servers a reload is stopping: their secrets stay masked until their children are gone. */
@@ -721,6 +729,8 @@ type Pending = {
   uri: string | undefined;
   sentAtMs: number;
   onAnswer: ((msg: JsonRpcMessage, line: string, raw: Buffer | null) => void) | null;
+  /** tools/call only: the tool's name, for the audit log (section 9). */
+  tool?: string;
 };
 
 /** One Streamable HTTP POST that carried requests, waiting for their answers. */
@@ -874,7 +884,7 @@ function jsonLine(level: LogLevel, scope: string, text: string): string {
 }
 
 /** Log scopes that name a part of the proxy; any other scope is a server's name. */
-const PROXY_COMPONENTS: ReadonlySet<string> = new Set(['proxy', 'http', 'oauth', 'doctor', 'config']);
+const PROXY_COMPONENTS: ReadonlySet<string> = new Set(['proxy', 'http', 'oauth', 'doctor', 'config', 'audit']);
 
 function writeStderr(line: string): void {
   process.stderr.write(line + '\n');
@@ -1884,7 +1894,7 @@ function failAnswer(up: Upstream, id: number | undefined, code: number, message:
   const pending = id === undefined ? undefined : up.pending.get(id);
   if (!pending) return;
   settlePending(up, id!);
-  countAnswer(up.server, pending, true);
+  countAnswer(up.server, pending, `error ${code}`);
   if (pending.onAnswer) return pending.onAnswer({ jsonrpc: '2.0', id: id!, error: { code, message } }, '', null);
   answerPending(pending, errorText(pending.clientId, code, message));
 }
@@ -2304,6 +2314,7 @@ function createSession(server: ServerRuntime, transport: Session['transport'], c
   if (!server.shared) upstream.owner = session;
   server.sessions.set(session.id, session);
   upstream.sessions.add(session);
+  auditSession(session, 'session_open');
   return session;
 }
 
@@ -2366,6 +2377,7 @@ const ENDED_MESSAGES: Readonly<Partial<Record<StopReason, string>>> = {
 function endSession(session: Session, why: StopReason = 'session ended'): void {
   if (session.closed) return;
   session.closed = true;
+  auditSession(session, 'session_close', why);
   const { server, upstream } = session;
   server.sessions.delete(session.id);
   upstream.sessions.delete(session);
@@ -2399,7 +2411,7 @@ function abandonRequests(session: Session, message: string): void {
 /** Gives up on a request in flight: the child is told to stop working on it, and whoever waits gets an error. */
 function abortPending(up: Upstream, childId: number, pending: Pending, reason: string, code: number, message: string): void {
   abandonPending(up, childId, pending);
-  countAnswer(up.server, pending, true);
+  countAnswer(up.server, pending, reason);
   cancelOnChild(up, childId, reason);
   answerPending(pending, errorText(pending.clientId, code, message));
   if (pending.session?.call) endCall(pending.session.call);
@@ -2487,7 +2499,10 @@ function forwardRequest(session: Session, msg: JsonRpcMessage, exchange: Exchang
   if (msg.method === 'initialize') return reply(errorText(id, INVALID_REQUEST, 'Session is already initialized'));
   if (retired(session.server)) return reply(errorText(id, SESSION_ENDED, RETIRED_MESSAGE.replace('Not Found: ', 'Session ended: ')));
   if (up.state !== 'ready') return reply(errorText(id, SERVER_ERROR, `MCP server is ${up.state}; try again later`));
-  if (toolBlocked(up, msg)) return reply(errorText(id, INVALID_PARAMS, TOOL_BLOCKED));
+  if (toolBlocked(up, msg)) {
+    auditBlocked(session.server, session.credential, session.transport, msg);
+    return reply(errorText(id, INVALID_PARAMS, TOOL_BLOCKED));
+  }
   if (mayAsk(up, msg.method!)) {
     const entry = enterLane(up, {
       credential: session.credential, session, clientId: id, exchange, start: () => forwardQueued(session, msg, exchange),
@@ -2524,9 +2539,11 @@ function sendRequest(session: Session, msg: JsonRpcMessage, exchange: Exchange |
   // lets one map (pending) resolve both answers and progress.
   const clientToken = isObject(meta) && (typeof meta.progressToken === 'string' || typeof meta.progressToken === 'number')
     ? meta.progressToken : undefined;
-  up.pending.set(childId, {
+  const pending: Pending = {
     session, clientId: msg.id as JsonRpcId, clientToken, exchange, method: msg.method!, uri, sentAtMs: Date.now(), onAnswer,
-  });
+  };
+  if (msg.method === 'tools/call') pending.tool = auditName(msg.params?.name);
+  up.pending.set(childId, pending);
   session.inflight++;
   if (mayAsk(up, msg.method!)) up.laneHolder = childId;
   // Rewrite in place: the parsed message is ours and is not used again after this.
@@ -2581,6 +2598,7 @@ function cancelFromClient(session: Session, msg: JsonRpcMessage): void {
     if (pending.method === 'initialize') return; // spec: initialize MUST NOT be cancelled
     writeToChild(up, JSON.stringify({ ...msg, params: { ...msg.params, requestId: childId } }));
     abandonPending(up, childId, pending);
+    countAnswer(up.server, pending, 'cancelled by the client');
     answerPending(pending, errorText(pending.clientId, REQUEST_CANCELLED, 'Request cancelled'));
     return;
   }
@@ -2688,7 +2706,7 @@ function routeChildResponse(up: Upstream, msg: JsonRpcMessage, line: string, raw
     return;
   }
   settlePending(up, msg.id as number);
-  countAnswer(up.server, pending, msg.error !== undefined);
+  countAnswer(up.server, pending, answerOutcome(msg));
   // A filtered list is re-serialised: the child's own bytes still hold the tools it removed.
   if (pending.method === 'tools/list' && filterToolList(up, msg)) return answerFiltered(pending, msg);
   if (pending.onAnswer) return pending.onAnswer(msg, line, raw);
@@ -2722,7 +2740,7 @@ function failPending(up: Upstream, message: string): void {
   up.pending.clear();
   for (const [, pending] of entries) {
     if (pending.session) pending.session.inflight--;
-    countAnswer(up.server, pending, true);
+    countAnswer(up.server, pending, 'server exited or stopped');
     answerPending(pending, errorText(pending.clientId, SERVER_EXITED, message));
     const call = pending.session?.call;
     // A call waiting for its client's retry keeps the reason for it (until it expires): the retry gets it.
@@ -3791,7 +3809,10 @@ async function handleModern(
   if (res.destroyed) return;
   if (method === 'server/discover') return sendJson(res, 200, resultText(id, discoverResult(up)));
   if (method === 'subscriptions/listen') return openListener(up, msg, accepts, res, credential);
-  if (toolBlocked(up, msg)) return sendJson(res, 200, errorText(id, INVALID_PARAMS, TOOL_BLOCKED));
+  if (toolBlocked(up, msg)) {
+    auditBlocked(server, credential, 'modern', msg);
+    return sendJson(res, 200, errorText(id, INVALID_PARAMS, TOOL_BLOCKED));
+  }
   const state = msg.params?.requestState;
   if (state !== undefined) return resumeCall(up, msg, accepts, res, credential);
   startModernCall(up, msg, accepts, res, credential);
@@ -4415,7 +4436,7 @@ function endListeners(up: Upstream): void {
   }
 }
 
-// ── 9. Operator controls: tool policy, request timeouts ─────────────────────────────────────────────────
+// ── 9. Operator controls: tool policy, request timeouts, audit log ─────────────────────────────────────────────────
 //
 // "tools" in a server's config decides which of its tools clients see and may call:
 //   {"allow": [names]}   only these            {"deny": [names]}   all but these
@@ -4519,6 +4540,89 @@ function refreshToolHints(up: Upstream, done: () => void = () => {}, cursor?: st
   });
 }
 
+// Audit log ───────
+//
+// One JSON object a line per tool call, per session opened and closed, and per OAuth grant and revocation:
+// the time, the event, the credential's id ("token N" is the Nth static token, "oauth:ID" an OAuth grant,
+// "anonymous"; never a token), the server, the tool, the duration and the outcome. Never arguments, results
+// or session ids (a session is named by a digest). To the log (scope "audit", level info), or with
+// --audit-log PATH appended to that file (created 0600), reopened on SIGUSR1 after logrotate moved it.
+
+/** Opens the audit file for appending; a file that cannot be opened stops start-up. */
+function openAuditLog(path: string): number {
+  try {
+    return openSync(path, 'a', 0o600);
+  } catch (err) {
+    throw new ProxyError('AUDIT_LOG', `--audit-log: cannot open ${JSON.stringify(path)} for appending (${readFailure(err)})`);
+  }
+}
+
+/** SIGUSR1: the file at the path is opened again (logrotate moved the old one); on failure the old one stays. */
+function reopenAuditLog(proxy: Proxy): void {
+  const path = proxy.options.auditLog;
+  if (path === undefined || proxy.auditFd === null) return;
+  let fd: number;
+  try {
+    fd = openSync(path, 'a', 0o600);
+  } catch (err) {
+    return proxy.log.error('audit', `cannot reopen ${JSON.stringify(path)} (${readFailure(err)}); still writing to the file opened before`);
+  }
+  closeSync(proxy.auditFd);
+  proxy.auditFd = fd;
+  proxy.log.info('audit', `reopened ${JSON.stringify(path)}`);
+}
+
+function audit(proxy: Proxy, fields: Record<string, unknown>): void {
+  const line = maskSecrets(JSON.stringify({ time: new Date().toISOString(), ...fields }), proxy.secrets);
+  if (proxy.auditFd === null) return proxy.log.info('audit', line);
+  try {
+    writeSync(proxy.auditFd, `${line}\n`);
+  } catch (err) {
+    proxy.log.error('audit', `cannot write the audit log (${readFailure(err)}): ${line}`);
+  }
+}
+
+/** A client-supplied name as the audit log shows it: a string, cut to MAX_AUDIT_NAME_CHARS. */
+function auditName(name: unknown): string {
+  if (typeof name !== 'string') return `(${typeName(name)})`;
+  return name.length > MAX_AUDIT_NAME_CHARS ? `${name.slice(0, MAX_AUDIT_NAME_CHARS)}…` : name;
+}
+
+/** A child's answer as an outcome: "ok", "tool error" (a result with isError), or "error CODE". */
+function answerOutcome(msg: JsonRpcMessage): string {
+  if (msg.error !== undefined) return `error ${isObject(msg.error) && typeof msg.error.code === 'number' ? msg.error.code : '?'}`;
+  return isObject(msg.result) && msg.result.isError === true ? 'tool error' : 'ok';
+}
+
+function auditToolCall(server: ServerRuntime, pending: Pending, outcome: string): void {
+  const session = pending.session!;
+  audit(server.proxy, {
+    event: 'tool_call', credential: session.credential, server: server.config.name, tool: pending.tool,
+    durationMs: Date.now() - pending.sentAtMs, outcome, transport: session.transport,
+    ...(session.transport === 'modern' ? {} : { session: sessionDigest(session) }),
+  });
+}
+
+/** A tools/call the tool policy refused: it never reached the child. */
+function auditBlocked(server: ServerRuntime, credential: string, transport: Session['transport'], msg: JsonRpcMessage): void {
+  audit(server.proxy, {
+    event: 'tool_call', credential, server: server.config.name, tool: auditName(msg.params?.name), durationMs: 0,
+    outcome: 'blocked by the tool policy', transport,
+  });
+}
+
+function auditSession(session: Session, event: 'session_open' | 'session_close', why?: StopReason): void {
+  audit(session.server.proxy, {
+    event, credential: session.credential, server: session.server.config.name, transport: session.transport,
+    session: sessionDigest(session), ...(why ? { reason: why } : {}),
+  });
+}
+
+/** Names a session in the audit log without its id (whoever holds the id and the credential may use it). */
+function sessionDigest(session: Session): string {
+  return createHash('sha256').update(session.id).digest('hex').slice(0, AUDIT_SESSION_DIGEST_CHARS);
+}
+
 // ── 10. OAuth: metadata, registration, consent, tokens ───────────────────────────────────────────────────
 //
 // A built-in OAuth 2.1 authorization server (draft-ietf-oauth-v2-1), on only when the operator sets a
@@ -4608,6 +4712,8 @@ type OAuth = {
   statePath: string;
   maxStateBytes: number;
   log: Logger;
+  /** Writes an audit event (section 9); set by startProxy. */
+  audit: (fields: Record<string, unknown>) => void;
   metadataHosts: ReadonlySet<string>;
   fetchMetadata: MetadataFetcher;
   metadataFetches: number;
@@ -4680,7 +4786,7 @@ function createOAuth(settings: OAuthSettings, log: Logger, limits: Limits): OAut
   const statePath = join(settings.stateDir, STATE_FILE);
   const oauth: OAuth = {
     issuer: publicUrl.origin, publicUrl, baseDomain: settings.baseDomain,
-    checkPassphrase: passphraseChecker(settings.passphrase), statePath, maxStateBytes: limits.maxStateFileBytes, log,
+    checkPassphrase: passphraseChecker(settings.passphrase), statePath, maxStateBytes: limits.maxStateFileBytes, log, audit: () => {},
     metadataHosts: new Set(settings.metadataHosts.map((host) => host.toLowerCase())), fetchMetadata: settings.fetchMetadata,
     metadataFetches: 0, metadataFailures: new Map(),
     clients: new Map(), grants: new Map(), byAccess: new Map(), byRefresh: new Map(), byRetired: new Map(),
@@ -4857,9 +4963,10 @@ function unindexGrant(oauth: OAuth, grant: Grant): void {
   for (const retired of grant.retiredRefreshHashes) oauth.byRetired.delete(retired);
 }
 
-function revokeGrant(oauth: OAuth, grant: Grant): void {
+function revokeGrant(oauth: OAuth, grant: Grant, why: string): void {
   oauth.grants.delete(grant.id);
   unindexGrant(oauth, grant);
+  oauth.audit({ event: 'revoke', credential: `oauth:${grant.id}`, audience: grant.audience, reason: why });
 }
 
 // Routes and metadata ───────
@@ -5442,7 +5549,7 @@ function exchangeCode(proxy: Proxy, oauth: OAuth, client: OAuthClient, params: T
   if (code.grantId !== null) {
     // A code used twice was intercepted: what it granted is revoked (RFC 6749 §4.1.2).
     const grant = oauth.grants.get(code.grantId);
-    if (grant) revokeGrant(oauth, grant);
+    if (grant) revokeGrant(oauth, grant, 'authorization code used twice');
     saveState(oauth);
     proxy.log.warn('oauth', `an authorization code was used twice; revoked what it granted to client ${client.id.slice(0, 8)}…`);
     return oauthError(res, 400, 'invalid_grant', 'Code already used');
@@ -5461,6 +5568,7 @@ function exchangeCode(proxy: Proxy, oauth: OAuth, client: OAuthClient, params: T
   };
   code.grantId = grant.id;
   issueTokens(proxy, oauth, grant, res);
+  oauth.audit({ event: 'grant', credential: `oauth:${grant.id}`, client: auditName(client.name), audience: grant.audience });
 }
 
 /**
@@ -5475,7 +5583,7 @@ function refreshGrant(proxy: Proxy, oauth: OAuth, client: OAuthClient, params: T
   if (!grant) {
     const stolen = oauth.byRetired.get(presented);
     if (stolen) {
-      revokeGrant(oauth, stolen);
+      revokeGrant(oauth, stolen, 'rotated refresh token used again');
       saveState(oauth);
       proxy.log.warn('oauth', `a rotated refresh token was used again; revoked the grant of client ${stolen.clientId.slice(0, 8)}…`);
     }
@@ -5483,7 +5591,7 @@ function refreshGrant(proxy: Proxy, oauth: OAuth, client: OAuthClient, params: T
   }
   if (grant.clientId !== client.id) return oauthError(res, 400, 'invalid_grant', 'Refresh token of another client');
   if (grant.refreshExpiresMs < Date.now()) {
-    revokeGrant(oauth, grant);
+    revokeGrant(oauth, grant, 'refresh token expired');
     saveState(oauth);
     return oauthError(res, 400, 'invalid_grant', 'Refresh token expired');
   }
@@ -5529,7 +5637,7 @@ async function handleRevoke(proxy: Proxy, oauth: OAuth, req: http.IncomingMessag
   const hash = hashToken(params.get('token') ?? '');
   const grant = oauth.byAccess.get(hash) ?? oauth.byRefresh.get(hash);
   if (grant && grant.clientId === client.id) {
-    revokeGrant(oauth, grant);
+    revokeGrant(oauth, grant, 'revoked by its client');
     saveState(oauth);
     proxy.log.info('oauth', `client ${client.id.slice(0, 8)}… revoked its grant`);
   }
@@ -5623,7 +5731,7 @@ function sweepOAuth(oauth: OAuth, limits: Limits, now: number): void {
   let changed = false;
   for (const grant of [...oauth.grants.values()]) {
     if (grant.refreshExpiresMs < now) {
-      revokeGrant(oauth, grant);
+      revokeGrant(oauth, grant, 'expired');
       changed = true;
     }
   }
@@ -5720,8 +5828,10 @@ function countRequest(server: ServerRuntime, method: string): void {
  * out, its child gone). Called once per request, where its Pending entry is removed. The proxy's own requests
  * (initialize, re-subscribe) are not clients' and are not counted.
  */
-function countAnswer(server: ServerRuntime, pending: Pending, error: boolean): void {
+function countAnswer(server: ServerRuntime, pending: Pending, outcome: string): void {
   if (!pending.session) return;
+  if (pending.tool !== undefined) auditToolCall(server, pending, outcome); // the audit log hooks in here (section 9)
+  const error = outcome !== 'ok' && outcome !== 'tool error';
   const stats = server.stats;
   if (error) stats.errors[methodIndex(pending.method)]++;
   const ms = Date.now() - pending.sentAtMs;
@@ -6001,6 +6111,8 @@ export type RunningProxy = {
    * closing. A config given here that is invalid throws (ProxyError SEGMENT_CLASH).
    */
   reload(config?: Config): Promise<ConfigDiff | null>;
+  /** Opens the --audit-log file again (SIGUSR1, after logrotate moved it); no-op without one. */
+  reopenAuditLog(): void;
 };
 
 export type ServerStatus = { state: ServerState; pid: number | null; pids: number[]; restarts: number; sessions: number };
@@ -6051,15 +6163,21 @@ export async function startProxy(config: Config, start: StartOptions = {}): Prom
     ]),
     connections: new Set(), backlogged: new Set(), maxConnections: connectionCap(limits.maxConnections), bodyBytesInFlight: 0, heldAnswerBytes: 0,
     groups: new Map(), continuations: new Map(), stateKey: null, secrets: secretsOf(options, config.servers), watcher: null,
-    removed: new Set(), rootName: config.servers.length === 1 ? config.servers[0].name : null, retiring: new Set(), lastReload: '', url: '', stopTlsWatch: null, closed: null,
+    removed: new Set(), auditFd: options.auditLog === undefined ? null : openAuditLog(options.auditLog), rootName: config.servers.length === 1 ? config.servers[0].name : null, retiring: new Set(), lastReload: '', url: '', stopTlsWatch: null, closed: null,
   };
+  if (oauth) oauth.audit = (fields) => audit(proxy, fields);
   proxy.http.maxHeadersCount = limits.maxHeadersCount;
   if (proxy.maxConnections < FEW_CONNECTIONS) {
     proxy.log.warn('proxy', `only ${proxy.maxConnections} client connections fit under this process's file-descriptor limit; raise it (ulimit -n)`);
   }
   proxy.http.on('connection', (socket: Socket) => onConnection(proxy, socket));
   proxy.http.on('request', (req, res) => serveRequest(proxy, req, res));
-  await listen(proxy.http, options.host, options.port);
+  try {
+    await listen(proxy.http, options.host, options.port);
+  } catch (err) {
+    if (proxy.auditFd !== null) closeSync(proxy.auditFd);
+    throw err;
+  }
   const port = (proxy.http.address() as { port: number }).port;
   proxy.url = `${tls ? 'https' : 'http'}://${options.host.includes(':') ? `[${options.host}]` : options.host}:${port}`;
   if (tls) proxy.stopTlsWatch = watchTlsFiles(proxy, proxy.http as https.Server, options.tlsCert!, options.tlsKey!, tls);
@@ -6082,6 +6200,7 @@ export async function startProxy(config: Config, start: StartOptions = {}): Prom
     ready: (timeoutMs = limits.initTimeoutMs) => waitReady(proxy, timeoutMs),
     status: () => statusOf(proxy),
     reload: (next) => (next ? applyConfig(proxy, next) : reloadFromFile(proxy)),
+    reopenAuditLog: () => reopenAuditLog(proxy),
     close: (options) => closeProxy(proxy, options?.drain ?? false),
   };
 }
@@ -6178,7 +6297,7 @@ function defaultOptions(): Options {
     configPath: DEFAULT_CONFIG_PATH, host: DEFAULT_HOST, port: DEFAULT_PORT, tokens: [], allowUnauthenticated: false,
     allowedOrigins: [], corsOrigins: [], logLevel: 'info', logFormat: 'text', packagesDir: undefined,
     publicUrl: undefined, baseDomain: undefined, passphrase: undefined, stateDir: defaultStateDir(process.env), oauthClient: undefined,
-    clientMetadataHosts: [], trustProxy: [], strictProtocolHeader: false, watchConfig: false, tlsCert: undefined, tlsKey: undefined,
+    clientMetadataHosts: [], trustProxy: [], strictProtocolHeader: false, watchConfig: false, auditLog: undefined, tlsCert: undefined, tlsKey: undefined,
     startConcurrency: undefined,
   };
 }
@@ -6662,6 +6781,8 @@ function closeProxy(proxy: Proxy, drain: boolean): Promise<void> {
     proxy.http.closeAllConnections();
     await httpClosed;
     LIVE_PROXIES.delete(proxy);
+    if (proxy.auditFd !== null) closeSync(proxy.auditFd); // last: the sessions ended above were audited
+    proxy.auditFd = null;
     proxy.state = 'CLOSED';
   })();
   return proxy.closed;
@@ -6984,6 +7105,8 @@ Options (each also as an environment variable):
                              (Claude's connector sends that pair)   MCP_PROXY_STRICT_PROTOCOL_HEADER=1
   --no-watch                 do not reload when the config or a \${file:} secret changes (SIGHUP still
                              reloads)                                     MCP_PROXY_WATCH=0
+  --audit-log PATH           append audit events (tool calls, sessions, grants; never arguments) to PATH
+                             instead of the log; SIGUSR1 reopens it       MCP_PROXY_AUDIT_LOG
   --start-concurrency N      children starting at once, 1 to ${MAX_START_CONCURRENCY}  MCP_PROXY_START_CONCURRENCY  (default ${DEFAULT_LIMITS.startConcurrency})
   --tls-cert PATH            serve HTTPS with this PEM certificate chain   MCP_PROXY_TLS_CERT
   --tls-key PATH             …and this PEM private key (both or neither;   MCP_PROXY_TLS_KEY
@@ -7010,7 +7133,7 @@ type CliResult = { command: Command; options: Options; target?: string } | { err
 
 const VALUE_FLAGS: ReadonlySet<string> = new Set([
   '--config', '--host', '--port', '--token', '--token-file', '--allow-origin', '--cors-origin', '--log-level', '--log-format',
-  '--packages-dir', '--public-url', '--base-domain', '--state-dir', '--password-file', '--oauth-client-id', '--client-metadata-host', '--trust-proxy',
+  '--packages-dir', '--audit-log', '--public-url', '--base-domain', '--state-dir', '--password-file', '--oauth-client-id', '--client-metadata-host', '--trust-proxy',
   '--tls-cert', '--tls-key', '--start-concurrency',
 ]);
 
@@ -7079,6 +7202,7 @@ function buildOptions(command: Exclude<Command, 'help'>, flags: Map<string, stri
   const allowRaw = flags.has('--allow-unauthenticated') ? 'true' : (env.MCP_PROXY_ALLOW_UNAUTHENTICATED ?? '');
   const strictRaw = flags.has('--strict-protocol-header') ? 'true' : (env.MCP_PROXY_STRICT_PROTOCOL_HEADER ?? '');
   const watchRaw = flags.has('--no-watch') ? 'false' : (env.MCP_PROXY_WATCH ?? 'true');
+  const auditLog = one('--audit-log', 'MCP_PROXY_AUDIT_LOG');
   const options: Options = {
     configPath: one('--config', 'MCP_PROXY_CONFIG') ?? DEFAULT_CONFIG_PATH,
     host: one('--host', 'MCP_PROXY_HOST') ?? DEFAULT_HOST,
@@ -7099,6 +7223,7 @@ function buildOptions(command: Exclude<Command, 'help'>, flags: Map<string, stri
     trustProxy: list('--trust-proxy', 'MCP_PROXY_TRUST_PROXY'),
     strictProtocolHeader: strictRaw === '1' || strictRaw.toLowerCase() === 'true',
     watchConfig: !(watchRaw === '0' || watchRaw.toLowerCase() === 'false'),
+    auditLog,
     tlsCert,
     tlsKey,
     startConcurrency,
@@ -7283,6 +7408,8 @@ async function serve(config: Config, options: Options, log: Logger): Promise<voi
   // SIGKILL cannot be caught. Kept after the first: a second one must not take the default action (exit
   // without stopping the children). SIGHUP reloads the config, as for nginx and most daemons.
   for (const signal of ['SIGTERM', 'SIGINT', 'SIGQUIT', 'SIGUSR2'] as const) process.on(signal, stop);
+  // SIGUSR1 (Node's default: start the inspector) reopens the audit log after logrotate moved it.
+  process.on('SIGUSR1', () => proxy?.reopenAuditLog());
   process.on('SIGHUP', () => {
     if (!proxy || stopping) return;
     log.info('config', 'SIGHUP: reloading the config');
