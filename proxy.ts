@@ -4573,6 +4573,7 @@ function reopenAuditLog(proxy: Proxy): void {
 }
 
 function audit(proxy: Proxy, fields: Record<string, unknown>): void {
+  if (proxy.auditFd === null && !proxy.log.enabled('info')) return; // nowhere to go: not even built
   const line = maskSecrets(JSON.stringify({ time: new Date().toISOString(), ...fields }), proxy.secrets);
   if (proxy.auditFd === null) return proxy.log.info('audit', line);
   try {
