@@ -1029,6 +1029,9 @@ describe('1. Limits and defaults', () => {
       maxLineBytes: 10 * MIB,
       maxStderrLineBytes: 4096,
       maxSessionsPerServer: 20_000,
+      maxSessionsPerCredential: 2_000,
+      requestsPerMinute: 1_200,
+      requestBurst: 200,
       maxPendingPerSession: 1024,
       maxBatchSize: 100,
       maxQueuedBytesPerConnection: 4 * MIB,
@@ -5753,9 +5756,9 @@ describe('8. MCP 2026-07-28: the conformance suite against a legacy child', () =
   });
 });
 
-// ── 9. Operator controls: tool policy, request timeouts, audit log ────────────────────────────────────────────
+// ── 9. Operator controls: tool policy, request timeouts, rate limits, audit log ────────────────────────────────────────────
 
-describe('9. Operator controls: tool policy, request timeouts, audit log', () => {
+describe('9. Operator controls: tool policy, request timeouts, rate limits, audit log', () => {
   it('per-server "requestTimeoutMs": that server\'s unanswered call gets -32003 and the child a notifications/cancelled (its mapping released: a late answer goes nowhere); another server keeps the proxy-wide limit', { timeout: 30_000 }, async (t) => {
     const log = path.join(tmpDir('timeout'), 'log');
     const h = await harness(t, { servers: [fixture('quick', 'ok', { requestTimeoutMs: 1_000, env: { FIXTURE_LOG: log } }), fixture('patient')] },
@@ -5859,6 +5862,69 @@ describe('9. Operator controls: tool policy, request timeouts, audit log', () =>
     assert.ok((await client.listTools()).tools.some((tool) => tool.name === 'toggle-simulated-logging'));
     await client.callTool({ name: 'toggle-simulated-logging', arguments: {} });
   });
+  describe('rate limits per credential', () => {
+    const A = 'rate-token-a-0123456789';
+    const B = 'rate-token-b-0123456789';
+
+    it('"rateLimit": each credential has its own bucket per server; over it, 429 with Retry-After and a JSON-RPC error carrying the id, before the child (Streamable, batches, legacy SSE); it refills with time', { timeout: 30_000 }, async (t) => {
+      const log = path.join(tmpDir('rate'), 'log');
+      const h = await harness(t, { servers: [fixture('fix', 'ok', { rateLimit: { requestsPerMinute: 600, burst: 3 }, env: { FIXTURE_LOG: log } })] }, { tokens: [A, B], limits: FAST });
+      await h.proxy.ready(10_000);
+      const base = h.url;
+      const init = async (token: string) => {
+        const res = await post(`${base}/fix/mcp`, initMsg(0, '2025-03-26'), { accept: 'application/json', ...bearer(token) });
+        assert.equal(res.status, 200, res.text);
+        return String(res.headers['mcp-session-id']);
+      };
+      const a = await init(A); // 1 of A's 3
+      const echo = (sid: string, token: string, id: number) => post(`${base}/fix/mcp`, call(id, { what: 'echo', text: `e${id}` }), { ...sessionHeaders(sid), 'mcp-protocol-version': '2025-03-26', ...bearer(token) });
+      assert.equal(answerText(await echo(a, A, 1)), 'e1');
+      assert.equal(answerText(await echo(a, A, 2)), 'e2');
+      const over = await echo(a, A, 3);
+      assert.equal(over.status, 429, over.text);
+      assert.equal(over.headers['retry-after'], '1'); // 600 a minute: one more in 0.1 s, said as 1 s
+      assert.deepEqual(JSON.parse(over.text), { jsonrpc: '2.0', id: 3, error: { code: -32000, message: 'Too many requests: this credential is over its rate limit for this server; retry later' } });
+      assert.ok(!fileLines(log).some((l) => l.includes('e3')), 'the refused call reached the child');
+      // B has its own bucket.
+      const b = await init(B);
+      assert.equal(answerText(await echo(b, B, 4)), 'e4');
+      // A batch larger than what is left is refused whole (id null).
+      const batch = await post(`${base}/fix/mcp`, [call(5, { what: 'echo', text: 'x' }), call(6, { what: 'echo', text: 'y' })], { ...sessionHeaders(b), 'mcp-protocol-version': '2025-03-26', ...bearer(B) });
+      assert.equal(batch.status, 429, batch.text);
+      assert.equal(JSON.parse(batch.text).id, null);
+      // Notifications are free.
+      assert.equal((await post(`${base}/fix/mcp`, { jsonrpc: '2.0', method: 'notifications/initialized' }, { ...sessionHeaders(a), ...bearer(A) })).status, 202);
+      // Refilled: 600 a minute is one every 100 ms.
+      await waitFor(async () => (await echo(a, A, 7)).status === 200, 3_000, 'the bucket to refill');
+      // Legacy SSE: the POST to /messages gets the 429.
+      const sse = await h.client('fix', 'sse', bearer(B));
+      await assert.rejects(sse.callTool({ name: 'do', arguments: { what: 'echo', text: 'burst' } }).then(() => sse.callTool({ name: 'do', arguments: { what: 'echo', text: 'burst' } })).then(() => sse.callTool({ name: 'do', arguments: { what: 'echo', text: 'burst' } })).then(() => sse.callTool({ name: 'do', arguments: { what: 'echo', text: 'burst' } })), /429/);
+      assert.match(parseConfig(JSON.stringify({ mcpServers: { s: { command: 'x', rateLimit: { requestsPerMinute: 0, burst: 'many' } } } }), 'c.json').errors.join('\n'),
+        /mcpServers\.s\.rateLimit\.requestsPerMinute: got number, expected an integer from 1 to 1000000\n.*mcpServers\.s\.rateLimit\.burst: got string/);
+    });
+
+    it('maxSessionsPerCredential: at its cap a credential\'s own least recently active idle session gives way, never another credential\'s; anonymous clients are not rate limited', { timeout: 30_000 }, async (t) => {
+      const h = await harness(t, { servers: [fixture('fix')] }, { tokens: [A, B], limits: { ...FAST, maxSessionsPerCredential: 2 } });
+      await h.proxy.ready(10_000);
+      const init = async (token: string) => {
+        const res = await post(`${h.url}/fix/mcp`, initMsg(), { accept: 'application/json', ...bearer(token) });
+        assert.equal(res.status, 200, res.text);
+        return String(res.headers['mcp-session-id']);
+      };
+      const alive = async (sid: string, token: string) => (await post(`${h.url}/fix/mcp`, ping(1), { ...sessionHeaders(sid), ...bearer(token) })).status === 200;
+      const b1 = await init(B);
+      const a1 = await init(A);
+      const a2 = await init(A);
+      const a3 = await init(A); // A at its cap: a1 (its least recently active) gives way
+      assert.deepEqual([await alive(a1, A), await alive(a2, A), await alive(a3, A), await alive(b1, B)], [false, true, true, true]);
+      // Anonymous (no tokens configured) is not rate limited: far more than the default burst goes through.
+      const open = await harness(t, { servers: [fixture('fix', 'ok', { rateLimit: { requestsPerMinute: 1, burst: 1 } })] }, { limits: FAST });
+      await open.proxy.ready(10_000);
+      const sid = await rawSession(open.url, 'fix');
+      for (let i = 0; i < 5; i++) assert.equal((await post(`${open.url}/fix/mcp`, ping(i), sessionHeaders(sid))).status, 200);
+    });
+  });
+
   describe('audit log', () => {
     const auditLines = (file: string): Json[] => fileLines(file).map((line) => JSON.parse(line));
 

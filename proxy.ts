@@ -36,7 +36,7 @@
 // Contents
 //   1. Limits and defaults                7. HTTP: guards, /mcp, /sse, health
 //   2. Types                              8. MCP 2026-07-28: sessionless requests, discover, listen, input requests
-//   3. Small utilities                    9. Operator controls: tool policy, request timeouts, audit log
+//   3. Small utilities                    9. Operator controls: tool policy, request timeouts, rate limits, audit log
 //   4. Config: load, validate, diff      10. OAuth: metadata, registration, consent, tokens
 //   5. Children: spawn, framing, restart, kill
 //   6. Sessions and id routing           11. Operations: metrics and status page
@@ -70,6 +70,17 @@ export type Limits = {
   maxStderrLineBytes: number;
   /** Sessions per server. Claude.ai opens a new session for nearly every exchange (github.com/anthropics/claude-ai-mcp/issues/583). */
   maxSessionsPerServer: number;
+  /**
+   * Sessions one credential may hold on one server (anonymous excepted: without auth there is nobody to tell
+   * apart). At it, the credential's own least recently active idle session gives way, never another's.
+   */
+  maxSessionsPerCredential: number;
+  /**
+   * MCP requests per minute per credential per server, a token bucket refilled evenly, holding at most
+   * requestBurst (anonymous excepted). Settable per server ("rateLimit"). Over it: 429 with Retry-After.
+   */
+  requestsPerMinute: number;
+  requestBurst: number;
   /** Requests in flight per session; one runaway client cannot fill the child's id space. */
   maxPendingPerSession: number;
   /** Messages in one JSON-RPC batch (2025-03-26 clients). The SDK server refuses more than 100. */
@@ -198,6 +209,9 @@ export const DEFAULT_LIMITS: Readonly<Limits> = Object.freeze({
   maxLineBytes: 10 * MIB,
   maxStderrLineBytes: 4096,
   maxSessionsPerServer: 20_000,
+  maxSessionsPerCredential: 2_000,
+  requestsPerMinute: 1_200,
+  requestBurst: 200,
   maxPendingPerSession: 1024,
   maxBatchSize: 100,
   maxBatchAnswerBytes: 16 * MIB,
@@ -339,6 +353,11 @@ const CONFIG_MAX_WAIT_MS = 2_000;
 const MAX_WATCHED_DIRS = 64;
 /** Servers removed by reloads whose URL still answers "removed" (404) rather than a bare Not Found. */
 const MAX_REMOVED_REMEMBERED = 64;
+/** Credentials whose request buckets are kept per server (the least recently used go first: a full bucket). */
+const MAX_RATE_BUCKETS = 10_000;
+/** Per-server "rateLimit" bounds. */
+const MAX_REQUESTS_PER_MINUTE = 1_000_000;
+const MAX_REQUEST_BURST = 100_000;
 /** A tool name longer than this is cut in the audit log (a client chooses it). */
 const MAX_AUDIT_NAME_CHARS = 200;
 /** Hex characters of a session id's SHA-256 that name the session in the audit log. */
@@ -483,6 +502,8 @@ export type ServerConfig = Readonly<{
   requestTimeoutMs?: number;
   /** Which of its tools clients see and may call (section 9); undefined: all. */
   tools?: ToolPolicy;
+  /** Overrides limits.requestsPerMinute and limits.requestBurst for this server (section 9). */
+  rateLimit?: Readonly<{ requestsPerMinute?: number; burst?: number }>;
   /** Values that came from the environment or a file through `${…}`; masked in every log line. */
   secrets: readonly string[];
   /** The files its `${file:…}` expansions read: a change to one reloads the config (section 10). */
@@ -651,6 +672,10 @@ type ServerRuntime = {
   upstreams: Set<Upstream>;
   /** Children being stopped: still processes, so they count against twice the per-session caps. */
   windingDown: Set<Upstream>;
+  /** Open sessions per credential (limits.maxSessionsPerCredential). */
+  sessionsByCredential: Map<string, number>;
+  /** Request token buckets per credential, least recently used first (MAX_RATE_BUCKETS; section 9). */
+  buckets: Map<string, Bucket>;
   /** Counters for /metrics and the status page (section 10); they outlive child restarts, not the server's removal. */
   stats: ServerStats;
 };
@@ -1234,6 +1259,7 @@ function parseServer(name: string, entry: unknown, ctx: ParseContext): ServerCon
   const startTimeoutMs = durationField(entry, 'startTimeoutMs', MIN_START_TIMEOUT_MS, MAX_SERVER_DURATION_MS, problem);
   const requestTimeoutMs = durationField(entry, 'requestTimeoutMs', MIN_REQUEST_TIMEOUT_MS, MAX_SERVER_DURATION_MS, problem);
   const tools = parseToolPolicy(entry.tools, problem, (field, text) => ctx.errors.push(`${at}.${field}: ${text}`));
+  const rateLimit = parseRateLimit(entry.rateLimit, problem);
   // spawn() throws on a NUL in any of these; it can never start, so it is a config error, not a crash loop.
   const withNul = [['command', command ?? ''], ...args.map((arg, i) => [`args[${i}]`, arg]),
     ...Object.entries(env).map(([key, value]) => [`env.${key}`, value]), ['cwd', cwd ?? '']].find(([, v]) => v.includes('\0'));
@@ -1242,7 +1268,7 @@ function parseServer(name: string, entry: unknown, ctx: ParseContext): ServerCon
   return Object.freeze({
     name, command, args: Object.freeze(args), env: Object.freeze(env), cwd,
     sessions: sessions as ServerConfig['sessions'], roots, clientCapabilities, maxLineBytes: maxLineBytes as number | undefined,
-    listTtlMs, idleTimeoutMs, startTimeoutMs, requestTimeoutMs, tools, secrets: Object.freeze(secrets), secretFiles: Object.freeze(ctx.files.slice(filesBefore)),
+    listTtlMs, idleTimeoutMs, startTimeoutMs, requestTimeoutMs, tools, rateLimit, secrets: Object.freeze(secrets), secretFiles: Object.freeze(ctx.files.slice(filesBefore)),
   });
 }
 
@@ -1364,7 +1390,7 @@ export type ConfigDiff = {
 /** Fields a running child was started with: a change to one restarts the server. */
 const LAUNCH_FIELDS = ['command', 'args', 'env', 'cwd', 'sessions', 'roots', 'clientCapabilities', 'maxLineBytes'] as const;
 /** Fields read when they are used: a change to one is applied in place. */
-const LIVE_FIELDS = ['listTtlMs', 'idleTimeoutMs', 'startTimeoutMs', 'requestTimeoutMs', 'tools'] as const;
+const LIVE_FIELDS = ['listTtlMs', 'idleTimeoutMs', 'startTimeoutMs', 'requestTimeoutMs', 'tools', 'rateLimit'] as const;
 
 /** Pure: compares two loaded configs (every `${…}` already expanded, so a rotated secret is an env change). */
 export function diffConfigs(before: Config, after: Config): ConfigDiff {
@@ -2290,6 +2316,8 @@ function withId(line: string, raw: Buffer | null, msg: JsonRpcMessage, id: JsonR
 function createSession(server: ServerRuntime, transport: Session['transport'], credential: string): Session | null {
   if (retired(server)) return null; // see handleMcpPost: a reload took it out of the table
   const limits = server.proxy.limits;
+  const mine = server.sessionsByCredential.get(credential) ?? 0;
+  if (credential !== ANONYMOUS && mine >= limits.maxSessionsPerCredential && !evictIdleSession(server, credential)) return null;
   if (server.sessions.size >= limits.maxSessionsPerServer && !evictIdleSession(server)) return null;
   let upstream = server.shared;
   if (!upstream) {
@@ -2314,6 +2342,7 @@ function createSession(server: ServerRuntime, transport: Session['transport'], c
   if (!server.shared) upstream.owner = session;
   server.sessions.set(session.id, session);
   upstream.sessions.add(session);
+  server.sessionsByCredential.set(credential, (server.sessionsByCredential.get(credential) ?? 0) + 1);
   auditSession(session, 'session_open');
   return session;
 }
@@ -2349,9 +2378,9 @@ function isIdle(session: Session): boolean {
 }
 
 /** The map is kept in activity order, so the first idle session is the least recently active one. */
-function evictIdleSession(server: ServerRuntime): boolean {
+function evictIdleSession(server: ServerRuntime, credential: string | null = null): boolean {
   for (const session of server.sessions.values()) {
-    if (!isIdle(session)) continue;
+    if (!isIdle(session) || (credential !== null && session.credential !== credential)) continue;
     server.proxy.log.debug(server.config.name, 'session cap reached; evicted the least recently active idle session');
     endSession(session, 'evicted');
     return true;
@@ -2380,6 +2409,9 @@ function endSession(session: Session, why: StopReason = 'session ended'): void {
   auditSession(session, 'session_close', why);
   const { server, upstream } = session;
   server.sessions.delete(session.id);
+  const left = (server.sessionsByCredential.get(session.credential) ?? 1) - 1;
+  if (left > 0) server.sessionsByCredential.set(session.credential, left);
+  else server.sessionsByCredential.delete(session.credential);
   upstream.sessions.delete(session);
   for (const uri of session.subscriptions ?? []) releaseSubscription(upstream, uri);
   session.subscriptions = null;
@@ -3549,6 +3581,7 @@ async function handleMcpPost(server: ServerRuntime, req: http.IncomingMessage, r
   if (!parsed) return;
   // A reload may have removed or replaced the server while the body was read: nothing may start on it now.
   if (retired(server)) return reject(res, 404, SERVER_ERROR, RETIRED_MESSAGE);
+  if (rateLimited(server, credential, parsed, res)) return;
   // One URL, both eras: a request claiming a version in its _meta is 2026-07-28's (section 8).
   if (isModern(parsed, req.headers['mcp-protocol-version'])) return handleModern(server, req, res, parsed.messages[0], parsed.kinds[0], accepts, credential);
   const { messages, kinds } = parsed;
@@ -3694,6 +3727,7 @@ async function handleSseMessage(
   }
   const parsed = await readMessages(server.proxy, req, res);
   if (!parsed || session.closed) return void (parsed && reject(res, 404, SESSION_NOT_FOUND, 'Session not found'));
+  if (rateLimited(server, credential, parsed, res)) return;
   touchSession(session);
   if (overPendingLimit(session, parsed.kinds.filter((kind) => kind === 'request').length, res)) return;
   // Forward first, then answer 202: the child starts working while our 202 is being written.
@@ -4436,7 +4470,7 @@ function endListeners(up: Upstream): void {
   }
 }
 
-// ── 9. Operator controls: tool policy, request timeouts, audit log ─────────────────────────────────────────────────
+// ── 9. Operator controls: tool policy, request timeouts, rate limits, audit log ─────────────────────────────────────────────────
 //
 // "tools" in a server's config decides which of its tools clients see and may call:
 //   {"allow": [names]}   only these            {"deny": [names]}   all but these
@@ -4538,6 +4572,64 @@ function refreshToolHints(up: Upstream, done: () => void = () => {}, cursor?: st
     if (typeof next === 'string' && page < MAX_TOOL_LIST_PAGES) refreshToolHints(up, done, next, page + 1);
     else done();
   });
+}
+
+// Rate limits ───────
+//
+// A token bucket per credential per server: it holds at most `burst` requests and refills at requestsPerMinute,
+// evenly. Every JSON-RPC request in a POST takes one (notifications and responses are free); a POST that
+// finds too few is refused whole, 429 with Retry-After and a JSON-RPC error, before anything reaches a child.
+// Anonymous clients (no auth configured) are not limited: there is nobody to tell apart. The authorization
+// endpoints have their own limits per client address (section 10).
+
+type Bucket = { tokens: number; atMs: number };
+
+/** 0 when `n` requests may go now (and are taken), else the seconds until they could. */
+function rateLimitWait(server: ServerRuntime, credential: string, n: number): number {
+  if (credential === ANONYMOUS || n === 0) return 0;
+  const { limits } = server.proxy;
+  const perMinute = server.config.rateLimit?.requestsPerMinute ?? limits.requestsPerMinute;
+  const burst = server.config.rateLimit?.burst ?? limits.requestBurst;
+  const now = Date.now();
+  const buckets = server.buckets;
+  const old = buckets.get(credential);
+  const bucket = old ?? { tokens: burst, atMs: now };
+  bucket.tokens = Math.min(burst, bucket.tokens + ((now - bucket.atMs) * perMinute) / 60_000);
+  bucket.atMs = now;
+  buckets.delete(credential); // re-inserted last: the map is in least recently used order
+  if (!old && buckets.size >= MAX_RATE_BUCKETS) buckets.delete(buckets.keys().next().value!);
+  buckets.set(credential, bucket);
+  if (bucket.tokens >= n) {
+    bucket.tokens -= n;
+    return 0;
+  }
+  // More than the bucket holds can never go at once: the client is told to wait for a full bucket.
+  return Math.max(1, Math.ceil(((Math.min(n, burst) - bucket.tokens) * 60) / perMinute));
+}
+
+/** Refuses a POST over its credential's rate (429); true when refused. */
+function rateLimited(server: ServerRuntime, credential: string, parsed: ParsedBody, res: http.ServerResponse): boolean {
+  const requests = parsed.kinds.reduce((count, kind) => count + (kind === 'request' ? 1 : 0), 0);
+  const waitS = rateLimitWait(server, credential, requests);
+  if (waitS === 0) return false;
+  const id = !parsed.batch && requests === 1 ? (parsed.messages[0].id as JsonRpcId) : null;
+  reject(res, 429, SERVER_ERROR, 'Too many requests: this credential is over its rate limit for this server; retry later', { 'Retry-After': String(waitS) }, id);
+  return true;
+}
+
+/** "rateLimit" at load: {"requestsPerMinute": N, "burst": N}, each optional, within named bounds. */
+function parseRateLimit(value: unknown, problem: (f: string, v: unknown, e: string) => void): ServerConfig['rateLimit'] {
+  if (value === undefined) return undefined;
+  if (!isObject(value)) return problem('rateLimit', value, 'an object with "requestsPerMinute" and/or "burst"'), undefined;
+  const out: { requestsPerMinute?: number; burst?: number } = {};
+  for (const [key, max] of [['requestsPerMinute', MAX_REQUESTS_PER_MINUTE], ['burst', MAX_REQUEST_BURST]] as const) {
+    const n = value[key];
+    if (n === undefined) continue;
+    if (Number.isInteger(n) && (n as number) >= 1 && (n as number) <= max) out[key] = n as number;
+    else problem(`rateLimit.${key}`, n, `an integer from 1 to ${max}`);
+  }
+  for (const key of Object.keys(value)) if (key !== 'requestsPerMinute' && key !== 'burst') problem(`rateLimit.${key}`, key, '"requestsPerMinute" or "burst"');
+  return Object.freeze(out);
 }
 
 // Audit log ───────
@@ -6438,6 +6530,7 @@ function addServer(proxy: Proxy, config: ServerConfig, after?: Promise<void>): v
   const segment = serverSegment(config.name);
   const server: ServerRuntime = {
     proxy, config, segment, launch, sessions: new Map(), shared: null, upstreams: new Set(), windingDown: new Set(), stats: newServerStats(),
+    sessionsByCredential: new Map(), buckets: new Map(),
   };
   proxy.servers.set(segment, server);
   if (config.sessions !== 'shared') return;
