@@ -35,6 +35,7 @@ import {
   ElicitRequestSchema,
   ListRootsRequestSchema,
   ResourceUpdatedNotificationSchema,
+  ToolListChangedNotificationSchema,
 } from '@modelcontextprotocol/sdk/types.js';
 import { Client as V2Client, StreamableHTTPClientTransport as V2StreamableTransport } from '@modelcontextprotocol/client';
 import fc from 'fast-check';
@@ -1063,6 +1064,7 @@ describe('1. Limits and defaults', () => {
       continuationTtlMs: 120_000,
       listTtlMs: 60_000,
       maxLaneQueue: 256,
+      tlsRetryMs: 60_000,
     };
     const actual = DEFAULT_LIMITS as unknown as Record<string, unknown>;
     for (const [key, value] of Object.entries(documented)) assert.equal(actual[key], value, key);
@@ -5862,6 +5864,105 @@ describe('9. Operator controls: tool policy, request timeouts, rate limits, audi
     assert.ok((await client.listTools()).tools.some((tool) => tool.name === 'toggle-simulated-logging'));
     await client.callTool({ name: 'toggle-simulated-logging', arguments: {} });
   });
+  describe('the hostile review of the tool policy and the operations pages, finding by finding', () => {
+    /**
+     * A child whose tools/list answers are the env LISTS (a JSON array of lists: the first answer gets the first,
+     * later ones the next, the last repeats), each DELAY ms late; tools/call answers "called NAME", and a call
+     * of "next" also says notifications/tools/list_changed.
+     */
+    const LIST_CHILD = `${STDIN_LINES}
+const send = (m) => process.stdout.write(JSON.stringify(m) + '\\n');
+const lists = JSON.parse(process.env.LISTS);
+let n = 0;
+function onMessage(msg) {
+  if (msg.method === 'initialize') return send({ jsonrpc: '2.0', id: msg.id, result: { protocolVersion: '2025-11-25', capabilities: { tools: { listChanged: true } }, serverInfo: { name: 'lists', version: '1' } } });
+  if (msg.method === 'tools/list') { const list = lists[Math.min(n++, lists.length - 1)]; return setTimeout(() => send({ jsonrpc: '2.0', id: msg.id, result: { tools: list } }), Number(process.env.DELAY || 0)); }
+  if (msg.method === 'tools/call') {
+    if (msg.params.name === 'next') send({ jsonrpc: '2.0', method: 'notifications/tools/list_changed' });
+    return send({ jsonrpc: '2.0', id: msg.id, result: { content: [{ type: 'text', text: 'called ' + JSON.stringify(msg.params.name) }] } });
+  }
+  if (msg.id !== undefined) send({ jsonrpc: '2.0', id: msg.id, result: {} });
+}
+process.stdin.on('end', () => process.exit(0));`;
+    const tool = (name: string, readOnlyHint: boolean) => ({ name, inputSchema: { type: 'object' }, annotations: { readOnlyHint } });
+    const listChild = (name: string, lists: unknown[][], extra: Partial<ServerConfig> = {}, delayMs = 0) =>
+      srv(name, ['-e', LIST_CHILD], { env: { LISTS: JSON.stringify(lists), DELAY: String(delayMs) }, tools: { readOnly: true }, ...extra });
+
+    // T1, T2. A name that is not a string, and a tools/call sent without an id, reached the child.
+    it('T1 T2 under a policy, a tools/call whose name is not a string is refused, and a tools/call sent as a notification never reaches the child', { timeout: 30_000 }, async (t) => {
+      const log = path.join(tmpDir('t1'), 'log');
+      const h = await harness(t, { servers: [fixture('fix', 'ok', { tools: { deny: ['do'] }, env: { FIXTURE_LOG: log } })] }, { limits: FAST });
+      await h.proxy.ready(10_000);
+      const sid = await rawSession(h.url, 'fix');
+      const odd = await post(`${h.url}/fix/mcp`, { jsonrpc: '2.0', id: 1, method: 'tools/call', params: { name: ['do'], arguments: { what: 'hang' } } }, sessionHeaders(sid));
+      assert.deepEqual(JSON.parse(odd.text).error, { code: -32602, message: 'Tool not available: this server\'s tool policy does not allow it' });
+      const note = await post(`${h.url}/fix/mcp`, { jsonrpc: '2.0', method: 'tools/call', params: { name: 'other', arguments: { what: 'hang' } } }, sessionHeaders(sid));
+      assert.equal(note.status, 202);
+      const seen = await post(`${h.url}/fix/mcp`, { jsonrpc: '2.0', id: 2, method: 'tools/call', params: { name: 'other', arguments: { what: 'seen' } } }, sessionHeaders(sid));
+      assert.deepEqual(JSON.parse(answerText(seen)).hung, [], 'a call reached the child');
+      assert.ok(!fileLines(log).some((l) => l.startsWith('hang ')));
+    });
+
+    // T3. The proxy's own tools/list (readOnly) was timed out by requestTimeoutMs: the server never became ready.
+    it('T3 a readOnly server whose tools/list is slower than requestTimeoutMs still becomes ready (the proxy\'s own requests are not timed out)', { timeout: 30_000 }, async (t) => {
+      const h = await harness(t, { servers: [listChild('ro', [[tool('r', true)]], { requestTimeoutMs: 1_000 }, 1_500)] }, { limits: { ...FAST, sweepIntervalMs: 50 } });
+      await h.proxy.ready(10_000);
+      const client = await h.client('ro', 'mcp');
+      assert.equal(textOf(await client.callTool({ name: 'r', arguments: {} })), 'called "r"');
+    });
+
+    // T4, T5. Hints only grew (a tool the server dropped stayed callable; past 10,000 names new ones were refused);
+    // a name listed twice was judged by its last entry.
+    it('T4 T5 a complete re-listing replaces what the proxy knew (a dropped tool is refused); a name listed twice is read-only only if every entry says so', { timeout: 30_000 }, async (t) => {
+      const lists = [
+        [tool('a', true), tool('next', true), tool('del', false), tool('del', true)],
+        [tool('b', true), tool('next', true)],
+      ];
+      const h = await harness(t, { servers: [listChild('ro', lists)] }, { limits: FAST });
+      await h.proxy.ready(10_000);
+      const client = await h.client('ro', 'mcp');
+      await assert.rejects(client.callTool({ name: 'del', arguments: {} }), /tool policy does not allow it/);
+      assert.equal(textOf(await client.callTool({ name: 'a', arguments: {} })), 'called "a"');
+      assert.equal(textOf(await client.callTool({ name: 'next', arguments: {} })), 'called "next"'); // list_changed: the proxy lists again
+      await waitFor(async () => (await client.callTool({ name: 'b', arguments: {} }).then(() => true, () => false)), 5_000, 'b, from the new list');
+      await assert.rejects(client.callTool({ name: 'a', arguments: {} }), /tool policy does not allow it/);
+    });
+
+    // T6. A policy changed by a reload told no client.
+    it('T6 a reload that changes a server\'s tool policy sends its sessions notifications/tools/list_changed', { timeout: 30_000 }, async (t) => {
+      const h = await harness(t, { servers: [fixture('fix')] }, { limits: FAST });
+      await h.proxy.ready(10_000);
+      const client = await h.client('fix', 'sse');
+      let told = 0;
+      client.setNotificationHandler(ToolListChangedNotificationSchema, () => void told++);
+      await h.proxy.reload({ servers: [fixture('fix', 'ok', { tools: { deny: ['do'] } })] });
+      await waitFor(() => told === 1, 5_000, 'notifications/tools/list_changed');
+      assert.deepEqual((await client.listTools()).tools, []);
+    });
+
+    // M1. Without auth on a public bind, a DNS-rebinding page could read /metrics and the status page.
+    it('M1 without auth on a non-loopback bind, /metrics and / answer 403 (Host is not checked there); /mcp still serves', { timeout: 30_000 }, async (t) => {
+      const h = await harness(t, { servers: [fixture('fix')] }, { host: '0.0.0.0', allowUnauthenticated: true, limits: FAST });
+      await h.proxy.ready(10_000);
+      const base = `http://127.0.0.1:${h.proxy.port}`;
+      for (const page of ['/metrics', '/']) {
+        const res = await request(`${base}${page}`, { headers: { host: `rebind.example:${h.proxy.port}` } });
+        assert.equal(res.status, 403, `${page}: ${res.text.slice(0, 100)}`);
+        assert.match(JSON.parse(res.text).error.message, /set a token/);
+      }
+      assert.equal((await post(`${base}/fix/mcp`, initMsg(), { accept: 'application/json' })).status, 200);
+    });
+
+    // M2. A server whose name holds a control character never had its problems shown on the status page.
+    it('M2 the status page shows the recent problems of a server whose name holds a tab', { timeout: 30_000 }, async (t) => {
+      const h = await harness(t, { servers: [srv('tab\there', [], { command: '/nonexistent/no-such-program' })] }, { limits: FAST });
+      await waitFor(() => h.proxy.status()['tab\there']?.state === 'errored', 10_000, 'the server to give up');
+      const page = await request(`${h.url}/`);
+      assert.equal(page.status, 200);
+      assert.match(page.text, /cannot start &#34;\/nonexistent\/no-such-program&#34;: ENOENT/);
+    });
+  });
+
   describe('rate limits per credential', () => {
     const A = 'rate-token-a-0123456789';
     const B = 'rate-token-b-0123456789';
@@ -9209,6 +9310,40 @@ describe('12. Lifecycle: start, reload, shutdown', () => {
     assert.equal(await echo('still'), 'still');
   });
 
+  // L1, L2 (hostile review). A failed certificate reload was never tried again (a deploy hook that fixes the key acts
+  // in archive/, which is not watched), and was logged again at every event in the directory.
+  it('L1 L2 TLS: a failed reload is logged once however many events follow, and retried by the clock: a key made right in archive/ (not watched) is picked up', { timeout: 30_000 }, async (t) => {
+    const dir = tmpDir('tls-retry');
+    const archive = path.join(dir, 'archive');
+    const live = path.join(dir, 'live');
+    fs.mkdirSync(archive);
+    fs.mkdirSync(live);
+    const [a, b, c] = [selfSignedCert('a'), selfSignedCert('b'), selfSignedCert('c')];
+    fs.writeFileSync(path.join(archive, 'cert1.pem'), a.cert);
+    fs.writeFileSync(path.join(archive, 'key1.pem'), a.key);
+    fs.symlinkSync('../archive/cert1.pem', path.join(live, 'cert.pem'));
+    fs.symlinkSync('../archive/key1.pem', path.join(live, 'key.pem'));
+    const lines: string[] = [];
+    const proxy = await startProxy({ servers: [] }, {
+      host: '127.0.0.1', port: 0, tlsCert: path.join(live, 'cert.pem'), tlsKey: path.join(live, 'key.pem'), log: captureLog(lines), limits: { tlsRetryMs: 300 },
+    });
+    t.after(() => proxy.close());
+    // A renewal whose key is wrong (as good as unreadable): cert B with key C.
+    fs.writeFileSync(path.join(archive, 'cert2.pem'), b.cert);
+    fs.writeFileSync(path.join(archive, 'key2.pem'), c.key);
+    for (const [link, target] of [['cert.pem', 'cert2.pem'], ['key.pem', 'key2.pem']]) {
+      fs.unlinkSync(path.join(live, link));
+      fs.symlinkSync(`../archive/${target}`, path.join(live, link));
+    }
+    await waitFor(() => lines.some((l) => l.startsWith('error [proxy] TLS not reloaded')), 5_000, 'the failure');
+    fs.writeFileSync(path.join(live, 'README'), 'an unrelated file in the watched directory\n');
+    await waitFor(() => lines.filter((l) => l.startsWith('debug [proxy] TLS not reloaded')).length >= 2, 5_000, 'the retries, at debug');
+    // The deploy hook's fix, in archive/ only.
+    fs.writeFileSync(path.join(archive, 'key2.pem'), b.key);
+    await waitFor(async () => (await newConnectionFingerprint(proxy.port, [a.cert, b.cert])) === b.fingerprint, 5_000, 'cert B on new connections');
+    assert.equal(lines.filter((l) => l.startsWith('error [proxy] TLS not reloaded')).length, 1, lines.join('\n'));
+  });
+
   it('startProxy() with TLS: live/ symlinks re-pointed as certbot renews (unlink, symlink) are picked up; one watcher for one directory, closed by close()', { timeout: 30_000 }, async (t) => {
     const dir = tmpDir('tls');
     fs.mkdirSync(path.join(dir, 'archive'));
@@ -9703,6 +9838,8 @@ describe('14. CLI and main', () => {
         `bake it into the image (docker build --build-arg MCP_NPM_PACKAGES="@scope/not-baked" …), or install it under ${packagesDir}/node_modules`,
       'cfg.json: mcpServers.each: "sessions": "per-session" keeps a process for each client session until it has been idle 300000 ms (clients rarely end their sessions); set a shorter "idleTimeoutMs", e.g. 60000',
     ]);
+    // C2 (hostile review): with no PATH at all, spawn searches /usr/bin:/bin (libuv), and so does check.
+    assert.deepEqual(checkHost({ servers: [srv('ls', [], { command: 'ls' })] }, 'cfg.json', { env: {}, packagesDir: undefined }).warnings, []);
     // Without --packages-dir an npx command is a command like any other; with npx on the PATH the package is downloaded.
     fs.writeFileSync(path.join(bin, 'npx'), '#!/bin/sh\n', { mode: 0o755 });
     const unbaked = servers.filter((server) => server.name === 'unbaked');

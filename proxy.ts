@@ -169,6 +169,8 @@ export type Limits = {
   connectionsCheckIntervalMs: number;
   /** On SIGTERM, requests in flight get this long to be answered before children are stopped (a second signal: at once). */
   drainGraceMs: number;
+  /** After a failed certificate reload (--tls-cert/--tls-key), how long until it is tried again without an event. */
+  tlsRetryMs: number;
   /** Shutdown never takes longer than this (after the drain), whatever the children do. */
   shutdownTimeoutMs: number;
   // OAuth (section 9). Claude.ai registers a client on every new connection, so clients are many and cheap.
@@ -251,6 +253,7 @@ export const DEFAULT_LIMITS: Readonly<Limits> = Object.freeze({
   maxHeadersCount: 100,
   connectionsCheckIntervalMs: 1_000,
   drainGraceMs: 5_000,
+  tlsRetryMs: 60_000,
   shutdownTimeoutMs: 10_000,
   maxOAuthClients: 1_000,
   unusedClientMs: 24 * 3_600_000,
@@ -308,7 +311,7 @@ const MAX_TIMER_MS = 2 ** 31 - 1;
 /** The limits that become timer delays (the other durations are only compared with the clock). */
 const TIMER_LIMITS: ReadonlySet<string> = new Set([
   'sweepIntervalMs', 'sseKeepaliveMs', 'initTimeoutMs', 'startWaitMs', 'continuationTtlMs', 'killGraceMs', 'restartMinDelayMs', 'restartMaxDelayMs',
-  'headersTimeoutMs', 'httpRequestTimeoutMs', 'keepAliveTimeoutMs', 'connectionsCheckIntervalMs', 'shutdownTimeoutMs',
+  'headersTimeoutMs', 'httpRequestTimeoutMs', 'keepAliveTimeoutMs', 'connectionsCheckIntervalMs', 'shutdownTimeoutMs', 'tlsRetryMs',
 ]);
 /** Below this many connections the operator is warned at start (a low descriptor limit). */
 const FEW_CONNECTIONS = 64;
@@ -377,6 +380,8 @@ const MAX_PEM_FILE_BYTES = 256 * 1024;
  * certbot swaps the live/ symlinks one at a time, and a read between two swaps sees a mismatched pair.
  */
 const TLS_RELOAD_DEBOUNCE_MS = 500;
+/** The search path execvp uses when the environment has no PATH (libuv's default; glibc's begins the same). */
+const DEFAULT_EXEC_PATH = '/usr/bin:/bin';
 /** A requestState we issue is ~250 characters; anything much longer is not one of ours. */
 const MAX_REQUEST_STATE_CHARS = 1024;
 /** Warning and error log lines kept per server for the status page (section 10): the last few say why it fails. */
@@ -2025,7 +2030,9 @@ function idleTimeoutOf(server: ServerRuntime): number {
 
 function onInitializeTimeout(up: Upstream): void {
   const { proxy, config } = up.server;
-  proxy.log.error(config.name, `did not answer initialize within ${startTimeoutOf(up.server)} ms; stopping it`);
+  const listing = [...up.pending.values()].some((pending) => !pending.session && pending.method === 'tools/list');
+  const what = listing ? 'list its tools (the "readOnly" tool policy needs their annotations)' : 'answer initialize';
+  proxy.log.error(config.name, `did not ${what} within ${startTimeoutOf(up.server)} ms; stopping it`);
   up.initTimer = null;
   signalGroup(up.proc, 'SIGKILL');
 }
@@ -2615,6 +2622,9 @@ function forwardNotification(session: Session, msg: JsonRpcMessage): void {
   // roots are paths on the client's machine: they must never become a server's sandbox on this host.
   if (msg.method === 'notifications/initialized' || msg.method === 'notifications/roots/list_changed') return;
   if (msg.method === 'notifications/cancelled') return cancelFromClient(session, msg);
+  // MCP's client notifications are all notifications/*; a "tools/call" without an id would be a call that
+  // answers nobody and that no policy, limit or audit sees.
+  if (!msg.method!.startsWith('notifications/')) return;
   writeToChild(up, JSON.stringify(msg));
 }
 
@@ -4528,11 +4538,15 @@ function toolAllowed(policy: ToolPolicy, name: string, readOnlyHint: boolean | u
   return !policy.readOnly || readOnlyHint === true;
 }
 
-/** A tools/call the policy does not allow (a call without a string name is the child's to refuse). */
+/**
+ * A tools/call the policy does not allow. Under a policy, a call without a string name is refused too: a
+ * child that looks tools up loosely (handlers[params.name]) would run ["delete"] as "delete".
+ */
 function toolBlocked(up: Upstream, msg: JsonRpcMessage): boolean {
   const policy = up.server.config.tools;
-  if (!policy || msg.method !== 'tools/call' || typeof msg.params?.name !== 'string') return false;
-  return !toolAllowed(policy, msg.params.name, up.toolHints.get(msg.params.name));
+  if (!policy || msg.method !== 'tools/call') return false;
+  const name = isObject(msg.params) && !Array.isArray(msg.params) ? msg.params.name : undefined;
+  return typeof name !== 'string' || !toolAllowed(policy, name, up.toolHints.get(name));
 }
 
 /**
@@ -4544,15 +4558,25 @@ function filterToolList(up: Upstream, msg: JsonRpcMessage): boolean {
   const result = msg.result;
   if (!policy || !isObject(result) || !Array.isArray(result.tools)) return false;
   const tools: unknown[] = result.tools;
+  // A name listed twice is read-only only if every entry says so (a hostile child could list "delete" twice).
+  const hints = new Map<string, boolean>();
   for (const tool of tools) {
     if (!isObject(tool) || typeof tool.name !== 'string') continue;
-    if (up.toolHints.size >= MAX_TOOLS_TRACKED && !up.toolHints.has(tool.name)) break;
-    up.toolHints.set(tool.name, isObject(tool.annotations) && tool.annotations.readOnlyHint === true);
+    hints.set(tool.name, readOnlyHintOf(tool) && hints.get(tool.name) !== false);
   }
-  const kept = tools.filter((tool) => isObject(tool) && typeof tool.name === 'string' && toolAllowed(policy, tool.name, up.toolHints.get(tool.name)));
+  for (const [name, hint] of hints) {
+    if (up.toolHints.size >= MAX_TOOLS_TRACKED && !up.toolHints.has(name)) break; // refreshToolHints starts afresh
+    up.toolHints.set(name, hint);
+  }
+  const kept = tools.filter((tool) => isObject(tool) && typeof tool.name === 'string' &&
+    toolAllowed(policy, tool.name, readOnlyHintOf(tool) && hints.get(tool.name) === true));
   if (kept.length === tools.length) return false;
   result.tools = kept;
   return true;
+}
+
+function readOnlyHintOf(tool: Record<string, unknown>): boolean {
+  return isObject(tool.annotations) && tool.annotations.readOnlyHint === true;
 }
 
 /** Delivers a filtered list: to the call's own handler (2026-07-28, the proxy's own request) or to its client. */
@@ -4566,11 +4590,16 @@ function answerFiltered(pending: Pending, msg: JsonRpcMessage): void {
  * child is ready and when it says its list changed, so a readOnly policy can judge a call before any client
  * has listed the tools.
  */
-function refreshToolHints(up: Upstream, done: () => void = () => {}, cursor?: string, page = 1): void {
+function refreshToolHints(up: Upstream, done: () => void = () => {}, cursor?: string, page = 1, fresh = new Map<string, boolean>()): void {
   sendOwnRequest(up, 'tools/list', cursor === undefined ? {} : { cursor }, (msg) => {
+    // The list as filtered: the tools kept are read-only; those removed are as good as unknown (refused).
+    const tools = isObject(msg.result) && Array.isArray(msg.result.tools) ? msg.result.tools : [];
+    for (const tool of tools) if (isObject(tool) && typeof tool.name === 'string' && fresh.size < MAX_TOOLS_TRACKED) fresh.set(tool.name, true);
     const next = isObject(msg.result) ? msg.result.nextCursor : undefined;
-    if (typeof next === 'string' && page < MAX_TOOL_LIST_PAGES) refreshToolHints(up, done, next, page + 1);
-    else done();
+    if (typeof next === 'string' && page < MAX_TOOL_LIST_PAGES) return refreshToolHints(up, done, next, page + 1, fresh);
+    // A complete listing replaces what was known: names the server dropped are forgotten (the map stays bounded).
+    if (msg.error === undefined) up.toolHints = fresh;
+    done();
   });
 }
 
@@ -5963,11 +5992,13 @@ function shellExitCode(code: number | null, signal: NodeJS.Signals | null): numb
  * exactly as they are logged: secrets masked, control characters escaped, never a payload (section 3). A line
  * belongs to a server when its scope is the server's name (every child event is logged so).
  */
-function recordingProblems(base: Logger, servers: ReadonlyMap<string, ServerRuntime>): Logger {
-  const record = (level: Problem['level'], scope: string, text: string) => {
+function recordingProblems(base: Logger, servers: ReadonlyMap<string, ServerRuntime>, clean: (text: string) => string): Logger {
+  const record = (level: Problem['level'], scope: string, raw: string) => {
+    // The scope as the caller wrote it (a server's name with its control characters); the text as logged.
     const server = servers.get(serverSegment(scope));
-    // Not a server: 'http', 'proxy', 'oauth' (a server named so gets those lines too), or a name that was masked.
+    // Not a server: 'http', 'proxy', 'oauth' (a server named so gets those lines too).
     if (!server || server.config.name !== scope) return;
+    const text = clean(raw);
     const problems = server.stats.problems;
     problems.push({ atMs: Date.now(), level, text: text.length > RECENT_PROBLEM_CHARS ? `${text.slice(0, RECENT_PROBLEM_CHARS)}…` : text });
     if (problems.length > RECENT_PROBLEMS_PER_SERVER) problems.shift();
@@ -5997,6 +6028,12 @@ function handleOperations(proxy: Proxy, req: http.IncomingMessage, res: http.Ser
   }
   if (credential.startsWith(OAUTH_CREDENTIAL) && proxy.oauth?.grants.get(credential.slice(OAUTH_CREDENTIAL.length))?.audience !== '*') {
     return reject(res, 403, SERVER_ERROR, 'Forbidden: this token is for one server', { 'WWW-Authenticate': 'Bearer error="insufficient_scope"' });
+  }
+  // Without auth on a public bind (--allow-unauthenticated) Host is not checked, and a browser's same-origin
+  // GET carries no Origin: a DNS-rebinding page could read these pages (every useful /mcp request is a POST,
+  // which does carry one). They need a token there.
+  if (credential === ANONYMOUS && !proxy.loopbackBind) {
+    return reject(res, 403, SERVER_ERROR, 'Forbidden: on a non-loopback address without auth, /metrics and the status page are off; set a token');
   }
   if (req.method !== 'GET' && req.method !== 'HEAD') return reject(res, 405, SERVER_ERROR, 'Method Not Allowed', { Allow: 'GET, HEAD' });
   const now = Date.now();
@@ -6245,7 +6282,7 @@ export async function startProxy(config: Config, start: StartOptions = {}): Prom
   };
   const servers = new Map<string, ServerRuntime>();
   const proxy: Proxy = {
-    options, limits, log: safeLogger(recordingProblems(log, servers), () => proxy.secrets), servers,
+    options, limits, log: recordingProblems(safeLogger(log, () => proxy.secrets), servers, (text) => escapeControl(maskSecrets(text, proxy.secrets))), servers,
     // A TLS handshake comes before the headers: one that stalls gets no longer than they would (slowloris).
     http: tls ? https.createServer({ ...serverOptions, ...tls, handshakeTimeout: limits.headersTimeoutMs }) : http.createServer(serverOptions),
     state: 'RUNNING', streams: new Set(), timers: [], startQueue: [], starting: 0,
@@ -6474,14 +6511,23 @@ export function readTlsPair(certPath: string | undefined, keyPath: string | unde
 function watchTlsFiles(proxy: Proxy, server: https.Server, certPath: string, keyPath: string, initial: TlsPair): () => void {
   let serving = initial;
   let timer: NodeJS.Timeout | null = null;
+  let failed = '';
   const reload = () => {
     timer = null;
     let next: TlsPair;
     try {
       next = readTlsPair(certPath, keyPath);
     } catch (err) {
-      return proxy.log.error('proxy', `TLS not reloaded, the previous certificate keeps serving: ${(err as Error).message}`);
+      // Logged once per problem; retried by the clock too, since what fixes it may happen elsewhere (a deploy
+      // hook that makes the key readable acts in certbot's archive/, which is not watched).
+      const line = `TLS not reloaded, the previous certificate keeps serving: ${(err as Error).message}`;
+      line === failed ? proxy.log.debug('proxy', line) : proxy.log.error('proxy', line);
+      failed = line;
+      timer = setTimeout(() => guarded(proxy, 'proxy', 'a certificate reload', reload), proxy.limits.tlsRetryMs);
+      timer.unref();
+      return;
     }
+    failed = '';
     if (next.cert === serving.cert && next.key === serving.key) return;
     server.setSecureContext(next);
     serving = next;
@@ -6633,9 +6679,17 @@ async function applyConfig(proxy: Proxy, config: Config): Promise<ConfigDiff | n
 
 /** Settings read as they are used take effect at once; a new readOnly policy needs the child's annotations. */
 function updateServer(server: ServerRuntime, config: ServerConfig): void {
+  const toolsChanged = changedFields('tools', server.config.tools, config.tools).length > 0;
   server.config = config;
-  if (config.tools?.readOnly) for (const up of server.upstreams) if (up.state === 'ready') refreshToolHints(up);
+  for (const up of server.upstreams) {
+    if (up.state !== 'ready') continue;
+    if (config.tools?.readOnly) refreshToolHints(up);
+    // Clients list again: what they may see changed (as if the child had said so; 2026-07-28 listeners too).
+    if (toolsChanged) routeChildNotification(up, TOOLS_LIST_CHANGED, JSON.stringify(TOOLS_LIST_CHANGED));
+  }
 }
+
+const TOOLS_LIST_CHANGED: JsonRpcMessage = { jsonrpc: '2.0', method: 'notifications/tools/list_changed' };
 
 /** The root route stays with its server; once that is gone, it goes to the only server left, if one is. */
 function repinRoot(proxy: Proxy): void {
@@ -6787,7 +6841,9 @@ function sweep(proxy: Proxy): void {
 function expireRequests(up: Upstream, now: number): void {
   const timeoutMs = up.server.config.requestTimeoutMs ?? up.server.proxy.limits.requestTimeoutMs;
   for (const [childId, pending] of up.pending) {
-    if (now - pending.sentAtMs < timeoutMs || pending.method === 'initialize') continue;
+    // The proxy's own requests (initialize, the readOnly tool list, re-subscriptions) are bounded by the start
+    // timeout or by nothing waiting on them; timing one out here would leave its caller waiting for good.
+    if (now - pending.sentAtMs < timeoutMs || !pending.session) continue;
     abortPending(up, childId, pending, 'timeout', REQUEST_TIMEOUT, 'Request timed out');
   }
 }
@@ -7424,7 +7480,8 @@ function directoryProblem(path: string): string | null {
 
 /** Why the server's command may not start here, naming the fix; null when it resolves to an executable. */
 function launchWarning(server: ServerConfig, runtime: { env: Env; packagesDir: string | undefined }): string | null {
-  const path = childEnv(server, runtime.env).PATH ?? '';
+  // No PATH at all: execvp (libuv) searches its default, /usr/bin:/bin; an empty one means the working directory.
+  const path = childEnv(server, runtime.env).PATH ?? DEFAULT_EXEC_PATH;
   const npx = npxPackage(server);
   if (npx && runtime.packagesDir) {
     if (resolveBakedPackage(server, runtime.packagesDir)) return null; // runs with this node, not npx
