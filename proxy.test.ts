@@ -6004,6 +6004,18 @@ process.stdin.on('end', () => process.exit(0));`;
         /mcpServers\.s\.rateLimit\.requestsPerMinute: got number, expected an integer from 1 to 1000000\n.*mcpServers\.s\.rateLimit\.burst: got string/);
     });
 
+    it('the token and revocation endpoints are limited per client address (tokenRequestsPerMinute): over it 429 slow_down with Retry-After; another address is not affected', { timeout: 20_000 }, async (t) => {
+      const op = await oauthProxy(t, { servers: [fixture('alpha')] }, { limits: { tokenRequestsPerMinute: 3 } });
+      const guess = (endpoint: string, localAddress?: string) => postForm(`${op.base}/${endpoint}`, { grant_type: 'authorization_code', code: 'guess', client_id: 'nobody', token: 'x' }, {}, localAddress);
+      for (const endpoint of ['token', 'token', 'revoke']) assert.equal((await guess(endpoint)).status, 401);
+      const over = await guess('token');
+      assert.equal(over.status, 429, over.text);
+      assert.equal(over.headers['retry-after'], '60');
+      assert.equal(JSON.parse(over.text).error, 'slow_down');
+      assert.equal((await guess('revoke')).status, 429);
+      assert.equal((await guess('token', '127.0.0.2')).status, 401, 'another address has its own budget');
+    });
+
     it('maxSessionsPerCredential: at its cap a credential\'s own least recently active idle session gives way, never another credential\'s; anonymous clients are not rate limited', { timeout: 30_000 }, async (t) => {
       const h = await harness(t, { servers: [fixture('fix')] }, { tokens: [A, B], limits: { ...FAST, maxSessionsPerCredential: 2 } });
       await h.proxy.ready(10_000);
@@ -8782,7 +8794,9 @@ describe('12. Lifecycle: start, reload, shutdown', () => {
         socket.on('data', (d: Buffer) => (answer += d.toString()));
         socket.write(`POST /ps/mcp HTTP/1.1\r\nHost: 127.0.0.1:${h.proxy.port}\r\nContent-Type: application/json\r\n` +
           `Accept: application/json, text/event-stream\r\nContent-Length: ${Buffer.byteLength(body)}\r\nConnection: close\r\n\r\n${body.slice(0, 10)}`);
-        await new Promise((resolve) => setTimeout(resolve, 50)).then(() => h.proxy.reload({ servers: [fixture('other')] }));
+        // A round trip on another connection: the proxy has read this one's headers (sent first) by its end.
+        assert.equal((await request(`${h.url}/healthz`)).status, 200);
+        await h.proxy.reload({ servers: [fixture('other')] });
         socket.end(body.slice(10));
         await waitFor(() => answer.includes('\r\n\r\n{'), 5_000, 'the answer');
         assert.match(answer, /^HTTP\/1\.1 404 /);
@@ -8800,7 +8814,8 @@ describe('12. Lifecycle: start, reload, shutdown', () => {
         const lines: string[] = [];
         const h = await harness(t, loadConfigFile(file).config!, { configPath: file, watchConfig: true, log: captureLog(lines), limits: FAST });
         await h.proxy.ready(10_000);
-        const noise = setInterval(() => fs.appendFileSync(path.join(dir, 'proxy.log'), 'a log line\n'), 20);
+        let noiseWrites = 0;
+        const noise = setInterval(() => (fs.appendFileSync(path.join(dir, 'proxy.log'), 'a log line\n'), noiseWrites++), 20);
         t.after(() => clearInterval(noise));
         // A remote entry: a warning each time the file is loaded; broken JSON: a refusal.
         fs.writeFileSync(file, JSON.stringify({ mcpServers: { a: fx, r: { url: 'https://x.example/mcp' } } }));
@@ -8808,7 +8823,9 @@ describe('12. Lifecycle: start, reload, shutdown', () => {
         fs.writeFileSync(file, '{"mcpServers": ');
         await waitFor(() => lines.some((l) => l.includes('reload refused')), 5_000, 'the refusal');
         const rewrite = setInterval(() => fs.writeFileSync(file, '{"mcpServers": '), 100);
-        await new Promise((resolve) => setTimeout(resolve, 1_500)); // the loop and the noise run on
+        // The loop and the noise run on: the same refusal comes again (at debug), the log file keeps growing.
+        const noiseBefore = noiseWrites;
+        await waitFor(() => lines.filter((l) => l.startsWith('debug [config] reload refused')).length >= 1 && noiseWrites - noiseBefore >= 40, 10_000, 'repeats and noise');
         clearInterval(rewrite);
         assert.equal(lines.filter((l) => l.startsWith('warn [config]') && l.includes('skipped: a remote server')).length, 1, lines.join('\n'));
         assert.equal(lines.filter((l) => l.startsWith('error [config] reload refused')).length, 1, lines.join('\n'));

@@ -199,6 +199,8 @@ export type Limits = {
   loginFailuresTotalPerWindow: number;
   /** Consent pages one client address may open per minute (each holds an entry until answered or expired). */
   consentPagesPerMinute: number;
+  /** POSTs to /token and /revoke per client address per minute (Claude refreshes at most a few times an hour). */
+  tokenRequestsPerMinute: number;
   loginFailureWindowMs: number;
   /** Addresses tracked by the two rate limits above. */
   maxRateLimitedAddresses: number;
@@ -269,6 +271,7 @@ export const DEFAULT_LIMITS: Readonly<Limits> = Object.freeze({
   loginFailuresPerWindow: 5,
   loginFailuresTotalPerWindow: 50,
   consentPagesPerMinute: 30,
+  tokenRequestsPerMinute: 120,
   loginFailureWindowMs: 15 * 60_000,
   maxRateLimitedAddresses: 10_000,
   maxStateFileBytes: 8 * MIB,
@@ -651,6 +654,8 @@ type Proxy = {
   retiring: Set<ServerConfig>;
   /** What the last reload from the file said (errors and warnings), so a watched one does not repeat it. */
   lastReload: string;
+  /** The `${file:…}` paths of the config last refused, watched until a reload succeeds (bounded by the file). */
+  refusedFiles: readonly string[];
   /** Where the proxy listens, as printed (http://127.0.0.1:8080). */
   url: string;
   /** Stops the certificate watchers and their pending reload (TLS only; null without TLS). */
@@ -4850,6 +4855,8 @@ type OAuth = {
   codes: Map<string, AuthCode>;
   registrations: Map<string, Window>;
   consentPages: Map<string, Window>;
+  /** Token and revocation requests per client address per minute (limits.tokenRequestsPerMinute). */
+  tokenRequests: Map<string, Window>;
   failures: Map<string, Window>;
 };
 
@@ -4912,7 +4919,7 @@ function createOAuth(settings: OAuthSettings, log: Logger, limits: Limits): OAut
     metadataHosts: new Set(settings.metadataHosts.map((host) => host.toLowerCase())), fetchMetadata: settings.fetchMetadata,
     metadataFetches: 0, metadataFailures: new Map(),
     clients: new Map(), grants: new Map(), byAccess: new Map(), byRefresh: new Map(), byRetired: new Map(),
-    consents: new Map(), codes: new Map(), registrations: new Map(), consentPages: new Map(), failures: new Map(),
+    consents: new Map(), codes: new Map(), registrations: new Map(), consentPages: new Map(), tokenRequests: new Map(), failures: new Map(),
   };
   try {
     mkdirSync(settings.stateDir, { recursive: true, mode: 0o700 });
@@ -5621,6 +5628,7 @@ type TokenParams = URLSearchParams;
 
 async function handleToken(proxy: Proxy, oauth: OAuth, req: http.IncomingMessage, res: http.ServerResponse): Promise<void> {
   if (req.method !== 'POST') return oauthError(res, 405, 'invalid_request', 'POST form-encoded parameters', { Allow: 'POST' });
+  if (tokenRequestsExceeded(proxy, oauth, req, res)) return;
   const body = await readFormOrJson(proxy, req, res);
   if (body === null) return;
   const params = new URLSearchParams(body);
@@ -5631,6 +5639,13 @@ async function handleToken(proxy: Proxy, oauth: OAuth, req: http.IncomingMessage
   if (grantType === 'authorization_code') return exchangeCode(proxy, oauth, client, params, res);
   if (grantType === 'refresh_token') return refreshGrant(proxy, oauth, client, params, res);
   oauthError(res, 400, 'unsupported_grant_type', 'grant_type must be authorization_code or refresh_token');
+}
+
+/** Token and revocation requests per client address: client secrets and codes are not to be guessed at speed. */
+function tokenRequestsExceeded(proxy: Proxy, oauth: OAuth, req: http.IncomingMessage, res: http.ServerResponse): boolean {
+  if (countWindow(oauth.tokenRequests, clientAddress(proxy, req), proxy.limits.tokenRequestsPerMinute, 60_000, proxy.limits)) return false;
+  oauthError(res, 429, 'slow_down', 'Too many token requests; retry later', { 'Retry-After': '60' });
+  return true;
 }
 
 /**
@@ -5751,6 +5766,7 @@ function issueTokens(proxy: Proxy, oauth: OAuth, grant: Grant, res: http.ServerR
 /** RFC 7009: the grant a token belongs to is revoked; unknown tokens get 200 too (§2.2). */
 async function handleRevoke(proxy: Proxy, oauth: OAuth, req: http.IncomingMessage, res: http.ServerResponse): Promise<void> {
   if (req.method !== 'POST') return oauthError(res, 405, 'invalid_request', 'POST form-encoded parameters', { Allow: 'POST' });
+  if (tokenRequestsExceeded(proxy, oauth, req, res)) return;
   const body = await readFormOrJson(proxy, req, res);
   if (body === null) return;
   const params = new URLSearchParams(body);
@@ -5850,6 +5866,7 @@ function sweepOAuth(oauth: OAuth, limits: Limits, now: number): void {
   for (const [key, window] of oauth.failures) if (now - window.startMs >= limits.loginFailureWindowMs) oauth.failures.delete(key);
   for (const [key, window] of oauth.registrations) if (now - window.startMs >= 60_000) oauth.registrations.delete(key);
   for (const [key, window] of oauth.consentPages) if (now - window.startMs >= 60_000) oauth.consentPages.delete(key);
+  for (const [key, window] of oauth.tokenRequests) if (now - window.startMs >= 60_000) oauth.tokenRequests.delete(key);
   let changed = false;
   for (const grant of [...oauth.grants.values()]) {
     if (grant.refreshExpiresMs < now) {
@@ -6293,7 +6310,7 @@ export async function startProxy(config: Config, start: StartOptions = {}): Prom
     ]),
     connections: new Set(), backlogged: new Set(), maxConnections: connectionCap(limits.maxConnections), bodyBytesInFlight: 0, heldAnswerBytes: 0,
     groups: new Map(), continuations: new Map(), stateKey: null, secrets: secretsOf(options, config.servers), watcher: null,
-    removed: new Set(), auditFd: options.auditLog === undefined ? null : openAuditLog(options.auditLog), rootName: config.servers.length === 1 ? config.servers[0].name : null, retiring: new Set(), lastReload: '', url: '', stopTlsWatch: null, closed: null,
+    removed: new Set(), auditFd: options.auditLog === undefined ? null : openAuditLog(options.auditLog), rootName: config.servers.length === 1 ? config.servers[0].name : null, retiring: new Set(), lastReload: '', refusedFiles: [], url: '', stopTlsWatch: null, closed: null,
   };
   if (oauth) oauth.audit = (fields) => audit(proxy, fields);
   proxy.http.maxHeadersCount = limits.maxHeadersCount;
@@ -6617,18 +6634,21 @@ async function reloadFromFile(proxy: Proxy, asked = true): Promise<ConfigDiff | 
   if (!loaded.config) {
     const line = `reload refused, still serving the previous config: ${loaded.errors.join('; ')}`;
     repeat ? proxy.log.debug('config', line) : proxy.log.error('config', line);
-    // Secret files the refused config names are watched too: the one not written yet fixes it when it comes.
-    rewatch(proxy, loaded.files ?? []);
+    // Secret files the refused config names are watched too (until a reload succeeds): the one not written yet
+    // fixes it when it comes.
+    proxy.refusedFiles = loaded.files ?? [];
+    rewatch(proxy);
     return null;
   }
   for (const warning of loaded.warnings) repeat ? proxy.log.debug('config', warning) : proxy.log.warn('config', warning);
+  proxy.refusedFiles = [];
   return applyConfig(proxy, loaded.config);
 }
 
-/** The watch set: the config file, the running servers' secret files, and any `extra` (a refused config's). */
-function rewatch(proxy: Proxy, extra: readonly string[] = []): void {
+/** The watch set: the config file, the running servers' secret files, and those a refused config names. */
+function rewatch(proxy: Proxy): void {
   if (!proxy.watcher) return;
-  const paths = [...watchedPaths(proxy), ...extra];
+  const paths = [...watchedPaths(proxy), ...proxy.refusedFiles];
   proxy.watcher.watch(watchedDirs(paths), new Set(paths.flatMap(watchedNames)));
 }
 
