@@ -11511,3 +11511,912 @@ function onMessage(msg) {
     ), 40);
   });
 });
+
+// ── Fuzz: a running proxy under mutated HTTP, JSON-RPC and child output (bounded) ──────────────────────────
+//
+// fast-check drives a proxy started in-process (the harness, real children, real sockets) with mutated input
+// and checks what must hold whatever the input:
+//   - never a crash: /healthz answers after every input, and real calls are answered after the run;
+//   - never a 5xx for client input (the allowed statuses are listed at ALLOWED_STATUSES), never a 500, and
+//     never an "internal error" in the log (the error boundary caught a throw no status showed);
+//   - never a hang: every exchange is bounded (requestTimeoutMs is small, so a child that never answers
+//     costs the client an error, not a wait);
+//   - never a leaked session or child: once the run's sessions are DELETEd, closed or idle-expired
+//     (sessionIdleMs 1.5 s, sweep 100 ms), status().X.sessions and the per-session children are back to 0,
+//     every per-session child in the pid file is dead, and the harness finds no process left at stop;
+//   - memory back to its baseline: heapUsed of this process (proxy included) after forced GCs, measured after
+//     a warm-up round and again after a main round several times longer (tolerance at FUZZ_HEAP_SLACK).
+// Bounded in time: each round stops at its numRuns or its time budget, whichever comes first (together about
+// 60 s on 2 cores). Reproducible: the inputs follow FUZZ_SEED (fixed unless set), printed on failure.
+
+describe('Fuzz: a running proxy under mutated HTTP, JSON-RPC and child output (bounded)', () => {
+  const FUZZ_SEED = process.env.FUZZ_SEED === undefined ? 0xf022_0001 : Number(process.env.FUZZ_SEED);
+
+  /** Small limits: sessions idle out, requests time out and bodies and lines are capped within the run. */
+  const FUZZ_LIMITS: Partial<Limits> = {
+    ...FAST, sessionIdleMs: 1_500, sweepIntervalMs: 100, requestTimeoutMs: 1_500, sseKeepaliveMs: 500,
+    maxBodyBytes: 64 * KIB, maxLineBytes: 32 * KIB, maxJsonDepth: 32,
+    headersTimeoutMs: 1_000, httpRequestTimeoutMs: 2_000, keepAliveTimeoutMs: 1_000, connectionsCheckIntervalMs: 200,
+  };
+  /** Upper bound for one exchange: requestTimeoutMs + a sweep + scheduling slack on a shared 2-core machine. */
+  const EXCHANGE_MS = 8_000;
+
+  /**
+   * Statuses the proxy may answer client input with; anything else fails the run.
+   *   200 202 204  served (204: a CORS preflight).
+   *   400 malformed HTTP (Node's parser) or JSON-RPC; 401 403 auth and the Host/Origin guards (a foreign Origin
+   *   is 403 by design); 404 unknown route or session; 405 method; 406 Accept; 408 Node's request timeout;
+   *   409 a second GET stream; 413 body over maxBodyBytes; 415 Content-Type; 417 Node's answer to an unknown
+   *   Expect; 429 a queue or rate limit; 431 too many or too large header fields (maxHeadersCount, Node's 16 KiB).
+   *   503 only with Retry-After: a server starting or restarting, or busy (too many sessions, per-session
+   *   children or body bytes in flight) — the state of the server, not a verdict on the input; and /readyz's
+   *   "not ready", which is what a readiness probe is for.
+   * 500 (the error boundary caught a throw) and every other 5xx are failures.
+   */
+  const ALLOWED_STATUSES = new Set([200, 202, 204, 400, 401, 403, 404, 405, 406, 408, 409, 413, 415, 417, 429, 431]);
+  function assertAllowed(status: number, headers: Record<string, unknown>, what: string, path = ''): void {
+    if (ALLOWED_STATUSES.has(status)) return;
+    if (status === 503 && headers['retry-after'] !== undefined) return;
+    if (status === 503 && /^\/readyz(\?|$)/.test(path)) return; // the readiness probe's "not ready" (an unknown ?server= is not ready)
+    assert.fail(`status ${status} is not one the proxy may answer client input with: ${what}`);
+  }
+
+  /**
+   * The heap may end at most this much above its baseline. The baseline is taken after a warm-up round of the
+   * same fuzz, so code compiled for the paths it hits, inline caches, Node's socket and parser pools and the
+   * fast-check state already exist; what is left is allocator noise (a few hundred KiB to a couple of MiB here,
+   * with 4 forced GCs). The main round sends several times the warm-up's inputs: a per-request or per-session
+   * leak of even 5 KiB over its ~1,000 exchanges (with their 64 KiB bodies and 32 KiB child lines) passes it.
+   */
+  const FUZZ_HEAP_SLACK = 4 * MIB;
+  function heapAfterGc(): number {
+    v8.setFlagsFromString('--expose-gc');
+    const gc = vm.runInNewContext('gc') as () => void;
+    for (let i = 0; i < 4; i++) gc();
+    return process.memoryUsage().heapUsed;
+  }
+
+  /**
+   * The input being tried. At its time limit fast-check returns without waiting for the input in flight: fuzz()
+   * waits for it (and reports its failure), so no exchange is left running into the settle and heap measures.
+   */
+  let lastInput: Promise<void> = Promise.resolve();
+  function tracked<A extends unknown[]>(predicate: (...args: A) => Promise<void>): (...args: A) => Promise<void> {
+    return (...args: A) => (lastInput = predicate(...args));
+  }
+
+  type RunParams = { seed: number; numRuns: number; interruptAfterTimeLimit: number; includeErrorInReport: boolean; endOnFailure: boolean };
+  /** fc.assert with FUZZ_SEED (+ `offset`, so the warm-up and main rounds differ), stopped at numRuns or budgetMs. */
+  async function fuzz(what: string, offset: number, numRuns: number, budgetMs: number, run: (params: RunParams) => Promise<void>): Promise<void> {
+    const seed = (FUZZ_SEED + offset) | 0;
+    try {
+      // endOnFailure: a shrink would replay dozens of exchanges against a proxy the failing one changed; the
+      // first counterexample, with its seed, is the reproduction.
+      await run({ seed, numRuns, interruptAfterTimeLimit: budgetMs, includeErrorInReport: true, endOnFailure: true });
+      await within(lastInput, 2 * EXCHANGE_MS, 'the input in flight at the time limit');
+    } catch (err) {
+      const e = err as Error;
+      e.message = `fuzz "${what}" failed with fast-check seed ${seed} (replay: FUZZ_SEED=${FUZZ_SEED})\n${e.message}`;
+      throw e;
+    }
+  }
+
+  /** A bounded log: counts lines, keeps error lines (at most 200) for the "internal error" check. */
+  function fuzzLog(t: TestContext): { log: NonNullable<NonNullable<StartOptions>['log']>; errors: string[]; assertNoInternalError(): void } {
+    const errors: string[] = [];
+    let checked = false;
+    // On a failure, the proxy's error and warning lines (the first 50) go to the report.
+    t.after(() => {
+      if (!checked) for (const line of errors.slice(0, 50)) t.diagnostic(`log: ${line.slice(0, 500)}`);
+    });
+    const keep = (level: string) => (scope: string, text: string) => {
+      if (errors.length < 200 && (level === 'error' || /internal error/.test(text))) errors.push(`${level} [${scope}] ${text}`);
+    };
+    return {
+      log: { error: keep('error'), warn: keep('warn'), info: () => {}, debug: () => {}, enabled: (level) => level === 'error' || level === 'warn' },
+      errors,
+      assertNoInternalError: () => {
+        assert.deepEqual(errors.filter((l) => /internal error/.test(l)), [], 'the error boundary caught a throw');
+        checked = true;
+      },
+    };
+  }
+
+  /**
+   * Warm-up round, settle, heap baseline, main round, settle, heap again: the shape of every fuzz below.
+   * `settle` must bring sessions and per-session children back to 0 (it asserts that) before each measure.
+   */
+  async function warmThenMain(
+    t: TestContext,
+    round: (offset: number, numRuns: number, budgetMs: number) => Promise<number>,
+    settle: () => Promise<void>,
+    sizes: { warm: number; main: number; warmMs: number; mainMs: number },
+  ): Promise<void> {
+    const warmRuns = await round(1, sizes.warm, sizes.warmMs);
+    await settle();
+    const before = heapAfterGc();
+    const started = Date.now();
+    const mainRuns = await round(2, sizes.main, sizes.mainMs);
+    const mainMs = Date.now() - started;
+    await settle();
+    // Closed sockets and finished exchanges may still be referenced by a timer for a moment: poll (bounded).
+    let afterHeap = heapAfterGc();
+    await waitFor(() => (afterHeap = heapAfterGc()) - before < FUZZ_HEAP_SLACK, 5_000, 'the heap to come back to its baseline').catch(() => {});
+    const grew = afterHeap - before;
+    t.diagnostic(`seed ${FUZZ_SEED}: warm-up ${warmRuns} inputs, main ${mainRuns} inputs in ${mainMs} ms; heap ${(before / MIB).toFixed(1)} → ${(afterHeap / MIB).toFixed(1)} MiB (${grew >= 0 ? '+' : ''}${(grew / KIB).toFixed(0)} KiB)`);
+    assert.ok(mainRuns >= sizes.warm, `the main round ran ${mainRuns} inputs, fewer than the warm-up's ${sizes.warm}: the heap comparison would say little`);
+    assert.ok(grew < FUZZ_HEAP_SLACK, `heapUsed grew ${(grew / KIB).toFixed(0)} KiB over ${mainRuns} inputs (slack ${FUZZ_HEAP_SLACK / KIB} KiB): ${before} → ${afterHeap}`);
+  }
+
+  /** Every process in a pid file is dead (bounded poll). */
+  async function pidFileDead(pidFile: string, what: string): Promise<void> {
+    await waitFor(() => fileLines(pidFile).map(Number).every((pid) => !pidAlive(pid)), GONE_BOUND_MS,
+      `${what}: every per-session child in ${pidFile} to be gone (alive: ${fileLines(pidFile).map(Number).filter(pidAlive).join(', ')})`);
+  }
+
+  /** Sessions of every server back to 0 and no per-session child left (idle expiry after DELETE). */
+  async function sessionsGone(h: Harness, what: string): Promise<void> {
+    const left = () => Object.entries(h.proxy.status()).filter(([, s]) => s.sessions !== 0 || (s.pid === null && s.pids.length !== 0));
+    await waitFor(() => left().length === 0, 15_000,
+      `${what}: sessions and per-session children back to 0 (left: ${JSON.stringify(left())})`).catch((err) => {
+      throw new Error(`${(err as Error).message}; status ${JSON.stringify(h.proxy.status())}`);
+    });
+  }
+
+  async function deleteSessions(url: string, sids: Iterable<string>): Promise<void> {
+    for (const sid of sids) await within(request(url, { method: 'DELETE', headers: { 'mcp-session-id': sid } }), 5_000, 'DELETE');
+  }
+
+  async function assertHealthy(h: Harness, what: string): Promise<void> {
+    const res = await within(request(`${h.url}/healthz`), 5_000, `healthz after ${what}`);
+    assert.equal(res.status, 200, `healthz after ${what}`);
+  }
+
+  // ── Raw HTTP over net sockets ──
+
+  type RawAnswer = { status: number; headers: Record<string, string>; bytes: number };
+
+  /**
+   * Writes `parts` on a fresh TCP connection (`gapMs` apart), then half-closes it if `halfClose`, or cuts it
+   * after `abortMs` if given. Resolves with the first response's status and headers once it is complete (its
+   * body in, or for an event stream its headers), status 0 if the connection closed without one, null for a
+   * cut exchange; rejects when nothing settled it within timeoutMs (a hang).
+   */
+  function rawExchange(port: number, parts: Buffer[], opts: { gapMs: number; halfClose: boolean; abortMs?: number; head: boolean }, timeoutMs: number): Promise<RawAnswer | null> {
+    return new Promise((resolve, reject) => {
+      const socket = net.connect(port, '127.0.0.1');
+      let buf = Buffer.alloc(0);
+      let done = false;
+      const finish = (value: RawAnswer | null, err?: Error) => {
+        if (done) return;
+        done = true;
+        clearTimeout(timer);
+        socket.destroy();
+        if (err) reject(err);
+        else resolve(value);
+      };
+      const timer = setTimeout(() => finish(null, new Error(`no complete answer and no close within ${timeoutMs} ms; got ${JSON.stringify(buf.toString('latin1').slice(0, 300))}`)), timeoutMs);
+      const parse = (closed: boolean): RawAnswer | null | undefined => {
+        let from = 0;
+        for (;;) {
+          const cut = buf.indexOf('\r\n\r\n', from);
+          if (cut === -1) return closed ? { status: 0, headers: {}, bytes: buf.length } : undefined;
+          const headText = buf.subarray(from, cut).toString('latin1');
+          const [statusLine = '', ...lines] = headText.split('\r\n');
+          const status = Number(/^HTTP\/1\.[01] (\d{3})/.exec(statusLine)?.[1] ?? 0);
+          if (status === 100) {
+            from = cut + 4; // 100 Continue: the real answer follows
+            continue;
+          }
+          const headers: Record<string, string> = {};
+          for (const line of lines) {
+            const colon = line.indexOf(':');
+            if (colon > 0) headers[line.slice(0, colon).trim().toLowerCase()] = line.slice(colon + 1).trim();
+          }
+          const body = buf.subarray(cut + 4);
+          const answer = { status, headers, bytes: buf.length };
+          if (closed || opts.head || status === 204 || status === 304 || /^text\/event-stream/.test(headers['content-type'] ?? '')) return answer;
+          if (headers['content-length'] !== undefined) return body.length >= Number(headers['content-length']) ? answer : undefined;
+          if (/chunked/i.test(headers['transfer-encoding'] ?? '')) return body.includes('0\r\n\r\n') ? answer : undefined;
+          return undefined; // until close
+        }
+      };
+      socket.on('data', (chunk: Buffer) => {
+        buf = Buffer.concat([buf, chunk]);
+        const answer = parse(false);
+        if (answer !== undefined) finish(answer);
+      });
+      socket.on('error', () => {}); // ECONNRESET after the proxy closed: what arrived is the answer
+      socket.on('close', () => finish(parse(true) ?? null));
+      socket.on('connect', () => {
+        let i = 0;
+        const next = () => {
+          if (done || socket.destroyed) return;
+          if (i < parts.length) {
+            socket.write(parts[i++]);
+            if (opts.gapMs > 0) setTimeout(next, opts.gapMs);
+            else next();
+          } else if (opts.halfClose) socket.end();
+        };
+        next();
+        if (opts.abortMs !== undefined) setTimeout(() => finish(null), opts.abortMs);
+      });
+    });
+  }
+
+  /** Cuts `bytes` at the given points (deduplicated, in range). */
+  function cutAt(bytes: Buffer, cuts: number[]): Buffer[] {
+    const points = [...new Set(cuts.map((c) => c % (bytes.length + 1)))].sort((a, b) => a - b);
+    const parts: Buffer[] = [];
+    let at = 0;
+    for (const p of [...points, bytes.length]) {
+      if (p > at) parts.push(bytes.subarray(at, p));
+      at = p;
+    }
+    return parts.length > 0 ? parts : [bytes];
+  }
+
+  it('raw HTTP over sockets (methods, paths, headers, framings, bodies; Streamable, 2026-07-28 and legacy routes, a shared and a per-session child): only allowed statuses, no hang, no crash, no leaked session, child or heap', { timeout: 60_000 }, async (t) => {
+    const pidFile = path.join(tmpDir('fuzz-http'), 'pids');
+    const flog = fuzzLog(t);
+    const h = await startHarness(
+      { servers: [fixture('fix'), fixture('solo', 'ok', { sessions: 'per-session', env: { FIXTURE_PIDFILE: pidFile } })] },
+      { limits: FUZZ_LIMITS, log: flog.log },
+    );
+    onCleanup(t, async () => {
+      for (const line of fileLines(pidFile)) h.groups.add(Number(line));
+      await h.stop();
+    });
+    await h.proxy.ready(10_000);
+    const port = h.proxy.port;
+    const fixPid = h.proxy.status().fix!.pid;
+    const seenSids = new Set<string>();
+
+    // Valid pieces the mutations start from.
+    const okCall = (id: number, what: Json) => call(id, what);
+    const SAFE_WHAT: Json[] = [
+      { what: 'echo', text: 'fuzz' }, { what: 'seen' }, { what: 'garbage' }, { what: 'garbage1' }, { what: 'cr', pad: 10 },
+      { what: 'deep', depth: 40 }, { what: 'deepnote', depth: 40 }, { what: 'dupid' }, { what: 'spam', count: 3, bytes: 100 },
+      { what: 'line', bytes: 40 * KIB }, { what: 'hang' }, { what: 'nope' }, { text: 'no what' },
+    ];
+    const rpcObject: fc.Arbitrary<Json> = fc.oneof(
+      fc.constant(initMsg(1)),
+      fc.constantFrom('2024-11-05', '2025-03-26', '2025-06-18', '2025-11-25', '2026-07-28', '1999-01-01', '').map((v) => initMsg('init', v)),
+      fc.constant(ping(2)),
+      fc.constant({ jsonrpc: '2.0', method: 'notifications/initialized' }),
+      fc.constant({ jsonrpc: '2.0', method: 'notifications/cancelled', params: { requestId: 3 } }),
+      fc.constant({ jsonrpc: '2.0', id: 'srv-1', result: {} }),
+      fc.tuple(fc.integer({ min: 0, max: 1e6 }), fc.constantFrom(...SAFE_WHAT)).map(([id, what]) => okCall(id, what)),
+      fc.constantFrom('server/discover', 'tools/list', 'tools/call', 'ping', 'subscriptions/listen').map((m) =>
+        modernMsg(7, m, m === 'tools/call' ? { name: 'do', arguments: { what: 'echo', text: 'modern' } } : m === 'subscriptions/listen' ? { notifications: { toolsListChanged: true } } : {})),
+      // 2026-07-28 _meta claims that contradict each other or the headers.
+      fc.record({ v: fc.constantFrom('2026-07-28', '2025-06-18', 'x', 7 as unknown as string), caps: fc.jsonValue({ maxDepth: 2 }) }).map(({ v, caps }) =>
+        modernMsg(8, 'tools/list', {}, { [META_VERSION]: v, [META_CAPS]: caps })),
+    );
+    const deepBody = fc.tuple(fc.integer({ min: 1, max: 40 }), fc.boolean()).map(([d, arr]) =>
+      `{"jsonrpc":"2.0","id":9,"method":"tools/call","params":{"name":"do","arguments":{"what":"echo","text":"d"},"x":${arr ? nestedArrays(d) : '{"a":'.repeat(d) + '1' + '}'.repeat(d)}}}`);
+    const hugeBody = fc.integer({ min: -300, max: 300 }).map((delta) => {
+      const base = JSON.stringify(okCall(10, { what: 'echo', text: '' }));
+      return JSON.stringify(okCall(10, { what: 'echo', text: 'h'.repeat(Math.max(0, 64 * KIB - base.length + delta)) }));
+    });
+    const bodyArb: fc.Arbitrary<Buffer> = fc.oneof(
+      { weight: 6, arbitrary: rpcObject.map((m) => Buffer.from(JSON.stringify(m))) },
+      { weight: 2, arbitrary: fc.array(rpcObject, { maxLength: 4 }).map((ms) => Buffer.from(JSON.stringify(ms))) },
+      { weight: 1, arbitrary: fc.uint8Array({ maxLength: 300 }).map((b) => Buffer.from(b)) },
+      { weight: 1, arbitrary: fc.json({ maxDepth: 3 }).map((s) => Buffer.from(s)) },
+      { weight: 1, arbitrary: deepBody.map((s) => Buffer.from(s)) },
+      { weight: 1, arbitrary: hugeBody.map((s) => Buffer.from(s)) },
+      // Valid JSON text with invalid UTF-8 inside a string, or cut short.
+      { weight: 1, arbitrary: fc.tuple(rpcObject, fc.nat(), fc.constantFrom('ff', 'c328', 'eda080', 'f4908080', 'c0af')).map(([m, k, bad]) => {
+        const s = Buffer.from(JSON.stringify({ ...m, pad: 'pp' }));
+        const at = s.indexOf('pp') + 1;
+        return k % 2 ? Buffer.concat([s.subarray(0, at), Buffer.from(bad, 'hex'), s.subarray(at)]) : s.subarray(0, k % s.length);
+      }) },
+      { weight: 1, arbitrary: fc.constant(Buffer.alloc(0)) },
+    );
+
+    const pathArb = (ctx: { sid: string; soloSid: string; legacyPath: string }) => fc.oneof(
+      { weight: 8, arbitrary: fc.constantFrom('/fix/mcp', '/solo/mcp', ctx.legacyPath, '/fix/sse', '/solo/sse') },
+      { weight: 4, arbitrary: fc.constantFrom(
+        '/healthz', '/readyz', '/readyz?server=fix', '/readyz?server=%ZZ', '/metrics', '/', '/FIX/mcp', '/fix/../fix/mcp', '/fix/%2e%2e/mcp',
+        '/%66ix/mcp', '/fix//mcp', '//fix/mcp', '/fix/mcp/', '/fix/mcp?', '/fix/mcp?sessionId=x', '/fix/mcp#frag', '/fix/messages',
+        '/fix/messages?sessionId=', '/fix/messages?sessionId=nope', `${ctx.legacyPath}&sessionId=nope`, '/fix/messages?sessionId=%00',
+        'http://127.0.0.1/fix/mcp', 'http://evil.example/fix/mcp', '*', '/fix/mcp%00', '/fix/mcp\u00e9', '/nope/mcp', '/fix/nope',
+        '/.well-known/oauth-protected-resource/fix/mcp', '/.well-known/oauth-authorization-server', '/authorize?client_id=x', '/token', '/register',
+        '/%', '/%zz', '/..', '/../../etc/passwd', '/fix/%2Fmcp') },
+      { weight: 1, arbitrary: fc.tuple(fc.integer({ min: 1, max: 20_000 }), fc.constantFrom('a', '%41', '/', '../')).map(([n, unit]) => `/fix/mcp?x=${unit.repeat(Math.ceil(n / unit.length))}`) },
+      { weight: 1, arbitrary: fc.string({ unit: 'grapheme-ascii', maxLength: 40 }).map((s) => '/' + s.replace(/[\s]/g, '')) },
+    );
+    const methodArb = fc.oneof(
+      { weight: 10, arbitrary: fc.constantFrom('GET', 'POST', 'DELETE') },
+      { weight: 3, arbitrary: fc.constantFrom('PUT', 'PATCH', 'HEAD', 'OPTIONS', 'TRACE', 'PROPFIND', 'CONNECT', 'get', 'XYZ', 'M-SEARCH', 'POST ') },
+    );
+    const headerArb = (ctx: { sid: string; soloSid: string }) => {
+      const host = `127.0.0.1:${port}`;
+      const one = fc.oneof(
+        fc.constantFrom('application/json', 'application/json; charset=utf-8', 'APPLICATION/JSON', 'text/plain', 'application/json; charset=latin1',
+          'multipart/form-data; boundary=x', '', 'application/jsonx', 'application/x-www-form-urlencoded').map((v) => ['Content-Type', v]),
+        fc.constantFrom('application/json, text/event-stream', 'application/json', 'text/event-stream', '*/*', '', 'text/html',
+          'application/*;q=0', 'text/event-stream;q=0, application/json').map((v) => ['Accept', v]),
+        fc.constantFrom(ctx.sid, ctx.soloSid, 'nope', '', 'x'.repeat(300), ctx.sid.toUpperCase(), `${ctx.sid},${ctx.soloSid}`, '\u00e9\u00e9').map((v) => ['Mcp-Session-Id', v]),
+        fc.constantFrom('2025-06-18', '2025-03-26', '2024-11-05', '2025-11-25', '2026-07-28', '1999-01-01', '', 'latest').map((v) => ['MCP-Protocol-Version', v]),
+        fc.constantFrom('tools/call', 'tools/list', 'initialize', 'server/discover', '', 'x'.repeat(500)).map((v) => ['Mcp-Method', v]),
+        fc.constantFrom('do', '', 'other').map((v) => ['Mcp-Name', v]),
+        fc.constantFrom(`http://${host}`, 'http://localhost', 'https://evil.example', 'null', '', 'file://', `http://127.0.0.1:${port + 1}`, 'http://[::1]').map((v) => ['Origin', v]),
+        fc.constantFrom('localhost', 'evil.example', '', `127.0.0.1:${port}0`, '[::1]', 'LOCALHOST', '127.0.0.1.', 'a'.repeat(300)).map((v) => ['Host', v]),
+        fc.constantFrom('Bearer x', 'Bearer ', 'Basic dXNlcjpwYXNz', 'bearer ' + 'y'.repeat(2_000), '', 'Bearer\tz', 'Token t').map((v) => ['Authorization', v]),
+        fc.constantFrom('100-continue', 'nonsense').map((v) => ['Expect', v]),
+        fc.constantFrom('keep-alive', 'close', 'upgrade', 'Upgrade, close').map((v) => ['Connection', v]),
+        fc.constantFrom('websocket', 'h2c').map((v) => ['Upgrade', v]),
+        fc.constantFrom('0', '1', 'nope', '\u00ff').map((v) => ['Last-Event-ID', v]),
+        fc.constantFrom('5', '-1', 'abc', '99999999999999999999').map((v) => ['Content-Length', v]),
+        fc.constantFrom('gzip', 'chunked, gzip', 'identity').map((v) => ['Transfer-Encoding', v]),
+        fc.constantFrom('for=1.2.3.4', '1.2.3.4').map((v) => ['X-Forwarded-For', v]),
+        fc.tuple(fc.stringMatching(/^[A-Za-z0-9!#$%&'*+.^_`|~-]{1,20}$/), fc.string({ unit: 'grapheme-ascii', maxLength: 40 })).map(([k, v]) => [k, v.replace(/[\r\n]/g, '')]),
+      ) as fc.Arbitrary<[string, string]>;
+      // What Node's parser must refuse: a bare LF or NUL inside a value, a name with a space, obs-fold.
+      const bad = fc.constantFrom(['X-Bad', 'a\nb'], ['X-Bad', 'a\u0000b'], ['Bad Name', 'v'], ['X-Fold', 'a\r\n b']) as fc.Arbitrary<[string, string]>;
+      return fc.oneof(
+        { weight: 12, arbitrary: fc.array(one, { maxLength: 4 }) },
+        { weight: 1, arbitrary: fc.tuple(fc.array(one, { maxLength: 3 }), bad).map(([hs, b]) => [...hs, b]) },
+        { weight: 1, arbitrary: fc.integer({ min: 90, max: 130 }).map((n) => Array.from({ length: n }, (_, i) => [`X-Many-${i}`, 'v'] as [string, string])) },
+        { weight: 1, arbitrary: fc.constant([['X-Big', 'b'.repeat(20 * KIB)] as [string, string]]) },
+      );
+    };
+    const framingArb = fc.oneof(
+      { weight: 12, arbitrary: fc.constant('length') }, { weight: 3, arbitrary: fc.constant('chunked') },
+      { weight: 1, arbitrary: fc.constantFrom('none', 'short', 'long', 'both') },
+    );
+    const versionArb = fc.oneof(
+      { weight: 16, arbitrary: fc.constant('HTTP/1.1') }, { weight: 2, arbitrary: fc.constant('HTTP/1.0') },
+      { weight: 1, arbitrary: fc.constantFrom('HTTP/2.0', 'HTTP/1.1 x', 'HTTP/9.9', 'HTTX/1.1', '') },
+    );
+
+    /** A legacy session held open for the round; its POST path goes into the paths fuzzed. */
+    async function roundContext(): Promise<{ sid: string; soloSid: string; legacyPath: string; close(): void }> {
+      const sid = await rawSession(h.url, 'fix');
+      const soloSid = await rawSession(h.url, 'solo');
+      const legacy = await legacySession(h.url, 'fix');
+      return { sid, soloSid, legacyPath: legacy.endpoint.slice(h.url.length), close: () => legacy.stream.close() };
+    }
+
+    let n = 0;
+    const zeroes: string[] = [];
+    const statuses = new Map<string, number>();
+    const round = async (offset: number, numRuns: number, budgetMs: number): Promise<number> => {
+      const ctx = await roundContext();
+      seenSids.add(ctx.sid);
+      seenSids.add(ctx.soloSid);
+      let runs = 0;
+      try {
+        await fuzz('raw HTTP', offset, numRuns, budgetMs, (params) => fc.assert(
+          fc.asyncProperty(
+            methodArb, pathArb(ctx), versionArb, headerArb(ctx), fc.integer({ min: 0, max: 19 }).map((k) => k > 0), fc.integer({ min: 0, max: 9 }).map((k) => k > 1), bodyArb, framingArb,
+            fc.array(fc.nat({ max: 100_000 }), { maxLength: 4 }), fc.constantFrom(0, 0, 0, 5),
+            fc.option(fc.integer({ min: 0, max: 80 }), { freq: 8 }),
+            tracked(async (method, target, version, extra, withHost, jsonHeaders, body, framing, cuts, gapMs, abortMs) => {
+              runs++;
+              const tag = ++n;
+              const headers: [string, string][] = [];
+              if (withHost) headers.push(['Host', `127.0.0.1:${port}`]);
+              if (jsonHeaders) headers.push(['Content-Type', 'application/json'], ['Accept', 'application/json, text/event-stream']);
+              headers.push(...extra);
+              const sendsBody = framing !== 'none' || method !== 'GET';
+              let payload = body;
+              if (framing === 'length') headers.push(['Content-Length', String(body.length)]);
+              if (framing === 'short') headers.push(['Content-Length', String(Math.max(0, body.length - 3))]);
+              if (framing === 'long') headers.push(['Content-Length', String(body.length + 10)]);
+              if (framing === 'both') headers.push(['Content-Length', String(body.length)], ['Transfer-Encoding', 'chunked']);
+              if (framing === 'chunked' || framing === 'both') {
+                headers.push(['Transfer-Encoding', 'chunked']);
+                const chunks = cutAt(body, cuts).map((c) => Buffer.concat([Buffer.from(`${c.length.toString(16)}\r\n`), c, Buffer.from('\r\n')]));
+                payload = Buffer.concat([...chunks.filter((c) => !c.subarray(0, 3).equals(Buffer.from('0\r\n'))), Buffer.from('0\r\n\r\n')]);
+              }
+              const head = Buffer.from(`${method} ${target} ${version}\r\n${headers.map(([k, v]) => `${k}: ${v}\r\n`).join('')}\r\n`, 'latin1');
+              const bytes = sendsBody ? Buffer.concat([head, payload]) : head;
+              const what = `#${tag} ${method} ${target.slice(0, 120)} ${version} [${headers.map(([k, v]) => `${k}: ${v.slice(0, 60)}`).join(' | ').slice(0, 600)}] ` +
+                `${framing} body ${JSON.stringify(body.toString('latin1').slice(0, 200))}${abortMs === null ? '' : ` cut after ${abortMs} ms`}`;
+              // A body shorter than announced: half-close, so the proxy sees the end instead of waiting for bytes.
+              const answer = await rawExchange(port, cutAt(bytes, cuts), { gapMs, halfClose: framing === 'long', abortMs: abortMs ?? undefined, head: method === 'HEAD' }, EXCHANGE_MS)
+                .catch((err: Error) => assert.fail(`hang: ${what}: ${err.message}`));
+              const key = answer === null ? 'cut' : String(answer.status);
+              statuses.set(key, (statuses.get(key) ?? 0) + 1);
+              if (answer) {
+                const sid = answer.headers['mcp-session-id'];
+                if (sid) seenSids.add(sid);
+                if (answer.status === 0) {
+                  // Node closes a CONNECT (no 'connect' listener) and a half-closed request without a word.
+                  if (method !== 'CONNECT' && framing !== 'long') zeroes.push(what);
+                } else assertAllowed(answer.status, answer.headers, what, target);
+              }
+              await assertHealthy(h, what);
+            }),
+          ),
+          params,
+        ));
+      } finally {
+        ctx.close();
+      }
+      // A real call on each child after the round.
+      const fresh = await rawSession(h.url, 'fix');
+      const freshSolo = await rawSession(h.url, 'solo');
+      for (const [name, sid] of [['fix', fresh], ['solo', freshSolo]] as const) {
+        const res = await within(post(`${h.url}/${name}/mcp`, call('real', { what: 'echo', text: `real ${name}` }), sessionHeaders(sid)), 5_000, `a real call on ${name}`);
+        assert.equal(res.status, 200, res.text);
+        assert.equal(textOf(onlyMessage(res).result), `real ${name}`);
+      }
+      seenSids.add(fresh);
+      seenSids.add(freshSolo);
+      return runs;
+    };
+    const settle = async () => {
+      await deleteSessions(`${h.url}/fix/mcp`, seenSids);
+      await deleteSessions(`${h.url}/solo/mcp`, seenSids);
+      seenSids.clear();
+      await sessionsGone(h, 'raw HTTP');
+      await pidFileDead(pidFile, 'raw HTTP');
+    };
+    await warmThenMain(t, round, settle, { warm: 60, main: 1_000, warmMs: 3_000, mainMs: 10_000 });
+    t.diagnostic(`statuses: ${[...statuses].sort().map(([k, v]) => `${k} ×${v}`).join(', ')}`);
+    assert.deepEqual(zeroes, [], 'complete requests the proxy closed without an answer');
+    assert.equal(h.proxy.status().fix!.pid, fixPid, 'no input restarted the shared child');
+    assert.equal(h.proxy.status().fix!.restarts, 0);
+    flog.assertNoInternalError();
+  });
+
+  // ── JSON-RPC mutations against server-everything ──
+
+  /** Sets (or with `value === DELETE` removes) `path` in `msg`, making containers on the way; own keys even for "__proto__". */
+  const DELETE = Symbol('delete');
+  function mutateAt(msg: Json, keys: string[], value: unknown): Json {
+    const root: Json = msg !== null && typeof msg === 'object' && !Array.isArray(msg) ? msg : {};
+    let at: Json = root;
+    for (const k of keys.slice(0, -1)) {
+      if (at[k] === null || typeof at[k] !== 'object' || !Object.prototype.hasOwnProperty.call(at, k)) {
+        Object.defineProperty(at, k, { value: {}, enumerable: true, writable: true, configurable: true });
+      }
+      at = at[k];
+    }
+    const last = keys[keys.length - 1]!;
+    if (value === DELETE) delete at[last];
+    else Object.defineProperty(at, last, { value, enumerable: true, writable: true, configurable: true });
+    return root;
+  }
+
+  const oddValue: fc.Arbitrary<unknown> = fc.oneof(
+    fc.constantFrom(null, true, false, 0, -1, 1.5, -0, 1e308, 2 ** 53 + 1, '', ' ', '__proto__', 'constructor', 'toString', '\u0000', '\ud800',
+      [], {}, [null], { id: 1 }, 'notifications/initialized', 'tools/call', 'initialize'),
+    fc.jsonValue({ maxDepth: 3 }),
+    fc.string({ unit: 'binary', maxLength: 16 }),
+    fc.integer({ min: 1, max: 5_000 }).map((k) => 'L'.repeat(k)),
+    fc.integer({ min: 1, max: 40 }).map((d) => JSON.parse(nestedArrays(d))),
+  );
+  const methodValue: fc.Arbitrary<unknown> = fc.oneof(
+    fc.constantFrom('TOOLS/CALL', 'tools/call ', 'tools/', 'rpc.discover', 'notifications/x', 'initialize', 'sampling/createMessage', 'roots/list',
+      'elicitation/create', 'logging/setLevel', 'completion/complete', 'server/discover', 'resources/subscribe', 'resources/unsubscribe', 'ping',
+      'notifications/cancelled', 'notifications/progress', 'notifications/initialized', 'notifications/roots/list_changed', '$/cancelRequest'),
+    oddValue,
+  );
+  const mutationArb = fc.oneof(
+    fc.tuple(fc.constantFrom(['id'], ['jsonrpc'], ['params'], ['result'], ['error']), fc.oneof(oddValue, fc.constant(DELETE))),
+    fc.tuple(fc.constant(['method']), fc.oneof(methodValue, fc.constant(DELETE))),
+    fc.tuple(fc.constantFrom('name', 'arguments', 'uri', 'protocolVersion', 'capabilities', 'clientInfo', 'level', 'requestId', 'progressToken', 'cursor', 'ref', 'argument')
+      .map((k) => ['params', k]), fc.oneof(oddValue, fc.constant(DELETE))),
+    fc.tuple(fc.constantFrom('message', 'a', 'b', 'duration', 'steps', 'prompt', 'maxTokens', 'messageType', 'includeImage', 'location', 'resourceId')
+      .map((k) => ['params', 'arguments', k]), oddValue),
+    fc.tuple(fc.constantFrom('progressToken', META_VERSION, META_CAPS, META_CLIENT_INFO, 'io.modelcontextprotocol/subscriptionId', 'x')
+      .map((k) => ['params', '_meta', k]), fc.oneof(oddValue, fc.constantFrom(MODERN, '2025-06-18', '2024-11-05'), fc.constant(DELETE))),
+    fc.tuple(fc.string({ maxLength: 8 }).map((k) => [k]), oddValue),
+  ) as fc.Arbitrary<[string[], unknown]>;
+
+  const EVERYTHING_CALLS: Json[] = [
+    { name: 'echo', arguments: { message: 'fuzz' } }, { name: 'get-sum', arguments: { a: 1, b: 2 } }, { name: 'get-tiny-image', arguments: {} },
+    { name: 'get-structured-content', arguments: { location: 'New York' } }, { name: 'get-annotated-message', arguments: { messageType: 'error', includeImage: false } },
+    { name: 'get-resource-links', arguments: { count: 2 } }, { name: 'get-resource-reference', arguments: { resourceType: 'Text', resourceId: 1 } },
+    { name: 'trigger-long-running-operation', arguments: { duration: 1, steps: 2 }, _meta: { progressToken: 'p' } },
+    { name: 'trigger-sampling-request', arguments: { prompt: 'x', maxTokens: 5 } }, { name: 'toggle-simulated-logging', arguments: {} },
+    { name: 'no-such-tool', arguments: {} },
+  ];
+  const EVERYTHING_BASE: Json[] = [
+    initMsg(1),
+    { jsonrpc: '2.0', id: 1, method: 'ping' },
+    { jsonrpc: '2.0', id: 1, method: 'tools/list', params: {} },
+    ...EVERYTHING_CALLS.map((params) => ({ jsonrpc: '2.0', id: 1, method: 'tools/call', params })),
+    { jsonrpc: '2.0', id: 1, method: 'resources/list', params: {} },
+    { jsonrpc: '2.0', id: 1, method: 'resources/templates/list', params: {} },
+    { jsonrpc: '2.0', id: 1, method: 'resources/read', params: { uri: 'demo://resource/dynamic/text/1' } },
+    { jsonrpc: '2.0', id: 1, method: 'resources/subscribe', params: { uri: 'demo://resource/dynamic/text/1' } },
+    { jsonrpc: '2.0', id: 1, method: 'resources/unsubscribe', params: { uri: 'demo://resource/dynamic/text/1' } },
+    { jsonrpc: '2.0', id: 1, method: 'prompts/list', params: {} },
+    { jsonrpc: '2.0', id: 1, method: 'prompts/get', params: { name: 'simple-prompt' } },
+    { jsonrpc: '2.0', id: 1, method: 'logging/setLevel', params: { level: 'debug' } },
+    { jsonrpc: '2.0', id: 1, method: 'completion/complete', params: { ref: { type: 'ref/prompt', name: 'complex-prompt' }, argument: { name: 'temperature', value: '1' } } },
+    { jsonrpc: '2.0', id: 1, method: 'server/discover', params: {} },
+    { jsonrpc: '2.0', method: 'notifications/initialized' },
+    { jsonrpc: '2.0', method: 'notifications/cancelled', params: { requestId: 1, reason: 'fuzz' } },
+    { jsonrpc: '2.0', method: 'notifications/progress', params: { progressToken: 'p', progress: 1 } },
+    { jsonrpc: '2.0', method: 'notifications/roots/list_changed' },
+    { jsonrpc: '2.0', id: 'srv-1', result: {} },
+    { jsonrpc: '2.0', id: 7, error: { code: -1, message: 'x' } },
+  ];
+  type Transport = 'mcp' | 'mcp-nosession' | 'modern' | 'legacy' | 'solo-mcp' | 'solo-legacy' | 'solo-nosession';
+  const transportArb: fc.Arbitrary<Transport> = fc.oneof(
+    { weight: 4, arbitrary: fc.constant('mcp' as const) }, { weight: 1, arbitrary: fc.constant('mcp-nosession' as const) },
+    { weight: 3, arbitrary: fc.constant('modern' as const) }, { weight: 3, arbitrary: fc.constant('legacy' as const) },
+    { weight: 3, arbitrary: fc.constant('solo-mcp' as const) }, { weight: 2, arbitrary: fc.constant('solo-legacy' as const) },
+    { weight: 1, arbitrary: fc.constant('solo-nosession' as const) },
+  );
+  /** One mutated message (an object, usually; a mutation may turn it into anything JSON). */
+  const mutatedMessage = fc.tuple(fc.constantFrom(...EVERYTHING_BASE), fc.integer({ min: 0, max: 1e9 }), fc.oneof(fc.constant([] as [string[], unknown][]), fc.array(mutationArb, { minLength: 1, maxLength: 2 }), fc.array(mutationArb, { minLength: 1, maxLength: 2 })), fc.boolean())
+    .map(([base, id, mutations, modern]) => {
+      let msg: Json = JSON.parse(JSON.stringify(base));
+      if ('id' in msg) msg.id = id;
+      if (modern && typeof msg.method === 'string') msg = modernMsg(msg.id, msg.method, msg.params ?? {});
+      for (const [keys, value] of mutations) msg = mutateAt(msg, keys, value);
+      return msg;
+    });
+  /** The body text: the message as JSON, or a batch of them, or that text damaged. */
+  const mutatedBody = fc.tuple(
+    fc.oneof({ weight: 6, arbitrary: mutatedMessage.map((m) => [m]) }, { weight: 1, arbitrary: fc.array(mutatedMessage, { maxLength: 4 }).map((ms) => ms) }),
+    fc.boolean(),
+    fc.constantFrom('none', 'none', 'none', 'none', 'none', 'none', 'truncate', 'byte', 'dupid', 'utf8', 'bom'),
+    fc.nat(),
+    fc.integer({ min: 0, max: 255 }),
+  ).map(([msgs, asBatch, damage, k, byte]) => {
+    const text = Buffer.from(msgs.length === 1 && !asBatch ? JSON.stringify(msgs[0]) : JSON.stringify(msgs));
+    const at = k % (text.length + 1);
+    switch (damage) {
+      case 'truncate': return { msgs, body: text.subarray(0, at) };
+      case 'byte': return { msgs, body: Buffer.concat([text.subarray(0, at), Buffer.from([byte]), text.subarray(at)]) };
+      case 'dupid': return { msgs, body: text[0] === 0x7b ? Buffer.concat([Buffer.from(`{"id":${k},`), text.subarray(1)]) : text };
+      case 'utf8': return { msgs, body: Buffer.concat([text.subarray(0, at), Buffer.from([0xff, 0xc3, 0x28]), text.subarray(at)]) };
+      case 'bom': return { msgs, body: Buffer.concat([Buffer.from('\ufeff'), text]) };
+      default: return { msgs, body: text };
+    }
+  });
+
+  /** POST `body` to `url` and read the whole answer (event streams end with the request's answer). */
+  function postBytes(url: string, body: Buffer, headers: Record<string, string>): Promise<RawResponse> {
+    return request(url, { method: 'POST', headers, body });
+  }
+
+  /** The JSON-RPC messages of a 200 answer: it must be well-formed whatever the input was. */
+  function answerMessages(res: RawResponse, what: string): Json[] {
+    try {
+      return messages(res);
+    } catch (err) {
+      assert.fail(`${what}: a ${res.status} answer whose body is not JSON-RPC (${(err as Error).message}): ${res.text.slice(0, 300)}`);
+    }
+  }
+
+  it('mutated JSON-RPC to server-everything (shared and per-session) on Streamable HTTP, 2026-07-28 and legacy HTTP+SSE: allowed statuses, well-formed answers, no hang, no crash, no leaked session, child or heap', { timeout: 60_000 }, async (t) => {
+    const flog = fuzzLog(t);
+    const h = await harness(t, { servers: [everything('everything'), srv('evsolo', [EVERYTHING, 'stdio'], { sessions: 'per-session' })] },
+      // sessionIdleMs above server-everything's start-up (1-2 s here): a session whose child is still starting is
+      // expired as idle under its own initialize (a defect, tested on its own below).
+      { limits: { ...FUZZ_LIMITS, sessionIdleMs: 5_000 }, log: flog.log });
+    await h.proxy.ready(15_000);
+    const evPid = h.proxy.status().everything!.pid;
+    const seenSids = new Set<string>();
+    const statuses = new Map<string, number>();
+    let n = 0;
+
+    const round = async (offset: number, numRuns: number, budgetMs: number): Promise<number> => {
+      const sid = await rawSession(h.url, 'everything');
+      const soloSid = await rawSession(h.url, 'evsolo');
+      const legacy = await legacySession(h.url, 'everything');
+      const soloLegacy = await legacySession(h.url, 'evsolo');
+      for (const s of [sid, soloSid]) seenSids.add(s);
+      let runs = 0;
+      try {
+        await fuzz('mutated JSON-RPC', offset, numRuns, budgetMs, (params) => fc.assert(
+          fc.asyncProperty(transportArb, mutatedBody, fc.boolean(), fc.constantFrom('keep', 'keep', 'drop', 'other'), tracked(async (transport, { msgs, body }, sseAccept, methodHeader) => {
+            runs++;
+            const tag = ++n;
+            const accept = sseAccept ? 'application/json, text/event-stream' : 'application/json';
+            const first = msgs[0];
+            let url = `${h.url}/everything/mcp`;
+            let headers: Record<string, string> = { 'content-type': 'application/json', accept };
+            if (transport === 'mcp') headers = { ...headers, ...sessionHeaders(sid, { accept }) };
+            else if (transport === 'solo-mcp') (url = `${h.url}/evsolo/mcp`), (headers = { ...headers, ...sessionHeaders(soloSid, { accept }) });
+            else if (transport === 'solo-nosession') url = `${h.url}/evsolo/mcp`;
+            else if (transport === 'legacy') url = legacy.endpoint;
+            else if (transport === 'solo-legacy') url = soloLegacy.endpoint;
+            else if (transport === 'modern') {
+              const method = first !== null && typeof first === 'object' && typeof first.method === 'string' ? first.method : undefined;
+              headers = { ...headers, 'mcp-protocol-version': MODERN };
+              if (method !== undefined && methodHeader !== 'drop') Object.assign(headers, modernHeaders(first));
+              if (methodHeader === 'other') headers['mcp-method'] = 'tools/list';
+            }
+            for (const [k, v] of Object.entries(headers)) if (/[^\t\x20-\x7e\x80-\xff]/.test(v)) delete headers[k]; // node:http refuses to send them
+            const what = `#${tag} ${transport} ${JSON.stringify(headers)} ${JSON.stringify(body.toString('latin1').slice(0, 400))}`;
+            const res = await within(postBytes(url, body, headers), EXCHANGE_MS, `answer to ${what}`);
+            statuses.set(`${transport} ${res.status}`, (statuses.get(`${transport} ${res.status}`) ?? 0) + 1);
+            assertAllowed(res.status, res.headers, `${what} → ${res.status} ${res.text.slice(0, 300)}`);
+            const newSid = res.headers['mcp-session-id'];
+            if (typeof newSid === 'string') seenSids.add(newSid);
+            if (res.status === 200) for (const m of answerMessages(res, what)) assert.equal(m.jsonrpc, '2.0', `${what}: ${res.text.slice(0, 300)}`);
+            else if (res.status >= 400 && res.text !== '') {
+              const err = answerMessages(res, what)[0];
+              assert.ok(Number.isInteger(err?.error?.code), `${what}: a ${res.status} whose body is not a JSON-RPC error: ${res.text.slice(0, 300)}`);
+            }
+            await assertHealthy(h, what);
+          })),
+          params,
+        ));
+        // Whatever the streams carried parsed as JSON-RPC.
+        for (const s of [legacy.stream, soloLegacy.stream]) {
+          for (const e of s.events.filter((ev) => ev.event === 'message')) assert.doesNotThrow(() => JSON.parse(e.data), `legacy stream event ${e.data.slice(0, 200)}`);
+        }
+        // Real calls afterwards: the raw legacy sessions, a fresh raw session per server, an SDK client on each transport.
+        for (const [l, name] of [[legacy, 'everything'], [soloLegacy, 'evsolo']] as const) {
+          assert.equal((await l.send({ jsonrpc: '2.0', id: `real-${offset}`, method: 'tools/call', params: { name: 'echo', arguments: { message: 'legacy' } } })).status, 202);
+          const answer = await l.answer(`real-${offset}`, EXCHANGE_MS);
+          assert.equal(textOf(answer.result), 'Echo: legacy', `${name}: ${JSON.stringify(answer)}`);
+        }
+        for (const name of ['everything', 'evsolo']) {
+          const fresh = await rawSession(h.url, name);
+          seenSids.add(fresh);
+          const res = await within(post(`${h.url}/${name}/mcp`, { jsonrpc: '2.0', id: 'real', method: 'tools/call', params: { name: 'echo', arguments: { message: 'raw' } } }, sessionHeaders(fresh)), EXCHANGE_MS, 'real call');
+          assert.equal(textOf(onlyMessage(res).result), 'Echo: raw', res.text);
+        }
+        for (const kind of ['mcp', 'sse'] as const) {
+          const client = await within(h.client('everything', kind), EXCHANGE_MS, `SDK ${kind} client`);
+          const result = await client.callTool({ name: 'echo', arguments: { message: kind } });
+          assert.equal(textOf(result), `Echo: ${kind}`);
+          await client.close();
+        }
+      } finally {
+        legacy.stream.close();
+        soloLegacy.stream.close();
+      }
+      return runs;
+    };
+    const settle = async () => {
+      for (const name of ['everything', 'evsolo']) await deleteSessions(`${h.url}/${name}/mcp`, seenSids);
+      seenSids.clear();
+      await sessionsGone(h, 'mutated JSON-RPC');
+    };
+    await warmThenMain(t, round, settle, { warm: 40, main: 1_000, warmMs: 3_000, mainMs: 8_000 });
+    t.diagnostic(`statuses: ${[...statuses].sort().map(([k, v]) => `${k} ×${v}`).join(', ')}`);
+    assert.equal(h.proxy.status().everything!.pid, evPid, 'no input restarted the shared child');
+    flog.assertNoInternalError();
+  });
+
+  // ── A child whose every answer is mutated ──
+
+  // A stdio MCP server that answers initialize, ping and tools/list properly and each tools/call with the bytes
+  // the call asks for: arguments.writes (base64; "@ID@" replaced by the JSON of the call's id, "@Z<n>@" by n z's) written one by
+  // one, arguments.gapMs (at most 50) apart. Calls are served in order, so one call's writes never interleave
+  // with the next one's.
+  const MUTANT = String.raw`
+'use strict';
+const fs = require('node:fs');
+if (process.env.FIXTURE_PIDFILE) fs.appendFileSync(process.env.FIXTURE_PIDFILE, process.pid + '\n');
+const send = (m) => process.stdout.write(JSON.stringify(m) + '\n');
+${STDIN_LINES}
+process.stdin.on('end', () => process.exit(0));
+const ID = Buffer.from('@ID@');
+function replaceId(buf, idText) {
+  const out = [];
+  let at = 0;
+  for (let i; (i = buf.indexOf(ID, at)) !== -1; at = i + ID.length) out.push(buf.subarray(at, i), idText);
+  out.push(buf.subarray(at));
+  // "@Z<n>@": n bytes of z (a huge line without a huge request).
+  return Buffer.from(Buffer.concat(out).toString('latin1').replace(/@Z(\d+)@/g, (m, k) => 'z'.repeat(Number(k))), 'latin1');
+}
+let queue = Promise.resolve();
+function onMessage(msg) {
+  if (msg.id === undefined || typeof msg.method !== 'string') return;
+  if (msg.method === 'initialize') {
+    const v = msg.params && typeof msg.params.protocolVersion === 'string' ? msg.params.protocolVersion : '2025-06-18';
+    return send({ jsonrpc: '2.0', id: msg.id, result: { protocolVersion: v, capabilities: { tools: {}, logging: {} }, serverInfo: { name: 'mutant', version: '1.0.0' } } });
+  }
+  if (msg.method === 'ping') return send({ jsonrpc: '2.0', id: msg.id, result: {} });
+  if (msg.method === 'tools/list') return send({ jsonrpc: '2.0', id: msg.id, result: { tools: [{ name: 'out', inputSchema: { type: 'object' } }] } });
+  if (msg.method !== 'tools/call') return send({ jsonrpc: '2.0', id: msg.id, error: { code: -32601, message: 'Method not found' } });
+  const a = (msg.params && msg.params.arguments) || {};
+  const idText = Buffer.from(JSON.stringify(msg.id));
+  const parts = (Array.isArray(a.writes) ? a.writes : []).map((b) => replaceId(Buffer.from(String(b), 'base64'), idText));
+  const gap = Math.min(Math.max(Number(a.gapMs) || 0, 0), 50);
+  queue = queue.then(() => new Promise((done) => {
+    let i = 0;
+    const next = () => {
+      if (i >= parts.length) return done();
+      process.stdout.write(parts[i++]);
+      if (gap > 0) setTimeout(next, gap);
+      else next();
+    };
+    next();
+  }));
+}
+`;
+
+  const okLine = (text: string) => `{"jsonrpc":"2.0","id":@ID@,"result":{"content":[{"type":"text","text":${JSON.stringify(text)}}]}}`;
+  /** Ids no request of the proxy's carries (it numbers its own from small positive integers). */
+  const foreignId = fc.constantFrom('"nope"', '-5', '9007199254740991', '0.5', '"@ID@"', '[@ID@]', '{"v":@ID@}', 'null', 'true', '"1"');
+  const oddJson = fc.oneof(fc.jsonValue({ maxDepth: 2 }).map((v) => JSON.stringify(v) ?? 'null'), fc.constantFrom('null', '[]', '{}', '"\\u0000"', '1e999'));
+  /** One line of child output (without its newline), damaged or odd in one of the ways a child can be. */
+  const childLine: fc.Arbitrary<Buffer> = fc.oneof(
+    { weight: 3, arbitrary: fc.constant(Buffer.from(okLine('ok'))) },
+    // Garbage: random bytes, text, an empty line, a bare CR.
+    { weight: 1, arbitrary: fc.uint8Array({ maxLength: 120 }).map((b) => Buffer.from(b.filter((x) => x !== 0x0a))) },
+    { weight: 1, arbitrary: fc.string({ unit: 'grapheme', maxLength: 30 }).map((s) => Buffer.from(s.replace(/\n/g, ''))) },
+    { weight: 1, arbitrary: fc.constantFrom('', '\r', ' ', '[]', '{}', '[1,2', '"str"', 'null', '{"jsonrpc":"2.0"}').map((s) => Buffer.from(s)) },
+    // Truncated JSON (the answer cut anywhere).
+    { weight: 2, arbitrary: fc.nat().map((k) => { const s = okLine('cut'); return Buffer.from(s.slice(0, k % s.length)); }) },
+    // Wrong ids.
+    { weight: 2, arbitrary: foreignId.map((id) => Buffer.from(`{"jsonrpc":"2.0","id":${id},"result":{"content":[]}}`)) },
+    // Huge (around and over maxLineBytes, 32 KiB) and nested (around maxJsonDepth, 32).
+    { weight: 1, arbitrary: fc.integer({ min: 30 * KIB, max: 70 * KIB }).map((bytes) => Buffer.from(okLine(`@Z${bytes}@`))) },
+    { weight: 1, arbitrary: fc.tuple(fc.integer({ min: 1, max: 60 }), fc.boolean()).map(([d, answer]) =>
+      Buffer.from(answer ? `{"jsonrpc":"2.0","id":@ID@,"result":{"content":[],"deep":${nestedArrays(d)}}}`
+        : `{"jsonrpc":"2.0","method":"notifications/message","params":{"level":"info","data":${nestedArrays(d)}}}`)) },
+    // Invalid UTF-8 inside a string, and control characters raw (invalid JSON) or escaped (valid).
+    { weight: 1, arbitrary: fc.constantFrom('ff', 'c328', 'eda080', 'f4908080', 'c0af', 'e282').map((hex) => {
+      const [a, b] = okLine('X').split('X');
+      return Buffer.concat([Buffer.from(a!), Buffer.from(hex, 'hex'), Buffer.from(b!)]);
+    }) },
+    { weight: 1, arbitrary: fc.tuple(fc.integer({ min: 0, max: 31 }).filter((c) => c !== 10), fc.boolean()).map(([c, raw]) =>
+      Buffer.from(raw ? okLine('c').replace('"c"', `"c${String.fromCharCode(c)}"`) : okLine(`c${String.fromCharCode(c)}\u001b[2K\u0085\u2028`))) },
+    // Answers of odd shape under the right id: no result nor error, both, a malformed error, a non-object result, a batch.
+    { weight: 2, arbitrary: fc.constantFrom(
+      '{"jsonrpc":"2.0","id":@ID@}', '{"jsonrpc":"2.0","id":@ID@,"result":null}', '{"jsonrpc":"2.0","id":@ID@,"result":7}',
+      '{"jsonrpc":"2.0","id":@ID@,"result":{},"error":{"code":1,"message":"both"}}', '{"jsonrpc":"2.0","id":@ID@,"error":{"code":"x"}}',
+      '{"jsonrpc":"2.0","id":@ID@,"error":null}', '{"id":@ID@,"result":{}}', '{"jsonrpc":"1.0","id":@ID@,"result":{}}',
+      '[{"jsonrpc":"2.0","id":@ID@,"result":{}}]', '[]', '{"jsonrpc":"2.0","id":@ID@,"result":{"content":"no array"}}',
+      '{"jsonrpc":"2.0","id":@ID@,"id":"dup","result":{}}',
+    ).map((s) => Buffer.from(s)) },
+    // Notifications with odd methods and params.
+    { weight: 2, arbitrary: fc.tuple(fc.oneof(fc.constantFrom('"notifications/progress"', '"notifications/cancelled"', '"notifications/message"',
+      '"notifications/resources/updated"', '"notifications/tools/list_changed"', '"notifications/initialized"', '""', '123', 'null', '"__proto__"'),
+    fc.string({ maxLength: 20 }).map((s) => JSON.stringify(s))), oddJson, fc.constantFrom('progressToken', 'requestId', 'level', 'uri', 'x')).map(([m, v, k]) =>
+      Buffer.from(`{"jsonrpc":"2.0","method":${m},"params":{"${k}":${v},"progress":1,"data":${v}}}`)) },
+    // Requests to the client with odd ids, methods and params.
+    { weight: 2, arbitrary: fc.tuple(fc.oneof(foreignId, fc.integer().map(String), fc.constant('@ID@')),
+      fc.constantFrom('"sampling/createMessage"', '"roots/list"', '"elicitation/create"', '"ping"', '"tools/call"', '"x/y"', '""', '7'), oddJson).map(([id, m, p]) =>
+      Buffer.from(`{"jsonrpc":"2.0","id":${id},"method":${m},"params":${p}}`)) },
+  );
+  /** Several lines, each with its newline, cut into writes at random points (a line split across writes). */
+  const childOutput = fc.tuple(fc.array(childLine, { minLength: 1, maxLength: 5 }), fc.integer({ min: 0, max: 6 }), fc.array(fc.nat({ max: 200_000 }), { maxLength: 4 }), fc.constantFrom(0, 0, 0, 3, 15))
+    .map(([mutated, last, cuts, gapMs]) => {
+      // Mostly a good answer last (it must get through unless a line before settled the call); else none, and
+      // the call ends by requestTimeoutMs.
+      const lines = last > 0 ? [...mutated, Buffer.from(okLine('last'))] : mutated;
+      const bytes = Buffer.concat(lines.flatMap((l) => [l, Buffer.from('\n')]));
+      // Never cut inside an "@Z<n>@" placeholder (the child expands it per write).
+      const text = bytes.toString('latin1');
+      const holes = [...text.matchAll(/@Z\d+@/g)].map((m) => [m.index!, m.index! + m[0].length] as const);
+      const safeCuts = cuts.map((c) => c % (bytes.length + 1)).map((c) => holes.find(([a, b]) => c > a && c < b)?.[1] ?? c);
+      return { lines, writes: cutAt(bytes, safeCuts).map((b) => b.toString('base64')), gapMs };
+    });
+
+  it('a child whose answers are mutated (garbage, truncated, wrong ids, huge, nested, invalid UTF-8, control characters, split writes, odd notifications and requests): each call gets one answer or error in time, other sessions keep being served, no crash, no leak', { timeout: 60_000 }, async (t) => {
+    const pidFile = path.join(tmpDir('fuzz-child'), 'pids');
+    const flog = fuzzLog(t);
+    const h = await startHarness(
+      { servers: [srv('mut', ['-e', MUTANT]), srv('mutsolo', ['-e', MUTANT], { sessions: 'per-session', env: { FIXTURE_PIDFILE: pidFile } })] },
+      { limits: { ...FUZZ_LIMITS, requestTimeoutMs: 500 }, log: flog.log },
+    );
+    onCleanup(t, async () => {
+      for (const line of fileLines(pidFile)) h.groups.add(Number(line));
+      await h.stop();
+    });
+    await h.proxy.ready(10_000);
+    const mutPid = h.proxy.status().mut!.pid;
+    const seenSids = new Set<string>();
+    const outcomes = new Map<string, number>();
+    let n = 0;
+    const callOut = (id: string, out: { writes: string[]; gapMs: number }) => ({ jsonrpc: '2.0', id, method: 'tools/call', params: { name: 'out', arguments: out } });
+    const okOut = { writes: [Buffer.from(okLine('bystander') + '\n').toString('base64')], gapMs: 0 };
+
+    const round = async (offset: number, numRuns: number, budgetMs: number): Promise<number> => {
+      const sid = await rawSession(h.url, 'mut');
+      const bystander = await rawSession(h.url, 'mut');
+      const soloSid = await rawSession(h.url, 'mutsolo');
+      const legacy = await legacySession(h.url, 'mut');
+      // A GET stream on the Streamable session: where the child's requests and notifications go.
+      const get = await openRpcStream(`${h.url}/mut/mcp`, { headers: { ...sessionHeaders(sid), accept: 'text/event-stream' } });
+      // …and on the per-session one, which would otherwise idle out (1.5 s) between the inputs that use it.
+      const soloGet = await openRpcStream(`${h.url}/mutsolo/mcp`, { headers: { ...sessionHeaders(soloSid), accept: 'text/event-stream' } });
+      for (const s of [sid, bystander, soloSid]) seenSids.add(s);
+      let runs = 0;
+      try {
+        await fuzz('mutated child output', offset, numRuns, budgetMs, (params) => fc.assert(
+          fc.asyncProperty(fc.constantFrom('mcp-json', 'mcp-sse', 'legacy', 'solo'), childOutput, tracked(async (transport, out) => {
+            runs++;
+            const id = `m-${++n}`;
+            const what = `#${n} ${transport} lines ${JSON.stringify(out.lines.map((l) => l.toString('latin1').slice(0, 150)))} gap ${out.gapMs} ms, ${out.writes.length} writes`;
+            let answer: Json;
+            if (transport === 'legacy') {
+              const from = legacy.stream.events.length;
+              const res = await within(post(legacy.endpoint, callOut(id, out)), EXCHANGE_MS, `POST ${what}`);
+              assert.equal(res.status, 202, `${what}: ${res.text}`);
+              answer = await within(waitFor(() => legacy.stream.events.slice(from).map((e) => e.event === 'message' ? JSON.parse(e.data) : null)
+                .find((m) => m && m.id === id && m.method === undefined), EXCHANGE_MS, `answer to ${what}`), EXCHANGE_MS + 1_000, `answer to ${what}`);
+            } else {
+              const url = `${h.url}/${transport === 'solo' ? 'mutsolo' : 'mut'}/mcp`;
+              const accept = transport === 'mcp-sse' ? 'application/json, text/event-stream' : 'application/json';
+              const res = await within(post(url, callOut(id, out), sessionHeaders(transport === 'solo' ? soloSid : sid, { accept })), EXCHANGE_MS, `answer to ${what}`);
+              assertAllowed(res.status, res.headers, `${what} → ${res.status} ${res.text.slice(0, 300)}`);
+              assert.equal(res.status, 200, `${what}: ${res.text.slice(0, 300)}`);
+              const answers = answerMessages(res, what).filter((m) => m.method === undefined);
+              assert.equal(answers.length, 1, `${what}: one answer, got ${res.text.slice(0, 500)}`);
+              answer = answers[0];
+            }
+            assert.equal(answer.id, id, `${what}: the answer carries the client's id: ${JSON.stringify(answer).slice(0, 300)}`);
+            assert.equal(answer.jsonrpc, '2.0');
+            // The envelope the proxy checks (jsonRpcKind: exactly one of result and error). What is inside a child's
+            // answer is the child's: an "error": null passes as it is (see the defect test below).
+            assert.ok(('result' in answer) !== ('error' in answer), `${what}: a result or an error: ${JSON.stringify(answer).slice(0, 300)}`);
+            const key = 'result' in answer ? 'result' : `error ${JSON.stringify(answer.error?.code ?? answer.error)}`;
+            outcomes.set(key, (outcomes.get(key) ?? 0) + 1);
+            // Another session on the same child is still served, with its own answer (the child serves calls in order).
+            const by = await within(post(`${h.url}/mut/mcp`, callOut(`by-${n}`, okOut), sessionHeaders(bystander)), EXCHANGE_MS, `bystander after ${what}`);
+            assert.equal(by.status, 200, `bystander after ${what}: ${by.text}`);
+            const byAnswer = onlyMessage(by);
+            assert.equal(byAnswer.id, `by-${n}`);
+            assert.equal(textOf(byAnswer.result), 'bystander', `bystander after ${what}: ${by.text.slice(0, 300)}`);
+            if (transport === 'legacy') {
+              // Its call's writes are all out (the bystander was answered after them): still one answer for the id.
+              const mine = streamMessages(legacy.stream).filter((m) => m.id === id && m.method === undefined);
+              assert.equal(mine.length, 1, `${what}: one answer on the legacy stream, got ${JSON.stringify(mine).slice(0, 300)}`);
+            }
+            await assertHealthy(h, what);
+          })),
+          params,
+        ));
+        for (const s of [legacy.stream, get, soloGet]) {
+          for (const e of s.events.filter((ev) => ev.event === 'message')) assert.doesNotThrow(() => JSON.parse(e.data), `stream event ${e.data.slice(0, 200)}`);
+        }
+      } finally {
+        legacy.stream.close();
+        get.close();
+        soloGet.close();
+      }
+      return runs;
+    };
+    const settle = async () => {
+      for (const name of ['mut', 'mutsolo']) await deleteSessions(`${h.url}/${name}/mcp`, seenSids);
+      seenSids.clear();
+      await sessionsGone(h, 'mutated child output');
+      await pidFileDead(pidFile, 'mutated child output');
+    };
+    await warmThenMain(t, round, settle, { warm: 20, main: 1_000, warmMs: 3_000, mainMs: 10_000 });
+    t.diagnostic(`outcomes: ${[...outcomes].sort().map(([k, v]) => `${k} ×${v}`).join(', ')}; restarts ${h.proxy.status().mut!.restarts}`);
+    assert.equal(h.proxy.status().mut!.pid, mutPid, 'no child output got the shared child restarted');
+    flog.assertNoInternalError();
+  });
+
+  // ── Defects the fuzz found (each red until proxy.ts is fixed) ──
+
+  it('defect: a per-session server\'s session is expired as idle while its own initialize waits for the child to start (sessionIdleMs shorter than the start-up): the client gets 503 "MCP server is stopped"', { timeout: 30_000 }, async (t) => {
+    // Found by the JSON-RPC fuzz with sessionIdleMs 1.5 s and server-everything per session (start-up 1-2 s here).
+    // The initialize is a request in flight, so the session is not idle (limits.sessionIdleMs: "no request and no
+    // open stream"), yet the sweep ends it and stops the child it is starting. With the defaults (30 min idle,
+    // 120 s initTimeoutMs) it cannot happen; with an operator's shorter sessionIdleMs and a slow `npx -y` server it can.
+    const h = await harness(t, { servers: [fixture('slow', 'slowinit', { sessions: 'per-session', env: { FIXTURE_INIT_DELAY_MS: '1500' } })] },
+      { limits: { ...FAST, sessionIdleMs: 500, sweepIntervalMs: 50 } });
+    const res = await within(post(`${h.url}/slow/mcp`, initMsg(0), { accept: 'application/json' }), 10_000, 'initialize');
+    assert.equal(res.status, 200, `initialize of a per-session server whose child starts in 1.5 s, sessionIdleMs 500: ${res.status} ${res.text}`);
+  });
+
+  it('defect?: a child answer whose "error" is not a JSON-RPC error object (null, a string code, no message) reaches the client as it is, where a client cannot read it as the answer to its request', { timeout: 30_000 }, async (t) => {
+    // Found by the child-output fuzz: jsonRpcKind() checks that exactly one of result and error is present, not
+    // what error holds. A client's SDK then fails to parse the message and its request waits for its own timeout
+    // (the official SDK: 60 s) instead of getting an error. Whether the proxy should replace such an error with
+    // -32603 (as it fails an over-deep or oversized answer) is for proxy.ts to decide; this test says it should.
+    const h = await harness(t, { servers: [srv('mut', ['-e', MUTANT])] }, { limits: FAST });
+    await h.proxy.ready(10_000);
+    const sid = await rawSession(h.url, 'mut');
+    const bad = ['{"jsonrpc":"2.0","id":@ID@,"error":null}', '{"jsonrpc":"2.0","id":@ID@,"error":{"code":"x"}}', '{"jsonrpc":"2.0","id":@ID@,"error":{"code":1.5,"message":7}}'];
+    const got: string[] = [];
+    for (const [i, line] of bad.entries()) {
+      const out = { writes: [Buffer.from(line + '\n').toString('base64')], gapMs: 0 };
+      const res = await within(post(`${h.url}/mut/mcp`, { jsonrpc: '2.0', id: i, method: 'tools/call', params: { name: 'out', arguments: out } }, sessionHeaders(sid)), 5_000, 'answer');
+      const answer = onlyMessage(res);
+      if (!(Number.isInteger(answer.error?.code) && typeof answer.error.message === 'string')) got.push(`child wrote ${line}; client got ${res.text}`);
+    }
+    assert.deepEqual(got, [], 'answers whose error is not a JSON-RPC error object');
+  });
+});
