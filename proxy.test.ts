@@ -12390,22 +12390,21 @@ function onMessage(msg) {
 
   // ── Defects the fuzz found (each red until proxy.ts is fixed) ──
 
-  it('defect: a per-session server\'s session is expired as idle while its own initialize waits for the child to start (sessionIdleMs shorter than the start-up): the client gets 503 "MCP server is stopped"', { timeout: 30_000 }, async (t) => {
-    // Found by the JSON-RPC fuzz with sessionIdleMs 1.5 s and server-everything per session (start-up 1-2 s here).
-    // The initialize is a request in flight, so the session is not idle (limits.sessionIdleMs: "no request and no
-    // open stream"), yet the sweep ends it and stops the child it is starting. With the defaults (30 min idle,
-    // 120 s initTimeoutMs) it cannot happen; with an operator's shorter sessionIdleMs and a slow `npx -y` server it can.
+  it('fuzz finding: a per-session server\'s session is not expired as idle while its own initialize waits for the child to start (sessionIdleMs shorter than the start-up)', { timeout: 30_000 }, async (t) => {
+    // Found by the JSON-RPC fuzz with sessionIdleMs 1.5 s and server-everything per session (start-up 1-2 s here):
+    // the sweep ended the session and stopped the child it was starting; the client got 503 "MCP server is
+    // stopped". With the defaults (30 min idle, 120 s initTimeoutMs) it could not happen; with an operator's
+    // shorter idleTimeoutMs and a slow `npx -y` server it could. Fixed in isIdle.
     const h = await harness(t, { servers: [fixture('slow', 'slowinit', { sessions: 'per-session', env: { FIXTURE_INIT_DELAY_MS: '1500' } })] },
       { limits: { ...FAST, sessionIdleMs: 500, sweepIntervalMs: 50 } });
     const res = await within(post(`${h.url}/slow/mcp`, initMsg(0), { accept: 'application/json' }), 10_000, 'initialize');
     assert.equal(res.status, 200, `initialize of a per-session server whose child starts in 1.5 s, sessionIdleMs 500: ${res.status} ${res.text}`);
   });
 
-  it('defect?: a child answer whose "error" is not a JSON-RPC error object (null, a string code, no message) reaches the client as it is, where a client cannot read it as the answer to its request', { timeout: 30_000 }, async (t) => {
-    // Found by the child-output fuzz: jsonRpcKind() checks that exactly one of result and error is present, not
-    // what error holds. A client's SDK then fails to parse the message and its request waits for its own timeout
-    // (the official SDK: 60 s) instead of getting an error. Whether the proxy should replace such an error with
-    // -32603 (as it fails an over-deep or oversized answer) is for proxy.ts to decide; this test says it should.
+  it('fuzz finding: a child answer whose "error" is not a JSON-RPC error object (null, a string code, no message) reaches the client as -32603, an answer it can read', { timeout: 30_000 }, async (t) => {
+    // Found by the child-output fuzz: jsonRpcKind() checked that exactly one of result and error is present, not
+    // what error holds. A client's SDK then failed to parse the message and its request waited for its own
+    // timeout (the official SDK: 60 s) instead of getting an error. Fixed in routeChildResponse.
     const h = await harness(t, { servers: [srv('mut', ['-e', MUTANT])] }, { limits: FAST });
     await h.proxy.ready(10_000);
     const sid = await rawSession(h.url, 'mut');

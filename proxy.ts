@@ -2385,8 +2385,10 @@ function evictForChild(server: ServerRuntime, credential: string | null): boolea
   return false;
 }
 
+/** No stream and no request; and not a per-session session whose initialize waits for its child to start. */
 function isIdle(session: Session): boolean {
-  return session.stream === null && !session.exchanges?.size && session.inflight === 0;
+  if (session.stream !== null || session.exchanges?.size || session.inflight !== 0) return false;
+  return session.upstream.owner !== session || session.upstream.state !== 'starting';
 }
 
 /** The map is kept in activity order, so the first idle session is the least recently active one. */
@@ -2753,6 +2755,13 @@ function routeChildResponse(up: Upstream, msg: JsonRpcMessage, line: string, raw
     return;
   }
   settlePending(up, msg.id as number);
+  // An error that is not {code: integer, message: string} (JSON-RPC 2.0 §5.1) is one a strict client cannot
+  // read: it would drop the answer and wait out its own timeout. It becomes -32603, re-serialised.
+  if (msg.error !== undefined && !isErrorObject(msg.error)) {
+    msg.error = { code: INTERNAL_ERROR, message: 'The MCP server answered with an invalid error' };
+    line = '';
+    raw = null;
+  }
   countAnswer(up.server, pending, answerOutcome(msg));
   // A filtered list is re-serialised: the child's own bytes still hold the tools it removed.
   if (pending.method === 'tools/list' && filterToolList(up, msg)) return answerFiltered(pending, msg);
@@ -2761,6 +2770,10 @@ function routeChildResponse(up: Upstream, msg: JsonRpcMessage, line: string, raw
     dropSubscription(pending.session, pending.uri); // roll back the reference taken optimistically
   }
   answerPending(pending, withId(line, raw, msg, pending.clientId));
+}
+
+function isErrorObject(error: unknown): boolean {
+  return isObject(error) && Number.isInteger(error.code) && typeof error.message === 'string';
 }
 
 /** Removes a pending entry and its in-flight count, and the lane it held. */
