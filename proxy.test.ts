@@ -4936,6 +4936,26 @@ function onMessage(msg) {
       assert.equal(fixLines(`response ${JSON.stringify(key)} `).length, 1, 'the replay reached the child');
     });
 
+    it('a requestState presented under another credential is refused (-32602) and leaves the held call usable by its own', { timeout: 20_000 }, async (t) => {
+      const A = 'mrtr-token-a-0123456789';
+      const B = 'mrtr-token-b-0123456789';
+      const own = await harness(t, { servers: [fixture('fix', 'ok', CAPS)] }, { tokens: [A, B], limits: FAST });
+      await own.proxy.ready(10_000);
+      const url = `${own.url}/fix/mcp`;
+      const args = askArgs('whose state');
+      const as = (token: string, id: number, extra: Json = {}) =>
+        modernPost(url, id, 'tools/call', { name: 'do', arguments: args, ...extra }, { caps: SAMPLING, headers: bearer(token) });
+      const first = onlyMessage(await as(A, 1)).result;
+      assert.equal(first?.resultType, 'input_required');
+      const key = Object.keys(first.inputRequests)[0]!;
+      const retry = { requestState: first.requestState, inputResponses: { [key]: sampled('from B') } };
+      const stolen = await as(B, 2, retry);
+      assertRpcError(stolen, 400, -32602);
+      const done = await as(A, 3, { ...retry, inputResponses: { [key]: sampled('from A') } });
+      assert.equal(done.status, 200, done.text);
+      assert.equal(onlyMessage(done).result?.resultType, 'complete', done.text);
+    });
+
     it('a retry that answers nothing is asked the same request again in a new round; the earlier round\'s state is then refused and the new one completes', { timeout: 15_000 }, async () => {
       const url = `${h.url}/fix/mcp`;
       const args = askArgs('two rounds');
@@ -8906,6 +8926,28 @@ describe('12. Lifecycle: start, reload, shutdown', () => {
         const stopped = lines.filter((l) => /^info \[ps\] pid \d+ stopped \(removed from the config\)$/.test(l));
         assert.equal(stopped.length, 2, lines.join('\n'));
         assert.equal(new Set(stopped).size, 2);
+      });
+
+      // R10 (found by reading: the proxy-wide mask list kept only the last reload's secrets). What a stopping child
+      // prints is masked with its own config's secrets first, so this test holds with or without the retiring list
+      // (checked: it passes with that fix reverted); it pins the behaviour users see, not that fix.
+      it('R10 a child that prints its old secret while it stops after a rotation: the old value is masked in the log', { timeout: 30_000 }, async (t) => {
+        const dir = tmpDir('r10');
+        const secret = path.join(dir, 'key');
+        fs.writeFileSync(secret, 'old-secret-value-r10-0001\n');
+        const file = path.join(dir, 'config.json');
+        // It says its key on stderr when its input ends, then exits.
+        const child = `process.stdin.on('end', () => { process.stderr.write('my key was ' + process.env.KEY + '\\n'); setTimeout(() => process.exit(0), 20); });` + FIXTURE.replace("process.stdin.on('end', () => {", "process.stdin.on('end', () => { return;");
+        const entry = { command: NODE, args: ['-e', child, 'ok'], env: { KEY: `\${file:${secret}}` } };
+        fs.writeFileSync(file, JSON.stringify({ mcpServers: { s: entry } }));
+        const lines: string[] = [];
+        const h = await harness(t, loadConfigFile(file).config!, { configPath: file, log: captureLog(lines), limits: FAST });
+        await h.proxy.ready(10_000);
+        fs.writeFileSync(secret, 'new-secret-value-r10-0002\n');
+        await h.proxy.reload();
+        const said = await waitFor(() => lines.find((l) => l.includes('my key was')), 5_000, 'the old child\'s last words');
+        assert.match(said, /my key was \*\*\*/);
+        assert.ok(!lines.join('\n').includes('old-secret-value-r10'), 'the old secret reached the log');
       });
 
       // Design gap: a changed server's new child started while the old one was still stopping (two writers).
