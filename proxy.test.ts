@@ -7024,7 +7024,7 @@ describe('10. OAuth: metadata, registration, consent, tokens', () => {
   });
 
   // Hostile review (fixed in e28b5de): client metadata document fetches were unbounded and failures refetched.
-  it('CIMD: at most 4 metadata fetches at once (the 5th gets "Too many client metadata documents"), a failed fetch is not repeated within 60 s, and fetchClientMetadata refuses fec0::/10, 2002::/16 and 2001::/32 literals (ProxyError CIMD)', { timeout: 15_000 }, async (t) => {
+  it('CIMD: at most 4 metadata fetches at once (the 5th gets "Too many client metadata documents"), a failed fetch is not repeated within 60 s, and fetchClientMetadata refuses fec0::/10, 2002::/16 and 2001::/32 literals, private and loopback IPv4 literals, other schemes and ports, and a name resolving to loopback (ProxyError CIMD)', { timeout: 15_000 }, async (t) => {
     let calls = 0;
     let inflight = 0;
     let release!: () => void;
@@ -7074,6 +7074,18 @@ describe('10. OAuth: metadata, registration, consent, tokens', () => {
       assert.equal((refused as Error & { code?: string }).code, 'CIMD');
       assert.equal(refused.message, `${host} is a private or loopback address`);
     }
+    // IPv4 literals of every special-purpose range that matters for SSRF, and an IPv4-mapped loopback.
+    for (const host of ['127.0.0.1', '10.1.2.3', '172.16.0.1', '192.168.1.1', '169.254.169.254', '100.64.0.1', '0.0.0.0', '[::ffff:127.0.0.1]']) {
+      const refused = await within(fetchClientMetadata(new URL(`https://${host}/client.json`)).then(() => null, (err: unknown) => err), 2_000, host);
+      assert.equal((refused as Error & { code?: string } | null)?.code, 'CIMD', `${host} refused`);
+    }
+    // Only https on 443; a name that resolves to loopback is refused at the lookup (no connection is made).
+    for (const url of ['http://claude.ai/client.json', 'https://claude.ai:8443/client.json']) {
+      const refused = await fetchClientMetadata(new URL(url)).then(() => null, (err: unknown) => err as Error);
+      assert.equal(refused?.message, 'not https on port 443', url);
+    }
+    const local = await within(fetchClientMetadata(new URL('https://localhost/client.json')).then(() => null, (err: unknown) => err), 5_000, 'localhost');
+    assert.equal((local as Error & { code?: string } | null)?.code, 'CIMD', 'a name resolving to loopback is refused');
   });
 
   // Consent (/authorize) ───────
