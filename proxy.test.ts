@@ -5863,6 +5863,8 @@ describe('9. Operator controls: tool policy, request timeouts, rate limits, audi
     assert.deepEqual(answers.find((a: Json) => a.id === 1).error, { code: -32602, message: 'Tool not available: this server\'s tool policy does not allow it' });
     assert.equal(answers.find((a: Json) => a.id === 2).result.content[0].text, 'ok');
     assert.ok(!fileLines(log).some((line) => line.startsWith('hang ')), 'a denied call reached the child');
+    // Counted: the SDK call and the one in the batch.
+    assert.match((await request(`${h.url}/metrics`)).text, /^mcp_proxy_tool_calls_blocked_total\{server="fix"\} 2$/m);
   });
 
   it('"readOnly" on server-everything exposes only tools annotated readOnlyHint: true, judges a call before any tools/list (annotations learned at start), and follows a reload that turns it off, in place', { timeout: 60_000 }, async (t) => {
@@ -6020,6 +6022,8 @@ process.stdin.on('end', () => process.exit(0));`;
       // Legacy SSE: the POST to /messages gets the 429.
       const sse = await h.client('fix', 'sse', bearer(B));
       await assert.rejects(sse.callTool({ name: 'do', arguments: { what: 'echo', text: 'burst' } }).then(() => sse.callTool({ name: 'do', arguments: { what: 'echo', text: 'burst' } })).then(() => sse.callTool({ name: 'do', arguments: { what: 'echo', text: 'burst' } })).then(() => sse.callTool({ name: 'do', arguments: { what: 'echo', text: 'burst' } })), /429/);
+      const metrics = (await request(`${base}/metrics`, { headers: bearer(A) })).text;
+      assert.ok(Number(/^mcp_proxy_rate_limited_total\{server="fix"\} (\d+)$/m.exec(metrics)?.[1]) >= 3, metrics.split('\n').filter((l) => l.includes('rate_limited')).join('\n'));
       assert.match(parseConfig(JSON.stringify({ mcpServers: { s: { command: 'x', rateLimit: { requestsPerMinute: 0, burst: 'many' } } } }), 'c.json').errors.join('\n'),
         /mcpServers\.s\.rateLimit\.requestsPerMinute: got number, expected an integer from 1 to 1000000\n.*mcpServers\.s\.rateLimit\.burst: got string/);
     });
@@ -6035,6 +6039,7 @@ process.stdin.on('end', () => process.exit(0));`;
       assert.equal((await guess('revoke')).status, 429);
       assert.equal((await guess('token', '127.0.0.2')).status, 401, 'another address has its own budget');
     });
+
 
     it('maxSessionsPerCredential: at its cap a credential\'s own least recently active idle session gives way, never another credential\'s; anonymous clients are not rate limited', { timeout: 30_000 }, async (t) => {
       const h = await harness(t, { servers: [fixture('fix')] }, { tokens: [A, B], limits: { ...FAST, maxSessionsPerCredential: 2 } });

@@ -4659,6 +4659,7 @@ function rateLimited(server: ServerRuntime, credential: string, parsed: ParsedBo
   const requests = parsed.kinds.reduce((count, kind) => count + (kind === 'request' ? 1 : 0), 0);
   const waitS = rateLimitWait(server, credential, requests);
   if (waitS === 0) return false;
+  server.stats.rateLimited++;
   const id = !parsed.batch && requests === 1 ? (parsed.messages[0].id as JsonRpcId) : null;
   reject(res, 429, SERVER_ERROR, 'Too many requests: this credential is over its rate limit for this server; retry later', { 'Retry-After': String(waitS) }, id);
   return true;
@@ -4745,6 +4746,7 @@ function auditToolCall(server: ServerRuntime, pending: Pending, outcome: string)
 
 /** A tools/call the tool policy refused: it never reached the child. */
 function auditBlocked(server: ServerRuntime, credential: string, transport: Session['transport'], msg: JsonRpcMessage): void {
+  server.stats.toolCallsBlocked++;
   audit(server.proxy, {
     event: 'tool_call', credential, server: server.config.name, tool: auditName(msg.params?.name), durationMs: 0,
     outcome: 'blocked by the tool policy', transport,
@@ -5941,6 +5943,9 @@ type ServerStats = {
   /** Bytes handed to children's stdin (Node's own count, read at scrape and at exit) and read from their stdout. */
   stdinBytes: number;
   stdoutBytes: number;
+  /** Refused before any child saw them (section 9): tools/call by the tool policy, requests by the rate limit. */
+  toolCallsBlocked: number;
+  rateLimited: number;
   /** The last RECENT_PROBLEMS_PER_SERVER warnings and errors logged for the server, as logged (masked, escaped). */
   problems: Problem[];
 };
@@ -5960,7 +5965,7 @@ function newServerStats(): ServerStats {
   return {
     childrenStarted: 0, restarts: 0, lastExitCode: null, lastExitReason: '', lastExitAtMs: 0,
     requests: new Float64Array(OTHER_METHOD + 1), errors: new Float64Array(OTHER_METHOD + 1),
-    latencyCounts: new Float64Array(LATENCY_BUCKETS_MS.length + 1), latencySumMs: 0, stdinBytes: 0, stdoutBytes: 0, problems: [],
+    latencyCounts: new Float64Array(LATENCY_BUCKETS_MS.length + 1), latencySumMs: 0, stdinBytes: 0, stdoutBytes: 0, toolCallsBlocked: 0, rateLimited: 0, problems: [],
   };
 }
 
@@ -6109,6 +6114,10 @@ function renderMetrics(proxy: Proxy, now: number): string {
   family('mcp_proxy_children_started_total', 'counter', 'Child processes spawned, restarts and per-session children included.',
     each('mcp_proxy_children_started_total', (s) => s.stats.childrenStarted));
   family('mcp_proxy_restarts_total', 'counter', 'Restarts after a child exited unexpectedly.', each('mcp_proxy_restarts_total', (s) => s.stats.restarts));
+  family('mcp_proxy_tool_calls_blocked_total', 'counter', 'tools/call refused by the server\'s tool policy (never reached the child).',
+    each('mcp_proxy_tool_calls_blocked_total', (s) => s.stats.toolCallsBlocked));
+  family('mcp_proxy_rate_limited_total', 'counter', 'POSTs refused with 429 by the per-credential rate limit.',
+    each('mcp_proxy_rate_limited_total', (s) => s.stats.rateLimited));
   family('mcp_proxy_last_exit_code', 'gauge', 'Exit code of the last unexpected child exit (128+n: killed by signal n).',
     each('mcp_proxy_last_exit_code', (s) => s.stats.lastExitCode));
   family('mcp_proxy_sessions', 'gauge', 'Client sessions open, by transport (streamable: Streamable HTTP; sse: HTTP+SSE).', servers.flatMap((server) => {
