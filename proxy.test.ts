@@ -9888,6 +9888,10 @@ describe('14. CLI and main', () => {
     fs.writeFileSync(path.join(bin, 'mytool'), '#!/bin/sh\n', { mode: 0o755 });
     fs.writeFileSync(path.join(bin, 'notexec'), '#!/bin/sh\n', { mode: 0o644 });
     fs.writeFileSync(path.join(elsewhere, 'onlyhere'), '#!/bin/sh\n', { mode: 0o755 });
+    // Scripts whose interpreter is missing run nowhere (spawn: ENOENT); `#!/usr/bin/env NAME` needs NAME on the PATH.
+    fs.writeFileSync(path.join(bin, 'shebang-missing'), '#!/nonexistent/interpreter -x\n', { mode: 0o755 });
+    fs.writeFileSync(path.join(bin, 'env-missing'), '#!/usr/bin/env no-such-interpreter-xyz\n', { mode: 0o755 });
+    fs.writeFileSync(path.join(bin, 'env-ok'), '#!/usr/bin/env mytool\n', { mode: 0o755 });
     const packagesDir = path.join(dir, 'packages');
     fs.mkdirSync(path.join(packagesDir, 'node_modules', 'baked-pkg'), { recursive: true });
     fs.writeFileSync(path.join(packagesDir, 'node_modules', 'baked-pkg', 'package.json'), JSON.stringify({ name: 'baked-pkg', bin: 'cli.js' }));
@@ -9903,6 +9907,9 @@ describe('14. CLI and main', () => {
       srv('abs-missing', [], { command: path.join(dir, 'absent') }),
       srv('unbaked', ['-y', '@scope/not-baked@2'], { command: 'npx' }),
       srv('each', [], { command: 'mytool', sessions: 'per-session' }),
+      srv('shebang', [], { command: 'shebang-missing' }),
+      srv('env-missing', [], { command: 'env-missing' }),
+      srv('env-ok', [], { command: 'env-ok' }),
     ];
     const { errors, warnings } = checkHost({ servers }, 'cfg.json', { env: { PATH: bin }, packagesDir });
     assert.deepEqual(errors, []);
@@ -9913,6 +9920,8 @@ describe('14. CLI and main', () => {
       `cfg.json: mcpServers.unbaked.command: \`npx @scope/not-baked\` is not baked into ${packagesDir}, and npx is not on the PATH the server gets; the distroless image has neither npx nor network: ` +
         `bake it into the image (docker build --build-arg MCP_NPM_PACKAGES="@scope/not-baked" …), or install it under ${packagesDir}/node_modules`,
       'cfg.json: mcpServers.each: "sessions": "per-session" keeps a process for each client session until it has been idle 300000 ms (clients rarely end their sessions); set a shorter "idleTimeoutMs", e.g. 60000',
+      `cfg.json: mcpServers.shebang.command: "shebang-missing" (${path.join(bin, 'shebang-missing')}) is a script for /nonexistent/interpreter, which is not here: install it, or run the script with an interpreter that is`,
+      `cfg.json: mcpServers.env-missing.command: "env-missing" (${path.join(bin, 'env-missing')}) runs "no-such-interpreter-xyz" through /usr/bin/env, and "no-such-interpreter-xyz" is not on the PATH the server gets: install it, or put its directory on that PATH`,
     ]);
     // C2 (hostile review): with no PATH at all, spawn searches /usr/bin:/bin (libuv), and so does check.
     assert.deepEqual(checkHost({ servers: [srv('ls', [], { command: 'ls' })] }, 'cfg.json', { env: {}, packagesDir: undefined }).warnings, []);

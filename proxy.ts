@@ -385,6 +385,8 @@ const MAX_PEM_FILE_BYTES = 256 * 1024;
 const TLS_RELOAD_DEBOUNCE_MS = 500;
 /** The search path execvp uses when the environment has no PATH (libuv's default; glibc's begins the same). */
 const DEFAULT_EXEC_PATH = '/usr/bin:/bin';
+/** The #! line `check` reads of a script command (Linux takes at most 255 bytes of it: binfmt_script). */
+const SHEBANG_MAX_BYTES = 256;
 /** A requestState we issue is ~250 characters; anything much longer is not one of ours. */
 const MAX_REQUEST_STATE_CHARS = 1024;
 /** Warning and error log lines kept per server for the status page (section 10): the last few say why it fails. */
@@ -7532,7 +7534,7 @@ function launchWarning(server: ServerConfig, runtime: { env: Env; packagesDir: s
       `bake it into the image (docker build --build-arg MCP_NPM_PACKAGES="${npx.name}" …), or install it under ${runtime.packagesDir}/node_modules`;
   }
   const found = findExecutable(server.command, path, server.cwd);
-  if (found.found) return null;
+  if (found.found) return interpreterWarning(server.command, found.found, path, server.cwd);
   if (found.notExecutable) return `${JSON.stringify(server.command)} resolves to ${found.notExecutable}, which is not an executable file: chmod +x it, or name the interpreter`;
   return server.command.includes('/')
     ? `${JSON.stringify(server.command)} does not exist: give the path of an installed program`
@@ -7544,7 +7546,7 @@ function launchWarning(server: ServerConfig, runtime: { env: Env; packagesDir: s
  * child's cwd), a bare name is looked for in each PATH entry (empty: the cwd), and only a regular file with
  * the execute bit counts. The PATH is the child's own (https://nodejs.org/api/child_process.html#child_processspawncommand-args-options).
  */
-function findExecutable(command: string, path: string, cwd: string | undefined): { found: boolean; notExecutable?: string } {
+function findExecutable(command: string, path: string, cwd: string | undefined): { found: string | null; notExecutable?: string } {
   const base = cwd ?? process.cwd();
   const candidates = command.includes('/') ? [resolvePath(base, command)] : path.split(delimiter).map((dir) => resolvePath(base, dir, command));
   let notExecutable: string | undefined;
@@ -7556,12 +7558,43 @@ function findExecutable(command: string, path: string, cwd: string | undefined):
     }
     try {
       accessSync(file, fsConstants.X_OK);
-      return { found: true };
+      return { found: file };
     } catch {
       notExecutable ??= file; // execvp goes on too, and reports EACCES only if nothing later runs
     }
   }
-  return { found: false, notExecutable };
+  return { found: null, notExecutable };
+}
+
+/**
+ * A script runs only if its #! interpreter does (spawn then fails with ENOENT, naming the script): the
+ * interpreter must exist, and with `#!/usr/bin/env NAME` (npm's bins) NAME must be on the server's PATH. The
+ * distroless image has no /usr/bin/env.
+ */
+function interpreterWarning(command: string, file: string, path: string, cwd: string | undefined): string | null {
+  const head = Buffer.alloc(SHEBANG_MAX_BYTES);
+  let got = 0;
+  try {
+    const fd = openSync(file, fsConstants.O_RDONLY | fsConstants.O_NONBLOCK);
+    try {
+      got = readSync(fd, head, 0, head.length, 0);
+    } finally {
+      closeSync(fd);
+    }
+  } catch {
+    return null; // unreadable but executable: the kernel may still run it; nothing to say
+  }
+  const line = head.toString('latin1', 0, got);
+  if (!line.startsWith('#!')) return null;
+  const [interpreter, arg] = line.slice(2).split('\n')[0].trim().split(/[ \t]+/);
+  if (!interpreter) return null;
+  if (!findExecutable(interpreter, '', cwd).found) {
+    return `${JSON.stringify(command)} (${file}) is a script for ${interpreter}, which is not here: install it, or run the script with an interpreter that is`;
+  }
+  if (basename(interpreter) === 'env' && arg && !arg.startsWith('-') && !findExecutable(arg, path, cwd).found) {
+    return `${JSON.stringify(command)} (${file}) runs ${JSON.stringify(arg)} through ${interpreter}, and ${JSON.stringify(arg)} is not on the PATH the server gets: install it, or put its directory on that PATH`;
+  }
+  return null;
 }
 
 /**
