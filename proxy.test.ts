@@ -10121,6 +10121,9 @@ describe('14. CLI and main', () => {
       const [event] = refused.stderr.split('\n').filter(Boolean).map((line) => JSON.parse(line));
       assert.deepEqual({ level: event.level, component: event.component }, { level: 'error', component: 'config' });
       assert.match(event.msg, /mcpServers\.fix\.args: got number, expected an array of strings$/);
+      // A server named like a part of the proxy would be labelled as that part: said at load.
+      assert.deepEqual(parseConfig(JSON.stringify({ mcpServers: { proxy: { command: 'x' }, audit: { command: 'y' }, fine: { command: 'z' } } }), 'c.json').warnings.map((w) => w.split(':')[1]),
+        [' mcpServers.proxy', ' mcpServers.audit']);
       const unsafe = await run(['--config', writeConfig({ mcpServers: {} }), '--log-format', 'json', '--host', '0.0.0.0', '--port', String(await freePort())]);
       assert.equal(unsafe.code, 1);
       assert.match(JSON.parse(unsafe.stderr.split('\n').filter(Boolean).at(-1)!).msg, /refusing to serve without authentication/);

@@ -1175,6 +1175,9 @@ export function parseConfig(text: string, source: string, env: Env = process.env
   }
   for (const clash of segmentClashes(servers)) errors.push(`${source}: mcpServers ${clash}`);
   if (errors.length) return { config: null, errors, warnings, files };
+  for (const { name } of servers) {
+    if (PROXY_COMPONENTS.has(name)) warnings.push(`${source}: mcpServers.${name}: "${name}" is also the name of a part of the proxy in its log; with --log-format json its lines say component "${name}", not server "${name}" (rename it to tell them apart)`);
+  }
   if (servers.length === 0) warnings.push(`${source}: no enabled stdio servers; nothing will be served`);
   return { config: Object.freeze({ servers: Object.freeze(servers) }), errors, warnings, defaulted, files };
 
