@@ -6063,6 +6063,71 @@ process.stdin.on('end', () => process.exit(0));`;
     });
   });
 
+  describe('the hostile review of the rate limits and the audit log, finding by finding', () => {
+    const A = 'review-token-a-0123456789';
+
+    // F2, G7, G1, G6. A batch larger than the burst was refused for ever (told to retry); a server given only a
+    // rate kept the global burst of 200; legacy GET /sse opened sessions past the limit; 429s left no audit line.
+    it('F2 G7 G1 G6 a batch larger than the burst goes when the bucket is full; a rate alone sets the burst; GET /sse takes a token; a rate-limited tools/call is audited', { timeout: 30_000 }, async (t) => {
+      const file = path.join(tmpDir('rl-review'), 'audit.log');
+      const h = await harness(t, { servers: [fixture('big', 'ok', { rateLimit: { requestsPerMinute: 6_000, burst: 3 } }), fixture('slow', 'ok', { rateLimit: { requestsPerMinute: 1 } })] },
+        { tokens: [A], auditLog: file, limits: FAST });
+      await h.proxy.ready(10_000);
+      const init = async (server: string) => {
+        const res = await post(`${h.url}/${server}/mcp`, initMsg(0, '2025-03-26'), { accept: 'application/json', ...bearer(A) });
+        assert.equal(res.status, 200, res.text);
+        return String(res.headers['mcp-session-id']);
+      };
+      const big = await init('big'); // 1 of 3
+      // Refilled to 3 within 30 ms (6,000 a minute); a batch of 4 then goes, into debt.
+      const batch = [1, 2, 3, 4].map((i) => call(i, { what: 'echo', text: `b${i}` }));
+      const res = await waitFor(async () => {
+        const r = await post(`${h.url}/big/mcp`, batch, { ...sessionHeaders(big), 'mcp-protocol-version': '2025-03-26', ...bearer(A) });
+        return r.status === 200 ? r : null;
+      }, 3_000, 'the batch of 4 with a burst of 3');
+      assert.equal(JSON.parse(res.text).length, 4);
+      // {"requestsPerMinute": 1}: a burst of 1, not 200. The initialize takes it; the call after is refused.
+      const slow = await init('slow');
+      const refused = await post(`${h.url}/slow/mcp`, call(7, { what: 'echo', text: 'x' }), { ...sessionHeaders(slow), ...bearer(A) });
+      assert.equal(refused.status, 429, refused.text);
+      const sse = await request(`${h.url}/slow/sse`, { headers: { accept: 'text/event-stream', ...bearer(A) } });
+      assert.equal(sse.status, 429, 'GET /sse over the limit');
+      const lines = fileLines(file).map((l) => JSON.parse(l));
+      assert.ok(lines.some((e) => e.event === 'tool_call' && e.server === 'slow' && e.outcome === 'rate limited'), fileLines(file).join('\n'));
+    });
+
+    // F4. A child answer with both result and error (or neither) was skipped: its request waited out requestTimeoutMs.
+    it('F4 a child line naming a request in flight but holding both result and error is answered -32603 at once', { timeout: 20_000 }, async (t) => {
+      const h = await harness(t, { servers: [fixture('fix')] }, { limits: { ...FAST, requestTimeoutMs: 60_000 } });
+      await h.proxy.ready(10_000);
+      const sid = await rawSession(h.url, 'fix');
+      const res = await within(post(`${h.url}/fix/mcp`, call(1, { what: 'raw', text: '{"jsonrpc":"2.0","id":$ID,"error":{"code":-32602,"message":"m"},"result":{}}' }), sessionHeaders(sid)), 5_000, 'the answer');
+      assert.deepEqual(onlyMessage(res).error, { code: -32603, message: 'The MCP server answered with an invalid message' });
+    });
+
+    // G2, G3, G4, G5. The audit file kept a pre-existing 0644 mode; a FIFO as the audit log stalled the proxy; a
+    // secret equal to a key garbled every line; U+2028 in a tool name split the line for some readers.
+    it('G2 G3 G4 G5 the audit file is made 0600 whoever created it; a FIFO is refused; masking keeps the line\'s keys; U+2028 is escaped', { timeout: 20_000 }, async (t) => {
+      const dir = tmpDir('audit-review');
+      const fifo = path.join(dir, 'fifo');
+      childProcess.execFileSync('mkfifo', [fifo]);
+      await assert.rejects(startProxy({ servers: [] }, { host: '127.0.0.1', port: 0, logLevel: 'error', auditLog: fifo }), (err: ProxyError) => err.code === 'AUDIT_LOG' && /not a regular file|ENXIO/.test(err.message));
+      const file = path.join(dir, 'audit.log');
+      fs.writeFileSync(file, '', { mode: 0o644 });
+      fs.chmodSync(file, 0o644);
+      const h = await harness(t, { servers: [fixture('fix', 'ok', { secrets: ['event'] })] }, { auditLog: file, limits: FAST });
+      await h.proxy.ready(10_000);
+      assert.equal((fs.statSync(file).mode & 0o777).toString(8), '600');
+      const client = await h.client('fix', 'mcp');
+      await client.callTool({ name: 'do\u2028x', arguments: { what: 'echo', text: 'y' } });
+      const text = fs.readFileSync(file, 'utf8');
+      assert.ok(!text.includes('\u2028'), 'a raw U+2028 in the audit file');
+      const calls = text.split('\n').filter(Boolean).map((l) => JSON.parse(l)).filter((e) => e.event === 'tool_call');
+      assert.equal(calls.length, 1, text);
+      assert.equal(calls[0].tool, 'do\u2028x');
+    });
+  });
+
   describe('audit log', () => {
     const auditLines = (file: string): Json[] => fileLines(file).map((line) => JSON.parse(line));
 

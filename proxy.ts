@@ -46,7 +46,7 @@
 
 import { spawn, type ChildProcess } from 'node:child_process';
 import { X509Certificate, createHash, createHmac, createPrivateKey, randomBytes, scryptSync, timingSafeEqual } from 'node:crypto';
-import { accessSync, closeSync, constants as fsConstants, fstatSync, fsyncSync, mkdirSync, openSync, readdirSync, readSync, realpathSync, renameSync, statSync, watch, writeSync, type FSWatcher } from 'node:fs';
+import { accessSync, closeSync, constants as fsConstants, fchmodSync, fstatSync, fsyncSync, mkdirSync, openSync, readdirSync, readSync, realpathSync, renameSync, statSync, watch, writeSync, type FSWatcher } from 'node:fs';
 import http from 'node:http';
 import https from 'node:https';
 import { lookup as dnsLookup } from 'node:dns';
@@ -2739,7 +2739,14 @@ function handleChildLine(up: Upstream, line: string, raw: Buffer | null = null):
 
 function handleChildMessage(up: Upstream, parsed: unknown, line: string, raw: Buffer | null): void {
   const kind = jsonRpcKind(parsed);
-  if (kind === null) return logBadChildLine(up, line, 'not a JSON-RPC message');
+  if (kind === null) {
+    logBadChildLine(up, line, 'not a JSON-RPC message');
+    // …but if it names a request in flight (both result and error, or neither), that request is answered now
+    // rather than left to wait out requestTimeoutMs.
+    const id = isObject(parsed) && parsed.method === undefined ? parsed.id : undefined;
+    if (typeof id === 'number' && up.pending.get(id)?.session) failAnswer(up, id, INTERNAL_ERROR, 'The MCP server answered with an invalid message');
+    return;
+  }
   const msg = parsed as JsonRpcMessage;
   if (kind === 'response') return routeChildResponse(up, msg, line, raw);
   if (kind === 'request') return routeChildRequest(up, msg);
@@ -3738,6 +3745,12 @@ function handleSseGet(server: ServerRuntime, req: http.IncomingMessage, res: htt
   // basic/transports §Backwards Compatibility).
   if (req.method !== 'GET') return reject(res, 405, SERVER_ERROR, 'Method not allowed', { Allow: 'GET' });
   if (server.shared && server.shared.state !== 'ready') return unavailable(res, server.shared);
+  // Opening a legacy session is a request too (it costs a session and audit lines): it takes a token.
+  const waitS = rateLimitWait(server, credential, 1);
+  if (waitS > 0) {
+    server.stats.rateLimited++;
+    return reject(res, 429, SERVER_ERROR, RATE_LIMITED_MESSAGE, { 'Retry-After': String(waitS) });
+  }
   const session = createSession(server, 'sse', credential);
   if (!session) return reject(res, 503, SERVER_ERROR, 'Too many sessions; retry later', { 'Retry-After': String(server.proxy.limits.retryAfterS) });
   session.stream = openStream(server.proxy, res, {}, () => endSession(session));
@@ -4636,22 +4649,27 @@ function refreshToolHints(up: Upstream, done: () => void = () => {}, cursor?: st
 
 type Bucket = { tokens: number; atMs: number };
 
+const RATE_LIMITED_MESSAGE = 'Too many requests: this credential is over its rate limit for this server; retry later';
+
 /** 0 when `n` requests may go now (and are taken), else the seconds until they could. */
 function rateLimitWait(server: ServerRuntime, credential: string, n: number): number {
   if (credential === ANONYMOUS || n === 0) return 0;
   const { limits } = server.proxy;
   const perMinute = server.config.rateLimit?.requestsPerMinute ?? limits.requestsPerMinute;
-  const burst = server.config.rateLimit?.burst ?? limits.requestBurst;
+  // A server given only a rate gets no burst above it ({"requestsPerMinute": 1} must not allow 200 at once).
+  const burst = server.config.rateLimit?.burst ?? Math.min(limits.requestBurst, perMinute);
   const now = Date.now();
   const buckets = server.buckets;
   const old = buckets.get(credential);
   const bucket = old ?? { tokens: burst, atMs: now };
-  bucket.tokens = Math.min(burst, bucket.tokens + ((now - bucket.atMs) * perMinute) / 60_000);
+  // A clock stepped back refills nothing (it must not lock every credential out for the length of the step).
+  bucket.tokens = Math.min(burst, bucket.tokens + (Math.max(0, now - bucket.atMs) * perMinute) / 60_000);
   bucket.atMs = now;
   buckets.delete(credential); // re-inserted last: the map is in least recently used order
   if (!old && buckets.size >= MAX_RATE_BUCKETS) buckets.delete(buckets.keys().next().value!);
   buckets.set(credential, bucket);
-  if (bucket.tokens >= n) {
+  // A batch larger than the burst goes when the bucket is full, into debt: refused, it could never go at all.
+  if (bucket.tokens >= Math.min(n, burst)) {
     bucket.tokens -= n;
     return 0;
   }
@@ -4665,8 +4683,11 @@ function rateLimited(server: ServerRuntime, credential: string, parsed: ParsedBo
   const waitS = rateLimitWait(server, credential, requests);
   if (waitS === 0) return false;
   server.stats.rateLimited++;
+  parsed.messages.forEach((msg, i) => {
+    if (parsed.kinds[i] === 'request' && msg.method === 'tools/call') auditRefused(server, credential, msg, 'rate limited');
+  });
   const id = !parsed.batch && requests === 1 ? (parsed.messages[0].id as JsonRpcId) : null;
-  reject(res, 429, SERVER_ERROR, 'Too many requests: this credential is over its rate limit for this server; retry later', { 'Retry-After': String(waitS) }, id);
+  reject(res, 429, SERVER_ERROR, RATE_LIMITED_MESSAGE, { 'Retry-After': String(waitS) }, id);
   return true;
 }
 
@@ -4695,11 +4716,25 @@ function parseRateLimit(value: unknown, problem: (f: string, v: unknown, e: stri
 
 /** Opens the audit file for appending; a file that cannot be opened stops start-up. */
 function openAuditLog(path: string): number {
+  let fd: number;
   try {
-    return openSync(path, 'a', 0o600);
+    fd = openSync(path, fsConstants.O_WRONLY | fsConstants.O_APPEND | fsConstants.O_CREAT | fsConstants.O_NONBLOCK, 0o600);
   } catch (err) {
     throw new ProxyError('AUDIT_LOG', `--audit-log: cannot open ${JSON.stringify(path)} for appending (${readFailure(err)})`);
   }
+  // A regular file only: writes are synchronous, and a pipe nobody reads would stall every request. And 0600
+  // whoever made it (a file logrotate created 0644 before the reopen included).
+  if (!fstatSync(fd).isFile()) {
+    closeSync(fd);
+    throw new ProxyError('AUDIT_LOG', `--audit-log: ${JSON.stringify(path)} is not a regular file`);
+  }
+  try {
+    fchmodSync(fd, 0o600);
+  } catch (err) {
+    closeSync(fd);
+    throw new ProxyError('AUDIT_LOG', `--audit-log: cannot make ${JSON.stringify(path)} private (0600): ${readFailure(err)}`);
+  }
+  return fd;
 }
 
 /** SIGUSR1: the file at the path is opened again (logrotate moved the old one); on failure the old one stays. */
@@ -4708,9 +4743,9 @@ function reopenAuditLog(proxy: Proxy): void {
   if (path === undefined || proxy.auditFd === null) return;
   let fd: number;
   try {
-    fd = openSync(path, 'a', 0o600);
+    fd = openAuditLog(path);
   } catch (err) {
-    return proxy.log.error('audit', `cannot reopen ${JSON.stringify(path)} (${readFailure(err)}); still writing to the file opened before`);
+    return proxy.log.error('audit', `cannot reopen ${JSON.stringify(path)} (${(err as Error).message}); still writing to the file opened before`);
   }
   closeSync(proxy.auditFd);
   proxy.auditFd = fd;
@@ -4719,7 +4754,10 @@ function reopenAuditLog(proxy: Proxy): void {
 
 function audit(proxy: Proxy, fields: Record<string, unknown>): void {
   if (proxy.auditFd === null && !proxy.log.enabled('info')) return; // nowhere to go: not even built
-  const line = maskSecrets(JSON.stringify({ time: new Date().toISOString(), ...fields }), proxy.secrets);
+  // Masked field by field (a secret such as "event" or "2026" must not garble the line's structure), and
+  // U+2028, U+2029 and U+0085, which JSON.stringify leaves raw, escaped: some readers split lines on them.
+  const masked = Object.fromEntries(Object.entries(fields).map(([key, value]) => [key, typeof value === 'string' ? maskSecrets(value, proxy.secrets) : value]));
+  const line = JSON.stringify({ time: new Date().toISOString(), ...masked }).replace(/[\u2028\u2029\u0085]/g, (c) => `\\u${c.charCodeAt(0).toString(16).padStart(4, '0')}`);
   if (proxy.auditFd === null) return proxy.log.info('audit', line);
   try {
     writeSync(proxy.auditFd, `${line}\n`);
@@ -4752,9 +4790,13 @@ function auditToolCall(server: ServerRuntime, pending: Pending, outcome: string)
 /** A tools/call the tool policy refused: it never reached the child. */
 function auditBlocked(server: ServerRuntime, credential: string, transport: Session['transport'], msg: JsonRpcMessage): void {
   server.stats.toolCallsBlocked++;
+  auditRefused(server, credential, msg, 'blocked by the tool policy', transport);
+}
+
+function auditRefused(server: ServerRuntime, credential: string, msg: JsonRpcMessage, outcome: string, transport?: Session['transport']): void {
   audit(server.proxy, {
-    event: 'tool_call', credential, server: server.config.name, tool: auditName(msg.params?.name), durationMs: 0,
-    outcome: 'blocked by the tool policy', transport,
+    event: 'tool_call', credential, server: server.config.name, tool: auditName(msg.params?.name), durationMs: 0, outcome,
+    ...(transport ? { transport } : {}),
   });
 }
 
