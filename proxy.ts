@@ -667,6 +667,8 @@ type Proxy = {
 
 /** Watches directories for events naming one of `names`; `watch` replaces both sets (section 12). */
 type DirWatcher = { watch(dirs: readonly string[], names: ReadonlySet<string>): void; close(): void };
+/** Whose watcher it is: its log scope, its quiet time, and what an operator must do where it cannot watch. */
+type DirWatchOptions = Readonly<{ scope: string; debounceMs: number; unseen: string }>;
 
 /** A configured server and its running parts; the unit that can be added, stopped or restarted alone. */
 type ServerRuntime = {
@@ -6619,27 +6621,17 @@ function watchTlsFiles(proxy: Proxy, server: https.Server, certPath: string, key
     serving = next;
     proxy.log.info('proxy', `TLS certificate reloaded from ${certPath} (valid until ${new X509Certificate(next.cert).validTo})`);
   };
-  const tlsDirOnChange = () => {
-    if (timer) clearTimeout(timer);
-    timer = setTimeout(() => guarded(proxy, 'proxy', 'a certificate reload', reload), TLS_RELOAD_DEBOUNCE_MS);
-    timer.unref();
-  };
-  const watchers: FSWatcher[] = [];
-  for (const dir of new Set([dirname(resolvePath(certPath)), dirname(resolvePath(keyPath))])) {
-    try {
-      const watcher = watch(dir, tlsDirOnChange);
-      watcher.on('error', (err: NodeJS.ErrnoException) => {
-        proxy.log.warn('proxy', `stopped watching ${dir} (${err.code ?? 'error'}): certificate renewals there need a restart`);
-        watcher.close();
-      });
-      watchers.push(watcher);
-    } catch (err) {
-      proxy.log.warn('proxy', `cannot watch ${dir} (${(err as NodeJS.ErrnoException).code ?? 'error'}): certificate renewals there need a restart`);
-    }
-  }
+  // The same watcher as the config's: events naming the files (or `..data`) in their directories, debounced.
+  // Only the directories the paths name: what changes in a symlink's target (archive/) is the retry's to see.
+  const watcher = createDirWatcher(proxy, () => {
+    if (timer) clearTimeout(timer); // a retry pending: this reload replaces it
+    reload();
+  }, { scope: 'proxy', debounceMs: TLS_RELOAD_DEBOUNCE_MS, unseen: 'certificate renewals there need a restart' });
+  const paths = [certPath, keyPath];
+  watcher.watch([...new Set(paths.map((path) => dirname(resolvePath(path))))], new Set(paths.flatMap(watchedNames)));
   return () => {
     if (timer) clearTimeout(timer);
-    for (const watcher of watchers) watcher.close();
+    watcher.close();
   };
 }
 
@@ -6850,7 +6842,9 @@ function watchedNames(path: string): string[] {
  * event naming it, or its inode differs: inotify stays on the old one) is watched again at the next `watch()`:
  * every reload and every sweep.
  */
-function createDirWatcher(proxy: Proxy, onChange: () => void): DirWatcher {
+const CONFIG_WATCH: DirWatchOptions = { scope: 'config', debounceMs: CONFIG_DEBOUNCE_MS, unseen: 'send SIGHUP to reload after a change there' };
+
+function createDirWatcher(proxy: Proxy, onChange: () => void, o: DirWatchOptions = CONFIG_WATCH): DirWatcher {
   const watchers = new Map<string, { watcher: FSWatcher; ino: number }>();
   let names: ReadonlySet<string> = new Set();
   let timer: NodeJS.Timeout | null = null;
@@ -6858,7 +6852,7 @@ function createDirWatcher(proxy: Proxy, onChange: () => void): DirWatcher {
   const fire = () => {
     timer = null;
     firstEventMs = 0;
-    guarded(proxy, 'config', 'a config reload', onChange);
+    guarded(proxy, o.scope, `a reload (${o.scope})`, onChange);
   };
   const changed = (dir: string, name: string | Buffer | null) => {
     const file = name === null ? null : String(name);
@@ -6869,7 +6863,7 @@ function createDirWatcher(proxy: Proxy, onChange: () => void): DirWatcher {
     if (timer) clearTimeout(timer);
     const now = Date.now();
     if (firstEventMs === 0) firstEventMs = now;
-    timer = setTimeout(fire, Math.max(0, Math.min(CONFIG_DEBOUNCE_MS, firstEventMs + CONFIG_MAX_WAIT_MS - now)));
+    timer = setTimeout(fire, Math.max(0, Math.min(o.debounceMs, firstEventMs + CONFIG_MAX_WAIT_MS - now)));
   };
   const unwatch = (dir: string) => {
     watchers.get(dir)?.watcher.close();
@@ -6895,11 +6889,11 @@ function createDirWatcher(proxy: Proxy, onChange: () => void): DirWatcher {
         const ino = inodeOf(dir);
         if (ino === -1) continue; // not there (yet): the next watch() tries again
         try {
-          const watcher = watch(dir, { persistent: false }, (_event, name) => changed(dir, name));
+          const watcher = watch(dir, (_event, name) => changed(dir, name));
           watcher.on('error', () => unwatch(dir)); // re-armed by the next watch()
           watchers.set(dir, { watcher, ino });
         } catch (err) {
-          proxy.log.warn('config', `cannot watch ${JSON.stringify(dir)} (${readFailure(err)}); send SIGHUP to reload after a change there`);
+          proxy.log.warn(o.scope, `cannot watch ${JSON.stringify(dir)} (${readFailure(err)}); ${o.unseen}`);
         }
       }
     },
